@@ -1,0 +1,258 @@
+"""Get CIFAR-10 onto disk, verified, and load it into uint8 tensors.
+
+A *source* is one string, from the `source` argument or else the `CIFAR10_SOURCE` environment
+variable, else the official URL:
+
+- an http(s) URL of a `cifar-10-python.tar.gz`-style archive (the official one by default),
+- a path to such an archive on disk,
+- a folder holding the extracted `cifar-10-batches-py` files (a "mirror", read in place).
+
+Every file is checked against its md5 before anything trains on it. Downloads go to a `.part`
+file and extraction to a temporary folder that is renamed into place only once every file
+verified, so a killed download never leaves a folder that passes as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifarlab.constants import CLASS_NAMES
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+SOURCE_ENV = "CIFAR10_SOURCE"
+FOLDER_NAME = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+
+# md5 of every file of the official archive (the same values torchvision checks).
+OFFICIAL_FILE_MD5: dict[str, str] = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+
+
+class DataError(RuntimeError):
+    """The data set is missing, incomplete or not the expected bytes."""
+
+
+class DownloadError(DataError):
+    """Fetching the archive failed after every retry."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums
+# ---------------------------------------------------------------------------------------------
+
+def md5_of(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex md5 of a file, read in 1 MiB chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5) -> None:
+    """Raise DataError naming the first missing or altered file and its expected md5."""
+    if not folder.is_dir():
+        raise DataError(f"CIFAR-10 folder {folder} does not exist")
+    for name, expected in checksums.items():
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{path} is missing (expected md5 {expected})")
+        actual = md5_of(path)
+        if actual != expected:
+            raise DataError(
+                f"{path} has md5 {actual}, expected {expected}: the file is truncated or altered"
+            )
+
+
+def data_fingerprint(checksums: Mapping[str, str]) -> str:
+    """One short hash naming the exact data set (over the per-file md5s)."""
+    text = "\n".join(f"{k}={v}" for k, v in sorted(checksums.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching
+# ---------------------------------------------------------------------------------------------
+
+def resolve_source(source: str | None = None) -> str:
+    """The source to use: the argument, else $CIFAR10_SOURCE, else the official URL."""
+    return source or os.environ.get(SOURCE_ENV) or OFFICIAL_URL
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://", "file://"))
+
+
+def download(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 1.0,
+             timeout_s: float = 60.0, expected_md5: str | None = None) -> Path:
+    """Stream `url` to `dest` atomically, retrying network faults with exponential back-off.
+
+    The bytes land in `dest.part` and are renamed to `dest` only when the transfer is complete
+    (Content-Length honoured) and, if given, the md5 matches. A checksum mismatch on a complete
+    transfer is not retried: the server has the wrong file.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    last_error: Exception | None = None
+    for attempt in range(1, retries + 2):
+        try:
+            digest = hashlib.md5()
+            received = 0
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(part, "wb") as out:
+                length = resp.headers.get("Content-Length")
+                while block := resp.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    received += len(block)
+            if length is not None and received != int(length):
+                raise HTTPException(f"got {received} of {length} bytes")
+            if expected_md5 is not None and digest.hexdigest() != expected_md5:
+                part.unlink(missing_ok=True)
+                raise DataError(
+                    f"archive from {url} has md5 {digest.hexdigest()}, expected {expected_md5}"
+                )
+            os.replace(part, dest)
+            return dest
+        except DataError:
+            raise
+        except (urllib.error.URLError, HTTPException, OSError, TimeoutError) as exc:
+            last_error = exc
+            part.unlink(missing_ok=True)
+            if attempt <= retries:
+                wait = backoff_s * 2 ** (attempt - 1)
+                log.warning("download of %s failed (%s); retry %d/%d in %.1f s",
+                            url, exc, attempt, retries, wait)
+                time.sleep(wait)
+    raise DownloadError(f"could not download {url} after {retries + 1} attempts: {last_error}")
+
+
+def _extract_verified(archive: Path, target: Path, checksums: Mapping[str, str]) -> Path:
+    """Extract the archive next to `target`, verify it, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise DataError(f"{archive} is not a readable tar archive: {exc}") from exc
+        found = [p.parent for p in tmp.rglob(TEST_FILE)]
+        if not found:
+            raise DataError(f"{archive} holds no {FOLDER_NAME}/{TEST_FILE}")
+        verify_folder(found[0], checksums)
+        if target.exists():  # a stale, unverifiable folder from an older run
+            shutil.rmtree(target)
+        os.replace(found[0], target)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_cifar10(data_dir: Path, source: str | None = None, *,
+                    checksums: Mapping[str, str] | None = None, retries: int = 4,
+                    backoff_s: float = 1.0, timeout_s: float = 60.0) -> Path:
+    """Return a folder of verified CIFAR-10 files, fetching them from the source if needed.
+
+    A mirror folder is verified and used in place (nothing is copied). Archives and URLs are
+    extracted into `data_dir/cifar-10-batches-py`; an already verified copy there is reused.
+    """
+    sums = dict(checksums or OFFICIAL_FILE_MD5)
+    src = resolve_source(source)
+    local = Path(src.removeprefix("file://")).expanduser() if not src.startswith("http") else None
+    if local is not None and local.is_dir():
+        verify_folder(local, sums)
+        return local
+
+    target = Path(data_dir) / FOLDER_NAME
+    if target.is_dir():
+        try:
+            verify_folder(target, sums)
+            log.info("using verified CIFAR-10 in %s", target)
+            return target
+        except DataError as exc:
+            log.warning("cached copy is not valid (%s); fetching again", exc)
+
+    if local is not None:
+        if not local.is_file():
+            raise DataError(
+                f"CIFAR-10 source {src!r} is neither a folder, an archive file nor an http(s) URL"
+            )
+        archive = local
+    else:
+        archive_md5 = OFFICIAL_ARCHIVE_MD5 if src == OFFICIAL_URL else None
+        archive = download(src, Path(data_dir) / "cifar-10-python.tar.gz", retries=retries,
+                           backoff_s=backoff_s, timeout_s=timeout_s, expected_md5=archive_md5)
+    return _extract_verified(archive, target, sums)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cifar10:
+    """The whole data set in memory: images uint8 (N, 3, 32, 32), labels int64 (N,)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: tuple[str, ...]
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as fh:
+        batch = pickle.load(fh, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"{path} has data of shape {data.shape} and {len(labels)} labels; "
+                        "expected (N, 3072) and N labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+        raise DataError(f"{path} has labels outside 0..{len(CLASS_NAMES) - 1}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(folder: Path) -> Cifar10:
+    """Read the pickled batches of a (verified) folder into tensors, in about a second."""
+    folder = Path(folder)
+    parts = [_read_batch(folder / name) for name in TRAIN_FILES]
+    test_x, test_y = _read_batch(folder / TEST_FILE)
+    with open(folder / META_FILE, "rb") as fh:
+        meta = pickle.load(fh, encoding="bytes")
+    names = tuple(n.decode() for n in meta[b"label_names"])
+    return Cifar10(
+        train_images=torch.from_numpy(np.concatenate([p[0] for p in parts])),
+        train_labels=torch.from_numpy(np.concatenate([p[1] for p in parts])),
+        test_images=torch.from_numpy(test_x),
+        test_labels=torch.from_numpy(test_y),
+        class_names=names,
+    )

@@ -1,0 +1,305 @@
+"""One training function for every registered net, with per-epoch callbacks and checkpoints.
+
+    train(config, train_x, train_y, val_x, val_y, run_dir) -> TrainResult
+
+Images are uint8 tensors kept whole in memory; batches are normalised and augmented on the device
+as whole tensors. A checkpoint is written after every epoch, so calling `train` again with the
+same config and run folder resumes after the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.config import RunConfig, TrainConfig
+from cifarlab.evaluate import evaluate
+from cifarlab.tensors import (autocast, flip_where, normalize, resolve_device, resolve_precision,
+                              translate)
+from models import build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class EpochMetrics:
+    """What the epoch hook receives; accuracies are fractions, seconds exclude evaluation."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    epoch_seconds: float
+    images_per_second: float
+    train_seconds: float  # cumulative training time so far
+
+
+EpochHook = Callable[[EpochMetrics, nn.Module], None]
+
+
+@dataclass
+class TrainResult:
+    """The trained model (final weights, eval mode) and how it got there."""
+
+    model: nn.Module
+    history: list[EpochMetrics]
+    train_seconds: float
+    device: str
+    epochs_completed: int
+    stopped_early: bool
+    resumed_from_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and optimisers
+# ---------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step` (0-based) of `total` steps."""
+    if cfg.schedule == "constant" or total <= 1:
+        return 1.0
+    t = step / (total - 1)
+    w = cfg.warmup_frac
+    if cfg.schedule == "warmup_linear":
+        if t < w:
+            return cfg.start_lr_frac + (1 - cfg.start_lr_frac) * t / w
+        return 1.0 + (cfg.end_lr_frac - 1.0) * (t - w) / max(1 - w, 1e-12)
+    # onecycle: cosine from lr/25 up to lr, then cosine down to lr/1e4 (torch's OneCycleLR shape).
+    lo, end = 1 / 25, 1 / 1e4
+    if t < w:
+        return lo + (1 - lo) * (1 - math.cos(math.pi * t / w)) / 2
+    return end + (1 - end) * (1 + math.cos(math.pi * (t - w) / max(1 - w, 1e-12))) / 2
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or Nesterov SGD; BatchNorm shifts get lr * bias_lr_scale and wd / bias_lr_scale."""
+    norm_biases = [m.bias for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+    norm_ids = {id(p) for p in norm_biases}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_ids]
+    groups = [{"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+    if norm_biases:
+        groups.append({"params": norm_biases, "lr": cfg.lr * cfg.bias_lr_scale,
+                       "weight_decay": cfg.weight_decay / cfg.bias_lr_scale,
+                       "lr_scale": cfg.bias_lr_scale})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+class WeightAverage:
+    """EMA of a model's state (weights and BatchNorm statistics); lookahead also pulls the model
+    back onto the average. The decay ramps up as (progress)^3, so early steps average little."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                      if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int, total: int) -> None:
+        """Blend the model into the average (every `average_every` steps)."""
+        decay = self.cfg.average_decay ** self.cfg.average_every * (step / max(total, 1)) ** 3
+        current = model.state_dict()
+        for k, avg in self.state.items():
+            avg.lerp_(current[k], 1 - decay)
+            if self.cfg.averaging == "lookahead":
+                current[k].copy_(avg)
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module) -> None:
+        """Exchange the model's state with the average (call twice to undo)."""
+        current = model.state_dict()
+        for k, avg in self.state.items():
+            tmp = current[k].clone()
+            current[k].copy_(avg)
+            avg.copy_(tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a run killed mid-write keeps the previous checkpoint
+
+
+def _identity(config: RunConfig) -> dict[str, Any]:
+    """The parts of the config a checkpoint must agree with to be resumed."""
+    return config.model_dump(mode="json", include={"data", "model", "train"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def _flip_mask(cfg: TrainConfig, idx: torch.Tensor, base: torch.Tensor, epoch: int,
+               gen: torch.Generator) -> torch.Tensor | None:
+    if cfg.flip == "random":
+        return torch.rand(len(idx), generator=gen) < 0.5
+    if cfg.flip == "alternating":
+        # Each image flips on every other epoch, from a random start: half the epochs see it
+        # mirrored, and consecutive epochs always see both views (less redundant than random).
+        return base[idx] ^ bool(epoch % 2)
+    return None
+
+
+def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
+          val_x: torch.Tensor, val_y: torch.Tensor, run_dir: Path, *,
+          hooks: Sequence[EpochHook] = (), progress: Callable[[int, int], None] | None = None,
+          ) -> TrainResult:
+    """Train `config.model` on uint8 images (N, 3, 32, 32); evaluate on validation every epoch.
+
+    `hooks` run after each epoch with its metrics and the model; `progress(step, total)` after
+    each optimiser step. Resumes from `run_dir/checkpoint.pt` when it exists.
+    """
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    amp = resolve_precision(cfg.precision, device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    if len(train_x) == 0 or len(val_x) == 0:
+        raise ValueError(f"empty data: {len(train_x)} training and {len(val_x)} validation images")
+
+    # 1. Model, seeded so that the same config gives the same initial weights.
+    torch.manual_seed(cfg.seed)
+    model = build_model(config.model.name, **config.model.options)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(normalize(train_x[:5000], torch.device("cpu")))
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    average = WeightAverage(model, cfg) if cfg.averaging != "none" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    step_fn = torch.compile(model) if cfg.compile else model
+
+    n = len(train_x)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    flip_base = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+    whiten = getattr(model, "whiten", None)
+
+    # 2. Resume from the last finished epoch, if this run folder has one.
+    history: list[EpochMetrics] = []
+    start_epoch, train_seconds, best_val, bad_epochs = 0, 0.0, float("inf"), 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["identity"] != _identity(config):
+            raise ValueError(f"{ckpt_path} belongs to a different config; use another run "
+                             "folder or delete the checkpoint to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if average is not None:
+            average.state = state["average"]
+        start_epoch, train_seconds = state["epoch"], state["train_seconds"]
+        best_val, bad_epochs = state["best_val"], state["bad_epochs"]
+        history = [EpochMetrics(**h) for h in state["history"]]
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    stopped_early = bool(history) and _should_stop(cfg, bad_epochs)
+
+    # 3. Epochs: train, evaluate on validation, call the hooks, checkpoint.
+    epoch = start_epoch
+    while epoch < cfg.epochs and not stopped_early:
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # resumable randomness
+        if whiten is not None and whiten.bias is not None:
+            whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            factor = lr_factor(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * group["lr_scale"] * factor
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            x = normalize(train_x[idx], device)
+            y = train_y[idx].to(device, non_blocking=True)
+            mask = _flip_mask(cfg, idx, flip_base, epoch, gen)
+            if mask is not None:
+                x = flip_where(x, mask)
+            x = translate(x, cfg.translate, gen)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                logits = step_fn(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if average is not None and (step + 1) % cfg.average_every == 0:
+                average.update(model, step + 1, total_steps)
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == y).sum()
+            if progress is not None:
+                progress(step + 1, total_steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        epoch += 1
+
+        if average is not None:
+            average.swap(model)  # evaluate the averaged weights
+        val = evaluate(model, val_x, val_y, device=device, channels_last=cfg.channels_last,
+                       amp_dtype=amp)
+        metrics = EpochMetrics(
+            epoch=epoch, train_loss=loss_sum.item() / n, train_accuracy=correct.item() / n,
+            val_loss=val.loss, val_accuracy=val.accuracy, lr=cfg.lr * factor,
+            epoch_seconds=seconds, images_per_second=n / seconds, train_seconds=train_seconds)
+        history.append(metrics)
+        for hook in hooks:
+            hook(metrics, model)
+        if average is not None:
+            average.swap(model)
+
+        if val.loss < best_val:
+            best_val, bad_epochs = val.loss, 0
+        else:
+            bad_epochs += 1
+        stopped_early = _should_stop(cfg, bad_epochs) and epoch < cfg.epochs
+        _save_atomic({
+            "identity": _identity(config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "average": average.state if average is not None else None,
+            "epoch": epoch, "train_seconds": train_seconds, "best_val": best_val,
+            "bad_epochs": bad_epochs, "history": [asdict(h) for h in history],
+        }, ckpt_path)
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
+                 epoch, cfg.epochs, metrics.train_loss, metrics.train_accuracy, val.loss,
+                 val.accuracy, seconds)
+
+    # 4. The final weights are the average, where one is kept.
+    if average is not None:
+        average.swap(model)
+    model.eval()
+    return TrainResult(model=model, history=history, train_seconds=train_seconds,
+                       device=str(device), epochs_completed=epoch, stopped_early=stopped_early,
+                       resumed_from_epoch=start_epoch)
+
+
+def _should_stop(cfg: TrainConfig, bad_epochs: int) -> bool:
+    return cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
