@@ -1,0 +1,36 @@
+# One-command entry points. `make train` sets up and trains; `make test` sets up and tests.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PRESET ?= fast
+# These machines reach no website: use the local CIFAR-10 copy beside the project when present.
+SHARED_CIFAR := $(abspath ../shared/cifar10/cifar-10-batches-py)
+export CIFAR10_SOURCE ?= $(if $(wildcard $(SHARED_CIFAR)/test_batch),$(SHARED_CIFAR),)
+export BENTOML_DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup train test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+train: setup  ## train PRESET (default: fast) on the real data, print the results
+	$(VENV)/bin/cifar-train --preset $(PRESET)
+
+test: setup  ## the default test run (fast tests plus one real-data smoke test)
+	$(PY) -m pytest -q
+
+test-all: setup  ## also the slow tests
+	$(PY) -m pytest -q --run-slow
+
+bench: setup  ## training speed and accuracy of the presets on the real data -> benchmarks/results
+	$(PY) benchmarks/train_presets.py
+
+clean:
+	rm -rf runs splits data benchmarks/.work .pytest_cache

@@ -1,0 +1,94 @@
+"""Shared fixtures: small synthetic CIFAR-10 files in the real on-disk format, and telemetry off."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifarlab.constants import CLASS_NAMES
+
+for _var, _value in {
+    "BENTOML_DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(_var, _value)
+
+REAL_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "cifar10" / "cifar-10-batches-py"
+
+
+def _pattern_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Learnable images: each class is a coloured bar at its own position, plus noise."""
+    n = len(labels)
+    img = rng.integers(0, 60, size=(n, 3, 32, 32), dtype=np.int64)
+    for i, y in enumerate(labels):
+        row = 3 * int(y)
+        img[i, int(y) % 3, row : row + 3, :] += 180
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def write_synthetic_cifar(folder: Path, per_batch: int = 60, seed: int = 0) -> dict[str, str]:
+    """Write data_batch_1..5, test_batch and batches.meta like the official files; return md5s."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        labels = np.arange(per_batch) % 10
+        rng.shuffle(labels)
+        images = _pattern_images(labels, rng)
+        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(),
+                 b"data": images.reshape(per_batch, -1),
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)]}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [c.encode() for c in CLASS_NAMES],
+                     b"num_cases_per_batch": per_batch, b"num_vis": 3072}, fh)
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def synthetic_cifar(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A folder `cifar-10-batches-py` of 300 train + 60 test synthetic images, and its md5s."""
+    folder = tmp_path_factory.mktemp("synthetic") / "cifar-10-batches-py"
+    return folder, write_synthetic_cifar(folder)
+
+
+@pytest.fixture(scope="session")
+def synthetic_archive(synthetic_cifar, tmp_path_factory) -> Path:
+    """The synthetic folder packed like the official `cifar-10-python.tar.gz`."""
+    folder, _ = synthetic_cifar
+    archive = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive
+
+
+@pytest.fixture(scope="session")
+def real_cifar() -> Path:
+    """The genuine CIFAR-10 from $CIFAR10_SOURCE or ../shared; skipped where neither exists."""
+    candidate = Path(os.environ.get("CIFAR10_SOURCE", REAL_CIFAR))
+    if not candidate.is_dir():
+        pytest.skip(f"real CIFAR-10 not found at {candidate}")
+    return candidate
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,167 @@
+"""Download, verification and loading: real files, a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from cifarlab.data import (DataError, DownloadError, load_cifar10, md5_of, prepare_cifar10,
+                           verify_folder)
+
+
+class _Server:
+    """A tiny HTTP server on 127.0.0.1 whose behaviour per request is set by the test."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.requests = 0
+        self.fail_first = 0  # this many requests answer 503
+        self.truncate_first = 0  # this many requests send half the bytes then hang up
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                outer.requests += 1
+                if outer.requests <= outer.fail_first:
+                    self.send_error(503, "busy")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(outer.payload)))
+                self.end_headers()
+                if outer.requests <= outer.fail_first + outer.truncate_first:
+                    self.wfile.write(outer.payload[: len(outer.payload) // 2])
+                    self.wfile.flush()
+                    self.connection.close()
+                    return
+                self.wfile.write(outer.payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/cifar-10-python.tar.gz"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(synthetic_archive):
+    srv = _Server(synthetic_archive.read_bytes())
+    yield srv
+    srv.close()
+
+
+def test_download_extracts_and_verifies(server, synthetic_cifar, tmp_path):
+    _, sums = synthetic_cifar
+    folder = prepare_cifar10(tmp_path, server.url, checksums=sums, backoff_s=0.01)
+    assert folder == tmp_path / "cifar-10-batches-py"
+    verify_folder(folder, sums)
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".extract-*"))
+
+
+def test_verified_copy_is_not_fetched_again(server, synthetic_cifar, tmp_path):
+    _, sums = synthetic_cifar
+    prepare_cifar10(tmp_path, server.url, checksums=sums, backoff_s=0.01)
+    (tmp_path / "cifar-10-python.tar.gz").unlink()
+    prepare_cifar10(tmp_path, server.url, checksums=sums, backoff_s=0.01)
+    assert server.requests == 1
+
+
+def test_flaky_server_is_retried(server, synthetic_cifar, tmp_path):
+    _, sums = synthetic_cifar
+    server.fail_first, server.truncate_first = 1, 1
+    folder = prepare_cifar10(tmp_path, server.url, checksums=sums, retries=3, backoff_s=0.01)
+    verify_folder(folder, sums)
+    assert server.requests == 3
+
+
+def test_killed_download_never_looks_complete(server, synthetic_cifar, tmp_path):
+    _, sums = synthetic_cifar
+    server.truncate_first = 10  # every attempt is cut off half-way
+    with pytest.raises(DownloadError, match="after 3 attempts"):
+        prepare_cifar10(tmp_path, server.url, checksums=sums, retries=2, backoff_s=0.01)
+    assert not (tmp_path / "cifar-10-batches-py").exists()
+    assert not (tmp_path / "cifar-10-python.tar.gz").exists()
+    # A leftover partial file from a killed process is ignored and replaced on the next run.
+    (tmp_path / "cifar-10-python.tar.gz.part").write_bytes(b"half an archive")
+    server.truncate_first = 0
+    server.requests = 0
+    verify_folder(prepare_cifar10(tmp_path, server.url, checksums=sums, backoff_s=0.01), sums)
+
+
+def test_corrupted_archive_is_a_clear_error(synthetic_cifar, tmp_path):
+    _, sums = synthetic_cifar
+    bad = tmp_path / "broken.tar.gz"
+    bad.write_bytes(b"\x1f\x8b this is not a tar archive")
+    with pytest.raises(DataError, match="not a readable tar archive"):
+        prepare_cifar10(tmp_path / "data", str(bad), checksums=sums)
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+
+
+def test_archive_with_altered_file_names_file_and_checksum(synthetic_cifar, tmp_path):
+    folder, sums = synthetic_cifar
+    altered = tmp_path / "src" / "cifar-10-batches-py"
+    shutil.copytree(folder, altered)
+    with open(altered / "data_batch_3", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    import tarfile
+
+    archive = tmp_path / "altered.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(altered, arcname="cifar-10-batches-py")
+    with pytest.raises(DataError, match=f"data_batch_3.*expected {sums['data_batch_3']}"):
+        prepare_cifar10(tmp_path / "data", str(archive), checksums=sums)
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_mirror_folder_with_bad_file_fails(synthetic_cifar, tmp_path, damage):
+    folder, sums = synthetic_cifar
+    mirror = tmp_path / "mirror"
+    shutil.copytree(folder, mirror)
+    target = mirror / "test_batch"
+    if damage == "missing":
+        target.unlink()
+        match = f"test_batch is missing \\(expected md5 {sums['test_batch']}\\)"
+    else:
+        target.write_bytes(target.read_bytes()[:500])
+        match = f"test_batch has md5 .* expected {sums['test_batch']}"
+    with pytest.raises(DataError, match=match):
+        prepare_cifar10(tmp_path / "data", str(mirror), checksums=sums)
+
+
+def test_source_from_environment_and_bad_source(synthetic_cifar, tmp_path, monkeypatch):
+    folder, sums = synthetic_cifar
+    monkeypatch.setenv("CIFAR10_SOURCE", str(folder))
+    assert prepare_cifar10(tmp_path, checksums=sums) == folder  # mirror used in place
+    with pytest.raises(DataError, match="neither a folder, an archive file nor an http"):
+        prepare_cifar10(tmp_path, str(tmp_path / "nowhere"), checksums=sums)
+
+
+def test_load_gives_uint8_tensors(synthetic_cifar):
+    folder, _ = synthetic_cifar
+    data = load_cifar10(folder)
+    assert data.train_images.shape == (300, 3, 32, 32) and data.train_images.dtype.is_floating_point is False
+    assert str(data.train_images.dtype) == "torch.uint8"
+    assert data.test_images.shape == (60, 3, 32, 32)
+    assert data.train_labels.shape == (300,) and int(data.train_labels.max()) == 9
+    assert data.class_names[3] == "cat"
+
+
+@pytest.mark.realdata
+def test_real_mirror_matches_official_checksums(real_cifar):
+    verify_folder(real_cifar)  # the official per-file md5s
+    assert md5_of(real_cifar / "batches.meta") == "5ff9c542aee3614f3951f8cda6e48888"
+    data = load_cifar10(real_cifar)
+    assert data.train_images.shape == (50_000, 3, 32, 32)
+    assert data.test_images.shape == (10_000, 3, 32, 32)
+    assert data.train_labels.bincount().tolist() == [5000] * 10

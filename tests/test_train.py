@@ -1,0 +1,182 @@
+"""Training: every net learns a learnable task; schedules; resume; early stopping; evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cifarlab.config import RunConfig, preset
+from cifarlab.evaluate import evaluate, score
+from cifarlab.experiment import run_experiment
+from cifarlab.tensors import translate
+from cifarlab.train import CHECKPOINT_NAME, lr_factor, train
+from models import model_names
+from tests.conftest import _pattern_images
+
+import numpy as np
+
+
+def _task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    return torch.from_numpy(_pattern_images(labels, rng)), torch.from_numpy(labels)
+
+
+TRAIN = _task(400, 0)
+VAL = _task(200, 1)
+
+QUICK = {
+    "seed-baseline": dict(optimizer="adam", lr=1e-3, batch_size=32, epochs=3),
+    "seed-deep": dict(optimizer="adam", lr=1e-3, batch_size=32, epochs=4),
+    "seed-wide": dict(optimizer="adam", lr=1e-3, batch_size=32, epochs=3),
+    "fast": dict(optimizer="sgd", lr=0.4, momentum=0.85, batch_size=50, epochs=5,
+                 schedule="warmup_linear", label_smoothing=0.1, translate=1, flip="alternating",
+                 averaging="lookahead", whiten_bias_epochs=1),
+}
+
+
+def _config(name: str, **train_over) -> RunConfig:
+    options = {"widths": (16, 32, 32)} if name == "fast" else {}
+    return RunConfig(model={"name": name, "options": options},
+                     train={**QUICK[name], "device": "cpu", **train_over})
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_learns_well_above_chance(name, tmp_path):
+    result = train(_config(name), *TRAIN, *VAL, tmp_path)
+    assert len(result.history) == QUICK[name]["epochs"]
+    assert result.history[-1].val_accuracy > 0.6, result.history  # chance is 0.1
+    again = evaluate(result.model, *VAL, device=torch.device("cpu"))
+    assert again.accuracy > 0.6
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = train(_config("fast", epochs=1), *TRAIN, *VAL, tmp_path / "a")
+    b = train(_config("fast", epochs=1), *TRAIN, *VAL, tmp_path / "b")
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    calls = []
+
+    def stop_after_two(metrics, _model):
+        calls.append(metrics.epoch)
+        if metrics.epoch == 2:
+            raise KeyboardInterrupt  # as if the process were killed after epoch 2
+
+    cfg = _config("seed-baseline", epochs=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, *TRAIN, *VAL, tmp_path, hooks=[stop_after_two])
+    # The checkpoint of epoch 2 is written after the hooks, so the kill lands after epoch 1's.
+    resumed = train(cfg, *TRAIN, *VAL, tmp_path, hooks=[lambda m, _: calls.append(m.epoch)])
+    assert resumed.resumed_from_epoch == 1
+    assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
+    assert calls == [1, 2, 2, 3, 4]
+    # Resuming a finished run trains nothing more.
+    done = train(cfg, *TRAIN, *VAL, tmp_path)
+    assert done.resumed_from_epoch == 4 and len(done.history) == 4
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg = _config("fast", epochs=2)
+    full = train(cfg, *TRAIN, *VAL, tmp_path / "full")
+
+    def kill_after_first(metrics, _model):
+        if metrics.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, *TRAIN, *VAL, tmp_path / "cut", hooks=[kill_after_first])
+    resumed = train(cfg, *TRAIN, *VAL, tmp_path / "cut")
+    for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_checkpoint_of_other_config_is_refused(tmp_path):
+    train(_config("seed-baseline", epochs=1), *TRAIN, *VAL, tmp_path)
+    assert (tmp_path / CHECKPOINT_NAME).exists()
+    with pytest.raises(ValueError, match="different config"):
+        train(_config("seed-baseline", epochs=1, lr=5e-4), *TRAIN, *VAL, tmp_path)
+
+
+def test_early_stopping_on_validation_loss(tmp_path):
+    # A learning rate this high makes validation loss climb, so patience 1 stops the run.
+    cfg = _config("seed-baseline", epochs=8, lr=0.05, early_stopping_patience=1)
+    result = train(cfg, *TRAIN, *VAL, tmp_path)
+    assert result.stopped_early and result.epochs_completed < 8
+    losses = [h.val_loss for h in result.history]
+    assert losses[-1] >= min(losses[:-1])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "warmup_linear", "onecycle"])
+def test_lr_schedules(schedule):
+    cfg = _config("fast", schedule=schedule).train
+    factors = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert max(factors) == pytest.approx(1.0, abs=0.01)
+    if schedule != "constant":
+        peak = int(np.argmax(factors))
+        assert 15 <= peak <= 25 and factors[0] < 0.5 and factors[-1] < 0.2
+
+
+def test_translate_shifts_within_padding():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    out = translate(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert torch.equal(translate(x, 0, torch.Generator()), x)
+    # The centre pixel of each output comes from within 2 pixels of the input centre.
+    for i in range(2):
+        near = x[i, 0, 2:7, 2:7]
+        assert out[i, 0, 4, 4] in near
+
+
+def test_score_confusion_and_per_class():
+    logits = torch.eye(10)[[0, 1, 1, 3]]
+    labels = torch.tensor([0, 1, 2, 3])
+    result = score(logits, labels)
+    assert result.accuracy == 0.75
+    assert result.confusion[2, 1] == 1 and result.confusion.sum() == 4
+    assert result.per_class_accuracy[2] == 0.0 and result.per_class_accuracy[0] == 1.0
+
+
+def test_presets_and_validation():
+    cfg = preset("seed-baseline")
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size, cfg.train.epochs) == ("adam", 4e-4, 32, 10)
+    assert preset("fast").preset in ("fast-cpu", "fast-gpu")
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*seed-baseline"):
+        preset("nope")
+    with pytest.raises(ValueError, match="lr"):
+        preset("seed-baseline", train={"lr": -1})
+    with pytest.raises(ValueError, match="unknown model"):
+        preset("seed-baseline", model={"name": "vgg"})
+    with pytest.raises(ValueError, match="exceeds"):
+        preset("seed-baseline", data={"train_size": 45_000, "val_size": 6_000})
+
+
+def test_run_experiment_writes_results_and_plots(synthetic_cifar, tmp_path):
+    folder, sums = synthetic_cifar
+    cfg = RunConfig(preset="test", data={"source": str(folder), "checksums": sums,
+                                         "train_size": 240, "val_size": 60},
+                    model={"name": "seed-baseline"},
+                    train={**QUICK["seed-baseline"], "device": "cpu", "tta": "flip"})
+    outcome = run_experiment(cfg, tmp_path)
+    results = json.loads((outcome.run_dir / "results.json").read_text())
+    assert results["test_accuracy"] > 0.3 and len(results["history"]) == 3
+    assert results["split_sha256"] == outcome.split.digest
+    for key in ("learning_curves", "confusion_matrix"):
+        assert outcome.files[key].read_bytes()[:4] == b"\x89PNG"
+    assert (outcome.split_dir / "train_idx.npy").exists()
+    assert json.loads((outcome.run_dir / "config.json").read_text())["train"]["tta"] == "flip"
+
+
+@pytest.mark.realdata
+def test_smoke_on_real_data(real_cifar, tmp_path):
+    """A short run of the fast recipe on a real subset learns far above chance (10 %)."""
+    cfg = preset("fast-cpu-quick", data={"source": str(real_cifar), "train_size": 8000,
+                                         "val_size": 2000},
+                 train={"batch_size": 256, "lr": 0.4, "epochs": 2, "tta": "flip"})
+    outcome = run_experiment(cfg, tmp_path)
+    assert outcome.val.accuracy > 0.35 and outcome.test.accuracy > 0.35, outcome.summary()
+    assert outcome.data.folder == real_cifar  # the mirror is read in place, not copied
