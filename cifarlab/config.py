@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from models import model_names
 
@@ -28,6 +28,8 @@ class DataConfig(_Strict):
     split_seed: int = Field(0, description="seed of the stratified split")
     checksums: dict[str, str] | None = Field(
         None, description="per-file md5s; None: the official CIFAR-10 files")
+    download_retries: int = Field(4, ge=0, le=20, description="retries of a failed download")
+    download_backoff_s: float = Field(1.0, ge=0, description="first retry delay, doubling after")
 
     @model_validator(mode="after")
     def _fits(self) -> DataConfig:
@@ -40,15 +42,9 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """An architecture from the registry, by name, with its options."""
 
-    name: str = Field("fast", description="one of: " + ", ".join(model_names()))
+    name: Literal[tuple(model_names())] = Field(  # type: ignore[valid-type]
+        "fast", description="architecture from the registry (models/)")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in model_names():
-            raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
-        return name
 
 
 class TrainConfig(_Strict):

@@ -84,7 +84,8 @@ def config_hash(config: RunConfig) -> str:
 def load_data(cfg: DataConfig, root: Path) -> DataBundle:
     """Fetch (or find) and verify the files, then load them."""
     sums = cfg.checksums or OFFICIAL_FILE_MD5
-    folder = prepare_cifar10(Path(root) / "data", cfg.source, checksums=sums)
+    folder = prepare_cifar10(Path(root) / "data", cfg.source, checksums=sums,
+                             retries=cfg.download_retries, backoff_s=cfg.download_backoff_s)
     return DataBundle(folder=folder, data=load_cifar10(folder), fingerprint=data_fingerprint(sums))
 
 

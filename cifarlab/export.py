@@ -1,0 +1,115 @@
+"""ONNX export with a dynamic batch axis, and the parity check that gates registration.
+
+The exported graph takes *normalised* float images (N, 3, 32, 32), like the PyTorch model; the
+service normalises with the same constants (`cifarlab.constants`).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifarlab.tensors import normalize
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+PARITY_ATOL = 1e-4  # max |logit difference| allowed between PyTorch and onnxruntime
+
+
+class ParityError(RuntimeError):
+    """The exported model does not compute what the PyTorch model computes."""
+
+
+def export_onnx(model: nn.Module, path: Path) -> Path:
+    """Export a CPU fp32 copy of the model to one self-contained `.onnx` file, batch axis dynamic."""
+    import onnx
+
+    cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    example = torch.zeros(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        cpu_model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes={"x": {0: batch}}, external_data=False, dynamo=True, verbose=False,
+    )
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def onnx_session(path: Path):
+    """An onnxruntime CPU session (the Azure provider that is also listed is never wanted)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class ParityReport:
+    """How closely onnxruntime reproduces PyTorch on real images."""
+
+    images: int
+    max_abs_diff: float
+    argmax_agreement: float  # fraction of images with the same predicted class
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        """Within tolerance and the same class for every image."""
+        return self.max_abs_diff <= self.atol and self.argmax_agreement == 1.0
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        """Plain values, for tracking."""
+        return {**asdict(self), "passed": self.passed}
+
+
+@torch.no_grad()
+def check_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor,
+                 atol: float = PARITY_ATOL, batch_size: int = 500) -> ParityReport:
+    """Compare PyTorch (fp32, CPU) and onnxruntime logits on uint8 images (N, 3, 32, 32)."""
+    cpu_model = copy.deepcopy(model).float().cpu().eval()
+    session = onnx_session(onnx_path)
+    max_diff, agree = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size], torch.device("cpu"))
+        expected = cpu_model(x).numpy()
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
+        max_diff = max(max_diff, float(np.abs(expected - got).max()))
+        agree += int((expected.argmax(1) == got.argmax(1)).sum())
+    return ParityReport(images=len(images), max_abs_diff=max_diff,
+                        argmax_agreement=agree / max(len(images), 1), atol=atol)
+
+
+def require_parity(report: ParityReport) -> None:
+    """Raise ParityError naming the numbers when the export is not faithful."""
+    if not report.passed:
+        raise ParityError(
+            f"ONNX export differs from PyTorch on {report.images} images: max |logit diff| "
+            f"{report.max_abs_diff:.3g} (allowed {report.atol:.0e}), same class on "
+            f"{100 * report.argmax_agreement:.2f}% (need 100%)")
+
+
+def onnx_latency_ms(onnx_path: Path, batch_sizes: tuple[int, ...] = (1, 256),
+                    repeats: int = 20) -> dict[int, float]:
+    """Median onnxruntime latency (ms) per call at each batch size, after a warm-up call."""
+    session = onnx_session(onnx_path)
+    out = {}
+    for bs in batch_sizes:
+        x = np.random.default_rng(0).standard_normal((bs, 3, 32, 32), dtype=np.float32)
+        session.run(None, {INPUT_NAME: x})
+        times = []
+        for _ in range(repeats if bs < 64 else max(3, repeats // 4)):
+            t0 = time.perf_counter()
+            session.run(None, {INPUT_NAME: x})
+            times.append(1000 * (time.perf_counter() - t0))
+        out[bs] = statistics.median(times)
+    return out

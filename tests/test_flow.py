@@ -1,0 +1,229 @@
+"""The train-cifar flow under Prefect's test harness, with a real SQLite MLflow store per test."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+from prefect.exceptions import ParameterTypeError
+from prefect.testing.utilities import prefect_test_harness
+
+import flows.train_flow as train_flow
+from cifarlab.export import ParityError
+from flows.tracking import REGISTERED_MODEL, TrackingUnavailable
+from flows.train_flow import train_cifar
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def data(synthetic_cifar):
+    folder, sums = synthetic_cifar
+    return {"source": str(folder), "checksums": sums, "train_size": 240, "val_size": 60}
+
+
+FAST_TRAIN = {"epochs": 2, "device": "cpu"}
+
+
+def _client(root) -> MlflowClient:
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _runs(root):
+    client = _client(root)
+    exp = client.get_experiment_by_name("train-cifar")
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"train": {"lr": -1.0}}, "lr"),
+    ({"data": {"train_size": 0}}, "train_size"),
+    ({"preset": "no-such-preset"}, "preset"),
+    ({"train": {"optimizer": "rmsprop"}}, "optimizer"),
+    ({"model": {"name": "vgg"}}, "name"),
+])
+def test_bad_parameters_are_rejected_naming_the_field(kwargs, field, tmp_path):
+    with pytest.raises(ParameterTypeError, match=field):
+        train_cifar(root=str(tmp_path), **kwargs)
+    assert not (tmp_path / "mlflow.db").exists()  # rejected before anything ran
+
+
+def test_run_tracks_exports_and_registers_champion(data, tmp_path):
+    result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
+    assert result["alias"] == "champion" and result["parity"]["passed"]
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.0004" and run.data.params["preset"] == "seed-baseline"
+    client = _client(tmp_path)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    for tag in ("prefect.flow_run_id", "code_version", "split_sha256", "data_fingerprint", "device"):
+        assert run.data.tags[tag]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"learning_curves.png", "confusion_matrix.png", "resolved_config.json",
+            "weights.pt"} <= artifacts
+    assert run.data.metrics["onnx_max_abs_diff"] <= 1e-4
+    assert run.data.metrics["onnx_latency_ms_batch256"] > 0
+
+
+def test_worse_model_does_not_take_the_alias(data, tmp_path):
+    first = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
+    # A learning rate this small leaves the net near chance: worse on validation.
+    worse = train_cifar(preset="seed-baseline", data=data, root=str(tmp_path),
+                        train={**FAST_TRAIN, "lr": 1e-7, "seed": 1})
+    assert worse["val_accuracy"] < first["val_accuracy"]
+    assert worse["alias"] == "challenger"
+    client = _client(tmp_path)
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    assert str(champion.version) == str(first["registered_version"])
+    assert str(client.get_model_version_by_alias(REGISTERED_MODEL, "challenger").version) == str(
+        worse["registered_version"])
+
+
+def test_broken_export_fails_the_run_and_registers_nothing(data, tmp_path, monkeypatch):
+    import cifarlab.export as export
+
+    real_export = export.export_onnx
+
+    def export_another_model(model, path):
+        other = type(model)()  # same architecture, untrained weights: a wrong export
+        return real_export(other, path)
+
+    monkeypatch.setattr(export, "export_onnx", export_another_model)
+    with pytest.raises(ParityError, match="differs from PyTorch"):
+        train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FAILED" and "ParityError" in run.data.tags["failure"]
+    with pytest.raises(MlflowException):
+        _client(tmp_path).get_registered_model(REGISTERED_MODEL)
+
+
+def test_unreachable_tracking_server_fails_before_training(data, tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(TrackingUnavailable, match="unreachable"):
+        train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_tracking_store_fails_before_training(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/no/such/folder/mlflow.db")
+    with pytest.raises(TrackingUnavailable, match="not writable"):
+        train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
+    assert not (tmp_path / "runs").exists()
+
+
+def _task_states(name: str) -> list[str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_=name)))
+    return sorted(r.state.name for r in runs)
+
+
+def test_download_and_split_are_cached_across_flow_runs(data, tmp_path):
+    data = {**data, "split_seed": 12345}  # inputs no other test uses
+    for _ in range(2):
+        train_cifar(preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 1},
+                    root=str(tmp_path), skip_registry=True)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="split_data")))
+    ours = [r for r in runs if r.state.name in ("Completed", "Cached")]
+    assert "Cached" in {r.state.name for r in ours}
+
+
+def test_flaky_download_is_retried_by_the_task(synthetic_archive, synthetic_cifar, tmp_path,
+                                               monkeypatch):
+    _, sums = synthetic_cifar
+    payload = synthetic_archive.read_bytes()
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(1)
+            if len(hits) <= 2:  # the first two requests fail: both attempts of task try 1
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(train_flow, "fetch_data",
+                        train_flow.fetch_data.with_options(retry_delay_seconds=0.1))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cifar.tar.gz?run={tmp_path.name}"
+        result = train_cifar(preset="seed-baseline", root=str(tmp_path), skip_registry=True,
+                             data={"source": url, "checksums": sums, "train_size": 240,
+                                   "val_size": 60, "download_retries": 1,
+                                   "download_backoff_s": 0.01},
+                             train={**FAST_TRAIN, "epochs": 1})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(hits) == 3 and result["registered_version"] is None
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").exists()
+
+
+def test_interrupted_run_is_resumed_not_duplicated(data, tmp_path, monkeypatch):
+    import cifarlab.train as train_mod
+
+    real_save = train_mod._save_atomic
+    saves = []
+
+    def die_after_first_checkpoint(obj, path):
+        real_save(obj, path)
+        saves.append(obj["epoch"])
+        if len(saves) == 1:
+            raise KeyboardInterrupt("killed")  # as if the process died after epoch 1
+
+    monkeypatch.setattr(train_mod, "_save_atomic", die_after_first_checkpoint)
+    cfg = dict(preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 3},
+               root=str(tmp_path))
+    with pytest.raises(BaseException):
+        train_cifar(**cfg)
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FAILED"
+    with pytest.raises(MlflowException):
+        _client(tmp_path).get_registered_model(REGISTERED_MODEL)
+
+    result = train_cifar(**cfg)
+    (again,) = _runs(tmp_path)  # the same MLflow run, resumed
+    assert again.info.run_id == run.info.run_id == result["mlflow_run_id"]
+    assert again.info.status == "FINISHED" and result["alias"] == "champion"
+    steps = [m.step for m in _client(tmp_path).get_metric_history(run.info.run_id, "val_loss")]
+    assert steps == [1, 2, 3]  # epoch 1 logged once, 2 and 3 after the resume
+    assert saves == [1, 2, 3]
+
+
+def test_onnx_model_from_registry_predicts(data, tmp_path):
+    import mlflow.onnx
+    import numpy as np
+
+    train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
+    batch = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    out = model.predict(batch)
+    logits = out["logits"] if isinstance(out, dict) else np.asarray(out)
+    assert np.asarray(logits).shape == (5, 10)
+    assert torch.isfinite(torch.as_tensor(np.asarray(logits))).all()
