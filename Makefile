@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup train test test-all bench clean
+.PHONY: setup run stack train test test-all bench bench-flow mlflow-ui clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+run: setup  ## the main job: local Prefect stack, one run of train-cifar/default, stack stopped
+	$(PY) -m flows.stack run --deployment default $(if $(filter-out fast,$(PRESET)),-p preset=$(PRESET),)
+
+stack: setup  ## Prefect server + pool + concurrency limit + worker + deployments; Ctrl-C stops
+	$(PY) -m flows.stack up
+
+mlflow-ui: setup  ## the MLflow UI on the default store, http://127.0.0.1:5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
+
 train: setup  ## train PRESET (default: fast) on the real data, print the results
 	$(VENV)/bin/cifar-train --preset $(PRESET)
 
@@ -28,6 +38,9 @@ test: setup  ## the default test run (fast tests plus one real-data smoke test)
 
 test-all: setup  ## also the slow tests
 	$(PY) -m pytest -q --run-slow
+
+bench-flow: setup  ## fixed cost of orchestration + tracking around training -> benchmarks/results
+	$(PY) benchmarks/flow_overhead.py
 
 bench: setup  ## training speed and accuracy of the presets on the real data -> benchmarks/results
 	$(PY) benchmarks/train_presets.py

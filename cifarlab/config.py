@@ -69,6 +69,8 @@ class TrainConfig(_Strict):
         "none", description="ema: evaluate an average of the weights; lookahead: also pull the "
         "weights back to it")
     average_every: PositiveInt = Field(5, description="steps between weight-average updates")
+    average_start_frac: float = Field(0.3, ge=0, lt=1, description="fraction of the steps "
+                                      "trained before averaging starts")
     average_decay: float = Field(0.95, gt=0, lt=1, description="per-step decay of the average")
     whiten_bias_epochs: int = Field(0, ge=0, description="epochs the whitening bias trains before "
                                     "freezing (fast net only)")
@@ -103,7 +105,7 @@ _SEED_TRAIN = dict(optimizer="adam", lr=4e-4, batch_size=32, epochs=10, schedule
 # it per 1024 summed examples with momentum folded in: lr 11.5 -> 11.5 / (1 + 1/(1 - 0.85)) = 1.5,
 # weight decay 0.0153 -> 0.0153 / (1 + 1/(1 - 0.85)) / 1024 = 1.95e-6.
 _FAST_TRAIN = dict(
-    optimizer="sgd", lr=1.5, momentum=0.85, weight_decay=1.95e-6, bias_lr_scale=64.0,
+    optimizer="sgd", lr=1.5, momentum=0.85, weight_decay=1.33e-3, bias_lr_scale=64.0,
     schedule="warmup_linear", warmup_frac=0.23, start_lr_frac=0.2, end_lr_frac=0.07,
     label_smoothing=0.2, translate=2, flip="alternating", averaging="lookahead",
     whiten_bias_epochs=3, tta="flip_translate", batch_size=1024,

@@ -108,6 +108,7 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.started = False  # the first update copies the model: no pull towards the init
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()
                       if v.is_floating_point()}
 
@@ -115,6 +116,8 @@ class WeightAverage:
     def update(self, model: nn.Module, step: int, total: int) -> None:
         """Blend the model into the average (every `average_every` steps)."""
         decay = self.cfg.average_decay ** self.cfg.average_every * (step / max(total, 1)) ** 3
+        if not self.started:
+            decay, self.started = 0.0, True
         current = model.state_dict()
         for k, avg in self.state.items():
             avg.lerp_(current[k], 1 - decay)
@@ -193,7 +196,9 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
     step_fn = torch.compile(model) if cfg.compile else model
 
     n = len(train_x)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    # Full batches only (a random remainder sits out each epoch): a tiny last batch would take a
+    # full-size step on a gradient and BatchNorm statistics many times noisier.
+    steps_per_epoch = max(n // cfg.batch_size, 1)
     total_steps = cfg.epochs * steps_per_epoch
     flip_base = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
     whiten = getattr(model, "whiten", None)
@@ -209,7 +214,7 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if average is not None:
-            average.state = state["average"]
+            average.state, average.started = state["average"], state["average_started"]
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
         best_val, bad_epochs = state["best_val"], state["bad_epochs"]
         history = [EpochMetrics(**h) for h in state["history"]]
@@ -226,6 +231,7 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
         perm = torch.randperm(n, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
+        seen = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -250,10 +256,12 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            if average is not None and (step + 1) % cfg.average_every == 0:
+            if (average is not None and (step + 1) % cfg.average_every == 0
+                    and step + 1 >= cfg.average_start_frac * total_steps):
                 average.update(model, step + 1, total_steps)
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
+            seen += len(idx)
             if progress is not None:
                 progress(step + 1, total_steps)
         if device.type == "cuda":
@@ -261,15 +269,18 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         epoch += 1
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"training diverged in epoch {epoch}: the loss is "
+                                     f"{loss_sum.item()} (try a lower train.lr than {cfg.lr})")
 
         if average is not None:
             average.swap(model)  # evaluate the averaged weights
         val = evaluate(model, val_x, val_y, device=device, channels_last=cfg.channels_last,
                        amp_dtype=amp)
         metrics = EpochMetrics(
-            epoch=epoch, train_loss=loss_sum.item() / n, train_accuracy=correct.item() / n,
+            epoch=epoch, train_loss=loss_sum.item() / seen, train_accuracy=correct.item() / seen,
             val_loss=val.loss, val_accuracy=val.accuracy, lr=cfg.lr * factor,
-            epoch_seconds=seconds, images_per_second=n / seconds, train_seconds=train_seconds)
+            epoch_seconds=seconds, images_per_second=seen / seconds, train_seconds=train_seconds)
         history.append(metrics)
         for hook in hooks:
             hook(metrics, model)
@@ -285,6 +296,7 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
             "identity": _identity(config), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "average": average.state if average is not None else None,
+            "average_started": average.started if average is not None else False,
             "epoch": epoch, "train_seconds": train_seconds, "best_val": best_val,
             "bad_epochs": bad_epochs, "history": [asdict(h) for h in history],
         }, ckpt_path)

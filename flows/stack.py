@@ -53,6 +53,8 @@ class LocalStack:
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
+            # Poll every 2 s (default 10 s): a local run should not sit in the queue.
+            "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "BENTOML_DO_NOT_TRACK": "true",
             "DO_NOT_TRACK": "true",

@@ -149,7 +149,7 @@ def test_presets_and_validation():
         preset("nope")
     with pytest.raises(ValueError, match="lr"):
         preset("seed-baseline", train={"lr": -1})
-    with pytest.raises(ValueError, match="model.name.*Input should be 'fast', 'seed-baseline'"):
+    with pytest.raises(ValueError, match="(?s)model.name.*Input should be 'fast', 'seed-baseline'"):
         preset("seed-baseline", model={"name": "vgg"})
     with pytest.raises(ValueError, match="exceeds"):
         preset("seed-baseline", data={"train_size": 45_000, "val_size": 6_000})

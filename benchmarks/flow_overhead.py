@@ -1,0 +1,103 @@
+"""Fixed cost of orchestration and tracking around training, measured through the real path.
+
+    python benchmarks/flow_overhead.py [--epochs 2] [--preset seed-baseline]
+
+Starts the local stack (Prefect server, pool, worker) in a temporary root, runs
+`prefect deployment run train-cifar/<preset> --watch` on the real data, and reports:
+  - wall time of the deployment run, the training time inside it, and their difference;
+  - the same difference split by Prefect's flow-run timestamps (queue/start-up vs. in-run);
+  - MLflow tracking time per epoch (one `log_batch` of the epoch metrics to SQLite), median.
+Saves JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows import tracking  # noqa: E402
+from flows.stack import LocalStack, free_port  # noqa: E402
+
+DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
+
+
+def tracking_cost_per_epoch(root: Path, epochs: int = 30) -> dict[str, float]:
+    """Median seconds of one epoch's metric logging into a SQLite store."""
+    store = tracking.open_store(root)
+    run_id = tracking.start_run(store, "overhead-probe", {"probe": "1"}, {"config_hash": "probe"})
+    times = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        tracking.log_metrics(store, run_id, {k: 0.5 for k in (
+            "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
+            "images_per_second")}, step=epoch)
+        times.append(time.perf_counter() - t0)
+    tracking.end_run(store, run_id, "FINISHED")
+    return {"median_s": statistics.median(times), "max_s": max(times), "epochs": epochs}
+
+
+def main() -> None:
+    """Run one deployment through the local stack and report the overhead."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="seed-baseline")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--source", default=os.environ.get("CIFAR10_SOURCE", str(DEFAULT_SOURCE)))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
+                        "flow-overhead.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        stack = LocalStack(root=root, port=free_port(), extra_env={
+            "CIFAR10_SOURCE": args.source, "PREFECT_UI_ENABLED": "false"})
+        t0 = time.perf_counter()
+        with stack.running():
+            stack_start = time.perf_counter() - t0
+            deployment = args.preset if args.preset in ("seed-baseline", "fast-gpu") else "default"
+            params = [f"preset={args.preset}", f'train={{"epochs": {args.epochs}}}']
+            t1 = time.perf_counter()
+            result = stack.run_deployment(deployment, params, timeout=3600)
+            wall = time.perf_counter() - t1
+            if result.returncode != 0:
+                raise SystemExit(f"deployment run failed:\n{result.stdout}\n{result.stderr}")
+            store = tracking.open_store(root)
+            (run,) = store.client.search_runs([store.experiment_id])
+            flow_run_id = run.data.tags["prefect.flow_run_id"]
+            from prefect.client.orchestration import get_client
+
+            os.environ["PREFECT_API_URL"] = stack.api_url
+            with get_client(sync_client=True) as client:
+                fr = client.read_flow_run(flow_run_id)
+            in_run = (fr.end_time - fr.start_time).total_seconds()
+            tracking_cost = tracking_cost_per_epoch(root / "probe")
+        train_s = run.data.metrics["train_seconds"]
+
+    results = {
+        "command": " ".join(["python", *sys.argv]),
+        "preset": args.preset, "epochs": args.epochs,
+        "stack_start_seconds": round(stack_start, 2),
+        "deployment_run_wall_seconds": round(wall, 2),
+        "training_seconds": round(train_s, 2),
+        "overhead_seconds": round(wall - train_s, 2),
+        "overhead_share_of_training": round((wall - train_s) / train_s, 4),
+        "flow_run_seconds_running_to_completed": round(in_run, 2),
+        "overhead_inside_flow_run_seconds": round(in_run - train_s, 2),
+        "queue_and_startup_seconds": round(wall - in_run, 2),
+        "tracking_seconds_per_epoch": tracking_cost,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
