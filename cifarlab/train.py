@@ -126,7 +126,10 @@ class WeightAverage:
 
     @torch.no_grad()
     def swap(self, model: nn.Module) -> None:
-        """Exchange the model's state with the average (call twice to undo)."""
+        """Exchange the model's state with the average (call twice to undo); a no-op until the
+        averaging has started, when the model is its own average."""
+        if not self.started:
+            return
         current = model.state_dict()
         for k, avg in self.state.items():
             tmp = current[k].clone()

@@ -18,6 +18,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
 from cifarlab.config import DataConfig, RunConfig
+from cifarlab.data import resolve_source
 from flows import tracking
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides, resolve_config
 
@@ -224,6 +225,8 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
                 root: str | None = None, skip_registry: bool = False) -> dict[str, Any]:
     """Train a preset (with overrides), track it in MLflow, export to ONNX, register it."""
     config = resolve_config(preset, data, model, train)
+    # Pin the data source now, so the cache key and the MLflow params name the real source.
+    config.data.source = resolve_source(config.data.source)
     root_dir = project_root(root)
     root_dir.mkdir(parents=True, exist_ok=True)
     store = tracking.open_store(root_dir)  # an unusable store fails here, before any training

@@ -62,6 +62,10 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     result = stack.run_deployment("seed-baseline", [*params, 'train={"epochs": 2}'], timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Completed" in result.stdout
+    # Training held the one slot of the `gpu` tag's concurrency limit.
+    assert "concurrency-limit.acquired" in result.stdout and "tag:gpu" in result.stdout
+    limit = stack.cli("concurrency-limit", "inspect", "gpu")
+    assert "concurrency_limit" in limit.stdout and "1" in limit.stdout
 
     client = _client(stack.root)
     exp = client.get_experiment_by_name("train-cifar")

@@ -180,3 +180,21 @@ def test_smoke_on_real_data(real_cifar, tmp_path):
     outcome = run_experiment(cfg, tmp_path)
     assert outcome.val.accuracy > 0.35 and outcome.test.accuracy > 0.35, outcome.summary()
     assert outcome.data.folder == real_cifar  # the mirror is read in place, not copied
+
+
+def test_weight_average_is_the_model_until_it_starts(tmp_path):
+    from cifarlab.train import WeightAverage
+
+    cfg = _config("fast", averaging="ema").train
+    model = torch.nn.Linear(4, 2)
+    average = WeightAverage(model, cfg)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training moved the weights; averaging has not started yet
+    before = model.weight.clone()
+    average.swap(model)
+    assert torch.equal(model.weight, before)  # evaluation sees the trained weights
+    average.update(model, step=10, total=100)  # first update: the average becomes the model
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.swap(model)
+    assert torch.allclose(model.weight, before)  # now the average (the weights at its start)
