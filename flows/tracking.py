@@ -64,6 +64,9 @@ def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
             raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir():
+            raise TrackingUnavailable(f"MLflow tracking store {uri}: folder {db.parent} does "
+                                      "not exist")
         if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
             raise TrackingUnavailable(f"MLflow tracking store {uri} is not writable")
     try:
