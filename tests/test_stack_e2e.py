@@ -64,8 +64,8 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     assert "Completed" in result.stdout
     # Training held the one slot of the `gpu` tag's concurrency limit.
     assert "concurrency-limit.acquired" in result.stdout and "tag:gpu" in result.stdout
-    limit = stack.cli("concurrency-limit", "inspect", "gpu")
-    assert "concurrency_limit" in limit.stdout and "1" in limit.stdout
+    limit = json.loads(stack.cli("concurrency-limit", "inspect", "gpu", "--output", "json").stdout)
+    assert limit["tag"] == "gpu" and limit["concurrency_limit"] == 1
 
     client = _client(stack.root)
     exp = client.get_experiment_by_name("train-cifar")
