@@ -215,12 +215,13 @@ def test_interrupted_run_is_resumed_not_duplicated(data, tmp_path, monkeypatch):
     assert saves == [1, 2, 3]
 
 
-def test_onnx_model_from_registry_predicts(data, tmp_path):
+def test_onnx_model_from_registry_predicts(data, tmp_path, monkeypatch):
     import mlflow.onnx
     import numpy as np
 
     train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # Through the environment, restored after the test (set_tracking_uri would leak into it).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
     batch = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
     out = model.predict(batch)

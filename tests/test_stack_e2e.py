@@ -37,7 +37,8 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack-root")
     home = root / ".prefect-home"
     s = LocalStack(root=root, port=free_port(), prefect_home=home,
-                   extra_env={"PREFECT_UI_ENABLED": "false"})
+                   extra_env={"PREFECT_UI_ENABLED": "false",
+                              "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
     with s.running():
         yield s
     deadline = time.monotonic() + 10
