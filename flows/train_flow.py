@@ -50,9 +50,13 @@ def fetch_data(data: DataConfig, root: str) -> str:
 @task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def split_data(data: DataConfig, root: str, data_folder: str) -> dict[str, str]:
     """The seeded stratified split, written as index files; cached across flow runs."""
-    from cifarlab.experiment import load_data, make_split
+    from cifarlab.data import OFFICIAL_FILE_MD5, data_fingerprint, load_cifar10
+    from cifarlab.experiment import DataBundle, make_split
 
-    split, split_dir = make_split(data, load_data(data, Path(root)), Path(root))
+    # fetch_data has just verified this folder: read it without hashing every file again.
+    bundle = DataBundle(folder=Path(data_folder), data=load_cifar10(Path(data_folder)),
+                        fingerprint=data_fingerprint(data.checksums or OFFICIAL_FILE_MD5))
+    split, split_dir = make_split(data, bundle, Path(root))
     get_run_logger().info("split %s: %d train / %d validation images", split.digest[:12],
                           len(split.train_idx), len(split.val_idx))
     return {"dir": str(split_dir), "sha256": split.digest}
