@@ -1,0 +1,177 @@
+"""Copy the MLflow registry's `champion` ONNX model into the BentoML model store.
+
+    python -m serving.champion [--root DIR] [--tracking-uri URI] [--alias champion]
+
+(also `cifar-import-champion`, `make import-champion`, and the last task of `train-cifar`).
+The BentoML model `cifar10-classifier:<version>` holds `model.onnx` and the MLmodel file, with
+metadata: registered model name and version, MLflow run id, validation and test accuracy, class
+names, the preprocessing constants. Importing the same registry version again is a no-op that
+returns the existing tag; the service serves the newest import (`cifar10-classifier:latest`).
+
+Which stores: MLflow as in training (`MLFLOW_TRACKING_URI`, else `sqlite:///<root>/mlflow.db`);
+BentoML at `$BENTOML_HOME`, else `<root>/bentoml` (the Makefile sets it to that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cifarlab.constants import CLASS_NAMES, IMAGE_SIZE, MEAN, RESIZE_FILTER, STD
+
+BENTO_MODEL = "cifar10-classifier"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ImportFailed(RuntimeError):
+    """No champion, or one the service could not serve correctly."""
+
+
+@dataclass(frozen=True)
+class Imported:
+    tag: str
+    registered_model: str
+    version: str
+    run_id: str
+    val_accuracy: float | None
+    test_accuracy: float | None
+    created: bool  # False: this registry version was already in the store
+
+
+def bentoml_home(root: Path | None = None) -> Path:
+    """$BENTOML_HOME, else `<root>/bentoml`."""
+    if os.environ.get("BENTOML_HOME"):
+        return Path(os.environ["BENTOML_HOME"]).expanduser().resolve()
+    return (Path(root or PROJECT_ROOT) / "bentoml").resolve()
+
+
+def model_store(home: Path):
+    """The BentoML model store under `home`, named explicitly so that a BentoML already imported
+    with another home in this process cannot send the model elsewhere."""
+    from bentoml._internal.models import ModelStore
+
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    return ModelStore(home / "models")
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def import_champion(tracking_uri: str, home: Path, registered_model: str | None = None,
+                    alias: str | None = None, bento_model: str = BENTO_MODEL) -> Imported:
+    """Import `models:/<registered_model>@<alias>` into the BentoML store at `home`."""
+    import bentoml
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from flows.tracking import CHAMPION, REGISTERED_MODEL
+    from serving.engine import Engine
+
+    registered_model = registered_model or REGISTERED_MODEL
+    alias = alias or CHAMPION
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(registered_model, alias)
+    except MlflowException as exc:
+        raise ImportFailed(f"no model version {registered_model}@{alias} in {tracking_uri}: "
+                           f"train one first (make run) ({exc.message})") from None
+    version = str(mv.version)
+    store = model_store(home)
+    try:
+        latest = store.get(f"{bento_model}:latest")  # what the service would serve now
+    except bentoml.exceptions.NotFound:
+        latest = None
+    if latest is not None and all(latest.info.labels.get(k) == v for k, v in (
+            ("registered_model", registered_model), ("mlflow_version", version),
+            ("mlflow_run_id", mv.run_id))) and latest.info.metadata.get("tracking_uri") == tracking_uri:
+        meta = latest.info.metadata
+        return Imported(str(latest.tag), registered_model, version, mv.run_id,
+                        _float(meta.get("val_accuracy")), _float(meta.get("test_accuracy")),
+                        created=False)
+
+    if not mv.source.startswith(f"runs:/{mv.run_id}/"):
+        raise ImportFailed(f"{registered_model} v{version}: source {mv.source!r} is not a run "
+                           f"artifact of run {mv.run_id}")
+    artifact_path = mv.source.removeprefix(f"runs:/{mv.run_id}/")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(mv.run_id, artifact_path, tmp))
+        onnx_files = sorted(local.glob("*.onnx"))
+        if len(onnx_files) != 1:
+            raise ImportFailed(f"{mv.source}: expected one .onnx file, found "
+                               f"{[p.name for p in onnx_files]}")
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").is_file() else {}
+        logged = mlmodel.get("metadata") or {}
+        class_names = list(logged.get("class_names") or CLASS_NAMES)
+        for key, shared in (("mean", MEAN), ("std", STD)):
+            if key in logged and [round(float(v), 6) for v in logged[key]] != [round(v, 6) for v in shared]:
+                raise ImportFailed(f"{registered_model} v{version} was trained with {key} "
+                                   f"{logged[key]}, but the service normalises with {list(shared)} "
+                                   "(cifarlab/constants.py): refusing to serve it wrongly")
+        engine = Engine(onnx_files[0], {"class_names": class_names}, threads=1)  # loads + checks shapes
+        engine.warm_up((1, 2))
+        metadata = {
+            "registered_model": registered_model, "mlflow_version": version,
+            "mlflow_alias_at_import": alias, "mlflow_run_id": mv.run_id,
+            "mlflow_source": mv.source, "tracking_uri": tracking_uri,
+            "val_accuracy": _float(mv.tags.get("val_accuracy", logged.get("val_accuracy"))),
+            "test_accuracy": _float(mv.tags.get("test_accuracy", logged.get("test_accuracy"))),
+            "preset": logged.get("preset") or mv.tags.get("preset"),
+            "class_names": class_names, "mean": list(MEAN), "std": list(STD),
+            "image_size": IMAGE_SIZE, "resize_filter": RESIZE_FILTER,
+            "input_name": engine.input_name, "onnx_file": "model.onnx",
+        }
+        labels = {"registered_model": registered_model, "mlflow_version": version,
+                  "mlflow_run_id": mv.run_id, "source": "mlflow"}
+        with bentoml.models.create(bento_model, labels=labels, metadata=metadata,
+                                   _model_store=store) as bm:
+            shutil.copyfile(onnx_files[0], bm.path_of("model.onnx"))
+            if (local / "MLmodel").is_file():
+                shutil.copyfile(local / "MLmodel", bm.path_of("MLmodel"))
+    return Imported(str(bm.tag), registered_model, version, mv.run_id, metadata["val_accuracy"],
+                    metadata["test_accuracy"], created=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    parser = argparse.ArgumentParser(prog="cifar-import-champion", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, default=PROJECT_ROOT,
+                        help="project folder holding mlflow.db (and bentoml/ unless $BENTOML_HOME)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                        "sqlite:///<root>/mlflow.db)")
+    parser.add_argument("--alias", default="champion", help="registry alias to import")
+    args = parser.parse_args(argv)
+    from flows.tracking import tracking_uri
+
+    uri = args.tracking_uri or tracking_uri(args.root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"error: no MLflow store at {uri.removeprefix('sqlite:///')}: train a model first "
+              "(make run)", file=sys.stderr)
+        return 2
+    try:
+        result = import_champion(uri, bentoml_home(args.root), alias=args.alias)
+    except ImportFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    state = "imported" if result.created else "already in the store"
+    print(f"{result.tag}: {result.registered_model} v{result.version} (run {result.run_id}, "
+          f"validation accuracy {result.val_accuracy}) {state}")
+    for key, value in asdict(result).items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
