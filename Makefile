@@ -9,8 +9,10 @@ export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The project's BentoML store (models, bentos) lives beside mlflow.db, not in ~/bentoml.
+export BENTOML_HOME ?= $(CURDIR)/bentoml
 
-.PHONY: setup run stack train test test-all bench bench-flow mlflow-ui clean
+.PHONY: setup run stack train test test-all bench bench-flow bench-serve mlflow-ui import-champion serve bento clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +32,15 @@ mlflow-ui: setup  ## the MLflow UI on the default store, http://127.0.0.1:5000
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
 
+import-champion: setup  ## copy the MLflow champion into the BentoML store (no-op if it is there)
+	$(VENV)/bin/cifar-import-champion
+
+serve: import-champion  ## serve the champion: curl -F image=@cat.png http://127.0.0.1:3000/classify
+	$(VENV)/bin/bentoml serve serving.service:CifarClassifier --host 127.0.0.1 --port 3000
+
+bento: import-champion  ## build the Bento (offline) from bentofile.yaml; `bentoml containerize` it where Docker runs
+	$(VENV)/bin/bentoml build
+
 train: setup  ## train PRESET (default: fast) on the real data, print the results
 	$(VENV)/bin/cifar-train --preset $(PRESET)
 
@@ -41,6 +52,9 @@ test-all: setup  ## also the slow tests
 
 bench-flow: setup  ## fixed cost of orchestration + tracking around training -> benchmarks/results
 	$(PY) benchmarks/flow_overhead.py
+
+bench-serve: setup  ## HTTP load test of the service vs in-process inference -> benchmarks/results
+	$(PY) benchmarks/serve_bench.py
 
 bench: setup  ## training speed and accuracy of the presets on the real data -> benchmarks/results
 	$(PY) benchmarks/train_presets.py

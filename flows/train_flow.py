@@ -153,6 +153,21 @@ def register_model(trained: Trained, exported: dict[str, Any], store: tracking.S
     return reg
 
 
+@task(cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=2)
+def publish_champion(store: tracking.Store, root: str) -> dict[str, Any]:
+    """Copy the registry's champion into the BentoML model store (a no-op when it is already the
+    newest model there), so that `bentoml serve` / `bentoml build` pick it up."""
+    from serving.champion import bentoml_home, import_champion
+
+    home = bentoml_home(Path(root))
+    result = import_champion(store.uri, home)
+    get_run_logger().info("BentoML store %s: %s = %s v%s (%s)", home, result.tag,
+                          result.registered_model, result.version,
+                          "imported" if result.created else "already the newest")
+    return {"tag": result.tag, "version": result.version, "created": result.created,
+            "bentoml_home": str(home)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Flow
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +214,7 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
 
 def _summary_markdown(config: RunConfig, trained: Trained, exported: dict[str, Any] | None,
                       reg: tracking.Registration | None, store: tracking.Store,
-                      run_id: str) -> str:
+                      run_id: str, bento: dict[str, Any] | None = None) -> str:
     s = trained.outcome.summary()
     rows = "\n".join(f"| {k} | {100 * v:.2f} % |" for k, v in s["test_per_class_accuracy"].items())
     parity = exported["parity"] if exported else None
@@ -214,6 +229,8 @@ def _summary_markdown(config: RunConfig, trained: Trained, exported: dict[str, A
         f"{100 * parity['argmax_agreement']:.2f} % |" if parity else "| ONNX parity | not run |",
         f"| registry | {reg.name} v{reg.version} -> `{reg.alias}` |" if reg else
         "| registry | not registered |",
+        f"| BentoML store | `{bento['tag']}` (v{bento['version']}, the champion) |" if bento else
+        "| BentoML store | not updated |",
         f"| MLflow | run `{run_id}` in `{store.uri}` |",
         f"| split | `{s['split_sha256'][:16]}` ({s['trained_on']}) |",
         "", "## Per-class test accuracy", "", "| class | accuracy |", "|---|---|", rows,
@@ -226,8 +243,10 @@ def _summary_markdown(config: RunConfig, trained: Trained, exported: dict[str, A
 def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None,  # type: ignore[valid-type]
                 model: ModelOverrides | None = None,  # type: ignore[valid-type]
                 train: TrainOverrides | None = None,  # type: ignore[valid-type]
-                root: str | None = None, skip_registry: bool = False) -> dict[str, Any]:
-    """Train a preset (with overrides), track it in MLflow, export to ONNX, register it."""
+                root: str | None = None, skip_registry: bool = False,
+                skip_bentoml: bool = False) -> dict[str, Any]:
+    """Train a preset (with overrides), track it in MLflow, export to ONNX, register it, and put
+    the champion in the BentoML store."""
     config = resolve_config(preset, data, model, train)
     # Pin the data source now, so the cache key and the MLflow params name the real source.
     config.data.source = resolve_source(config.data.source)
@@ -250,10 +269,12 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
         tracking.end_run(store, run_id, "FAILED")
         raise
     tracking.end_run(store, run_id, "FINISHED")
+    # After the run is closed: a BentoML failure fails the flow but not the registered model.
+    bento = None if skip_registry or skip_bentoml else publish_champion(store, str(root_dir))
 
     create_markdown_artifact(
         key="train-cifar-summary",
-        markdown=_summary_markdown(config, trained, exported, reg, store, run_id),
+        markdown=_summary_markdown(config, trained, exported, reg, store, run_id, bento),
         description=f"{config.preset}: validation {100 * trained.outcome.val.accuracy:.2f} %")
     s = trained.outcome.summary()
     return {
@@ -261,6 +282,7 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
         "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
         "train_seconds": s["train_seconds"], "parity": exported["parity"],
         "registered_version": reg.version if reg else None, "alias": reg.alias if reg else None,
+        "bento_tag": bento["tag"] if bento else None,
     }
 
 

@@ -131,6 +131,7 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
             "image_size": IMAGE_SIZE, "resize_filter": RESIZE_FILTER,
             "input_name": engine.input_name, "onnx_file": "model.onnx",
         }
+        metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
         labels = {"registered_model": registered_model, "mlflow_version": version,
                   "mlflow_run_id": mv.run_id, "source": "mlflow"}
         with bentoml.models.create(bento_model, labels=labels, metadata=metadata,
@@ -138,8 +139,8 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
             shutil.copyfile(onnx_files[0], bm.path_of("model.onnx"))
             if (local / "MLmodel").is_file():
                 shutil.copyfile(local / "MLmodel", bm.path_of("MLmodel"))
-    return Imported(str(bm.tag), registered_model, version, mv.run_id, metadata["val_accuracy"],
-                    metadata["test_accuracy"], created=True)
+    return Imported(str(bm.tag), registered_model, version, mv.run_id,
+                    metadata.get("val_accuracy"), metadata.get("test_accuracy"), created=True)
 
 
 def main(argv: list[str] | None = None) -> int:

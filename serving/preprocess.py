@@ -66,13 +66,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=None)  # reads the header only
     except UnidentifiedImageError:
+        claimed = _sniff(data)
+        if claimed:
+            raise ImageRejected(f"the file starts like a {claimed} but is truncated or corrupt "
+                                f"({len(data)} bytes)", reason="corrupt") from None
         raise ImageRejected(
             f"the upload is not an image Pillow can identify ({len(data)} bytes, starting "
             f"{data[:8]!r}); send one of {', '.join(ACCEPTED_FORMATS)}", status=415,
             reason="not_an_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"image dimensions are too large to decode safely: {exc}",
-                            status=413, reason="too_many_pixels") from None
+        raise ImageRejected(f"the image is over the limit of {max_pixels / 1e6:.1f} megapixels "
+                            f"({exc}); it was not decoded", status=413,
+                            reason="too_many_pixels") from None
     except Exception as exc:  # a header so broken that Pillow fails while identifying it
         raise ImageRejected(f"the image header is corrupt: {exc}", reason="corrupt") from None
     with img:
@@ -104,6 +109,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
                                 reason="corrupt") from None
         pixels = np.asarray(_square_resize(rgb), dtype=np.uint8)
     return Decoded(pixels, fmt, width, height, mode, frames)
+
+
+def _sniff(data: bytes) -> str | None:
+    """The accepted format these bytes start like, if any (signatures only)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

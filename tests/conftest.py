@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,10 @@ for _var, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }.items():
     os.environ.setdefault(_var, _value)
+# Never the user's BentoML store: one throw-away store per test session (tests that start servers
+# give them their own).
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="cifar-test-bentoml-")
+atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
 
 REAL_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "cifar10" / "cifar-10-batches-py"
 

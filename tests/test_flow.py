@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,12 @@ def _client(root) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _bento_store():
+    from serving.champion import bentoml_home, model_store
+
+    return model_store(bentoml_home())
+
+
 def _runs(root):
     client = _client(root)
     exp = client.get_experiment_by_name("train-cifar")
@@ -74,6 +81,14 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path):
             "weights.pt"} <= artifacts
     assert run.data.metrics["onnx_max_abs_diff"] <= 1e-4
     assert run.data.metrics["onnx_latency_ms_batch256"] > 0
+    # The champion is in the BentoML store, with what the service reports about it.
+    bento_model = _bento_store().get(result["bento_tag"])
+    meta = bento_model.info.metadata
+    assert meta["mlflow_run_id"] == run.info.run_id
+    assert meta["mlflow_version"] == str(result["registered_version"])
+    assert meta["val_accuracy"] == pytest.approx(result["val_accuracy"], abs=1e-6)
+    assert meta["class_names"][3] == "cat" and len(meta["mean"]) == 3
+    assert Path(bento_model.path_of("model.onnx")).stat().st_size > 0
 
 
 def test_worse_model_does_not_take_the_alias(data, tmp_path):
@@ -88,6 +103,9 @@ def test_worse_model_does_not_take_the_alias(data, tmp_path):
     assert str(champion.version) == str(first["registered_version"])
     assert str(client.get_model_version_by_alias(REGISTERED_MODEL, "challenger").version) == str(
         worse["registered_version"])
+    # The challenger did not replace the champion in the BentoML store.
+    assert worse["bento_tag"] == first["bento_tag"]
+    assert _bento_store().get("cifar10-classifier:latest").tag == _bento_store().get(first["bento_tag"]).tag
 
 
 def test_broken_export_fails_the_run_and_registers_nothing(data, tmp_path, monkeypatch):
