@@ -42,6 +42,11 @@ class Engine:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # onnxruntime's idle worker threads spin by default, burning CPU that the HTTP server
+        # needs on a small machine: $CIFAR_ORT_SPIN=1 turns spinning back on.
+        spin = os.environ.get("CIFAR_ORT_SPIN", "0")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or list(inputs[0].shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:

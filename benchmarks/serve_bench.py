@@ -1,0 +1,316 @@
+"""Speed of the BentoML service: real PNG uploads over HTTP vs the same work in-process.
+
+    python benchmarks/serve_bench.py [--seconds 10] [--concurrency 1 8 32] [--store]
+
+The model: by default the architecture of the default preset on this machine (`fast`: fast-cpu
+without CUDA) with freshly initialised weights, exported to ONNX and put in a temporary BentoML
+store (speed does not depend on the weights); `--store` serves the newest model already in
+$BENTOML_HOME instead. The images: the first 1,000 CIFAR-10 test images as PNG (random images
+where the data is absent).
+
+Measured in one run, on one machine (server, load generator and in-process loop share its CPUs):
+  - in-process, one image at a time: decode + preprocess + onnxruntime at batch 1, no HTTP;
+  - in-process, batched: decode + preprocess each image, onnxruntime on batches of 64;
+  - HTTP /classify at each concurrency: requests/s, p50/p90/p99 latency; clients send the next
+    upload as soon as they have an answer, over keep-alive connections, then again with a new
+    connection per request as curl does (one asyncio loop drives them all);
+  - HTTP /classify_batch with 64 images per request at concurrency 2: images/s.
+Saves JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.engine import Engine, default_threads  # noqa: E402
+from serving.preprocess import decode_image, to_model_input  # noqa: E402
+
+DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
+
+
+def load_pngs(source: Path, n: int) -> list[bytes]:
+    if (source / "test_batch").is_file():
+        with open(source / "test_batch", "rb") as f:
+            raw = pickle.load(f, encoding="bytes")[b"data"][:n]
+        pixels = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    else:
+        pixels = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    out = []
+    for p in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def default_model(home: Path) -> str:
+    """Export the default preset's net to ONNX and put it in the BentoML store at `home`."""
+    import bentoml
+    import torch
+
+    from cifarlab.config import preset
+    from cifarlab.constants import CLASS_NAMES, MEAN, STD
+    from cifarlab.export import export_onnx
+    from models import build_model
+    from serving.champion import model_store
+
+    config = preset("fast")
+    torch.manual_seed(0)
+    model = build_model(config.model.name, **config.model.options).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx")
+        meta = {"class_names": list(CLASS_NAMES), "mean": list(MEAN), "std": list(STD),
+                "preset": config.preset, "onnx_file": "model.onnx",
+                "note": "benchmark model: default architecture, untrained weights"}
+        with bentoml.models.create("cifar10-classifier", labels={"source": "benchmark"},
+                                   metadata=meta, _model_store=model_store(home)) as bm:
+            Path(bm.path_of("model.onnx")).write_bytes(path.read_bytes())
+    return config.preset
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def in_process(engine: Engine, pngs: list[bytes], seconds: float, batch: int) -> dict:
+    latencies, done, i = [], 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        chunk = [pngs[(i + k) % len(pngs)] for k in range(batch)]
+        x = to_model_input(np.stack([decode_image(b).pixels for b in chunk]))
+        probs = engine.probabilities(x)
+        [engine.answer(p, 3) for p in probs]
+        latencies.append(time.perf_counter() - t0)
+        done += batch
+        i += batch
+    elapsed = time.perf_counter() - start
+    return {"batch": batch, "images": done, "seconds": elapsed, "images_per_s": done / elapsed,
+            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
+
+
+def multipart(files: list[bytes], field: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for k, content in enumerate(files):
+        parts.append((f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
+                      f"filename=\"{k}.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+                     + content + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def load(port: int, path: str, bodies: list[tuple[bytes, str]], concurrency: int,
+         seconds: float, images_per_request: int = 1, keep_alive: bool = True) -> dict:
+    """Closed-loop load: `concurrency` clients, each sending the next upload as soon as it has
+    its answer, over one keep-alive connection each, or (keep_alive=False) a new connection per
+    request, as `curl` does.
+
+    asyncio with raw sockets and requests built in advance: the generator shares the CPU with
+    the server, so it does as little per request as it can (a few tens of microseconds)."""
+    import asyncio
+
+    close = "" if keep_alive else "Connection: close\r\n"
+    requests = [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+                 f"{close}Content-Length: {len(body)}\r\n\r\n").encode() + body
+                for body, ctype in bodies]
+    latencies: list[float] = []
+    errors = 0
+
+    async def connection(w: int, stop_at: float) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        k = w
+        while time.perf_counter() < stop_at:
+            request = requests[k % len(requests)]
+            k += concurrency
+            t0 = time.perf_counter()
+            if not keep_alive:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            if not keep_alive:
+                writer.close()
+            if status == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+        writer.close()
+
+    async def run() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(connection(w, start + seconds) for w in range(concurrency)))
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(run())
+    return {"path": path, "concurrency": concurrency, "keep_alive": keep_alive,
+            "requests": len(latencies),
+            "errors": errors, "seconds": elapsed, "requests_per_s": len(latencies) / elapsed,
+            "images_per_s": len(latencies) * images_per_request / elapsed,
+            "p50_ms": 1000 * percentile(latencies, 50), "p90_ms": 1000 * percentile(latencies, 90),
+            "p99_ms": 1000 * percentile(latencies, 99)}
+
+
+def batch_sizes(port: int) -> dict:
+    """Mean images per onnxruntime call since the last reading, from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    total = sum(float(l.split()[-1]) for l in text.splitlines()
+                if l.startswith("cifar_inference_batch_size_sum"))
+    calls = sum(float(l.split()[-1]) for l in text.splitlines()
+                if l.startswith("cifar_inference_batch_size_count"))
+    return {"images": total, "calls": calls}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--store", action="store_true",
+                        help="serve the newest model in $BENTOML_HOME instead of a fresh one")
+    parser.add_argument("--source", type=Path,
+                        default=Path(os.environ.get("CIFAR10_SOURCE") or DEFAULT_SOURCE))
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the server (e.g. CIFAR_BATCH_MAX_SIZE=32)")
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "serve-cpu.json")
+    args = parser.parse_args()
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+    pngs = load_pngs(args.source, 1000)
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        if args.store:
+            home = Path(os.environ.get("BENTOML_HOME", ROOT / "bentoml"))
+            model_desc = "newest model in " + str(home)
+        else:
+            home = Path(tmp) / "bentoml"
+            model_desc = f"preset {default_model(home)} architecture, untrained weights"
+        from serving.champion import model_store
+
+        stored = model_store(home).get("cifar10-classifier:latest")
+        # The in-process limit, in onnxruntime's best setting for a lone loop: all cores, and
+        # worker threads spinning (the server turns spinning off, it needs the CPU for HTTP).
+        os.environ["CIFAR_ORT_SPIN"] = "1"
+        engine = Engine(Path(stored.path_of("model.onnx")), stored.info.metadata)
+        del os.environ["CIFAR_ORT_SPIN"]
+        engine.warm_up()
+        results: dict = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "processor": platform.processor()},
+            "model": model_desc, "bento_tag": str(stored.tag),
+            "in_process_ort": {"threads": engine.threads, "spinning": True},
+            "images": f"{len(pngs)} PNG uploads of 32x32 "
+                      f"({statistics.mean(map(len, pngs)):.0f} bytes on average)",
+            "server_env": args.env,
+        }
+        results["in_process_batch1"] = in_process(engine, pngs, args.seconds, 1)
+        results["in_process_batch64"] = in_process(engine, pngs, args.seconds, 64)
+        print(json.dumps({k: results[k] for k in ("in_process_batch1", "in_process_batch64")},
+                         indent=1), flush=True)
+        del engine
+
+        port = _free_port()
+        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+               **dict(e.split("=", 1) for e in args.env)}
+        log = open(Path(tmp) / "serve.log", "w")
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("bentoml")), "serve",
+             "serving.service:CifarClassifier", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_ready(port, proc)
+            single = [multipart([p], "image") for p in pngs]
+            load(port, "/classify", single, 8, 2.0)  # warm-up
+            results["http_classify"] = []
+            for keep_alive in (True, False):
+                for c in args.concurrency:
+                    before = batch_sizes(port)
+                    r = load(port, "/classify", single, c, args.seconds, keep_alive=keep_alive)
+                    after = batch_sizes(port)
+                    calls = after["calls"] - before["calls"]
+                    r["mean_batch_size"] = (after["images"] - before["images"]) / calls if calls else 0
+                    results["http_classify"].append(r)
+                    print(json.dumps(r), flush=True)
+            batches = [multipart(pngs[i:i + 64], "images") for i in range(0, len(pngs) - 63, 64)]
+            results["http_classify_batch"] = load(port, "/classify_batch", batches, 2,
+                                                  args.seconds, images_per_request=64)
+            print(json.dumps(results["http_classify_batch"]), flush=True)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+
+    base1 = results["in_process_batch1"]["images_per_s"]
+    base64 = results["in_process_batch64"]["images_per_s"]
+    at8 = {r["keep_alive"]: r for r in results["http_classify"] if r["concurrency"] == 8}
+    base = max(base1, base64)
+    results["summary"] = {
+        "in_process_images_per_s_batch1": base1, "in_process_images_per_s_batch64": base64,
+        **{f"http_c8_{mode}_{key}": r[key] for k, r in at8.items()
+           for mode in ["keepalive" if k else "new_connection"]
+           for key in ("requests_per_s", "p99_ms")},
+        **{f"http_c8_{'keepalive' if k else 'new_connection'}_vs_in_process_{name}":
+           r["requests_per_s"] / ref for k, r in at8.items()
+           for name, ref in (("batch1", base1), ("best", base))},
+        "batch_endpoint_images_per_s": results["http_classify_batch"]["images_per_s"],
+        "targets": "c8 >= 70 % of in-process, p99 < 50 ms; batch endpoint >= 1000 images/s",
+    }
+    print(json.dumps(results["summary"], indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"saved {args.out}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("bentoml serve exited; see its log")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"bentoml serve not ready in {timeout} s")
+
+
+if __name__ == "__main__":
+    main()
