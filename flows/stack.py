@@ -55,6 +55,9 @@ class LocalStack:
             "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
             # Poll every 2 s (default 10 s): a local run should not sit in the queue.
             "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
+            # A task waiting for the `gpu` slot asks again after 5 s (default 30 s).
+            "PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": os.environ.get(
+                "PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", "5"),
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "BENTOML_DO_NOT_TRACK": "true",
             "DO_NOT_TRACK": "true",
@@ -148,8 +151,10 @@ class LocalStack:
 
     def run_deployment(self, deployment: str, params: Sequence[str] = (),
                        timeout: float = 3600) -> subprocess.CompletedProcess:
-        """`prefect deployment run train-cifar/<deployment> --watch` (params as key=value)."""
-        args = ["deployment", "run", f"train-cifar/{deployment}", "--watch"]
+        """`prefect deployment run <flow>/<deployment> --watch` (params as key=value); a bare
+        deployment name means a `train-cifar` one."""
+        name = deployment if "/" in deployment else f"train-cifar/{deployment}"
+        args = ["deployment", "run", name, "--watch"]
         for p in params:
             args += ["--param", p]
         return self.cli(*args, check=False, timeout=timeout)
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the stack and keep it running (Ctrl-C stops it)")
     run = sub.add_parser("run", help="start the stack, run one deployment, stop")
-    run.add_argument("--deployment", default="default")
+    run.add_argument("--deployment", default="default",
+                     help="train-cifar deployment, or FLOW/DEPLOYMENT (e.g. sweep-cifar/default)")
     run.add_argument("-p", "--param", dest="params", action="append", default=[],
                      help="flow parameter KEY=VALUE (JSON values), e.g. preset=seed-baseline")
     for p in (up, run):

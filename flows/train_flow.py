@@ -184,7 +184,7 @@ def _flow_run_alive(flow_run_id: str) -> bool:
 
 
 def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict[str, str],
-               data_folder: str) -> tuple[str, Path]:
+               data_folder: str, extra_tags: dict[str, str] | None = None) -> tuple[str, Path]:
     """Resume this config's unfinished MLflow run, or start one; returns (run id, run folder)."""
     from prefect.runtime import flow_run
 
@@ -199,6 +199,7 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
         "code_version": tracking.code_version(PROJECT_ROOT), "split_sha256": split["sha256"],
         "data_fingerprint": data_fingerprint(config.data.checksums or OFFICIAL_FILE_MD5),
         "data_folder": data_folder, "device": str(resolve_device(config.train.device)),
+        **(extra_tags or {}),
     }
     resume = tracking.find_resumable_run(store, chash)
     params = tracking.flatten("", config.model_dump(mode="json"))
@@ -244,9 +245,11 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
                 model: ModelOverrides | None = None,  # type: ignore[valid-type]
                 train: TrainOverrides | None = None,  # type: ignore[valid-type]
                 root: str | None = None, skip_registry: bool = False,
-                skip_bentoml: bool = False) -> dict[str, Any]:
+                skip_bentoml: bool = False, mlflow_parent_run_id: str | None = None,
+                mlflow_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Train a preset (with overrides), track it in MLflow, export to ONNX, register it, and put
-    the champion in the BentoML store."""
+    the champion in the BentoML store. A sweep passes its MLflow run as `mlflow_parent_run_id`
+    (the run is nested under it) and its own tags."""
     config = resolve_config(preset, data, model, train)
     # Pin the data source now, so the cache key and the MLflow params name the real source.
     config.data.source = resolve_source(config.data.source)
@@ -257,7 +260,10 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
 
     data_folder = fetch_data(config.data, str(root_dir))
     split = split_data(config.data, str(root_dir), data_folder)
-    run_id, run_dir = _begin_run(store, config, root_dir, split, data_folder)
+    extra_tags = {**(mlflow_tags or {})}
+    if mlflow_parent_run_id:
+        extra_tags["mlflow.parentRunId"] = mlflow_parent_run_id
+    run_id, run_dir = _begin_run(store, config, root_dir, split, data_folder, extra_tags)
     exported = reg = None
     try:
         trained = train_and_evaluate(config, str(root_dir), str(run_dir), store, run_id)

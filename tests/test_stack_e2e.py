@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -142,3 +143,65 @@ def test_killed_training_is_resumed_by_the_next_run(stack, params):
     assert sorted(set(steps)) == list(range(1, 26))
     versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
     assert [v.run_id for v in versions].count(resumed.info.run_id) == 1
+
+
+def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
+    """2 values x 2 seeds through sweep-cifar/default -> train-cifar/default on the worker.
+
+    train_size=240 fits the synthetic data; 1000 passes validation but fails in the split task,
+    so that point is retried once and reported, and the sweep carries on."""
+    folder, sums = synthetic_cifar
+    client = _client(stack.root)
+    before = {v.version for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")}
+    try:
+        old_champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+        old_val = float(old_champion.tags["val_accuracy"])
+    except Exception:
+        old_val = None
+    params = [
+        "preset=seed-baseline", 'grid={"data.train_size": [240, 1000]}', "seeds=2",
+        f"data={json.dumps({'source': str(folder), 'checksums': sums, 'val_size': 60})}",
+        'train={"epochs": 1}', "retries=1", "retry_delay_s=1",
+    ]
+    result = stack.run_deployment("sweep-cifar/default", params, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    exp = client.get_experiment_by_name("train-cifar")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.sweep_role = 'parent'")
+    sid = parent.data.tags["sweep_id"]
+    children = client.search_runs([exp.experiment_id], f"tags.sweep_role = 'child' and "
+                                  f"tags.sweep_id = '{sid}'")
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 2  # train_size=240, seeds 0 and 1
+    assert {c.data.params["train.seed"] for c in finished} == {"0", "1"}
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.data.params["data.train_size"] == "240" for c in finished)
+    # The summary: a CSV/markdown table and the plot on the parent run.
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_summary.csv", "sweep_summary.md", "sweep_runs.json",
+            "sweep_accuracy.png"} <= artifacts
+    local = client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(stack.root))
+    rows = {r["data.train_size"]: r for r in csv.DictReader(open(local))}
+    good, bad = rows["240"], rows["1000"]
+    assert good["seeds_ok"] == "2" and good["seeds_failed"] == "0"
+    vals = [c.data.metrics["final_val_accuracy"] for c in finished]
+    assert float(good["val_acc_mean"]) == pytest.approx(np.mean(vals), abs=1e-9)
+    assert float(good["val_acc_std"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-9)
+    assert bad["seeds_ok"] == "0" and bad["seeds_failed"] == "2"
+    assert "exceeds the 300 training images" in bad["errors"]
+    # The failed point was retried: two attempts of each of its two seeds.
+    flow_runs = json.loads(stack.cli("flow-run", "ls", "--flow-name", "train-cifar",
+                                     "--state-type", "FAILED", "--limit", "50",
+                                     "--output", "json", check=False).stdout or "[]")
+    assert sum("train_size\": 1000" in json.dumps(f.get("parameters", {})) for f in flow_runs) == 4
+    # The best point went through the champion rule.
+    assert parent.data.tags["best_point"] == "data.train_size=240"
+    candidate = parent.data.tags["candidate_run_id"]
+    assert candidate in {c.info.run_id for c in finished}
+    assert client.get_run(candidate).data.metrics["final_val_accuracy"] == max(vals)
+    new = [v for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+           if v.version not in before]
+    (version,) = new
+    assert version.run_id == candidate
+    alias = parent.data.tags["registry.alias"]
+    assert alias == ("champion" if old_val is None or max(vals) > old_val else "challenger")

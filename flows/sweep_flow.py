@@ -1,0 +1,271 @@
+"""The `sweep-cifar` flow: one `train-cifar` deployment run per grid point and seed, then the
+statistics, and the best point (by mean validation accuracy) through the champion rule.
+
+    prefect deployment run sweep-cifar/default -p study=report-lr -p seeds=3 -p epoch_scale=0.2
+    prefect deployment run sweep-cifar/default -p preset=seed-baseline \\
+        -p 'grid={"train.lr": [0.001, 0.0004], "train.batch_size": [16, 32]}'
+
+Children go through the `train-cifar` deployment, so every worker of its pool (several GPU
+hosts) takes points; at most `max_parallel` run at once. A point whose run fails is retried
+(`retries`), then reported as failed; the others go on. MLflow: one parent run for the sweep,
+each child nested under it (same experiment, `train-cifar`), so the UI's chart view compares
+them. Statistics, tables and plots go to the parent run and to Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from flows import sweep as sw
+from flows import tracking
+from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides
+from flows.train_flow import project_root, publish_champion
+
+StudyName = Literal[tuple(sw.STUDIES)]  # type: ignore[valid-type]
+PARITY_MAX_ABS_DIFF = 1e-4  # the same gate as export_onnx_checked
+
+
+class PointFailed(RuntimeError):
+    """A child run that did not complete."""
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, log_prints=True)
+def run_point(deployment: str, parameters: dict[str, Any], label: str, seed: int) -> dict[str, Any]:
+    """One `train-cifar` deployment run, waited for; a run that does not complete raises."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(name=deployment, parameters=parameters, timeout=None,
+                              as_subflow=True, tags=["sweep"])
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        name = state.name if state else "unknown"
+        raise PointFailed(f"{label}, seed {seed}: flow run {flow_run.name} ended {name}: "
+                          f"{(state.message if state else '') or ''}".strip())
+    return {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name}
+
+
+def _run_all(jobs: list[tuple[sw.Point, int, dict[str, Any]]], deployment: str,
+             max_parallel: int, retries: int, retry_delay_s: float) -> dict[tuple[int, int], dict]:
+    """Submit the jobs, at most `max_parallel` in flight; returns (point, seed) -> outcome."""
+    task_fn = run_point.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+    logger = get_run_logger()
+    pending = list(jobs)
+    inflight: list[tuple[sw.Point, int, Any]] = []
+    done: dict[tuple[int, int], dict] = {}
+    while pending or inflight:
+        while pending and len(inflight) < max_parallel:
+            point, seed, params = pending.pop(0)
+            inflight.append((point, seed, task_fn.with_options(
+                task_run_name=f"point-{point.index}-seed-{seed}").submit(
+                    deployment, params, point.label, seed)))
+        time.sleep(0.5)
+        still = []
+        for point, seed, future in inflight:
+            if not future.state.is_final():
+                still.append((point, seed, future))
+                continue
+            result = future.result(raise_on_failure=False)
+            if isinstance(result, BaseException):
+                done[(point.index, seed)] = {"ok": False, "error": str(result)[:1000]}
+                logger.warning("point %s seed %d failed after %d attempt(s): %s", point.label,
+                               seed, retries + 1, result)
+            else:
+                done[(point.index, seed)] = {"ok": True, **result}
+                logger.info("point %s seed %d finished (%s)", point.label, seed,
+                            result["flow_run_name"])
+        inflight = still
+    return done
+
+
+def _outcomes(store: tracking.Store, sid: str, jobs, done, retries: int) -> list[sw.Outcome]:
+    """Read each child's results back from MLflow (the source of truth on any host)."""
+    runs = store.client.search_runs([store.experiment_id], filter_string=f"tags.sweep_id = '{sid}'",
+                                    max_results=5000)
+    by_key = {}
+    for run in runs:
+        key = (run.data.tags.get("sweep_point_key"), run.data.tags.get("sweep_seed"))
+        if run.info.status == "FINISHED" or key not in by_key:
+            by_key[key] = run
+    outcomes = []
+    for point, seed, _params in jobs:
+        state = done[(point.index, seed)]
+        run = by_key.get((point.key, str(seed)))
+        if state["ok"] and run is not None and run.info.status == "FINISHED":
+            m = run.data.metrics
+            outcomes.append(sw.Outcome(point, seed, "ok", run.info.run_id,
+                                       m.get("final_val_accuracy"), m.get("test_accuracy"),
+                                       m.get("train_seconds")))
+        else:
+            error = state.get("error") or f"no finished MLflow run for {point.label} seed {seed}"
+            outcomes.append(sw.Outcome(point, seed, "failed", run.info.run_id if run else None,
+                                       attempts=retries + 1, error=error))
+    return outcomes
+
+
+def _register_best(store: tracking.Store, best_row: dict[str, Any],
+                   outcomes: list[sw.Outcome], sid: str) -> tuple[tracking.Registration, str]:
+    """The best point's best seed goes through the parity gate and the champion rule."""
+    candidates = [o for o in outcomes if o.status == "ok" and o.point.label == best_row["point"]]
+    cand = max(candidates, key=lambda o: o.val_accuracy or -1)
+    run = store.client.get_run(cand.run_id)
+    diff = run.data.metrics.get("onnx_max_abs_diff")
+    agree = run.data.metrics.get("onnx_argmax_agreement")
+    if diff is None or agree is None or diff > PARITY_MAX_ABS_DIFF or agree < 1.0:
+        raise PointFailed(f"candidate run {cand.run_id} has no passing ONNX parity check "
+                          f"(max |diff| {diff}, argmax agreement {agree}): not registered")
+    reg = tracking.register(store, cand.run_id, f"runs:/{cand.run_id}/{tracking.ONNX_MODEL_NAME}",
+                            cand.val_accuracy, tags={
+                                "test_accuracy": f"{cand.test_accuracy:.6f}",
+                                "preset": run.data.params.get("preset", ""), "sweep_id": sid,
+                                "sweep_point": best_row["point"],
+                                "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true"})
+    return reg, cand.run_id
+
+
+@flow(name="sweep-cifar", log_prints=True)
+def sweep_cifar(
+    study: StudyName | None = None,  # type: ignore[valid-type]
+    preset: PresetName | None = None,  # type: ignore[valid-type]
+    grid: dict[str, list[Any]] | None = None,
+    seeds: Annotated[int, Field(ge=1, le=20)] = 3,
+    first_seed: int = 0,
+    epoch_scale: Annotated[float, Field(gt=0, le=1)] = 1.0,
+    data_scale: Annotated[float, Field(gt=0, le=1)] = 1.0,
+    data: DataOverrides | None = None,  # type: ignore[valid-type]
+    model: ModelOverrides | None = None,  # type: ignore[valid-type]
+    train: TrainOverrides | None = None,  # type: ignore[valid-type]
+    deployment: str = "train-cifar/default",
+    max_parallel: Annotated[int, Field(ge=1, le=64)] = 1,
+    retries: Annotated[int, Field(ge=0, le=5)] = 1,
+    retry_delay_s: Annotated[float, Field(ge=0)] = 10.0,
+    register_best: bool = True,
+    skip_bentoml: bool = False,
+    root: str | None = None,
+) -> dict[str, Any]:
+    """Run a study (`study`) or any grid (`preset` + `grid`) over seeds; summarise; register the
+    best point by mean validation accuracy under the champion rule."""
+    logger = get_run_logger()
+    chosen = sw.STUDIES[study] if study else None
+    if grid is None and chosen is None:
+        raise sw.SweepError("give a study (one of " + ", ".join(sw.STUDIES) + ") or a grid")
+    grid = grid if grid is not None else chosen.grid
+    preset_name = preset or (chosen.preset if chosen else "fast")
+    common = {s: part.model_dump(exclude_none=True)
+              for s, part in (("data", data), ("model", model), ("train", train)) if part is not None}
+    points = sw.expand(preset_name, grid, common)
+    from cifarlab.config import preset as make_config
+
+    seed_list = list(range(first_seed, first_seed + seeds))
+    name = study or "custom"
+    sid = sw.sweep_id(name, preset_name, grid, seed_list, {
+        "common": common, "epoch_scale": epoch_scale, "data_scale": data_scale,
+        "time": time.time()})
+    root_dir = project_root(root)
+    store = tracking.open_store(root_dir)
+    parent = tracking.start_run(store, f"sweep-{name}-{sid}", {
+        "study": name, "preset": preset_name, "grid": json.dumps(grid), "seeds": str(seeds),
+        "first_seed": str(first_seed), "epoch_scale": str(epoch_scale),
+        "data_scale": str(data_scale), "common_overrides": json.dumps(common),
+        "deployment": deployment, "max_parallel": str(max_parallel), "retries": str(retries),
+        "points": str(len(points))}, {"sweep_id": sid, "sweep_role": "parent", "study": name})
+    from prefect.runtime import flow_run
+
+    store.client.set_tag(parent, "prefect.flow_run_id", str(flow_run.id))
+    logger.info("sweep %s: %d points x %d seeds = %d runs via %s (MLflow parent run %s)", sid,
+                len(points), seeds, len(points) * seeds, deployment, parent)
+
+    jobs = []
+    for point in points:
+        cfg = make_config(preset_name, **point.overrides)
+        overrides = sw.scaled(point.overrides, cfg, epoch_scale, data_scale)
+        for seed in seed_list:
+            params: dict[str, Any] = {
+                "preset": preset_name,
+                **{s: v for s, v in overrides.items() if v and s != "train"},
+                "train": {**overrides.get("train", {}), "seed": seed},
+                "skip_registry": True, "mlflow_parent_run_id": parent,
+                "mlflow_tags": {"sweep_id": sid, "sweep_point": point.label,
+                                "sweep_point_key": point.key, "sweep_seed": str(seed),
+                                "sweep_role": "child"},
+            }
+            if root:
+                params["root"] = root
+            jobs.append((point, seed, params))
+
+    try:
+        done = _run_all(jobs, deployment, max_parallel, retries, retry_delay_s)
+        outcomes = _outcomes(store, sid, jobs, done, retries)
+        rows = sw.summarise(outcomes, chosen.report if chosen else None)
+        best = sw.best_point(rows)
+        notes = [f"Study `{name}` on preset `{preset_name}`: {chosen.description if chosen else 'custom grid'}.",
+                 f"{len(points)} points x {seeds} seeds (seeds {seed_list}); epoch scale {epoch_scale}, "
+                 f"data scale {data_scale}; sd = sample standard deviation over seeds.",
+                 f"MLflow parent run `{parent}`; sweep id `{sid}`. The best point is chosen by mean "
+                 "validation accuracy; test accuracy is reported only."]
+        markdown = sw.to_markdown(f"sweep-cifar: {name}", rows, best, notes)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {"summary_csv": Path(tmp) / "sweep_summary.csv",
+                     "summary_md": Path(tmp) / "sweep_summary.md",
+                     "runs_json": Path(tmp) / "sweep_runs.json"}
+            files["summary_csv"].write_text(sw.to_csv(rows))
+            files["summary_md"].write_text(markdown)
+            files["runs_json"].write_text(json.dumps([{
+                "point": o.point.label, "seed": o.seed, "status": o.status, "run_id": o.run_id,
+                "val_accuracy": o.val_accuracy, "test_accuracy": o.test_accuracy,
+                "train_seconds": o.train_seconds, "error": o.error} for o in outcomes], indent=2))
+            if best is not None:
+                files["plot"] = sw.plot(rows, list(grid), Path(tmp) / "sweep_accuracy.png")
+            tracking.log_files(store, parent, files)
+        ok = [o for o in outcomes if o.status == "ok"]
+        tracking.log_metrics(store, parent, {
+            "runs_ok": len(ok), "runs_failed": len(outcomes) - len(ok),
+            "best_val_acc_mean": best["val_acc_mean"] if best else None,
+            "best_val_acc_std": best["val_acc_std"] if best else None,
+            "best_test_acc_mean": best["test_acc_mean"] if best else None})
+
+        reg = candidate = bento = None
+        if best is not None and register_best:
+            reg, candidate = _register_best(store, best, outcomes, sid)
+            store.client.set_tag(parent, "candidate_run_id", candidate)
+            store.client.set_tag(parent, "registry.version", str(reg.version))
+            store.client.set_tag(parent, "registry.alias", reg.alias)
+            logger.info("best point %s (val %.2f %% mean): run %s registered as v%s -> %s",
+                        best["point"], 100 * best["val_acc_mean"], candidate, reg.version, reg.alias)
+            if reg.alias == tracking.CHAMPION and not skip_bentoml:
+                bento = publish_champion(store, str(root_dir))
+        if best is not None:
+            store.client.set_tag(parent, "best_point", best["point"])
+        registry_line = (f"\n**Registry:** run `{candidate}` -> {reg.name} v{reg.version} as "
+                         f"`{reg.alias}`" if reg else "\n**Registry:** nothing registered")
+        create_markdown_artifact(key=f"sweep-{name}".lower().replace("_", "-"),
+                                 markdown=markdown + registry_line,
+                                 description=f"sweep {sid}: {len(ok)}/{len(outcomes)} runs ok")
+        create_table_artifact(key="sweep-table", table=[
+            {k: v for k, v in r.items() if k != "errors"} for r in rows],
+            description=f"sweep {sid} per-point statistics")
+    except BaseException as exc:
+        store.client.set_tag(parent, "failure", f"{type(exc).__name__}: {exc}"[:5000])
+        tracking.end_run(store, parent, "FAILED")
+        raise
+    status = "FINISHED" if ok else "FAILED"
+    tracking.end_run(store, parent, status)
+    if not ok:
+        raise PointFailed(f"sweep {sid}: every run failed; see the summary in MLflow run {parent}")
+    return {"sweep_id": sid, "mlflow_parent_run_id": parent, "rows": rows,
+            "best_point": best["point"] if best else None,
+            "candidate_run_id": candidate, "registered_version": reg.version if reg else None,
+            "alias": reg.alias if reg else None, "bento_tag": bento["tag"] if bento else None,
+            "runs_ok": len(ok), "runs_failed": len(outcomes) - len(ok)}
+
+
+if __name__ == "__main__":
+    sweep_cifar(study="report-lr", epoch_scale=0.1, data_scale=0.1, seeds=2)
