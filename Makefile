@@ -12,7 +12,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # The project's BentoML store (models, bentos) lives beside mlflow.db, not in ~/bentoml.
 export BENTOML_HOME ?= $(CURDIR)/bentoml
 
-.PHONY: setup run stack train test test-all bench bench-flow bench-serve mlflow-ui import-champion serve bento clean
+SEEDS ?= 3
+EPOCH_SCALE ?= 1
+DATA_SCALE ?= 1
+STUDY ?= report-lr
+
+.PHONY: setup run sweep stack train test test-all bench bench-flow bench-serve mlflow-ui import-champion serve bento clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +29,10 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup  ## the main job: local Prefect stack, one run of train-cifar/default, stack stopped
 	$(PY) -m flows.stack run --deployment default $(if $(filter-out fast,$(PRESET)),-p preset=$(PRESET),)
+
+sweep: setup  ## a study through the local stack: make sweep STUDY=report-lr SEEDS=3 EPOCH_SCALE=0.2
+	$(PY) -m flows.stack run --deployment sweep-cifar/default -p study=$(STUDY) -p seeds=$(SEEDS) \
+	  -p epoch_scale=$(EPOCH_SCALE) -p data_scale=$(DATA_SCALE)
 
 stack: setup  ## Prefect server + pool + concurrency limit + worker + deployments; Ctrl-C stops
 	$(PY) -m flows.stack up

@@ -275,6 +275,9 @@ def plot(rows: Sequence[Mapping[str, Any]], grid_keys: Sequence[str], path: Path
     single = len(grid_keys) == 1
     xs_raw = [r[grid_keys[0]] if single else r["point"] for r in done]
     numeric = single and all(_is_number(x) for x in xs_raw)
+    if numeric:  # draw lines left to right, whatever order the grid listed the values in
+        order = sorted(range(len(done)), key=lambda i: float(xs_raw[i]))
+        done, xs_raw = [done[i] for i in order], [xs_raw[i] for i in order]
     xs = [float(x) for x in xs_raw] if numeric else list(range(len(done)))
     for metric, colour, label in (("val", "tab:blue", "validation"), ("test", "tab:orange", "test")):
         ys = [100 * r[f"{metric}_acc_mean"] for r in done if r[f"{metric}_acc_mean"] is not None]

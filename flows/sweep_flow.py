@@ -211,6 +211,9 @@ def sweep_cifar(
                  f"data scale {data_scale}; sd = sample standard deviation over seeds.",
                  f"MLflow parent run `{parent}`; sweep id `{sid}`. The best point is chosen by mean "
                  "validation accuracy; test accuracy is reported only."]
+        if chosen and chosen.report and (epoch_scale < 1 or data_scale < 1):
+            notes.append("The report column holds the report's full-scale figures; these runs "
+                         "were scaled down, so compare the trend, not the level.")
         markdown = sw.to_markdown(f"sweep-cifar: {name}", rows, best, notes)
         with tempfile.TemporaryDirectory() as tmp:
             files = {"summary_csv": Path(tmp) / "sweep_summary.csv",

@@ -202,6 +202,10 @@ def test_200_concurrent_requests_each_get_their_own_answer(served):
     images = sum(float(line.split()[-1]) for line in metrics.splitlines()
                  if line.startswith("cifar_inference_batch_size_sum"))
     assert images > calls
+    # BentoML's request figures by endpoint and status.
+    assert any(line.startswith("bentoml_service_request_total") and 'endpoint="/classify"' in line
+               and 'http_response_code="200"' in line and float(line.split()[-1]) >= n
+               for line in metrics.splitlines())
 
 
 # --- bad input: 4xx with a JSON message, and the server keeps serving ------------------------
@@ -262,6 +266,20 @@ def test_batch_names_the_bad_image(served):
              ("images", ("b.txt", b"not an image", "text/plain"))]
     r = served.post("/classify_batch", files=files)
     assert r.status_code == 415 and r.json()["error"].startswith("image 1 ")
+
+
+def test_batch_over_the_image_limit_is_413(served):
+    png = _good_png()
+    files = [("images", (f"{i}.png", png, "image/png")) for i in range(257)]
+    r = served.post("/classify_batch", files=files)
+    assert r.status_code == 413 and "257 images" in r.json()["error"]
+
+
+def test_rejections_are_counted_in_metrics(served):
+    served.classify(b"definitely not an image", name="x.txt", mime="text/plain")
+    metrics = requests.get(served.url + "/metrics", timeout=10).text
+    assert any(line.startswith('cifar_rejected_uploads_total{reason="not_an_image"}')
+               and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
 
 
 def test_server_still_healthy_after_bad_input(served):
