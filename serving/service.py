@@ -32,18 +32,34 @@ from serving.engine import Engine, MicroBatcher
 from serving.limits import BodySizeLimit, max_upload_bytes
 from serving.preprocess import DEFAULT_MAX_PIXELS, ImageRejected, decode_image, to_model_input
 
+
+
+def _env_number(name: str, default: float, minimum: float, kind: type = int) -> Any:
+    """A numeric setting from the environment; a bad value stops the service naming it."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a {'whole number' if kind is int else 'number'}") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
 MODEL_TAG = os.environ.get("CIFAR_BENTO_MODEL", "cifar10-classifier:latest")
-MAX_BATCH_IMAGES = int(os.environ.get("CIFAR_MAX_BATCH_IMAGES", "256"))
-MAX_PIXELS = int(os.environ.get("CIFAR_MAX_PIXELS", str(DEFAULT_MAX_PIXELS)))
+MAX_BATCH_IMAGES = _env_number("CIFAR_MAX_BATCH_IMAGES", 256, 1)
+MAX_PIXELS = _env_number("CIFAR_MAX_PIXELS", DEFAULT_MAX_PIXELS, 1)
 # Adaptive batching, tuned on the 2-core CPU box (benchmarks/serve_bench.py): batches of up to 64
 # images, formed from whatever queued while the previous batch ran, no added wait.
-BATCH_MAX_SIZE = int(os.environ.get("CIFAR_BATCH_MAX_SIZE", "64"))
-BATCH_MAX_WAIT_MS = float(os.environ.get("CIFAR_BATCH_MAX_WAIT_MS", "0"))
+BATCH_MAX_SIZE = _env_number("CIFAR_BATCH_MAX_SIZE", 64, 1)
+BATCH_MAX_WAIT_MS = _env_number("CIFAR_BATCH_MAX_WAIT_MS", 0, 0, float)
 # Worker processes, each with its own model and batcher. BentoML's per-request work (HTTP, form
 # parsing, middleware) is Python on one event loop per worker, so two workers with one
 # onnxruntime thread each serve ~1.5x more than one worker with two (benchmarks/serve_bench.py).
-WORKERS = int(os.environ.get("CIFAR_SERVE_WORKERS", "2"))
-ORT_THREADS = int(os.environ.get("CIFAR_ORT_THREADS") or max(1, (os.cpu_count() or 1) // WORKERS))
+WORKERS = _env_number("CIFAR_SERVE_WORKERS", 2, 1)
+ORT_THREADS = _env_number("CIFAR_ORT_THREADS", max(1, (os.cpu_count() or 1) // WORKERS), 1)
 INLINE_DECODE_BYTES = 64 * 1024  # smaller uploads are decoded on the event loop, larger on a thread
 
 
