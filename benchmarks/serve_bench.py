@@ -26,10 +26,7 @@ import json
 import os
 import pickle
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.engine import Engine, default_threads  # noqa: E402
+from serving.engine import Engine  # noqa: E402
+from serving.local import LocalServer  # noqa: E402
 from serving.preprocess import decode_image, to_model_input  # noqa: E402
 
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
@@ -253,16 +251,9 @@ def main() -> None:
                          indent=1), flush=True)
         del engine
 
-        port = _free_port()
-        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-               **dict(e.split("=", 1) for e in args.env)}
-        log = open(Path(tmp) / "serve.log", "w")
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("bentoml")), "serve",
-             "serving.service:CifarClassifier", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_ready(port, proc)
+        server = LocalServer(home, Path(tmp) / "serve.log", dict(e.split("=", 1) for e in args.env))
+        with server:
+            port = server.port
             single = [multipart([p], "image") for p in pngs]
             load(port, "/classify", single, 8, 2.0)  # warm-up
             results["http_classify"] = []
@@ -285,13 +276,6 @@ def main() -> None:
                 load(port, "/classify_batch", batches, 2, args.seconds, images_per_request=64)
                 for _ in range(args.repeats)])
             print(json.dumps(results["http_classify_batch"]), flush=True)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            log.close()
 
     base1 = results["in_process_batch1"]["images_per_s"]
     base64 = results["in_process_batch64"]["images_per_s"]
@@ -312,26 +296,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"saved {args.out}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("bentoml serve exited; see its log")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"bentoml serve not ready in {timeout} s")
 
 
 if __name__ == "__main__":

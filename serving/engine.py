@@ -21,10 +21,10 @@ from cifarlab.constants import CLASS_NAMES, IMAGE_SIZE
 
 
 def default_threads() -> int:
-    """onnxruntime intra-op threads: $CIFAR_ORT_THREADS, else every core this process may use."""
-    if os.environ.get("CIFAR_ORT_THREADS"):
-        return max(1, int(os.environ["CIFAR_ORT_THREADS"]))
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """Every core this process may use (the service sets its own count: CIFAR_ORT_THREADS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @dataclass

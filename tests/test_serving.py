@@ -13,12 +13,8 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +24,11 @@ import torch
 from PIL import Image
 
 from cifarlab.config import preset
+from cifarlab.constants import CLASS_NAMES
 from cifarlab.experiment import run_experiment
 from cifarlab.export import export_onnx
 from cifarlab.tensors import normalize
+from serving.local import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 2 * 1024 * 1024  # the server under test runs with a 2 MiB body limit
@@ -40,12 +38,6 @@ def _png(pixels_hwc: np.ndarray, **save) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels_hwc).save(buf, format="PNG", **save)
     return buf.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -93,42 +85,16 @@ def served(tmp_path_factory, synthetic_cifar):
     tracking.end_run(store, run_id, "FINISHED")
 
     home = root / "bentoml"
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-           "CIFAR_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "CIFAR_ACCESS_LOG": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = {"CIFAR_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "CIFAR_ACCESS_LOG": "false"}
+    import_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     imported = subprocess.run([sys.executable, "-m", "serving.champion", "--root", str(root)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                              cwd=ROOT, env={**import_env, "BENTOML_HOME": str(home)},
+                              capture_output=True, text=True, timeout=120)
     assert imported.returncode == 0, imported.stderr
 
-    port = _free_port()
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("bentoml")), "serve", "serving.service:CifarClassifier",
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "bentoml serve not ready in 120 s"
-            time.sleep(0.3)
-        d = outcome.data.data
+    d = outcome.data.data
+    with LocalServer(home, root / "serve.log", env) as url:
         yield Served(url, model, d.test_images, d.test_labels, home)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_classify_answers_class_probabilities_and_model_version(served):
@@ -136,18 +102,12 @@ def test_classify_answers_class_probabilities_and_model_version(served):
     assert r.status_code == 200, r.text
     body = r.json()
     probs = served.torch_probs(served.images[:1])[0]
-    assert body["class_id"] == int(probs.argmax()) and body["label"] == served_label(body["class_id"])
+    assert body["class_id"] == int(probs.argmax()) and body["label"] == CLASS_NAMES[body["class_id"]]
     assert body["confidence"] == pytest.approx(probs.max(), abs=1e-5)
     assert [c["class_id"] for c in body["top_k"]] == list(np.argsort(-probs)[:5])
     assert body["model"]["registered_model"] == "cifar10-classifier" and body["model"]["version"] == "1"
     assert body["model"]["run_id"] and body["model"]["bento_tag"].startswith("cifar10-classifier:")
     assert body["image"] == {"format": "PNG", "width": 32, "height": 32, "mode": "RGB", "frames": 1}
-
-
-def served_label(class_id: int) -> str:
-    from cifarlab.constants import CLASS_NAMES
-
-    return CLASS_NAMES[class_id]
 
 
 def test_curl_upload_as_in_the_readme(served, tmp_path):
