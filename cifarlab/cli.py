@@ -108,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preset {s['preset']} ({s['model']}) on {s['device']}: "
           f"{s['epochs_completed']} epochs in {s['train_seconds']:.1f} s of training")
     print(f"validation accuracy {100 * s['val_accuracy']:.2f}%   "
-          f"test accuracy {100 * s['test_accuracy']:.2f}%   (TTA: {s['tta']})")
+          f"test accuracy {100 * s['test_accuracy']:.2f}%   (the exported ONNX model, "
+          f"TTA in it: {s['served_tta']})")
+    if s["tta_val_accuracy"] is not None:
+        print(f"with {s['tta']} TTA (not in the exported model): validation "
+              f"{100 * s['tta_val_accuracy']:.2f}%, test {100 * s['tta_test_accuracy']:.2f}%")
     print("per-class test accuracy: " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in s["test_per_class_accuracy"].items()))
-    print(f"results, plots and checkpoint: {outcome.run_dir}")
+    print(f"results, plots, model.onnx and checkpoint: {outcome.run_dir}")
     return 0
 
 

@@ -46,6 +46,15 @@ class ModelConfig(_Strict):
         "fast", description="architecture from the registry (models/)")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
 
+    @model_validator(mode="after")
+    def _check_options(self) -> ModelConfig:
+        # Unknown names and bad values fail here, when the parameters are validated, not when
+        # training builds the net: "model.options.kernel_size: must be odd, got 4".
+        from models import check_options
+
+        check_options(self.name, self.options)
+        return self
+
 
 class TrainConfig(_Strict):
     """Optimisation, augmentation and evaluation settings shared by every net."""
@@ -74,7 +83,12 @@ class TrainConfig(_Strict):
     average_decay: float = Field(0.95, gt=0, lt=1, description="per-step decay of the average")
     whiten_bias_epochs: int = Field(0, ge=0, description="epochs the whitening bias trains before "
                                     "freezing (fast net only)")
-    tta: Literal["none", "flip", "flip_translate"] = "none"
+    tta: Literal["none", "flip", "flip_translate"] = Field(
+        "none", description="test-time augmentation (views averaged: flip 2, flip_translate 6); "
+        "recorded as tta_*_accuracy only, unless serve_tta bakes it into the served model")
+    serve_tta: bool = Field(
+        False, description="bake `tta` into the exported ONNX graph: the served model (and every "
+        "accuracy that chooses the champion) then includes it, at 2x/6x the compute per image")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="stop after this many epochs without a lower validation loss")
     channels_last: bool = True

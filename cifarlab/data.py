@@ -32,6 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:  # numpy 2 (the array reconstructor's home); numpy 1 kept it in numpy.core
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # pragma: no cover
+    from numpy.core.multiarray import _reconstruct
+
 from cifarlab.constants import CLASS_NAMES
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,11 @@ class DataError(RuntimeError):
 
 class DownloadError(DataError):
     """Fetching the archive failed after every retry."""
+
+
+class UnsafePickleError(DataError):
+    """A data file's pickle refers to a global the CIFAR-10 files never use: it is refused
+    unloaded, since unpickling it could run code."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,9 +238,54 @@ class Cifar10:
     class_names: tuple[str, ...]
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+# The only globals the official files reference (they hold dicts, lists, bytes and uint8 arrays):
+# numpy's array reconstruction, under its numpy 1 module path (the official files) and its
+# numpy 2 path (files pickled again by numpy 2, like the test fixtures).
+_ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only `_ALLOWED_GLOBALS`; any other global (os.system, builtins.eval, ...) raises
+    before it is imported or called. Numpy object arrays cannot smuggle objects in either: their
+    items are unpickled through this same `find_class`."""
+
+    def __init__(self, fh, path: Path) -> None:
+        super().__init__(fh, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"{self.path} refers to {module}.{name}, which a CIFAR-10 file never does; "
+                "refusing to load it (only dicts, lists, bytes and numpy arrays are allowed)"
+            ) from None
+
+
+def load_pickle(path: Path) -> object:
+    """Unpickle one CIFAR-10 file (Python 2 pickles, hence encoding="bytes") with the restricted
+    unpickler; UnsafePickleError for a foreign global, DataError for an unreadable file."""
     with open(path, "rb") as fh:
-        batch = pickle.load(fh, encoding="bytes")
+        try:
+            return _CifarUnpickler(fh, path).load()
+        except DataError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                IndexError, KeyError) as exc:
+            raise DataError(f"{path} is not a readable CIFAR-10 pickle: {exc}") from exc
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = load_pickle(path)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{path} is not a CIFAR-10 batch: expected a dict with b'data' and "
+                        "b'labels'")
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
@@ -246,8 +301,9 @@ def load_cifar10(folder: Path) -> Cifar10:
     folder = Path(folder)
     parts = [_read_batch(folder / name) for name in TRAIN_FILES]
     test_x, test_y = _read_batch(folder / TEST_FILE)
-    with open(folder / META_FILE, "rb") as fh:
-        meta = pickle.load(fh, encoding="bytes")
+    meta = load_pickle(folder / META_FILE)
+    if not isinstance(meta, dict) or b"label_names" not in meta:
+        raise DataError(f"{folder / META_FILE} has no b'label_names'")
     names = tuple(n.decode() for n in meta[b"label_names"])
     return Cifar10(
         train_images=torch.from_numpy(np.concatenate([p[0] for p in parts])),

@@ -13,9 +13,10 @@ from torch import nn
 from cifarlab.tensors import autocast, normalize
 
 
-@torch.no_grad()
-def _tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Logits for a normalised batch, averaged over the TTA views."""
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits for a normalised batch (N, 3, 32, 32), averaged over the TTA views: none (1
+    forward pass), flip (2) or flip_translate (6). Plain tensor ops, so the ONNX export can bake
+    them into the graph."""
     logits = model(x)
     if tta == "none":
         return logits
@@ -40,7 +41,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, device: torch.devi
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size], device, channels_last)
         with autocast(device, amp_dtype):
-            out.append(_tta_logits(model, x, tta).float().cpu())
+            out.append(tta_logits(model, x, tta).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 10)
 

@@ -1,10 +1,15 @@
-"""A whole training run on one root folder: data -> split -> train -> evaluate -> plots, results.
+"""A whole run on one root folder: data -> split -> train -> export ONNX -> evaluate the export.
 
 Root layout (everything a run writes lands under the root it is given):
     data/       downloaded and extracted archives (a mirror folder is read in place)
     splits/     index files of each split, named by sizes, seed and hash
-    runs/NAME/  checkpoint, resolved config, results.json, learning curves and confusion PNGs
+    runs/NAME/  checkpoint, resolved config, model.onnx, results.json, learning curves and
+                confusion PNGs
 A run's folder is named after its preset and config hash, so re-running the same config resumes.
+
+The accuracies a run reports are those of the exported ONNX file run by onnxruntime: the file
+the endpoint serves. A test-time augmentation that is not baked into that file (`serve_tta`) is
+measured on the PyTorch model and reported apart (`tta_val_accuracy`), never as the model's.
 """
 
 from __future__ import annotations
@@ -12,19 +17,24 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cifarlab.config import DataConfig, RunConfig
 from cifarlab.data import OFFICIAL_FILE_MD5, Cifar10, data_fingerprint, load_cifar10, prepare_cifar10
 from cifarlab.evaluate import EvalResult, evaluate
+from cifarlab.export import (ParityReport, check_parity, evaluate_onnx, export_onnx,
+                             require_parity)
 from cifarlab.plots import plot_confusion, plot_learning_curves
 from cifarlab.split import Split, save_split, stratified_split
 from cifarlab.tensors import resolve_device, resolve_precision
 from cifarlab.train import EpochHook, TrainResult, train
+
+PARITY_IMAGES = 1000  # validation images the ONNX export is checked on
 
 
 @dataclass
@@ -37,8 +47,8 @@ class DataBundle:
 
 
 @dataclass
-class RunOutcome:
-    """Everything a finished run produced."""
+class TrainedRun:
+    """A trained model with the data and split it was trained on (in memory)."""
 
     config: RunConfig
     run_dir: Path
@@ -46,33 +56,94 @@ class RunOutcome:
     split: Split
     split_dir: Path
     trained: TrainResult
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def val_images(self) -> torch.Tensor:
+        """uint8 (N, 3, 32, 32) validation images, in split order."""
+        return self.data.data.train_images[self.split.val_idx]
+
+    @property
+    def val_labels(self) -> torch.Tensor:
+        """Labels of `val_images`."""
+        return self.data.data.train_labels[self.split.val_idx]
+
+
+@dataclass
+class Exported:
+    """The ONNX file that will be served, and its agreement with PyTorch."""
+
+    path: Path
+    tta: str  # the test-time augmentation inside the graph ("none" unless serve_tta)
+    parity: ParityReport
+
+
+@dataclass
+class Evaluation:
+    """Accuracies of the exported file (onnxruntime) and, apart, of the unserved TTA."""
+
     val: EvalResult
     test: EvalResult
-    files: dict[str, Path]
+    tta: str  # the TTA measured apart on the PyTorch model ("none": not measured)
+    tta_val: EvalResult | None = None
+    tta_test: EvalResult | None = None
+
+
+@dataclass
+class RunOutcome:
+    """Everything a finished run produced."""
+
+    run: TrainedRun
+    exported: Exported
+    evaluation: Evaluation
+
+    # Short names for the common reads.
+    config = property(lambda self: self.run.config)
+    run_dir = property(lambda self: self.run.run_dir)
+    data = property(lambda self: self.run.data)
+    split = property(lambda self: self.run.split)
+    split_dir = property(lambda self: self.run.split_dir)
+    trained = property(lambda self: self.run.trained)
+    files = property(lambda self: self.run.files)
+    val = property(lambda self: self.evaluation.val)
+    test = property(lambda self: self.evaluation.test)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready results: the numbers a person or a tracker wants."""
-        return {
-            "preset": self.config.preset,
-            "model": self.config.model.name,
-            "device": self.trained.device,
-            "epochs_completed": self.trained.epochs_completed,
-            "stopped_early": self.trained.stopped_early,
-            "train_seconds": round(self.trained.train_seconds, 2),
-            "images_per_second": round(np.median([h.images_per_second
-                                                  for h in self.trained.history]), 1),
-            "val_accuracy": self.val.accuracy,
-            "val_loss": self.val.loss,
-            "test_accuracy": self.test.accuracy,
-            "test_loss": self.test.loss,
-            "test_per_class_accuracy": dict(zip(self.data.data.class_names,
-                                                self.test.per_class_accuracy, strict=True)),
-            "tta": self.config.train.tta,
-            "trained_on": f"train split ({len(self.split.train_idx)} images)",
-            "data_fingerprint": self.data.fingerprint,
-            "split_sha256": self.split.digest,
-            "history": [asdict(h) for h in self.trained.history],
-        }
+        return summarise(self.run, self.exported, self.evaluation)
+
+
+def summarise(run: TrainedRun, exported: Exported, ev: Evaluation) -> dict[str, Any]:
+    """JSON-ready results of a run: accuracies are those of the exported file."""
+    t = run.trained
+    names = run.data.data.class_names
+    return {
+        "preset": run.config.preset,
+        "model": run.config.model.name,
+        "device": t.device,
+        "epochs_completed": t.epochs_completed,
+        "stopped_early": t.stopped_early,
+        "train_seconds": round(t.train_seconds, 2),
+        "images_per_second": round(float(np.median([h.images_per_second for h in t.history])), 1),
+        "evaluated": f"ONNX file {exported.path.name} by onnxruntime (TTA in the graph: "
+                     f"{exported.tta})",
+        "val_accuracy": ev.val.accuracy,
+        "val_loss": ev.val.loss,
+        "test_accuracy": ev.test.accuracy,
+        "test_loss": ev.test.loss,
+        "val_per_class_accuracy": dict(zip(names, ev.val.per_class_accuracy, strict=True)),
+        "test_per_class_accuracy": dict(zip(names, ev.test.per_class_accuracy, strict=True)),
+        "served_tta": exported.tta,
+        "tta": ev.tta,  # measured apart, not served
+        "tta_val_accuracy": ev.tta_val.accuracy if ev.tta_val else None,
+        "tta_test_accuracy": ev.tta_test.accuracy if ev.tta_test else None,
+        "parity": exported.parity.as_dict(),
+        "trained_on": f"train split ({len(run.split.train_idx)} images)",
+        "val_images": len(run.split.val_idx),
+        "data_fingerprint": run.data.fingerprint,
+        "split_sha256": run.split.digest,
+        "history": [asdict(h) for h in t.history],
+    }
 
 
 def config_hash(config: RunConfig) -> str:
@@ -100,10 +171,14 @@ def make_split(cfg: DataConfig, bundle: DataBundle, root: Path) -> tuple[Split, 
     return split, save_split(split, Path(root) / "splits", bundle.fingerprint)
 
 
-def run_experiment(config: RunConfig, root: Path, *, hooks: Sequence[EpochHook] = (),
-                   progress: Callable[[int, int], None] | None = None,
-                   run_dir: Path | None = None) -> RunOutcome:
-    """Train and evaluate one config; results and plots land in its run folder."""
+# ---------------------------------------------------------------------------------------------
+# The steps of a run (the flow runs each as its own task)
+# ---------------------------------------------------------------------------------------------
+
+def train_run(config: RunConfig, root: Path, *, hooks: Sequence[EpochHook] = (),
+              progress: Callable[[int, int], None] | None = None,
+              run_dir: Path | None = None) -> TrainedRun:
+    """Load and split the data, train (resuming from the run folder's checkpoint), plot curves."""
     root = Path(root)
     run_dir = Path(run_dir or root / "runs" / f"{config.preset}-{config_hash(config)}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,22 +190,60 @@ def run_experiment(config: RunConfig, root: Path, *, hooks: Sequence[EpochHook] 
     trained = train(config, d.train_images[split.train_idx], d.train_labels[split.train_idx],
                     d.train_images[split.val_idx], d.train_labels[split.val_idx], run_dir,
                     hooks=hooks, progress=progress)
-
-    device = resolve_device(config.train.device)
-    opts = dict(device=device, tta=config.train.tta, channels_last=config.train.channels_last,
-                amp_dtype=resolve_precision(config.train.precision, device))
-    val = evaluate(trained.model, d.train_images[split.val_idx], d.train_labels[split.val_idx],
-                   **opts)
-    test = evaluate(trained.model, d.test_images, d.test_labels, **opts)
-
     files = {
         "config": run_dir / "config.json",
         "learning_curves": plot_learning_curves(trained.history, run_dir / "learning_curves.png"),
-        "confusion_matrix": plot_confusion(test.confusion, d.class_names,
-                                           run_dir / "confusion_matrix.png"),
         "split": split_dir,
     }
-    outcome = RunOutcome(config, run_dir, bundle, split, split_dir, trained, val, test, files)
-    files["results"] = run_dir / "results.json"
-    files["results"].write_text(json.dumps(outcome.summary(), indent=2) + "\n")
-    return outcome
+    return TrainedRun(config, run_dir, bundle, split, split_dir, trained, files)
+
+
+def export_run(run: TrainedRun, *, require: bool = True) -> Exported:
+    """Export the model that will be served (with its TTA when `serve_tta`) and check parity
+    with PyTorch on validation images; with `require`, a mismatch raises ParityError."""
+    tta = run.config.train.tta if run.config.train.serve_tta else "none"
+    path = export_onnx(run.trained.model, run.run_dir / "model.onnx", tta=tta)
+    report = check_parity(run.trained.model, path, run.val_images[:PARITY_IMAGES], tta=tta)
+    if require:
+        require_parity(report)
+    return Exported(path, tta, report)
+
+
+def evaluate_run(run: TrainedRun, exported: Exported) -> Evaluation:
+    """Validation and test accuracy of the exported file; a TTA that is not served is measured
+    on the PyTorch model and kept apart."""
+    d = run.data.data
+    val = evaluate_onnx(exported.path, run.val_images, run.val_labels)
+    test = evaluate_onnx(exported.path, d.test_images, d.test_labels)
+    ev = Evaluation(val, test, tta="none")
+    cfg = run.config.train
+    if cfg.tta != "none" and not cfg.serve_tta:
+        device = resolve_device(cfg.device)
+        opts = dict(device=device, tta=cfg.tta, channels_last=cfg.channels_last,
+                    amp_dtype=resolve_precision(cfg.precision, device))
+        ev.tta = cfg.tta
+        ev.tta_val = evaluate(run.trained.model, run.val_images, run.val_labels, **opts)
+        ev.tta_test = evaluate(run.trained.model, d.test_images, d.test_labels, **opts)
+    run.files["confusion_matrix"] = plot_confusion(
+        test.confusion, d.class_names, run.run_dir / "confusion_matrix.png",
+        title="Confusion matrix (test, served ONNX model)")
+    return ev
+
+
+def write_results(run: TrainedRun, exported: Exported, ev: Evaluation) -> Path:
+    """results.json in the run folder."""
+    path = run.run_dir / "results.json"
+    path.write_text(json.dumps(summarise(run, exported, ev), indent=2) + "\n")
+    run.files["results"] = path
+    return path
+
+
+def run_experiment(config: RunConfig, root: Path, *, hooks: Sequence[EpochHook] = (),
+                   progress: Callable[[int, int], None] | None = None,
+                   run_dir: Path | None = None) -> RunOutcome:
+    """Train, export and evaluate one config; results and plots land in its run folder."""
+    run = train_run(config, root, hooks=hooks, progress=progress, run_dir=run_dir)
+    exported = export_run(run)
+    evaluation = evaluate_run(run, exported)
+    write_results(run, exported, evaluation)
+    return RunOutcome(run, exported, evaluation)

@@ -1,7 +1,9 @@
-"""ONNX export with a dynamic batch axis, and the parity check that gates registration.
+"""ONNX export with a dynamic batch axis, the parity check that gates registration, and the
+evaluation of the exported file itself (what the endpoint serves is what is measured).
 
 The exported graph takes *normalised* float images (N, 3, 32, 32), like the PyTorch model; the
-service normalises with the same constants (`cifarlab.constants`).
+service normalises with the same constants (`cifarlab.constants`). With `tta` the test-time
+augmentation is part of the graph, so the served model computes what was evaluated.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab.evaluate import EvalResult, score, tta_logits
 from cifarlab.tensors import normalize
 
 INPUT_NAME = "image"
@@ -27,11 +30,29 @@ class ParityError(RuntimeError):
     """The exported model does not compute what the PyTorch model computes."""
 
 
-def export_onnx(model: nn.Module, path: Path) -> Path:
-    """Export a CPU fp32 copy of the model to one self-contained `.onnx` file, batch axis dynamic."""
+class WithTTA(nn.Module):
+    """A model whose forward pass averages its test-time augmentation views (see `tta_logits`)."""
+
+    def __init__(self, model: nn.Module, tta: str) -> None:
+        super().__init__()
+        self.model, self.tta = model, tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32) -> (N, 10)
+        return tta_logits(self.model, x, self.tta)
+
+
+def servable(model: nn.Module, tta: str = "none") -> nn.Module:
+    """The CPU fp32 eval-mode copy of `model` that is exported, with `tta` in its forward pass."""
+    cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    return cpu_model if tta == "none" else WithTTA(cpu_model, tta).eval()
+
+
+def export_onnx(model: nn.Module, path: Path, tta: str = "none") -> Path:
+    """Export a CPU fp32 copy of the model (with `tta` baked in) to one self-contained `.onnx`
+    file, batch axis dynamic."""
     import onnx
 
-    cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    cpu_model = servable(model, tta)
     example = torch.zeros(2, 3, 32, 32)
     batch = torch.export.Dim("batch", min=1, max=4096)
     path = Path(path)
@@ -74,9 +95,10 @@ class ParityReport:
 
 @torch.no_grad()
 def check_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor,
-                 atol: float = PARITY_ATOL, batch_size: int = 500) -> ParityReport:
-    """Compare PyTorch (fp32, CPU) and onnxruntime logits on uint8 images (N, 3, 32, 32)."""
-    cpu_model = copy.deepcopy(model).float().cpu().eval()
+                 atol: float = PARITY_ATOL, batch_size: int = 500, tta: str = "none") -> ParityReport:
+    """Compare PyTorch (fp32, CPU, with the same `tta` as the export) and onnxruntime logits on
+    uint8 images (N, 3, 32, 32)."""
+    cpu_model = servable(model, tta)
     session = onnx_session(onnx_path)
     max_diff, agree = 0.0, 0
     for start in range(0, len(images), batch_size):
@@ -113,3 +135,17 @@ def onnx_latency_ms(onnx_path: Path, batch_sizes: tuple[int, ...] = (1, 256),
             times.append(1000 * (time.perf_counter() - t0))
         out[bs] = statistics.median(times)
     return out
+
+
+def onnx_logits(onnx_path: Path, images: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """onnxruntime logits (N, 10) float32 of an exported file for uint8 images (N, 3, 32, 32)."""
+    session = onnx_session(onnx_path)
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: normalize(
+        images[start : start + batch_size], torch.device("cpu")).numpy()})[0]
+        for start in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.empty((0, 10), np.float32)
+
+
+def evaluate_onnx(onnx_path: Path, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+    """Loss, accuracy, per-class accuracy and confusion of the exported file itself."""
+    return score(torch.from_numpy(onnx_logits(onnx_path, images)), labels)

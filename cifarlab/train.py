@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -141,6 +142,21 @@ class WeightAverage:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely (it holds more than tensors and plain values)."""
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """Load a checkpoint with torch's safe loader: tensors, containers and plain Python values
+    only, so a planted checkpoint cannot run code. Everything `train` saves is of those kinds."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds objects the safe loader refuses (not a checkpoint this code wrote, or "
+            f"tampered with); delete it to start over. {exc}") from None
+
+
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -210,12 +226,14 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
     history: list[EpochMetrics] = []
     start_epoch, train_seconds, best_val, bad_epochs = 0, 0.0, float("inf"), 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = _load_checkpoint(ckpt_path, device)
         if state["identity"] != _identity(config):
             raise ValueError(f"{ckpt_path} belongs to a different config; use another run "
                              "folder or delete the checkpoint to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # fp16 loss scale (empty when the scaler is off)
+            scaler.load_state_dict(state["scaler"])
         if average is not None:
             average.state, average.started = state["average"], state["average_started"]
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
@@ -297,7 +315,7 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
         stopped_early = _should_stop(cfg, bad_epochs) and epoch < cfg.epochs
         _save_atomic({
             "identity": _identity(config), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "average": average.state if average is not None else None,
             "average_started": average.started if average is not None else False,
             "epoch": epoch, "train_seconds": train_seconds, "best_val": best_val,

@@ -135,6 +135,12 @@ class Point:
     label: str
     values: dict[str, Any]
     overrides: dict[str, dict[str, Any]]
+    # The grid points this point runs for: itself, or several that became identical once scaled.
+    grid_labels: tuple[str, ...] = ()
+
+    def stands_for(self) -> tuple[str, ...]:
+        """Labels of the grid points it runs (its own label when unscaled)."""
+        return self.grid_labels or (self.label,)
 
     @property
     def key(self) -> str:
@@ -209,6 +215,45 @@ def scaled(overrides: Mapping[str, Mapping[str, Any]], config: RunConfig, epoch_
     return out
 
 
+def _value_at(overrides: Mapping[str, Any], key: str, grid_value: Any) -> Any:
+    """The value a grid key takes in (scaled) overrides; for a whole section, only the fields
+    the grid value sets."""
+    path = key.split(".")
+    node: Any = overrides
+    for part in path:
+        node = node.get(part, {}) if isinstance(node, Mapping) else {}
+    if len(path) == 1 and isinstance(grid_value, Mapping):
+        return {f: node.get(f, v) for f, v in grid_value.items()}
+    return node if node != {} else grid_value
+
+
+def scale_points(points: Sequence[Point], preset_name: str, epoch_scale: float,
+                 data_scale: float) -> tuple[list[Point], list[str]]:
+    """The points as they will run: scaled, labelled with the values actually run, and merged
+    where scaling made them identical; plus a note per merge and on what scaling changed."""
+    if epoch_scale == 1 and data_scale == 1:
+        return list(points), []
+    runs: dict[str, Point] = {}
+    for point in points:
+        overrides = scaled(point.overrides, preset(preset_name, **point.overrides), epoch_scale,
+                           data_scale)
+        values = {k: _value_at(overrides, k, v) for k, v in point.values.items()}
+        label = ", ".join(f"{k}={_format(v)}" for k, v in values.items())
+        fingerprint = json.dumps(overrides, sort_keys=True, default=str)
+        if fingerprint in runs:
+            first = runs[fingerprint]
+            runs[fingerprint] = Point(first.index, first.label, first.values, first.overrides,
+                                      (*first.stands_for(), point.label))
+        else:
+            runs[fingerprint] = Point(len(runs), label, values, overrides, (point.label,))
+    merged = list(runs.values())
+    notes = [f"Scaled (epochs x {epoch_scale}, data x {data_scale}): every point is labelled "
+             "with the values actually run."]
+    notes += [f"Grid points {', '.join(p.stands_for())} became the same run ({p.label}) once "
+              "scaled: merged into one point." for p in merged if len(p.stands_for()) > 1]
+    return merged, notes
+
+
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
@@ -250,11 +295,14 @@ def summarise(outcomes: Sequence[Outcome], report: Mapping[str, float] | None = 
         secs, _ = _mean_std([o.train_seconds for o in ok if o.train_seconds is not None])
         rows.append({
             "point": point.label, **{k: _format(v) for k, v in point.values.items()},
+            "grid_points": "; ".join(point.stands_for()),
             "seeds_ok": len(ok), "seeds_failed": len(runs) - len(ok),
             "val_acc_mean": val_mean, "val_acc_std": val_std,
             "test_acc_mean": test_mean, "test_acc_std": test_std,
             "train_seconds_mean": secs,
-            "report_test_acc": report.get(point.label, None),
+            # The report's figure where the point runs exactly one of its settings at full scale.
+            "report_test_acc": (report.get(point.label) if point.grid_labels in ((), (point.label,))
+                                else None),
             "errors": "; ".join(sorted({o.error for o in runs if o.error}))[:500] or None,
         })
     return rows
@@ -283,14 +331,18 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def to_markdown(title: str, rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any] | None,
                 notes: Sequence[str] = ()) -> str:
+    """The per-point table (mean ± sd over seeds, the report's figure beside) as markdown."""
+    scaled_run = any(r.get("grid_points", r["point"]) != r["point"] for r in rows)
+    grid_col = ("| grid point(s) " if scaled_run else "", "|---" if scaled_run else "")
     lines = [f"# {title}", "", *notes, "",
-             "| point | seeds ok / failed | val % (mean ± sd) | test % (mean ± sd) | report test % "
-             "| train s (mean) |", "|---|---:|---:|---:|---:|---:|"]
+             f"| point {grid_col[0]}| seeds ok / failed | val % (mean ± sd) | test % (mean ± sd) "
+             "| report test % | train s (mean) |", f"|---{grid_col[1]}|---:|---:|---:|---:|---:|"]
     for r in rows:
         mark = " **(best by val)**" if best is not None and r["point"] == best["point"] else ""
         report = f"{r['report_test_acc']:.2f}" if r["report_test_acc"] is not None else "-"
         secs = f"{r['train_seconds_mean']:.1f}" if r["train_seconds_mean"] is not None else "-"
-        lines.append(f"| {r['point']}{mark} | {r['seeds_ok']} / {r['seeds_failed']} | "
+        grid = f"| {r.get('grid_points', r['point'])} " if scaled_run else ""
+        lines.append(f"| {r['point']}{mark} {grid}| {r['seeds_ok']} / {r['seeds_failed']} | "
                      f"{_pct(r['val_acc_mean'], r['val_acc_std'])} | "
                      f"{_pct(r['test_acc_mean'], r['test_acc_std'])} | {report} | {secs} |")
     failed = [r for r in rows if r["errors"]]

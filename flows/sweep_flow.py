@@ -27,6 +27,7 @@ from pydantic import Field
 
 from flows import sweep as sw
 from flows import tracking
+from flows.champion import MIN_SHARED_IMAGES
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides
 from flows.train_flow import project_root, publish_champion
 
@@ -111,9 +112,13 @@ def _outcomes(store: tracking.Store, sid: str, jobs, done, retries: int) -> list
     return outcomes
 
 
-def _register_best(store: tracking.Store, best_row: dict[str, Any],
-                   outcomes: list[sw.Outcome], sid: str) -> tuple[tracking.Registration, str]:
-    """The best point's best seed goes through the parity gate and the champion rule."""
+def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: list[sw.Outcome],
+                   sid: str, data: Any, min_shared_images: int,
+                   min_significance: float | None) -> tuple[Any, str]:
+    """The best point's best seed goes through the parity check and the same champion rule as
+    a single run; its tags and model card carry the point's mean ± sd, not just the seed's."""
+    from flows import champion
+
     candidates = [o for o in outcomes if o.status == "ok" and o.point.label == best_row["point"]]
     cand = max(candidates, key=lambda o: o.val_accuracy or -1)
     run = store.client.get_run(cand.run_id)
@@ -122,13 +127,36 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any],
     if diff is None or agree is None or diff > PARITY_MAX_ABS_DIFF or agree < 1.0:
         raise PointFailed(f"candidate run {cand.run_id} has no passing ONNX parity check "
                           f"(max |diff| {diff}, argmax agreement {agree}): not registered")
-    reg = tracking.register(store, cand.run_id, f"runs:/{cand.run_id}/{tracking.ONNX_MODEL_NAME}",
-                            cand.val_accuracy, tags={
-                                "test_accuracy": f"{cand.test_accuracy:.6f}",
-                                "preset": run.data.params.get("preset", ""), "sweep_id": sid,
-                                "sweep_point": best_row["point"],
-                                "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true"})
-    return reg, cand.run_id
+    model_id, model_uri = run.data.tags.get("onnx_model_id"), run.data.tags.get("onnx_model_uri")
+    if not model_uri:
+        raise PointFailed(f"candidate run {cand.run_id} logged no ONNX model")
+    n = best_row["seeds_ok"]
+    point_stats = (f"{_pct(best_row['val_acc_mean'], best_row['val_acc_std'])} validation, "
+                   f"{_pct(best_row['test_acc_mean'], best_row['test_acc_std'])} test "
+                   f"(mean ± sd over {n} seeds)")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = tracking.download_onnx(store, model_uri, Path(tmp))
+        done = champion.register(
+            store, cand.run_id, model_uri, onnx_path, data, tags={
+                "val_accuracy": f"{cand.val_accuracy:.6f}",
+                "test_accuracy": f"{cand.test_accuracy:.6f}",
+                "preset": run.data.params.get("preset", ""), "sweep_id": sid,
+                "sweep_point": best_row["point"], "sweep_seeds": str(n),
+                "sweep_point_val_mean": f"{best_row['val_acc_mean']:.6f}",
+                "sweep_point_val_sd": f"{best_row['val_acc_std']:.6f}",
+                "sweep_point_test_mean": f"{best_row['test_acc_mean']:.6f}",
+                "served_tta": run.data.params.get("train.tta", "none")
+                if run.data.params.get("train.serve_tta") == "True" else "none",
+                "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true"},
+            min_shared_images=min_shared_images, min_significance=min_significance,
+            model_id=model_id, card_extra=(
+                ("sweep", f"`{sid}`, point {best_row['point']}: {point_stats}; this version is "
+                          f"its seed with the best validation accuracy (seed {cand.seed})"),))
+    return done, cand.run_id
+
+
+def _pct(mean: float | None, sd: float | None) -> str:
+    return "-" if mean is None else f"{100 * mean:.2f} ± {100 * (sd or 0):.2f} %"
 
 
 @flow(name="sweep-cifar", log_prints=True)
@@ -148,6 +176,8 @@ def sweep_cifar(
     retries: Annotated[int, Field(ge=0, le=5)] = 1,
     retry_delay_s: Annotated[float, Field(ge=0)] = 10.0,
     register_best: bool = True,
+    min_shared_images: Annotated[int, Field(ge=1)] = MIN_SHARED_IMAGES,
+    min_significance: Annotated[float, Field(gt=0, lt=1)] | None = None,
     skip_bentoml: bool = False,
     root: str | None = None,
 ) -> dict[str, Any]:
@@ -161,9 +191,8 @@ def sweep_cifar(
     preset_name = preset or (chosen.preset if chosen else "fast")
     common = {s: part.model_dump(exclude_none=True)
               for s, part in (("data", data), ("model", model), ("train", train)) if part is not None}
-    points = sw.expand(preset_name, grid, common)
-    from cifarlab.config import preset as make_config
-
+    grid_points = sw.expand(preset_name, grid, common)
+    points, scale_notes = sw.scale_points(grid_points, preset_name, epoch_scale, data_scale)
     seed_list = list(range(first_seed, first_seed + seeds))
     name = study or "custom"
     sid = sw.sweep_id(name, preset_name, grid, seed_list, {
@@ -176,7 +205,9 @@ def sweep_cifar(
         "first_seed": str(first_seed), "epoch_scale": str(epoch_scale),
         "data_scale": str(data_scale), "common_overrides": json.dumps(common),
         "deployment": deployment, "max_parallel": str(max_parallel), "retries": str(retries),
-        "points": str(len(points))}, {"sweep_id": sid, "sweep_role": "parent", "study": name})
+        "points": str(len(points)), "grid_points": str(len(grid_points)),
+        "min_shared_images": str(min_shared_images),
+        "min_significance": str(min_significance)}, {"sweep_id": sid, "sweep_role": "parent", "study": name})
     from prefect.runtime import flow_run
 
     store.client.set_tag(parent, "prefect.flow_run_id", str(flow_run.id))
@@ -185,8 +216,7 @@ def sweep_cifar(
 
     jobs = []
     for point in points:
-        cfg = make_config(preset_name, **point.overrides)
-        overrides = sw.scaled(point.overrides, cfg, epoch_scale, data_scale)
+        overrides = point.overrides
         for seed in seed_list:
             params: dict[str, Any] = {
                 "preset": preset_name,
@@ -210,7 +240,8 @@ def sweep_cifar(
                  f"{len(points)} points x {seeds} seeds (seeds {seed_list}); epoch scale {epoch_scale}, "
                  f"data scale {data_scale}; sd = sample standard deviation over seeds.",
                  f"MLflow parent run `{parent}`; sweep id `{sid}`. The best point is chosen by mean "
-                 "validation accuracy; test accuracy is reported only."]
+                 "validation accuracy (of each run's exported ONNX model); test accuracy is "
+                 "reported only.", *scale_notes]
         if chosen and chosen.report and (epoch_scale < 1 or data_scale < 1):
             notes.append("The report column holds the report's full-scale figures; these runs "
                          "were scaled down, so compare the trend, not the level.")
@@ -237,18 +268,34 @@ def sweep_cifar(
 
         reg = candidate = bento = None
         if best is not None and register_best:
-            reg, candidate = _register_best(store, best, outcomes, sid)
+            from cifarlab.config import preset as make_config
+            from cifarlab.data import resolve_source
+            from cifarlab.experiment import load_data
+
+            # The champion rule compares on images: this host loads (and verifies) the data.
+            best_point = next(p for p in points if p.label == best["point"])
+            data_cfg = make_config(preset_name, **best_point.overrides).data
+            data_cfg.source = resolve_source(data_cfg.source)
+            bundle = load_data(data_cfg, root_dir)
+            done, candidate = _register_best(store, best, outcomes, sid, bundle.data,
+                                             min_shared_images, min_significance)
+            reg = done.registration
             store.client.set_tag(parent, "candidate_run_id", candidate)
             store.client.set_tag(parent, "registry.version", str(reg.version))
             store.client.set_tag(parent, "registry.alias", reg.alias)
-            logger.info("best point %s (val %.2f %% mean): run %s registered as v%s -> %s",
-                        best["point"], 100 * best["val_acc_mean"], candidate, reg.version, reg.alias)
+            logger.info("best point %s (val %.2f %% mean): run %s registered as v%s -> %s: %s",
+                        best["point"], 100 * best["val_acc_mean"], candidate, reg.version,
+                        reg.alias, reg.reason)
+            if done.report_markdown:
+                create_markdown_artifact(key="champion-vs-challenger", markdown=done.report_markdown,
+                                         description=f"sweep {sid} candidate vs the champion")
             if reg.alias == tracking.CHAMPION and not skip_bentoml:
                 bento = publish_champion(store, str(root_dir))
         if best is not None:
             store.client.set_tag(parent, "best_point", best["point"])
-        registry_line = (f"\n**Registry:** run `{candidate}` -> {reg.name} v{reg.version} as "
-                         f"`{reg.alias}`" if reg else "\n**Registry:** nothing registered")
+        registry_line = (f"\n**Registry:** run `{candidate}` (best seed of the best point) -> "
+                         f"{reg.name} v{reg.version} as `{reg.alias}`: {reg.reason}" if reg
+                         else "\n**Registry:** nothing registered")
         create_markdown_artifact(key=f"sweep-{name}".lower().replace("_", "-"),
                                  markdown=markdown + registry_line,
                                  description=f"sweep {sid}: {len(ok)}/{len(outcomes)} runs ok")

@@ -7,11 +7,14 @@ Every call names its run id explicitly (MlflowClient), so no global "active run"
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ EXPERIMENT = "train-cifar"
 REGISTERED_MODEL = "cifar10-classifier"
 CHAMPION, CHALLENGER = "champion", "challenger"
 ONNX_MODEL_NAME = "onnx-model"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -77,6 +81,8 @@ def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
         exp_id = found.experiment_id if found else client.create_experiment(
             experiment, artifact_location=artifacts)
         client.set_experiment_tag(exp_id, "pipeline.last_check", str(int(time.time())))
+        # MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, no runs).
+        client.set_experiment_tag(exp_id, "mlflow.experimentKind", EXPERIMENT_KIND)
     except Exception as exc:  # any failure here means: do not start training
         raise TrackingUnavailable(
             f"MLflow tracking store {uri} is unreachable or unwritable: {exc}") from exc
@@ -170,29 +176,99 @@ def fail_stale_runs(store: Store, is_alive) -> list[str]:
     return failed
 
 
-def log_onnx_model(store: Store, run_id: str, onnx_path: Path, example: np.ndarray,
-                   metadata: dict[str, Any]) -> str:
-    """Log the ONNX file with the onnx flavour (signature, a batch-of-2+ example) as the run's
-    `onnx-model` artifact; returns its `runs:/` URI for the registry.
+@dataclass
+class LoggedOnnx:
+    """An ONNX model logged as an MLflow 3 LoggedModel of a run."""
 
-    Saved locally then uploaded through the client: the fluent `log_model` would need a global
-    tracking URI, which MLflow also writes into the environment of every later run.
+    model_id: str
+    model_uri: str  # its artifact location: what the registry version points at
+
+
+def log_onnx_model(store: Store, run_id: str, onnx_path: Path, example: np.ndarray,
+                   metadata: dict[str, Any], metrics: Mapping[str, float] | None = None,
+                   params: Mapping[str, str] | None = None) -> LoggedOnnx:
+    """Log the ONNX file (onnx flavour, signature, a batch-of-2+ example) as a LoggedModel
+    linked to the run, with its metrics, so the UI lists it under the run and the registry.
+
+    The same steps as the fluent `mlflow.onnx.log_model`, through the client: the fluent API
+    needs a global tracking URI, which MLflow also writes into the environment of later runs.
     """
     import mlflow.onnx
     import onnx
-    from mlflow.models import infer_signature
+    from mlflow.entities import LoggedModelOutput, Metric
+    from mlflow.models import Model, infer_signature
 
     from cifarlab.export import onnx_session
 
+    client = store.client
     logits = onnx_session(onnx_path).run(None, {"image": example})[0]
+    model = client.create_logged_model(
+        experiment_id=store.experiment_id, name=ONNX_MODEL_NAME, source_run_id=run_id,
+        params=dict(params or {}), model_type="onnx-classifier")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / ONNX_MODEL_NAME
         mlflow.onnx.save_model(
             onnx.load(str(onnx_path)), str(local), signature=infer_signature(example, logits),
             input_example=example, save_as_external_data=False, metadata=metadata,
-            onnx_execution_providers=["CPUExecutionProvider"])
-        store.client.log_artifacts(run_id, str(local), artifact_path=ONNX_MODEL_NAME)
-    return f"runs:/{run_id}/{ONNX_MODEL_NAME}"
+            onnx_execution_providers=["CPUExecutionProvider"],
+            mlflow_model=Model(artifact_path=model.artifact_location, run_id=run_id,
+                               model_id=model.model_id, model_uuid=model.model_id))
+        client.log_model_artifacts(model.model_id, str(local))
+    client.finalize_logged_model(model.model_id, "READY")
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in (metrics or {}).items()
+             if v is not None and np.isfinite(v)]
+    for start in range(0, len(batch), 100):
+        client.log_batch(run_id, metrics=batch[start : start + 100])
+    return LoggedOnnx(model.model_id, model.artifact_location)
+
+
+def log_datasets(store: Store, run_id: str, run: Any) -> None:
+    """The training and validation images of a run (cifarlab.experiment.TrainedRun) as MLflow
+    datasets: named by split, with the split's hash as digest and the data source; no pixels
+    are copied into MLflow."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = run.config.data.source or str(run.data.folder)
+    src = (HTTPDatasetSource(display_uri(source)) if source.startswith(("http://", "https://"))
+           else LocalArtifactDatasetSource(str(Path(source).resolve())))
+    split = run.split
+    inputs = []
+    for context, idx in (("training", split.train_idx), ("validation", split.val_idx)):
+        digest = hashlib.sha256(f"{split.digest}:{context}".encode()).hexdigest()[:16]
+        ds = MetaDataset(source=src, name=f"cifar10-{context}-{len(idx)}", digest=digest)
+        inputs.append(DatasetInput(ds._to_mlflow_entity(),
+                                   tags=[InputTag("mlflow.data.context", context)]))
+    store.client.log_inputs(run_id, datasets=inputs)
+
+
+@contextlib.contextmanager
+def system_metrics(store: Store, run_id: str, interval_s: float = 10.0):
+    """Record CPU, memory, disk, network (and GPU where present) as `system/*` metrics of the
+    run while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                   resume_logging=True, tracking_uri=store.uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def display_uri(uri: str) -> str:
+    """A tracking URI fit for logs and artifacts: any user name and password masked."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def log_files(store: Store, run_id: str, files: Mapping[str, Path], folder: str | None = None) -> None:
@@ -222,32 +298,83 @@ class Registration:
     version: str
     alias: str  # champion or challenger
     previous_champion: str | None
-    previous_champion_val_accuracy: float | None
+    reason: str  # why the alias went where it did
 
 
-def register(store: Store, run_id: str, model_uri: str, val_accuracy: float,
-             tags: Mapping[str, str], name: str = REGISTERED_MODEL) -> Registration:
-    """Add a model version; it takes `champion` only if its validation accuracy beats the
-    current champion's, else it is the `challenger`. Test accuracy plays no part."""
-    client = store.client
+def champion_version(store: Store, name: str = REGISTERED_MODEL) -> Any | None:
+    """The version holding the `champion` alias, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
+        return store.client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str, str],
+                   name: str = REGISTERED_MODEL, model_id: str | None = None) -> str:
+    """A new version of `name` (created on first use) from a logged model; returns its number."""
+    from mlflow.exceptions import MlflowException
+
+    client = store.client
+    try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="CIFAR-10 classifiers (ONNX); the "
-                                       "champion alias marks the best by validation accuracy")
-    version = client.create_model_version(name, model_uri, run_id=run_id,
-                                          tags={**tags, "val_accuracy": f"{val_accuracy:.6f}"})
+        client.create_registered_model(name, description=(
+            "CIFAR-10 classifiers exported to ONNX. The alias `champion` marks the version the "
+            "endpoint serves: a new version takes it only by beating the champion's ONNX model "
+            "on validation images held out from both (see each version's tags and model card)."))
+    if model_id is None:
+        return str(client.create_model_version(name, model_uri, run_id=run_id,
+                                               tags=dict(tags)).version)
+    # From the LoggedModel (`models:/<id>`, which the UI links as the version's source model).
+    # MLflow's SQL registry resolves that URI with a default client, i.e. from the environment:
+    # point it at this store for this one call only.
+    with _scoped_env("MLFLOW_TRACKING_URI", store.uri):
+        version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id,
+                                              tags=dict(tags), model_id=model_id)
+    # What the fluent API would add: the model's page lists the versions made from it.
+    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(
+        [{"name": name, "version": int(version.version)}])})
+    return str(version.version)
+
+
+@contextlib.contextmanager
+def _scoped_env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-        champion_acc = float(champion.tags.get("val_accuracy", "-1"))
-    except MlflowException:
-        champion, champion_acc = None, None
-    alias = CHAMPION if champion is None or val_accuracy > champion_acc else CHALLENGER
-    client.set_registered_model_alias(name, alias, version.version)
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def set_alias(store: Store, run_id: str, version: str, alias: str,
+              name: str = REGISTERED_MODEL) -> None:
+    """Point `alias` at `version` and record it on the run."""
+    client = store.client
+    client.set_registered_model_alias(name, alias, version)
     client.set_tag(run_id, "registered", "true")
-    client.set_tag(run_id, "registry.version", version.version)
+    client.set_tag(run_id, "registry.version", version)
     client.set_tag(run_id, "registry.alias", alias)
-    return Registration(name, version.version, alias,
-                        champion.version if champion else None, champion_acc)
+
+
+def version_uri(store: Store, version: Any) -> str:
+    """Where a registry version's files can be downloaded from (its model's artifact location)."""
+    return store.client.get_model_version_download_uri(version.name, version.version)
+
+
+def download_onnx(store: Store, artifact_uri: str, dest: Path) -> Path:
+    """The single `.onnx` file under `artifact_uri`, downloaded into `dest` (MLmodel beside it)."""
+    import mlflow.artifacts
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri,
+                                                     dst_path=str(dest), tracking_uri=store.uri))
+    found = sorted(local.rglob("*.onnx"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{artifact_uri}: expected one .onnx file, found "
+                                f"{[p.name for p in found]}")
+    return found[0]

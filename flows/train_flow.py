@@ -1,29 +1,34 @@
-"""The `train-cifar` flow: download -> split -> train -> evaluate -> export ONNX -> register.
+"""The `train-cifar` flow: download -> split -> train -> export ONNX -> evaluate it -> register.
 
 Tasks are thin wrappers over `cifarlab`; MLflow calls go through `flows.tracking`. One MLflow run
 per training run; a run interrupted mid-training is resumed (same config, same checkpoint) by the
-next flow run of that config, and is never registered from.
+next flow run of that config, and is never registered from. Evaluation measures the exported
+ONNX file (the one the endpoint serves), so it follows the export: the accuracy that goes on the
+registry version, into the champion rule and into the endpoint's answers is the served model's.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
+from pydantic import Field
 
 from cifarlab.config import DataConfig, RunConfig
 from cifarlab.data import resolve_source
 from flows import tracking
+from flows.champion import MIN_SHARED_IMAGES
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides, resolve_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PARITY_IMAGES = 1000  # validation images the ONNX export is checked on
 
 
 def project_root(root: str | None) -> Path:
@@ -63,17 +68,18 @@ def split_data(data: DataConfig, root: str, data_folder: str) -> dict[str, str]:
 
 
 @dataclass
-class Trained:
-    """In-memory hand-over from training to evaluation and export (never persisted)."""
+class InMemory:
+    """In-memory hand-over between the tasks of one flow run (never persisted): the trained
+    run (cifarlab.experiment.TrainedRun), its export and its evaluation."""
 
-    outcome: Any  # cifarlab.experiment.RunOutcome
+    value: Any
 
 
 @task(tags=["gpu"], cache_policy=NO_CACHE, persist_result=False)
-def train_and_evaluate(config: RunConfig, root: str, run_dir: str, store: tracking.Store,
-                       run_id: str) -> Trained:
-    """Train (resuming from the run folder's checkpoint), log every epoch, evaluate val/test."""
-    from cifarlab.experiment import run_experiment
+def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Store,
+                run_id: str) -> InMemory:
+    """Train (resuming from the run folder's checkpoint) and log every epoch."""
+    from cifarlab.experiment import train_run
 
     logger = get_run_logger()
 
@@ -87,70 +93,113 @@ def train_and_evaluate(config: RunConfig, root: str, run_dir: str, store: tracki
                     m.epoch, m.train_loss, 100 * m.train_accuracy, m.val_loss,
                     100 * m.val_accuracy, m.epoch_seconds)
 
-    outcome = run_experiment(config, Path(root), hooks=[log_epoch], run_dir=Path(run_dir))
-    s = outcome.summary()
-    tracking.log_metrics(store, run_id, {
-        "final_val_accuracy": s["val_accuracy"], "final_val_loss": s["val_loss"],
-        "test_accuracy": s["test_accuracy"], "test_loss": s["test_loss"],
-        "train_seconds": s["train_seconds"], "epochs_completed": s["epochs_completed"],
-        **{f"test_accuracy.{k}": v for k, v in s["test_per_class_accuracy"].items()},
-    })
-    tracking.log_files(store, run_id, {k: v for k, v in outcome.files.items() if k != "split"})
+    run = train_run(config, Path(root), hooks=[log_epoch], run_dir=Path(run_dir))
+    t = run.trained
+    tracking.log_metrics(store, run_id, {"train_seconds": t.train_seconds,
+                                         "epochs_completed": t.epochs_completed})
+    tracking.log_files(store, run_id, {k: v for k, v in run.files.items() if k != "split"})
     tracking.log_json(store, run_id, "resolved_config.json", config.model_dump(mode="json"))
-    logger.info("validation %.2f%%, test %.2f%% (TTA %s)", 100 * s["val_accuracy"],
-                100 * s["test_accuracy"], s["tta"])
-    return Trained(outcome)
+    tracking.log_datasets(store, run_id, run)
+    return InMemory(run)
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def export_onnx_checked(trained: Trained, store: tracking.Store, run_id: str) -> dict[str, Any]:
-    """Export to ONNX, compare with PyTorch on validation images; a mismatch fails the run."""
+def export_model(trained: InMemory, store: tracking.Store, run_id: str) -> InMemory:
+    """Export the model that will be served to ONNX and require parity with PyTorch."""
+    from cifarlab.experiment import export_run
+    from cifarlab.export import require_parity
+
+    exported = export_run(trained.value, require=False)
+    report = exported.parity
+    tracking.log_metrics(store, run_id, {"onnx_max_abs_diff": report.max_abs_diff,
+                                         "onnx_argmax_agreement": report.argmax_agreement})
+    require_parity(report)  # a failed check fails the run: nothing is registered
+    get_run_logger().info("ONNX parity: max |diff| %.2e, same class on %.2f%% of %d images "
+                          "(TTA in the graph: %s)", report.max_abs_diff,
+                          100 * report.argmax_agreement, report.images, exported.tta)
+    return InMemory(exported)
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
+                   run_id: str) -> InMemory:
+    """Validation and test accuracy of the exported file (onnxruntime), latency, plots; the
+    unserved TTA figure apart. Logs the ONNX model (with its metrics) to MLflow."""
     import torch
 
     from cifarlab.constants import MEAN, STD
-    from cifarlab.export import check_parity, export_onnx, onnx_latency_ms, require_parity
+    from cifarlab.experiment import evaluate_run, summarise, write_results
+    from cifarlab.export import onnx_latency_ms
     from cifarlab.tensors import normalize
 
-    o = trained.outcome
-    path = export_onnx(o.trained.model, o.run_dir / "model.onnx")
-    val_images = o.data.data.train_images[o.split.val_idx[:PARITY_IMAGES]]
-    report = check_parity(o.trained.model, path, val_images)
-    tracking.log_metrics(store, run_id, {"onnx_max_abs_diff": report.max_abs_diff,
-                                         "onnx_argmax_agreement": report.argmax_agreement})
-    require_parity(report)
-    latency = onnx_latency_ms(path)
-    tracking.log_metrics(store, run_id, {f"onnx_latency_ms_batch{b}": ms
-                                         for b, ms in latency.items()})
-    weights = o.run_dir / "weights.pt"
-    torch.save(o.trained.model.state_dict(), weights)
+    run, ex = trained.value, exported.value
+    ev = evaluate_run(run, ex)
+    write_results(run, ex, ev)
+    s = summarise(run, ex, ev)
+    latency = onnx_latency_ms(ex.path)
+    metrics = {
+        "final_val_accuracy": ev.val.accuracy, "final_val_loss": ev.val.loss,
+        "test_accuracy": ev.test.accuracy, "test_loss": ev.test.loss,
+        "tta_val_accuracy": ev.tta_val.accuracy if ev.tta_val else None,
+        "tta_test_accuracy": ev.tta_test.accuracy if ev.tta_test else None,
+        **{f"val_accuracy.{k}": v for k, v in s["val_per_class_accuracy"].items()},
+        **{f"test_accuracy.{k}": v for k, v in s["test_per_class_accuracy"].items()},
+        **{f"onnx_latency_ms_batch{b}": ms for b, ms in latency.items()},
+    }
+    tracking.log_metrics(store, run_id, metrics)
+    tracking.log_files(store, run_id, {k: run.files[k] for k in ("confusion_matrix", "results")})
+    weights = run.run_dir / "weights.pt"
+    torch.save(run.trained.model.state_dict(), weights)
     tracking.log_files(store, run_id, {"weights": weights})
-    example = normalize(val_images[:2], torch.device("cpu")).numpy()  # batch 2: batch axis stays free
-    model_uri = tracking.log_onnx_model(store, run_id, path, example, metadata={
-        "class_names": list(o.data.data.class_names), "mean": list(MEAN), "std": list(STD),
+    example = normalize(run.val_images[:2], torch.device("cpu")).numpy()  # batch 2: axis stays free
+    logged = tracking.log_onnx_model(store, run_id, ex.path, example, metadata={
+        "class_names": list(run.data.data.class_names), "mean": list(MEAN), "std": list(STD),
         "input": "normalised float32 (N, 3, 32, 32): (pixel/255 - mean) / std",
-        "val_accuracy": o.val.accuracy, "test_accuracy": o.test.accuracy,
-        "preset": o.config.preset,
-    })
-    get_run_logger().info("ONNX parity: max |diff| %.2e, same class on %.2f%% of %d images",
-                          report.max_abs_diff, 100 * report.argmax_agreement, report.images)
-    return {"path": str(path), "model_uri": model_uri, "parity": report.as_dict(),
-            "latency_ms": latency}
+        "val_accuracy": ev.val.accuracy, "test_accuracy": ev.test.accuracy,
+        "served_tta": ex.tta, "preset": run.config.preset,
+        "evaluated": "this ONNX file, by onnxruntime",
+    }, metrics={k: v for k, v in metrics.items() if "." not in k}, params={
+        "preset": run.config.preset, "model": run.config.model.name, "served_tta": ex.tta})
+    store.client.set_tag(run_id, "onnx_model_id", logged.model_id)
+    store.client.set_tag(run_id, "onnx_model_uri", logged.model_uri)
+    tta = (f"; with unserved {ev.tta} TTA: validation {100 * ev.tta_val.accuracy:.2f}%, test "
+           f"{100 * ev.tta_test.accuracy:.2f}%" if ev.tta_val else "")
+    get_run_logger().info("served ONNX model: validation %.2f%%, test %.2f%%%s",
+                          100 * ev.val.accuracy, 100 * ev.test.accuracy, tta)
+    return InMemory({"evaluation": ev, "summary": s, "latency_ms": latency, "logged": logged})
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def register_model(trained: Trained, exported: dict[str, Any], store: tracking.Store,
-                   run_id: str) -> tracking.Registration:
-    """New registry version; champion only if it beats the champion on validation accuracy."""
-    o = trained.outcome
-    reg = tracking.register(store, run_id, exported["model_uri"], o.val.accuracy, tags={
-        "test_accuracy": f"{o.test.accuracy:.6f}", "preset": o.config.preset,
-        "onnx_max_abs_diff": f"{exported['parity']['max_abs_diff']:.3e}",
-        "parity_passed": str(exported["parity"]["passed"]).lower(),
-    })
-    get_run_logger().info("registered %s version %s as %s (previous champion: %s at %s)",
-                          reg.name, reg.version, reg.alias, reg.previous_champion,
-                          reg.previous_champion_val_accuracy)
-    return reg
+def register_model(trained: InMemory, exported: InMemory, evaluated: InMemory,
+                   store: tracking.Store, run_id: str, min_shared_images: int,
+                   min_significance: float | None) -> Any:
+    """A new registry version; `champion` only if its ONNX model beats the champion's on their
+    shared validation images (flows/champion.py). Publishes the comparison and model card."""
+    from flows import champion
+
+    run, ex, ev = trained.value, exported.value, evaluated.value
+    logged = ev["logged"]
+    done = champion.register(
+        store, run_id, logged.model_uri, ex.path, run.data.data, tags={
+            "val_accuracy": f"{ev['evaluation'].val.accuracy:.6f}",
+            "test_accuracy": f"{ev['evaluation'].test.accuracy:.6f}",
+            "preset": run.config.preset, "served_tta": ex.tta,
+            "onnx_max_abs_diff": f"{ex.parity.max_abs_diff:.3e}",
+            "parity_passed": str(ex.parity.passed).lower(),
+        }, min_shared_images=min_shared_images, min_significance=min_significance,
+        model_id=logged.model_id)
+    reg = done.registration
+    get_run_logger().info("registered %s version %s as %s: %s", reg.name, reg.version,
+                          reg.alias, reg.reason)
+    if done.report_markdown:
+        create_markdown_artifact(
+            key="champion-vs-challenger", markdown=done.report_markdown + (
+                f"\n\nHeat map and gallery: MLflow run `{run_id}`, artifacts "
+                f"`{champion.REPORT_FOLDER}/`."),
+            description=f"{reg.name} v{reg.version} vs champion v{reg.previous_champion}")
+    create_markdown_artifact(key="model-card", markdown=done.model_card,
+                             description=f"{reg.name} v{reg.version}")
+    return done
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=2)
@@ -193,12 +242,18 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
     from cifarlab.tensors import resolve_device
 
     chash = config_hash(config)
+    code = tracking.code_version(PROJECT_ROOT)
     tags = {
         "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
         "config_hash": chash, "preset": config.preset, "model": config.model.name,
-        "code_version": tracking.code_version(PROJECT_ROOT), "split_sha256": split["sha256"],
+        "code_version": code, "split_sha256": split["sha256"],
         "data_fingerprint": data_fingerprint(config.data.checksums or OFFICIAL_FILE_MD5),
         "data_folder": data_folder, "device": str(resolve_device(config.train.device)),
+        # What the MLflow UI shows as the run's source, user and git commit.
+        "mlflow.source.type": "JOB", "mlflow.source.name": "flows/train_flow.py:train_cifar",
+        "mlflow.source.git.commit": code.removesuffix("-dirty"),
+        "mlflow.source.git.dirty": str(code.endswith("-dirty")).lower(),
+        "mlflow.user": getpass.getuser(), "host": socket.gethostname(),
         **(extra_tags or {}),
     }
     resume = tracking.find_resumable_run(store, chash)
@@ -213,28 +268,36 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
     return run_id, run_dir
 
 
-def _summary_markdown(config: RunConfig, trained: Trained, exported: dict[str, Any] | None,
-                      reg: tracking.Registration | None, store: tracking.Store,
-                      run_id: str, bento: dict[str, Any] | None = None) -> str:
-    s = trained.outcome.summary()
-    rows = "\n".join(f"| {k} | {100 * v:.2f} % |" for k, v in s["test_per_class_accuracy"].items())
-    parity = exported["parity"] if exported else None
+def _summary_markdown(config: RunConfig, summary: dict[str, Any], done: Any | None,
+                      store: tracking.Store, run_id: str, bento: dict[str, Any] | None = None) -> str:
+    s = summary
+    rows = "\n".join(f"| {k} | {100 * s['val_per_class_accuracy'][k]:.2f} % | {100 * v:.2f} % |"
+                     for k, v in s["test_per_class_accuracy"].items())
+    parity = s["parity"]
+    reg = done.registration if done else None
+    tta = (f"| unserved {s['tta']} TTA (reported only) | validation "
+           f"{100 * s['tta_val_accuracy']:.2f} %, test {100 * s['tta_test_accuracy']:.2f} % |"
+           if s["tta_val_accuracy"] is not None else None)
     lines = [
         f"# train-cifar: {config.preset} ({config.model.name})",
         "",
+        "Accuracies are those of the exported ONNX model, the file the endpoint serves "
+        f"(TTA in its graph: {s['served_tta']}).",
+        "",
         "| | |", "|---|---|",
-        f"| validation accuracy | **{100 * s['val_accuracy']:.2f} %** |",
+        f"| validation accuracy | **{100 * s['val_accuracy']:.2f} %** ({s['val_images']} images) |",
         f"| test accuracy (reported, not used to choose) | {100 * s['test_accuracy']:.2f} % |",
+        *([tta] if tta else []),
         f"| epochs / training time | {s['epochs_completed']} / {s['train_seconds']:.1f} s on {s['device']} |",
         f"| ONNX parity | max abs diff {parity['max_abs_diff']:.2e}, same class "
-        f"{100 * parity['argmax_agreement']:.2f} % |" if parity else "| ONNX parity | not run |",
-        f"| registry | {reg.name} v{reg.version} -> `{reg.alias}` |" if reg else
+        f"{100 * parity['argmax_agreement']:.2f} % |",
+        f"| registry | {reg.name} v{reg.version} -> `{reg.alias}`: {reg.reason} |" if reg else
         "| registry | not registered |",
         f"| BentoML store | `{bento['tag']}` (v{bento['version']}, the champion) |" if bento else
         "| BentoML store | not updated |",
-        f"| MLflow | run `{run_id}` in `{store.uri}` |",
+        f"| MLflow | run `{run_id}` in `{tracking.display_uri(store.uri)}` |",
         f"| split | `{s['split_sha256'][:16]}` ({s['trained_on']}) |",
-        "", "## Per-class test accuracy", "", "| class | accuracy |", "|---|---|", rows,
+        "", "## Per-class accuracy", "", "| class | validation | test |", "|---|---|---|", rows,
         "", "## Config", "", "```json", config.model_dump_json(indent=2), "```",
     ]
     return "\n".join(lines)
@@ -246,10 +309,14 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
                 train: TrainOverrides | None = None,  # type: ignore[valid-type]
                 root: str | None = None, skip_registry: bool = False,
                 skip_bentoml: bool = False, mlflow_parent_run_id: str | None = None,
-                mlflow_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train a preset (with overrides), track it in MLflow, export to ONNX, register it, and put
-    the champion in the BentoML store. A sweep passes its MLflow run as `mlflow_parent_run_id`
-    (the run is nested under it) and its own tags."""
+                mlflow_tags: dict[str, str] | None = None,
+                min_shared_images: Annotated[int, Field(ge=1)] = MIN_SHARED_IMAGES,
+                min_significance: Annotated[float, Field(gt=0, lt=1)] | None = None,
+                ) -> dict[str, Any]:
+    """Train a preset (with overrides), export it to ONNX, evaluate the exported file, register
+    it (champion only if it beats the champion on their shared validation images, with McNemar's
+    p below `min_significance` when set) and put the champion in the BentoML store. A sweep
+    passes its MLflow run as `mlflow_parent_run_id` (the run is nested under it) and its tags."""
     config = resolve_config(preset, data, model, train)
     # Pin the data source now, so the cache key and the MLflow params name the real source.
     config.data.source = resolve_source(config.data.source)
@@ -264,12 +331,15 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
     if mlflow_parent_run_id:
         extra_tags["mlflow.parentRunId"] = mlflow_parent_run_id
     run_id, run_dir = _begin_run(store, config, root_dir, split, data_folder, extra_tags)
-    exported = reg = None
+    done = None
     try:
-        trained = train_and_evaluate(config, str(root_dir), str(run_dir), store, run_id)
-        exported = export_onnx_checked(trained, store, run_id)
+        with tracking.system_metrics(store, run_id):
+            trained = train_model(config, str(root_dir), str(run_dir), store, run_id)
+            exported = export_model(trained, store, run_id)
+            evaluated = evaluate_model(trained, exported, store, run_id)
         if not skip_registry:
-            reg = register_model(trained, exported, store, run_id)
+            done = register_model(trained, exported, evaluated, store, run_id,
+                                  min_shared_images, min_significance)
     except BaseException as exc:
         store.client.set_tag(run_id, "failure", f"{type(exc).__name__}: {exc}"[:5000])
         tracking.end_run(store, run_id, "FAILED")
@@ -278,16 +348,19 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
     # After the run is closed: a BentoML failure fails the flow but not the registered model.
     bento = None if skip_registry or skip_bentoml else publish_champion(store, str(root_dir))
 
+    s = evaluated.value["summary"]
     create_markdown_artifact(
         key="train-cifar-summary",
-        markdown=_summary_markdown(config, trained, exported, reg, store, run_id, bento),
-        description=f"{config.preset}: validation {100 * trained.outcome.val.accuracy:.2f} %")
-    s = trained.outcome.summary()
+        markdown=_summary_markdown(config, s, done, store, run_id, bento),
+        description=f"{config.preset}: validation {100 * s['val_accuracy']:.2f} % (served model)")
+    reg = done.registration if done else None
     return {
-        "mlflow_run_id": run_id, "tracking_uri": store.uri, "preset": config.preset,
-        "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
-        "train_seconds": s["train_seconds"], "parity": exported["parity"],
+        "mlflow_run_id": run_id, "tracking_uri": tracking.display_uri(store.uri),
+        "preset": config.preset, "val_accuracy": s["val_accuracy"],
+        "test_accuracy": s["test_accuracy"], "tta_val_accuracy": s["tta_val_accuracy"],
+        "train_seconds": s["train_seconds"], "parity": s["parity"],
         "registered_version": reg.version if reg else None, "alias": reg.alias if reg else None,
+        "promotion_reason": reg.reason if reg else None,
         "bento_tag": bento["tag"] if bento else None,
     }
 

@@ -13,9 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import options as opt
+
 WHITEN_KERNEL = 2  # patch size of the whitening layer, pixels
 BN_MOMENTUM = 0.4  # torch convention: weight of the new batch statistics
 LOGIT_SCALE = 1 / 9  # keeps early logits small, so the high learning rate is stable
+
+# The net's options, checked when a config is made (see models/options.py).
+OPTION_CHECKS: dict[str, opt.Check] = {
+    "widths": opt.widths(3, 3),  # one per conv group
+    "num_classes": opt.num_classes,
+}
 
 
 class _BatchNorm(nn.BatchNorm2d):

@@ -8,6 +8,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models import options as opt
+
+# The options of every net here, checked when a config is made (see models/options.py).
+OPTION_CHECKS: dict[str, opt.Check] = {
+    "kernel_size": opt.odd_kernel,
+    "pool_kernel": opt.between(1, 32),  # at most the image: at least one pixel comes out
+    "pool_stride": opt.positive,
+    "channels": opt.positive,
+    "hidden": opt.positive,
+    "widths": opt.widths(1, 5),  # each block halves 32 pixels: five blocks leave one
+    "num_classes": opt.num_classes,
+}
+
 
 def _pooled_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1

@@ -3,8 +3,8 @@
     python -m serving.champion [--root DIR] [--tracking-uri URI] [--alias champion]
 
 (also `cifar-import-champion`, `make import-champion`, and the last task of `train-cifar`).
-The BentoML model `cifar10-classifier:<version>` holds `model.onnx` and the MLmodel file, with
-metadata: registered model name and version, MLflow run id, validation and test accuracy, class
+The BentoML model `cifar10-classifier:<version>` holds `model.onnx`, the MLmodel file and the
+version's model card (`model_card.md`, served at GET /model), with metadata: registered model name and version, MLflow run id, validation and test accuracy, class
 names, the preprocessing constants. Importing the same registry version again is a no-op that
 returns the existing tag; the service serves the newest import (`cifar10-classifier:latest`).
 
@@ -75,7 +75,7 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from flows.tracking import CHAMPION, REGISTERED_MODEL
+    from flows.tracking import CHAMPION, REGISTERED_MODEL, display_uri
     from serving.engine import Engine
 
     registered_model = registered_model or REGISTERED_MODEL
@@ -94,22 +94,22 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
         latest = None
     if latest is not None and all(latest.info.labels.get(k) == v for k, v in (
             ("registered_model", registered_model), ("mlflow_version", version),
-            ("mlflow_run_id", mv.run_id))) and latest.info.metadata.get("tracking_uri") == tracking_uri:
+            ("mlflow_run_id", mv.run_id))) and latest.info.metadata.get("tracking_uri") == display_uri(tracking_uri):
         meta = latest.info.metadata
         return Imported(str(latest.tag), registered_model, version, mv.run_id,
                         _float(meta.get("val_accuracy")), _float(meta.get("test_accuracy")),
                         created=False)
 
-    if not mv.source.startswith(f"runs:/{mv.run_id}/"):
-        raise ImportFailed(f"{registered_model} v{version}: source {mv.source!r} is not a run "
-                           f"artifact of run {mv.run_id}")
-    artifact_path = mv.source.removeprefix(f"runs:/{mv.run_id}/")
+    from flows.tracking import Store, download_onnx, version_uri
+
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(client.download_artifacts(mv.run_id, artifact_path, tmp))
-        onnx_files = sorted(local.glob("*.onnx"))
-        if len(onnx_files) != 1:
-            raise ImportFailed(f"{mv.source}: expected one .onnx file, found "
-                               f"{[p.name for p in onnx_files]}")
+        try:
+            registry = Store(tracking_uri, "")
+            onnx_file = download_onnx(registry, version_uri(registry, mv), Path(tmp))
+        except (FileNotFoundError, MlflowException) as exc:
+            raise ImportFailed(f"{registered_model} v{version}: {exc}") from None
+        local = onnx_file.parent
+        onnx_files = [onnx_file]
         mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").is_file() else {}
         logged = mlmodel.get("metadata") or {}
         class_names = list(logged.get("class_names") or CLASS_NAMES)
@@ -123,13 +123,16 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
         metadata = {
             "registered_model": registered_model, "mlflow_version": version,
             "mlflow_alias_at_import": alias, "mlflow_run_id": mv.run_id,
-            "mlflow_source": mv.source, "tracking_uri": tracking_uri,
+            "mlflow_source": mv.source, "tracking_uri": display_uri(tracking_uri),
             "val_accuracy": _float(mv.tags.get("val_accuracy", logged.get("val_accuracy"))),
             "test_accuracy": _float(mv.tags.get("test_accuracy", logged.get("test_accuracy"))),
             "preset": logged.get("preset") or mv.tags.get("preset"),
             "class_names": class_names, "mean": list(MEAN), "std": list(STD),
             "image_size": IMAGE_SIZE, "resize_filter": RESIZE_FILTER,
             "input_name": engine.input_name, "onnx_file": "model.onnx",
+            "served_tta": mv.tags.get("served_tta") or logged.get("served_tta"),
+            "promotion_reason": mv.tags.get("promotion_reason"),
+            "model_card": "model_card.md" if mv.description else None,
         }
         metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
         labels = {"registered_model": registered_model, "mlflow_version": version,
@@ -139,6 +142,8 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
             shutil.copyfile(onnx_files[0], bm.path_of("model.onnx"))
             if (local / "MLmodel").is_file():
                 shutil.copyfile(local / "MLmodel", bm.path_of("MLmodel"))
+            if mv.description:  # the version's model card (flows/modelcard.py)
+                Path(bm.path_of("model_card.md")).write_text(mv.description)
     return Imported(str(bm.tag), registered_model, version, mv.run_id,
                     metadata.get("val_accuracy"), metadata.get("test_accuracy"), created=True)
 

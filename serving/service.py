@@ -25,7 +25,9 @@ from typing import Any
 import bentoml
 import numpy as np
 from pydantic import BaseModel, Field
+from starlette.applications import Starlette
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from serving import bentoml_fixes
 from serving.engine import Engine, MicroBatcher
@@ -74,7 +76,12 @@ class ModelInfo(BaseModel):
     registered_model: str | None = Field(examples=["cifar10-classifier"])
     version: str | None = Field(description="MLflow registry version", examples=["3"])
     run_id: str | None = Field(description="MLflow run that trained it")
-    val_accuracy: float | None = Field(examples=[0.9228])
+    val_accuracy: float | None = Field(
+        description="validation accuracy of this very ONNX model (onnxruntime), the figure "
+        "that made it champion", examples=[0.9103])
+    served_tta: str | None = Field(None, description="test-time augmentation inside the model's "
+                                   "graph (none, flip, flip_translate)", examples=["none"])
+    model_card: str = Field("/model", description="where its model card is served")
 
 
 class ImageInfo(BaseModel):
@@ -113,6 +120,28 @@ def _error(exc: ImageRejected, prefix: str = "") -> JSONResponse:
     return JSONResponse({"error": prefix + str(exc), "reason": exc.reason}, status_code=exc.status)
 
 
+_SERVED: dict[str, Any] = {}  # the BentoML model this worker loaded (set in __init__)
+
+
+async def _model_card(request: Any) -> JSONResponse:
+    """GET /model: what is served, and its model card (markdown) from the registry."""
+    stored = _SERVED.get("model")
+    if stored is None:
+        return JSONResponse({"error": "the model is not loaded yet", "reason": "not_ready"},
+                            status_code=503)
+    meta = dict(stored.info.metadata)
+    card = Path(stored.path_of("model_card.md"))
+    keys = ("registered_model", "mlflow_version", "mlflow_run_id", "val_accuracy",
+            "test_accuracy", "served_tta", "preset", "promotion_reason", "class_names")
+    return JSONResponse({"bento_tag": str(stored.tag), **{k: meta.get(k) for k in keys},
+                         "model_card": card.read_text() if card.is_file() else None})
+
+
+# Mounted at the root: BentoML's PassiveMount matches only the routes this app has (/model).
+model_app = Starlette(routes=[Route("/model", _model_card, methods=["GET"])])
+
+
+@bentoml.asgi_app(model_app, path="/")
 @bentoml.service(
     name="cifar10-classifier",
     workers=WORKERS,
@@ -137,13 +166,14 @@ class CifarClassifier:
                 f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): import the MLflow champion "
                 "first with `make import-champion` (python -m serving.champion)")
         meta = dict(stored.info.metadata)
+        _SERVED["model"] = stored
         self.engine = Engine(Path(stored.path_of(meta.get("onnx_file", "model.onnx"))), meta,
                              threads=ORT_THREADS)
         self.engine.warm_up()
         self.model_info = ModelInfo(
             bento_tag=str(stored.tag), registered_model=meta.get("registered_model"),
             version=meta.get("mlflow_version"), run_id=meta.get("mlflow_run_id"),
-            val_accuracy=meta.get("val_accuracy"))
+            val_accuracy=meta.get("val_accuracy"), served_tta=meta.get("served_tta"))
         self.batch_sizes = prometheus_client.Histogram(
             "cifar_inference_batch_size", "Images per onnxruntime call (adaptive batching)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))

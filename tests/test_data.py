@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import http.server
+import os
+import pickle
+import pickletools
 import shutil
 import threading
 
 import pytest
 
-from cifarlab.data import (DataError, DownloadError, load_cifar10, md5_of, prepare_cifar10,
-                           verify_folder)
+from cifarlab.data import (DataError, DownloadError, UnsafePickleError, load_cifar10, load_pickle,
+                           md5_of, prepare_cifar10, verify_folder)
 
 
 class _Server:
@@ -164,3 +167,79 @@ def test_real_mirror_matches_official_checksums(real_cifar):
     assert data.train_images.shape == (50_000, 3, 32, 32)
     assert data.test_images.shape == (10_000, 3, 32, 32)
     assert data.train_labels.bincount().tolist() == [5000] * 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Restricted unpickling: a data file cannot run code
+# ---------------------------------------------------------------------------------------------
+
+class _RunsShell:
+    """Unpickling this would call os.system (the classic pickle exploit)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _RunsEval:
+    """Unpickling this would call builtins.eval on Python source."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("payload,refused", [(_RunsShell, "system"), (_RunsEval, "builtins.eval")])
+@pytest.mark.parametrize("victim", ["data_batch_3", "test_batch", "batches.meta"])
+def test_file_that_would_run_code_is_refused_unrun(synthetic_cifar, tmp_path, payload, refused,
+                                                   victim):
+    folder, _ = synthetic_cifar
+    bad = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(folder, bad)
+    marker = tmp_path / "pwned"
+    with open(bad / victim, "wb") as fh:
+        pickle.dump({b"data": payload(marker), b"labels": [0], b"label_names": [b"x"]}, fh)
+    with pytest.raises(UnsafePickleError, match=rf"{victim} refers to \S*{refused}") as info:
+        load_cifar10(bad)
+    assert str(bad / victim) in str(info.value)
+    assert isinstance(info.value, DataError)
+    assert not marker.exists()  # refused before anything was called
+
+
+def test_garbage_file_is_a_data_error_naming_it(synthetic_cifar, tmp_path):
+    folder, _ = synthetic_cifar
+    bad = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(folder, bad)
+    (bad / "data_batch_1").write_bytes(b"not a pickle at all")
+    with pytest.raises(DataError, match="data_batch_1"):
+        load_cifar10(bad)
+    with open(bad / "data_batch_1", "wb") as fh:
+        pickle.dump([1, 2, 3], fh)  # a harmless pickle, but not a batch
+    with pytest.raises(DataError, match="data_batch_1 is not a CIFAR-10 batch"):
+        load_cifar10(bad)
+
+
+def test_synthetic_files_load_through_the_restricted_unpickler(synthetic_cifar):
+    folder, _ = synthetic_cifar
+    batch = load_pickle(folder / "data_batch_1")
+    assert batch[b"data"].dtype.name == "uint8" and len(batch[b"labels"]) == 60
+    assert load_pickle(folder / "batches.meta")[b"label_names"][0] == b"airplane"
+
+
+def _globals_of(path) -> set[str]:
+    """The module.name globals a pickle refers to (protocol 2: GLOBAL opcodes only)."""
+    return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(path.read_bytes())
+            if op.name == "GLOBAL"}
+
+
+@pytest.mark.realdata
+def test_real_files_need_only_numpy_array_globals(real_cifar):
+    assert _globals_of(real_cifar / "data_batch_1") == {
+        "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+    assert _globals_of(real_cifar / "batches.meta") == set()
+    batch = load_pickle(real_cifar / "test_batch")  # Python 2 pickles, encoding="bytes"
+    assert batch[b"data"].shape == (10_000, 3072) and batch[b"batch_label"].startswith(b"testing")

@@ -81,6 +81,8 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path):
             "weights.pt"} <= artifacts
     assert run.data.metrics["onnx_max_abs_diff"] <= 1e-4
     assert run.data.metrics["onnx_latency_ms_batch256"] > 0
+    _assert_val_accuracy_is_the_served_files(client, run, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _assert_mlflow_ui_sees_a_model_training_run(client, run, result)
     # The champion is in the BentoML store, with what the service reports about it.
     bento_model = _bento_store().get(result["bento_tag"])
     meta = bento_model.info.metadata
@@ -91,33 +93,90 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path):
     assert Path(bento_model.path_of("model.onnx")).stat().st_size > 0
 
 
+def _assert_val_accuracy_is_the_served_files(client, run, uri):
+    """The validation accuracy on the run is what onnxruntime gets from the registered file."""
+    import tempfile
+
+    from cifarlab.data import load_cifar10
+    from cifarlab.export import evaluate_onnx
+    from cifarlab.split import stratified_split
+    from flows.tracking import Store, download_onnx, version_uri
+
+    p = run.data.params
+    data = load_cifar10(Path(p["data.source"]))
+    split = stratified_split(data.train_labels.numpy(), int(p["data.train_size"]),
+                             int(p["data.val_size"]), int(p["data.split_seed"]))
+    mv = client.get_model_version(REGISTERED_MODEL, run.data.tags["registry.version"])
+    store = Store(uri, "")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_file = download_onnx(store, version_uri(store, mv), Path(tmp))
+        served = evaluate_onnx(onnx_file, data.train_images[split.val_idx],
+                               data.train_labels[split.val_idx])
+    assert run.data.metrics["final_val_accuracy"] == pytest.approx(served.accuracy, abs=1e-9)
+    assert float(mv.tags["val_accuracy"]) == pytest.approx(served.accuracy, abs=1e-6)
+
+
+def _assert_mlflow_ui_sees_a_model_training_run(client, run, result):
+    """What the MLflow UI reads: experiment kind, logged model, datasets, source, system
+    metrics, and the model card as the version's description."""
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (model_output,) = run.outputs.model_outputs
+    logged = client.get_logged_model(model_output.model_id)
+    assert logged.status == "READY" and logged.source_run_id == run.info.run_id
+    assert {m.key for m in logged.metrics} >= {"final_val_accuracy", "test_accuracy"}
+    mv = client.get_model_version(REGISTERED_MODEL, result["registered_version"])
+    assert mv.source == f"models:/{logged.model_id}"
+    contexts = {{t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset
+                for d in run.inputs.dataset_inputs}
+    assert set(contexts) == {"training", "validation"}
+    assert contexts["training"].name == "cifar10-training-240" and contexts["training"].digest
+    assert run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.source.type"] == "JOB"
+    assert run.data.tags["mlflow.source.git.commit"] and run.data.tags["mlflow.user"]
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    assert "Intended use and limits" in mv.description and "out of domain" in mv.description
+    assert "model_card.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
 def test_worse_model_does_not_take_the_alias(data, tmp_path):
     first = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
-    # A learning rate this small leaves the net near chance: worse on validation.
+    # A learning rate this small leaves the net near chance: worse on validation. Both share
+    # the 60 validation images (the same split), enough here with min_shared_images=50.
     worse = train_cifar(preset="seed-baseline", data=data, root=str(tmp_path),
-                        train={**FAST_TRAIN, "lr": 1e-7, "seed": 1})
+                        train={**FAST_TRAIN, "lr": 1e-7, "seed": 1}, min_shared_images=50)
     assert worse["val_accuracy"] < first["val_accuracy"]
     assert worse["alias"] == "challenger"
+    assert worse["promotion_reason"].startswith("not better than champion v1: ")
+    assert "on 60 shared validation images" in worse["promotion_reason"]
     client = _client(tmp_path)
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
     assert str(champion.version) == str(first["registered_version"])
     assert str(client.get_model_version_by_alias(REGISTERED_MODEL, "challenger").version) == str(
         worse["registered_version"])
+    mv = client.get_model_version(REGISTERED_MODEL, worse["registered_version"])
+    assert mv.tags["shared_images"] == "60" and "mcnemar_p" in mv.tags
+    report = {a.path for a in client.list_artifacts(worse["mlflow_run_id"], "champion_comparison")}
+    assert {"champion_comparison/report.md", "champion_comparison/confusion_diff.png",
+            "champion_comparison/disagreements.png"} <= report
+    # With the default minimum (2,000 shared images) 60 images are no evidence: no verdict.
+    third = train_cifar(preset="seed-baseline", data=data, root=str(tmp_path),
+                        train={**FAST_TRAIN, "seed": 2})
+    assert third["alias"] == "challenger" and "only 60 validation images" in third["promotion_reason"]
     # The challenger did not replace the champion in the BentoML store.
     assert worse["bento_tag"] == first["bento_tag"]
     assert _bento_store().get("cifar10-classifier:latest").tag == _bento_store().get(first["bento_tag"]).tag
 
 
 def test_broken_export_fails_the_run_and_registers_nothing(data, tmp_path, monkeypatch):
-    import cifarlab.export as export
+    import cifarlab.experiment as experiment
 
-    real_export = export.export_onnx
+    real_export = experiment.export_onnx
 
-    def export_another_model(model, path):
+    def export_another_model(model, path, tta="none"):
         other = type(model)()  # same architecture, untrained weights: a wrong export
-        return real_export(other, path)
+        return real_export(other, path, tta)
 
-    monkeypatch.setattr(export, "export_onnx", export_another_model)
+    monkeypatch.setattr(experiment, "export_onnx", export_another_model)
     with pytest.raises(ParityError, match="differs from PyTorch"):
         train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
     (run,) = _runs(tmp_path)

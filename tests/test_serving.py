@@ -26,7 +26,6 @@ from PIL import Image
 from cifarlab.config import preset
 from cifarlab.constants import CLASS_NAMES
 from cifarlab.experiment import run_experiment
-from cifarlab.export import export_onnx
 from cifarlab.tensors import normalize
 from serving.local import LocalServer
 
@@ -67,21 +66,24 @@ def served(tmp_path_factory, synthetic_cifar):
         folder, sums = synthetic_cifar
         data = {"source": str(folder), "checksums": sums, "train_size": 240, "val_size": 60}
     config = preset("seed-baseline", data=data, train={"epochs": 2, "device": "cpu", "tta": "none"})
-    outcome = run_experiment(config, root)
+    outcome = run_experiment(config, root)  # trains, exports and evaluates the ONNX file
     model = outcome.trained.model.eval().float()
-    onnx_path = export_onnx(model, root / "model.onnx")
+    onnx_path = outcome.exported.path
 
     # Log and register as train-cifar does (flows.tracking), into this test's own store.
     from cifarlab.constants import MEAN, STD
-    from flows import tracking
+    from flows import champion, tracking
 
     store = tracking.open_store(root)
     run_id = tracking.start_run(store, "serving-test", {"preset": config.preset}, {})
     example = normalize(outcome.data.data.test_images[:2], torch.device("cpu")).numpy()
-    uri = tracking.log_onnx_model(store, run_id, onnx_path, example, metadata={
+    logged = tracking.log_onnx_model(store, run_id, onnx_path, example, metadata={
         "class_names": list(outcome.data.data.class_names), "mean": list(MEAN), "std": list(STD),
         "val_accuracy": outcome.val.accuracy, "test_accuracy": outcome.test.accuracy})
-    tracking.register(store, run_id, uri, outcome.val.accuracy, tags={})
+    tracking.log_metrics(store, run_id, {"final_val_accuracy": outcome.val.accuracy})
+    champion.register(store, run_id, logged.model_uri, onnx_path, outcome.data.data,
+                      tags={"val_accuracy": f"{outcome.val.accuracy:.6f}", "served_tta": "none"},
+                      model_id=logged.model_id)
     tracking.end_run(store, run_id, "FINISHED")
 
     home = root / "bentoml"
@@ -281,3 +283,16 @@ def test_openapi_documents_the_endpoints(served):
         assert "post" in spec["paths"][path]
     text = json.dumps(spec)
     assert "curl -F image=@cat.png" in text and '"cat"' in text  # description and examples
+
+
+def test_model_card_is_served_and_answers_point_at_it(served):
+    import requests
+
+    r = requests.get(served.url + "/model", timeout=30, allow_redirects=False)
+    assert r.status_code == 200, (r.status_code, r.headers)
+    body = r.json()
+    assert body["mlflow_version"] == "1" and body["served_tta"] == "none"
+    assert "Intended use and limits" in body["model_card"] and "out of domain" in body["model_card"]
+    answer = served.classify(_png(served.images[0].permute(1, 2, 0).numpy())).json()["model"]
+    assert answer["model_card"] == "/model" and answer["served_tta"] == "none"
+    assert answer["val_accuracy"] == pytest.approx(body["val_accuracy"])

@@ -45,6 +45,12 @@ def test_bad_grids_are_refused_before_anything_runs(grid, message):
         sw.expand("seed-baseline", grid)
 
 
+def test_bad_model_option_in_a_grid_is_refused_naming_point_and_field():
+    with pytest.raises(sw.SweepError, match=r"(?s)point model\.options\.kernel_size=4: .*"
+                       r"model\.options\.kernel_size: must be odd, got 4"):
+        sw.expand("seed-baseline", {"model.options.kernel_size": [3, 4]})
+
+
 def test_every_ready_made_study_expands_and_reproduces_the_report_values():
     for study in sw.STUDIES.values():
         assert sw.expand(study.preset, study.grid)

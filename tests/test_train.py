@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from cifarlab.config import RunConfig, preset
 from cifarlab.evaluate import evaluate, score
 from cifarlab.experiment import run_experiment
 from cifarlab.tensors import translate
-from cifarlab.train import CHECKPOINT_NAME, lr_factor, train
+from cifarlab.train import CHECKPOINT_NAME, CheckpointError, lr_factor, train
 from models import model_names
 from tests.conftest import _pattern_images
 
@@ -100,6 +101,34 @@ def test_checkpoint_of_other_config_is_refused(tmp_path):
     assert (tmp_path / CHECKPOINT_NAME).exists()
     with pytest.raises(ValueError, match="different config"):
         train(_config("seed-baseline", epochs=1, lr=5e-4), *TRAIN, *VAL, tmp_path)
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_is_plain_data_the_safe_loader_reads(tmp_path):
+    train(_config("fast", epochs=1), *TRAIN, *VAL, tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 1 and isinstance(state["best_val"], float)
+    assert set(state["average"]) and all(torch.is_tensor(v) for v in state["average"].values())
+
+
+def test_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    cfg = _config("seed-baseline", epochs=1)
+    train(cfg, *TRAIN, *VAL, tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    marker = tmp_path / "pwned"
+    state["history"].append(_RunsShell(marker))  # a planted checkpoint
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=CHECKPOINT_NAME):
+        train(cfg, *TRAIN, *VAL, tmp_path)
+    assert not marker.exists()
 
 
 def test_early_stopping_on_validation_loss(tmp_path):

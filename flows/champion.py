@@ -1,0 +1,208 @@
+"""The champion rule: a new registry version takes the alias `champion` only when its exported
+model beats the champion's exported model on images that neither of them trained on.
+
+1. Both models are the ONNX files the endpoint would serve, run by onnxruntime.
+2. The images are the validation images the two runs share: the whole validation split when
+   their split hashes match, else the intersection of the two validation index sets (each run's
+   split is recomputed from its recorded sizes and seed and checked against its recorded hash).
+   Fewer than `min_shared_images` (default 2,000): no verdict, the alias stays where it is.
+3. Promotion: higher accuracy on those images; with `min_significance` also McNemar's exact
+   p-value below it. The test set plays no part.
+
+Every verdict is written on the new version (tags) and, with a comparison, as a report (markdown,
+confusion-difference heat map, gallery of disagreements) in the challenger's MLflow run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifarlab import compare as cmp
+from cifarlab.data import Cifar10
+from cifarlab.export import onnx_logits
+from cifarlab.split import stratified_split
+from flows import tracking
+
+MIN_SHARED_IMAGES = 2000
+REPORT_FOLDER = "champion_comparison"
+
+
+class SplitUnknown(RuntimeError):
+    """A run's validation images cannot be reconstructed from what it recorded."""
+
+
+@dataclass
+class Verdict:
+    """What the rule decided for one new version, and on what evidence."""
+
+    promote: bool
+    reason: str
+    champion_version: str | None = None
+    comparison: cmp.Comparison | None = None
+    shared_idx: np.ndarray | None = field(default=None, repr=False)
+
+    def tags(self) -> dict[str, str]:
+        """The verdict as registry version tags."""
+        out = {"promotion": "champion" if self.promote else "not promoted",
+               "promotion_reason": self.reason[:4000]}
+        if self.champion_version is not None:
+            out["compared_with_version"] = self.champion_version
+        if self.shared_idx is not None:
+            out["shared_images"] = str(len(self.shared_idx))
+        if self.comparison is not None:
+            t = self.comparison.test
+            out.update({
+                "shared_accuracy": f"{t.challenger_correct / t.n:.6f}",
+                "champion_shared_accuracy": f"{t.champion_correct / t.n:.6f}",
+                "accuracy_diff": f"{t.accuracy_diff:+.6f}",
+                "accuracy_diff_ci95": f"[{t.ci_low:+.6f}, {t.ci_high:+.6f}]",
+                "mcnemar_p": f"{t.p_value:.6g}",
+                "disagreements": f"{t.only_champion}/{t.only_challenger}",
+            })
+        return out
+
+
+def validation_indices(run: Any, labels: np.ndarray) -> np.ndarray:
+    """A run's validation indices into the training images, rebuilt from its params (sizes,
+    seed) and checked against its recorded split hash."""
+    p, recorded = run.data.params, run.data.tags.get("split_sha256")
+    try:
+        split = stratified_split(labels, int(p["data.train_size"]), int(p["data.val_size"]),
+                                 int(p["data.split_seed"]))
+    except (KeyError, ValueError) as exc:
+        raise SplitUnknown(f"run {run.info.run_id} records no usable split ({exc})") from None
+    if recorded and split.digest != recorded:
+        raise SplitUnknown(f"run {run.info.run_id}: its split rebuilt here hashes to "
+                           f"{split.digest[:12]}, but it recorded {recorded[:12]} (other data?)")
+    return np.asarray(split.val_idx)
+
+
+def shared_validation(champion: Any, challenger: Any, labels: np.ndarray) -> np.ndarray:
+    """Indices held out from both runs' training: the shared split, else the intersection of
+    the two validation sets (a validation image is never one of its own run's training images)."""
+    for key in ("data_fingerprint",):
+        a, b = champion.data.tags.get(key), challenger.data.tags.get(key)
+        if a != b:
+            raise SplitUnknown(f"the champion was trained on other data ({key} {a} vs {b}): "
+                               "their images cannot be matched")
+    mine = validation_indices(challenger, labels)
+    if champion.data.tags.get("split_sha256") == challenger.data.tags.get("split_sha256"):
+        return mine
+    return np.intersect1d(mine, validation_indices(champion, labels))
+
+
+def _predict(onnx_path: Path, images: torch.Tensor) -> np.ndarray:
+    return onnx_logits(onnx_path, images).argmax(axis=1)
+
+
+def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, data: Cifar10,
+          min_shared_images: int = MIN_SHARED_IMAGES, min_significance: float | None = None,
+          name: str = tracking.REGISTERED_MODEL) -> Verdict:
+    """Compare a new model with the current champion on their shared validation images."""
+    champion = tracking.champion_version(store, name)
+    if champion is None:
+        return Verdict(True, "first version of the model: champion by default")
+    client = store.client
+    labels = data.train_labels.numpy()
+    try:
+        shared = shared_validation(client.get_run(champion.run_id),
+                                   client.get_run(challenger_run_id), labels)
+    except SplitUnknown as exc:
+        return Verdict(False, f"not compared with champion v{champion.version}: {exc}",
+                       champion.version)
+    if len(shared) < min_shared_images:
+        return Verdict(False, f"only {len(shared)} validation images are held out from both "
+                       f"this model and champion v{champion.version} (at least "
+                       f"{min_shared_images} needed): the alias stays", champion.version,
+                       shared_idx=shared)
+    images, truth = data.train_images[shared], labels[shared]
+    with tempfile.TemporaryDirectory() as tmp:
+        champion_onnx = tracking.download_onnx(store, tracking.version_uri(store, champion),
+                                               Path(tmp))
+        champion_pred = _predict(champion_onnx, images)
+    comparison = cmp.compare(truth, champion_pred, _predict(challenger_onnx, images),
+                             f"v{champion.version} (champion)", "this model (challenger)")
+    t = comparison.test
+    stats = (f"{100 * t.challenger_correct / t.n:.2f} % vs {100 * t.champion_correct / t.n:.2f} % "
+             f"on {t.n} shared validation images (difference {100 * t.accuracy_diff:+.2f} points, "
+             f"95 % CI [{100 * t.ci_low:+.2f}, {100 * t.ci_high:+.2f}], McNemar p = "
+             f"{t.p_value:.3g})")
+    if t.challenger_correct <= t.champion_correct:
+        return Verdict(False, f"not better than champion v{champion.version}: {stats}",
+                       champion.version, comparison, shared)
+    if min_significance is not None and not t.p_value < min_significance:
+        return Verdict(False, f"better than champion v{champion.version} but not significant "
+                       f"at p < {min_significance}: {stats}", champion.version, comparison, shared)
+    return Verdict(True, f"beats champion v{champion.version}: {stats}", champion.version,
+                   comparison, shared)
+
+
+def log_report(store: tracking.Store, run_id: str, verdict: Verdict, data: Cifar10,
+               version: str) -> str | None:
+    """The champion-vs-challenger report (markdown + PNGs) as artifacts of the challenger's
+    run; returns the markdown (None without a comparison)."""
+    c = verdict.comparison
+    if c is None:
+        return None
+    c.challenger_name = f"v{version} (challenger)"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        diff = cmp.plot_confusion_diff(c, folder / "confusion_diff.png")
+        gallery, shown = cmp.disagreement_gallery(c, data.train_images[verdict.shared_idx].numpy(),
+                                                  folder / "disagreements.png")
+        decision = ("challenger promoted to champion: " if verdict.promote else
+                    "challenger not promoted: ") + verdict.reason
+        markdown = cmp.report_markdown(c, decision, extra_rows=[
+            ("images in the gallery", f"{shown} of {c.test.only_champion + c.test.only_challenger}"
+                                      " disagreements"),
+            ("models compared", "the exported ONNX files, run by onnxruntime"),
+        ], images={"Confusion matrix difference": diff.name, "Disagreements": gallery.name})
+        (folder / "report.md").write_text(markdown)
+        for path in (folder / "report.md", diff, gallery):
+            store.client.log_artifact(run_id, str(path), artifact_path=REPORT_FOLDER)
+    return markdown
+
+
+@dataclass
+class Registered:
+    """A registered version with its verdict, report and model card."""
+
+    registration: tracking.Registration
+    verdict: Verdict
+    report_markdown: str | None
+    model_card: str
+
+
+def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path, data: Cifar10,
+             *, tags: dict[str, str], min_shared_images: int = MIN_SHARED_IMAGES,
+             min_significance: float | None = None, model_id: str | None = None,
+             card_extra: tuple[tuple[str, str], ...] = (),
+             name: str = tracking.REGISTERED_MODEL) -> Registered:
+    """Judge the run's exported model against the champion, add it to the registry as
+    `champion` or `challenger` with the verdict on its tags, log the comparison report and the
+    model card (also the version's description)."""
+    from flows.modelcard import CARD_FILE, model_card, registry_description
+
+    verdict = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name)
+    settings = {"min_shared_images": str(min_shared_images),
+                "min_significance": str(min_significance) if min_significance else "none"}
+    version = tracking.create_version(store, run_id, model_uri, {**tags, **verdict.tags(),
+                                      **settings}, name, model_id)
+    alias = tracking.CHAMPION if verdict.promote else tracking.CHALLENGER
+    tracking.set_alias(store, run_id, version, alias, name)
+    report = log_report(store, run_id, verdict, data, version)
+    card = model_card(store.client.get_run(run_id), name=name, version=version, alias=alias,
+                      verdict=verdict.reason, extra=card_extra)
+    store.client.update_model_version(name, version, description=registry_description(card))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CARD_FILE
+        path.write_text(card)
+        store.client.log_artifact(run_id, str(path))
+    reg = tracking.Registration(name, version, alias, verdict.champion_version, verdict.reason)
+    return Registered(reg, verdict, report, card)

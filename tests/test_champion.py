@@ -1,0 +1,182 @@
+"""The champion rule (flows/champion.py) on hand-built models with known behaviour, exported to
+real ONNX files and registered in a real SQLite MLflow store.
+
+The synthetic images (tests/conftest.py) mark class k with a bright bar across rows 3k..3k+2,
+whole width, so a left-right flip never changes the class. That lets us build:
+- `BarReader`: reads the bars (100 % on these images);
+- a champion that confuses truck with ship (90 %);
+- a challenger that adds a left-minus-right brightness term to one class: as served it is often
+  wrong, but averaged with its mirror image (flip TTA) the term cancels and it is perfect.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cifarlab import compare
+from cifarlab.config import preset
+from cifarlab.constants import CLASS_NAMES
+from cifarlab.data import load_cifar10
+from cifarlab.evaluate import evaluate
+from cifarlab.experiment import config_hash
+from cifarlab.export import export_onnx
+from cifarlab.split import stratified_split
+from cifarlab.tensors import normalize
+from flows import champion, tracking
+
+
+class BarReader(nn.Module):
+    """Logits = brightness of each class's bar (rows 3k..3k+2 of channel k % 3)."""
+
+    def __init__(self, confuse_truck: bool = False, antisymmetric: float = 0.0) -> None:
+        super().__init__()
+        self.confuse_truck, self.antisymmetric = confuse_truck, antisymmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32) -> (N, 10)
+        bars = [x[:, k % 3, 3 * k : 3 * k + 3, :].mean(dim=(1, 2)) for k in range(10)]
+        logits = torch.stack(bars, dim=1)
+        if self.confuse_truck:  # truck's bar read as ship: every truck answered "ship"
+            logits = torch.cat([logits[:, :8], logits[:, 8:9] + logits[:, 9:],
+                                logits[:, 9:] - 10.0], dim=1)
+        if self.antisymmetric:  # changes sign under a left-right flip
+            tilt = x[..., :16].mean(dim=(1, 2, 3)) - x[..., 16:].mean(dim=(1, 2, 3))
+            logits = logits + self.antisymmetric * tilt[:, None] * (torch.arange(10) == 0)
+        return logits
+
+
+@pytest.fixture
+def world(synthetic_cifar, tmp_path):
+    folder, sums = synthetic_cifar
+    data = load_cifar10(folder)
+    store = tracking.open_store(tmp_path)
+    return {"folder": folder, "sums": sums, "data": data, "store": store, "tmp": tmp_path}
+
+
+def _register(world, model: nn.Module, *, tta: str = "none", split_seed: int = 0,
+              val_size: int = 60, **rule) -> champion.Registered:
+    """Export a hand-built model, record a run as the flow would, and register it by the rule."""
+    from cifarlab.data import data_fingerprint
+
+    cfg = preset("seed-baseline", data={"source": str(world["folder"]), "checksums": world["sums"],
+                                         "train_size": 300 - val_size, "val_size": val_size,
+                                         "split_seed": split_seed})
+    split = stratified_split(world["data"].train_labels.numpy(), 300 - val_size, val_size,
+                             split_seed)
+    store = world["store"]
+    run_id = tracking.start_run(store, "hand-built", tracking.flatten("", cfg.model_dump(mode="json")), {
+        "config_hash": config_hash(cfg), "split_sha256": split.digest,
+        "data_fingerprint": data_fingerprint(world["sums"])})
+    path = export_onnx(model, world["tmp"] / f"{run_id}.onnx", tta=tta)
+    example = normalize(world["data"].test_images[:2], torch.device("cpu")).numpy()
+    logged = tracking.log_onnx_model(store, run_id, path, example, metadata={})
+    done = champion.register(store, run_id, logged.model_uri, path, world["data"],
+                             tags={"served_tta": tta}, model_id=logged.model_id, **rule)
+    tracking.end_run(store, run_id, "FINISHED")
+    return done
+
+
+def _val(world, split_seed: int = 0, val_size: int = 60):
+    split = stratified_split(world["data"].train_labels.numpy(), 300 - val_size, val_size,
+                             split_seed)
+    d = world["data"]
+    return d.train_images[split.val_idx], d.train_labels[split.val_idx]
+
+
+def test_the_hand_built_models_do_what_the_test_needs(world):
+    images, labels = _val(world)
+    acc = {name: evaluate(m, images, labels, device=torch.device("cpu"), tta=tta).accuracy
+           for name, m, tta in [("reader", BarReader(), "none"),
+                                ("champion", BarReader(confuse_truck=True), "none"),
+                                ("challenger", BarReader(antisymmetric=1e4), "none"),
+                                ("challenger+tta", BarReader(antisymmetric=1e4), "flip")]}
+    assert acc["reader"] == 1.0 and acc["champion"] == pytest.approx(0.9)
+    assert acc["challenger"] < 0.8 and acc["challenger+tta"] == 1.0
+
+
+def test_better_with_tta_but_worse_as_served_loses_and_wins_once_tta_is_served(world):
+    first = _register(world, BarReader(confuse_truck=True), min_shared_images=50)
+    assert first.registration.alias == "champion" and first.verdict.comparison is None
+    # Its TTA figure would beat the champion (100 % vs 90 %), but the served file has no TTA.
+    unbaked = _register(world, BarReader(antisymmetric=1e4), min_shared_images=50)
+    assert unbaked.registration.alias == "challenger"
+    assert "not better than champion v1" in unbaked.registration.reason
+    # The same model with flip TTA baked into its ONNX graph is what would be served: it wins.
+    baked = _register(world, BarReader(antisymmetric=1e4), tta="flip", min_shared_images=50)
+    assert baked.registration.alias == "champion", baked.registration.reason
+    t = baked.verdict.comparison.test
+    assert (t.n, t.challenger_correct, t.champion_correct) == (60, 60, 54)
+    assert t.only_challenger == 6 and t.only_champion == 0
+    assert t.p_value == pytest.approx(compare.mcnemar_exact(0, 6)) == pytest.approx(0.03125)
+    client = world["store"].client
+    mv = client.get_model_version(tracking.REGISTERED_MODEL, baked.registration.version)
+    assert mv.tags["shared_images"] == "60" and mv.tags["compared_with_version"] == "1"
+    assert float(mv.tags["mcnemar_p"]) == pytest.approx(0.03125)
+    assert float(mv.tags["accuracy_diff"]) == pytest.approx(0.1)
+    assert mv.tags["promotion"] == "champion" and mv.tags["served_tta"] == "flip"
+    assert client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version == mv.version
+
+
+def test_min_significance_holds_back_a_win_without_evidence(world):
+    _register(world, BarReader(confuse_truck=True), min_shared_images=50)
+    # 6 disagreements all one way: p = 0.03125, not below 0.01.
+    held = _register(world, BarReader(), min_shared_images=50, min_significance=0.01)
+    assert held.registration.alias == "challenger"
+    assert "not significant at p < 0.01" in held.registration.reason
+    passed = _register(world, BarReader(), min_shared_images=50, min_significance=0.05)
+    assert passed.registration.alias == "champion"
+
+
+def test_other_splits_compare_on_the_intersection_and_need_enough_images(world):
+    _register(world, BarReader(confuse_truck=True), min_shared_images=5)
+    a = _val(world)[0]
+    labels = world["data"].train_labels.numpy()
+    mine = stratified_split(labels, 240, 60, 1).val_idx
+    theirs = stratified_split(labels, 240, 60, 0).val_idx
+    expected = len(np.intersect1d(mine, theirs))
+    assert 5 <= expected < 60 and len(a) == 60
+    # Too few shared images for the threshold: no verdict, the alias stays, the reason is kept.
+    short = _register(world, BarReader(), split_seed=1, min_shared_images=expected + 1)
+    assert short.registration.alias == "challenger"
+    mv = world["store"].client.get_model_version(tracking.REGISTERED_MODEL,
+                                                 short.registration.version)
+    assert mv.tags["shared_images"] == str(expected) and mv.tags["promotion"] == "not promoted"
+    assert f"only {expected} validation images" in mv.tags["promotion_reason"]
+    # Enough for a lower threshold: judged on exactly the intersection.
+    judged = _register(world, BarReader(), split_seed=1, min_shared_images=expected)
+    assert judged.verdict.comparison.test.n == expected
+    assert np.array_equal(np.sort(judged.verdict.shared_idx), np.intersect1d(mine, theirs))
+
+
+def test_a_split_that_does_not_rebuild_is_not_compared(world):
+    _register(world, BarReader(confuse_truck=True), min_shared_images=5)
+    store = world["store"]
+    champ = tracking.champion_version(store)
+    store.client.set_tag(champ.run_id, "split_sha256", "0" * 64)  # as if other data
+    other = _register(world, BarReader(), split_seed=2, min_shared_images=5)
+    assert other.registration.alias == "challenger"
+    assert "not compared" in other.registration.reason and "hashes to" in other.registration.reason
+
+
+def test_report_and_model_card_are_published(world):
+    _register(world, BarReader(confuse_truck=True), min_shared_images=50)
+    done = _register(world, BarReader(), min_shared_images=50)
+    client = world["store"].client
+    run_id = client.get_model_version(tracking.REGISTERED_MODEL, done.registration.version).run_id
+    files = {a.path for a in client.list_artifacts(run_id, champion.REPORT_FOLDER)}
+    assert {f"{champion.REPORT_FOLDER}/{n}" for n in
+            ("report.md", "confusion_diff.png", "disagreements.png")} <= files
+    local = client.download_artifacts(run_id, champion.REPORT_FOLDER, str(world["tmp"]))
+    from PIL import Image
+
+    with Image.open(f"{local}/disagreements.png") as img:
+        assert img.size[0] >= 96  # six truck images, each 3x upscaled
+    md = done.report_markdown
+    assert "truck" in md and "0.03125" in md and "disagreements.png" in md
+    mv = client.get_model_version(tracking.REGISTERED_MODEL, done.registration.version)
+    assert mv.description.split("(The resolved")[0].strip() in done.model_card
+    assert len(mv.description) <= 5000 and "Intended use and limits" in mv.description
+    assert "out of domain" in mv.description and all(c in mv.description for c in CLASS_NAMES)
+    assert "model_card.md" in {a.path for a in client.list_artifacts(run_id)}
