@@ -77,16 +77,19 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert run.data.tags["prefect.flow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"learning_curves.png", "confusion_matrix.png", "onnx-model", "weights.pt"} <= artifacts
+    assert {"learning_curves.png", "confusion_matrix.png", "model_card.md", "weights.pt"} <= artifacts
 
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
     assert champion.run_id == run.info.run_id
-    # The registered ONNX model loads in onnxruntime and predicts a batch of any size.
+    # The registered ONNX model (a LoggedModel of the run) loads in onnxruntime and predicts a
+    # batch of any size.
     import onnxruntime as ort
 
-    assert champion.source == f"runs:/{run.info.run_id}/onnx-model"
-    local = client.download_artifacts(champion.run_id, "onnx-model", str(tmp_path))
-    (onnx_file,) = Path(local).glob("*.onnx")
+    from flows.tracking import Store, download_onnx, version_uri
+
+    assert champion.source == f"models:/{run.data.tags['onnx_model_id']}"
+    store = Store(f"sqlite:///{stack.root / 'mlflow.db'}", "")
+    onnx_file = download_onnx(store, version_uri(store, champion), tmp_path)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"image": np.zeros((7, 3, 32, 32), np.float32)})[0]
     assert logits.shape == (7, 10)
@@ -161,7 +164,7 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     params = [
         "preset=seed-baseline", 'grid={"data.train_size": [240, 1000]}', "seeds=2",
         f"data={json.dumps({'source': str(folder), 'checksums': sums, 'val_size': 60})}",
-        'train={"epochs": 1}', "retries=1", "retry_delay_s=1",
+        'train={"epochs": 1}', "retries=1", "retry_delay_s=1", "min_shared_images=50",
     ]
     result = stack.run_deployment("sweep-cifar/default", params, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -204,4 +207,14 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     (version,) = new
     assert version.run_id == candidate
     alias = parent.data.tags["registry.alias"]
-    assert alias == ("champion" if old_val is None or max(vals) > old_val else "challenger")
+    if old_val is None:
+        assert alias == "champion"
+    else:  # judged against the champion on the 60 validation images both runs share
+        shared = float(version.tags["shared_accuracy"])
+        assert version.tags["shared_images"] == "60"
+        assert alias == ("champion" if shared > float(version.tags["champion_shared_accuracy"])
+                         else "challenger"), version.tags["promotion_reason"]
+    # The registry version carries the point's statistics, not just its best seed's.
+    assert float(version.tags["sweep_point_val_mean"]) == pytest.approx(np.mean(vals), abs=1e-6)
+    assert float(version.tags["sweep_point_val_sd"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
+    assert "mean ± sd over 2 seeds" in version.description

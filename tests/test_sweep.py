@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import statistics
 
 import pytest
@@ -105,3 +106,41 @@ def test_tables_and_plot(tmp_path):
     png = sw.plot(rows, ["train.lr"], tmp_path / "p.png")
     with Image.open(png) as img:
         assert img.size[0] > 300
+
+
+def test_report_studies_carry_the_report_figures_of_every_point():
+    figures = json.loads(sw.REPORT_FIGURES_FILE.read_text())["studies"]
+    lr = sw.STUDIES["report-lr"].report
+    assert lr == {f"train.lr={p['lr']}": p["test_accuracy"] for p in figures["lr"]["points"]}
+    assert sw.STUDIES["report-epochs"].report["train.epochs=8"] == 63.37
+    assert sw.STUDIES["report-batch-size"].report["train.batch_size=8"] == 64.71
+    depth = sw.STUDIES["report-depth-kernel"].report
+    assert depth["model.name=seed-deep, model.options.kernel_size=1"] == 71.41
+    split = sw.STUDIES["report-split"]
+    assert split.preset == "seed-deep"  # the report ran it on its 4-conv net
+    assert split.report["data=train_size=45000/val_size=5000"] == 72.29
+    for study in sw.STUDIES.values():  # every figure sits on a real point
+        assert set(study.report) <= {p.label for p in sw.expand(study.preset, study.grid)}
+
+
+def test_a_scaled_epochs_study_shows_the_epochs_run_and_merges_identical_points():
+    study = sw.STUDIES["report-epochs"]
+    grid_points = sw.expand(study.preset, study.grid)
+    points, notes = sw.scale_points(grid_points, study.preset, epoch_scale=0.3, data_scale=0.1)
+    # 2, 4, 7, 8, 10 epochs x 0.3, rounded up: 1, 2, 3, 3, 3.
+    assert [p.label for p in points] == ["train.epochs=1", "train.epochs=2", "train.epochs=3"]
+    assert points[2].stands_for() == ("train.epochs=7", "train.epochs=8", "train.epochs=10")
+    assert all(p.overrides["data"] == {"train_size": 4000, "val_size": 1000} for p in points)
+    assert any("train.epochs=7, train.epochs=8, train.epochs=10 became the same run" in n
+               for n in notes)
+    outcomes = [sw.Outcome(p, s, "ok", f"{p.index}{s}", 0.5 + p.index / 10, 0.5, 1.0)
+                for p in points for s in (0, 1)]
+    rows = sw.summarise(outcomes, study.report)
+    assert [r["train.epochs"] for r in rows] == ["1", "2", "3"]
+    # A merged point is not given one of the report's full-scale figures.
+    assert all(r["report_test_acc"] is None for r in rows)
+    md = sw.to_markdown("t", rows, sw.best_point(rows), notes)
+    assert "| train.epochs=3 **(best by val)** | train.epochs=7; train.epochs=8; train.epochs=10 |" in md
+    # Unscaled, nothing is merged or relabelled and the figures attach.
+    same, none = sw.scale_points(grid_points, study.preset, 1, 1)
+    assert same == grid_points and none == []
