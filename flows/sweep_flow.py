@@ -32,7 +32,7 @@ from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrid
 from flows.train_flow import project_root, publish_champion
 
 StudyName = Literal[tuple(sw.STUDIES)]  # type: ignore[valid-type]
-PARITY_MAX_ABS_DIFF = 1e-4  # the same gate as export_onnx_checked
+PARITY_MAX_ABS_DIFF = 1e-4  # the same gate as the export task (cifarlab.export.PARITY_ATOL)
 
 
 class PointFailed(RuntimeError):
