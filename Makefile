@@ -38,6 +38,7 @@ stack: setup  ## Prefect server + pool + concurrency limit + worker + deployment
 	$(PY) -m flows.stack up
 
 mlflow-ui: setup  ## the MLflow UI on the default store, http://127.0.0.1:5000
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the runs view, not GenAI)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000 --workers 1
 

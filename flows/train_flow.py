@@ -349,10 +349,12 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
     bento = None if skip_registry or skip_bentoml else publish_champion(store, str(root_dir))
 
     s = evaluated.value["summary"]
+    summary = _summary_markdown(config, s, done, store, run_id, bento)
     create_markdown_artifact(
-        key="train-cifar-summary",
-        markdown=_summary_markdown(config, s, done, store, run_id, bento),
+        key="train-cifar-summary", markdown=summary,
         description=f"{config.preset}: validation {100 * s['val_accuracy']:.2f} % (served model)")
+    # The MLflow run page shows this as the run's description.
+    store.client.set_tag(run_id, "mlflow.note.content", summary.split("\n## Config")[0][:8000])
     reg = done.registration if done else None
     return {
         "mlflow_run_id": run_id, "tracking_uri": tracking.display_uri(store.uri),
