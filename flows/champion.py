@@ -72,12 +72,14 @@ def validation_indices(run: Any, labels: np.ndarray) -> np.ndarray:
     """A run's validation indices into the training images, rebuilt from its params (sizes,
     seed) and checked against its recorded split hash."""
     p, recorded = run.data.params, run.data.tags.get("split_sha256")
+    if not recorded:
+        raise SplitUnknown(f"run {run.info.run_id} recorded no split hash")
     try:
         split = stratified_split(labels, int(p["data.train_size"]), int(p["data.val_size"]),
                                  int(p["data.split_seed"]))
     except (KeyError, ValueError) as exc:
         raise SplitUnknown(f"run {run.info.run_id} records no usable split ({exc})") from None
-    if recorded and split.digest != recorded:
+    if split.digest != recorded:
         raise SplitUnknown(f"run {run.info.run_id}: its split rebuilt here hashes to "
                            f"{split.digest[:12]}, but it recorded {recorded[:12]} (other data?)")
     return np.asarray(split.val_idx)
@@ -86,13 +88,12 @@ def validation_indices(run: Any, labels: np.ndarray) -> np.ndarray:
 def shared_validation(champion: Any, challenger: Any, labels: np.ndarray) -> np.ndarray:
     """Indices held out from both runs' training: the shared split, else the intersection of
     the two validation sets (a validation image is never one of its own run's training images)."""
-    for key in ("data_fingerprint",):
-        a, b = champion.data.tags.get(key), challenger.data.tags.get(key)
-        if a != b:
-            raise SplitUnknown(f"the champion was trained on other data ({key} {a} vs {b}): "
-                               "their images cannot be matched")
+    theirs, mine = (r.data.tags.get("data_fingerprint") for r in (champion, challenger))
+    if theirs is None or theirs != mine:
+        raise SplitUnknown(f"the champion was trained on other data (data_fingerprint {theirs} "
+                           f"vs {mine}): their images cannot be matched")
     mine = validation_indices(challenger, labels)
-    if champion.data.tags.get("split_sha256") == challenger.data.tags.get("split_sha256"):
+    if champion.data.tags.get("split_sha256") == challenger.data.tags["split_sha256"]:
         return mine
     return np.intersect1d(mine, validation_indices(champion, labels))
 
@@ -108,12 +109,14 @@ def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, 
     champion = tracking.champion_version(store, name)
     if champion is None:
         return Verdict(True, "first version of the model: champion by default")
+    from mlflow.exceptions import MlflowException
+
     client = store.client
     labels = data.train_labels.numpy()
     try:
         shared = shared_validation(client.get_run(champion.run_id),
                                    client.get_run(challenger_run_id), labels)
-    except SplitUnknown as exc:
+    except (SplitUnknown, MlflowException) as exc:
         return Verdict(False, f"not compared with champion v{champion.version}: {exc}",
                        champion.version)
     if len(shared) < min_shared_images:
@@ -122,10 +125,15 @@ def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, 
                        f"{min_shared_images} needed): the alias stays", champion.version,
                        shared_idx=shared)
     images, truth = data.train_images[shared], labels[shared]
-    with tempfile.TemporaryDirectory() as tmp:
-        champion_onnx = tracking.download_onnx(store, tracking.version_uri(store, champion),
-                                               Path(tmp))
-        champion_pred = _predict(champion_onnx, images)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            champion_onnx = tracking.download_onnx(store, tracking.version_uri(store, champion),
+                                                   Path(tmp))
+            champion_pred = _predict(champion_onnx, images)
+    except Exception as exc:  # noqa: BLE001 - a broken champion must not block every new run
+        return Verdict(False, f"not compared: champion v{champion.version}'s model could not be "
+                       f"fetched or run ({type(exc).__name__}: {exc})"[:2000], champion.version,
+                       shared_idx=shared)
     comparison = cmp.compare(truth, champion_pred, _predict(challenger_onnx, images),
                              f"v{champion.version} (champion)", "this model (challenger)")
     t = comparison.test
@@ -195,14 +203,29 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
     version = tracking.create_version(store, run_id, model_uri, {**tags, **verdict.tags(),
                                       **settings}, name, model_id)
     alias = tracking.CHAMPION if verdict.promote else tracking.CHALLENGER
-    tracking.set_alias(store, run_id, version, alias, name)
+    # Report and card first, the alias last: a failure before it leaves a version without an
+    # alias (and the run FAILED), never a champion without its explanation.
     report = log_report(store, run_id, verdict, data, version)
     card = model_card(store.client.get_run(run_id), name=name, version=version, alias=alias,
-                      verdict=verdict.reason, extra=card_extra)
+                      verdict=verdict.reason, extra=card_extra,
+                      config=_resolved_config(store, run_id))
     store.client.update_model_version(name, version, description=registry_description(card))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CARD_FILE
         path.write_text(card)
         store.client.log_artifact(run_id, str(path))
+    tracking.set_alias(store, run_id, version, alias, name)
     reg = tracking.Registration(name, version, alias, verdict.champion_version, verdict.reason)
     return Registered(reg, verdict, report, card)
+
+
+def _resolved_config(store: tracking.Store, run_id: str) -> dict[str, Any] | None:
+    """The run's resolved_config.json artifact (typed values), or None where it has none."""
+    import json
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(store.client.download_artifacts(
+                run_id, "resolved_config.json", tmp)).read_text())
+    except Exception:  # noqa: BLE001 - the card then falls back to the run's params
+        return None

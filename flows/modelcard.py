@@ -31,10 +31,26 @@ def _config(params: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _masked(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with credentials masked in its data source."""
+    from flows.tracking import display_uri
+
+    out = json.loads(json.dumps(config, default=str))
+    data = out.get("data") or {}
+    if isinstance(data.get("source"), str):
+        data["source"] = display_uri(data["source"])
+    return out
+
+
 def model_card(run: Any, *, name: str, version: str, alias: str, verdict: str,
-               extra: Sequence[tuple[str, str]] = ()) -> str:
-    """Markdown card for registry version `version` of `name`, trained by MLflow run `run`."""
+               extra: Sequence[tuple[str, str]] = (), config: Mapping[str, Any] | None = None) -> str:
+    """Markdown card for registry version `version` of `name`, trained by MLflow run `run`;
+    `config` is its resolved config (else rebuilt from the run's params, as strings)."""
+    from flows.tracking import display_uri
+
     p, m, t = run.data.params, run.data.metrics, run.data.tags
+    config = config or _config({k: v for k, v in p.items() if "." in k})
+    options = json.dumps((config.get("model") or {}).get("options") or {})
     per_class = "\n".join(
         f"| {c} | {_pct(m.get(f'val_accuracy.{c}'))} | {_pct(m.get(f'test_accuracy.{c}'))} |"
         for c in CLASS_NAMES)
@@ -45,8 +61,8 @@ def model_card(run: Any, *, name: str, version: str, alias: str, verdict: str,
     rows = [
         ("registry", f"`{name}` version {version}; alias at registration `{alias}`"),
         ("promotion", verdict),
-        ("preset / architecture", f"`{p.get('preset')}` / `{p.get('model.name')}` "
-                                  f"options {p.get('model.options', '{}')}"),
+        ("preset / architecture", f"`{p.get('preset')}` / `{p.get('model.name')}`, "
+                                  f"options `{options}`"),
         ("validation accuracy (served ONNX model)", f"**{_pct(m.get('final_val_accuracy'))}** on "
          f"{p.get('data.val_size')} images"),
         ("test accuracy (served ONNX model, reported only)", _pct(m.get("test_accuracy"))),
@@ -56,7 +72,8 @@ def model_card(run: Any, *, name: str, version: str, alias: str, verdict: str,
          f"same class on {_pct(m.get('onnx_argmax_agreement'))} of the parity images"),
         ("onnxruntime latency (CPU)", f"{m.get('onnx_latency_ms_batch1', float('nan')):.2f} ms at batch 1, "
          f"{m.get('onnx_latency_ms_batch256', float('nan')):.1f} ms at batch 256"),
-        ("data", f"source `{p.get('data.source')}`, fingerprint `{t.get('data_fingerprint', '-')}`"),
+        ("data", f"source `{display_uri(p.get('data.source') or '-')}`, fingerprint "
+                 f"`{t.get('data_fingerprint', '-')}`"),
         ("split", f"{p.get('data.train_size')} train / {p.get('data.val_size')} validation of "
                   f"the 50,000 training images, seed {p.get('data.split_seed')}, sha256 "
                   f"`{t.get('split_sha256', '-')}`; the 10,000 official test images"),
@@ -99,7 +116,7 @@ A CIFAR-10 image classifier exported to ONNX: normalised float32 input (N, 3, {I
 ## Resolved config
 
 ```json
-{json.dumps(_config({k: v for k, v in p.items() if "." in k}), indent=2)}
+{json.dumps(_masked(config), indent=2)}
 ```
 """
 

@@ -26,13 +26,13 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows import sweep as sw
+from cifarlab.export import PARITY_ATOL
 from flows import tracking
 from flows.champion import MIN_SHARED_IMAGES
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides
 from flows.train_flow import project_root, publish_champion
 
 StudyName = Literal[tuple(sw.STUDIES)]  # type: ignore[valid-type]
-PARITY_MAX_ABS_DIFF = 1e-4  # the same gate as the export task (cifarlab.export.PARITY_ATOL)
 
 
 class PointFailed(RuntimeError):
@@ -124,7 +124,7 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
     run = store.client.get_run(cand.run_id)
     diff = run.data.metrics.get("onnx_max_abs_diff")
     agree = run.data.metrics.get("onnx_argmax_agreement")
-    if diff is None or agree is None or diff > PARITY_MAX_ABS_DIFF or agree < 1.0:
+    if diff is None or agree is None or diff > PARITY_ATOL or agree < 1.0:
         raise PointFailed(f"candidate run {cand.run_id} has no passing ONNX parity check "
                           f"(max |diff| {diff}, argmax agreement {agree}): not registered")
     model_id, model_uri = run.data.tags.get("onnx_model_id"), run.data.tags.get("onnx_model_uri")
@@ -151,7 +151,10 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
             min_shared_images=min_shared_images, min_significance=min_significance,
             model_id=model_id, card_extra=(
                 ("sweep", f"`{sid}`, point {best_row['point']}: {point_stats}; this version is "
-                          f"its seed with the best validation accuracy (seed {cand.seed})"),))
+                          f"its seed with the best validation accuracy (seed {cand.seed}). "
+                          "Point and seed were chosen on the validation images that the "
+                          "comparison with the champion also uses, which favours this model "
+                          "(selection bias); `min_significance` asks for a margin."),))
     return done, cand.run_id
 
 

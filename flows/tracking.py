@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -59,20 +60,21 @@ def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
     from mlflow import MlflowClient
 
     uri = tracking_uri(root)
+    shown = display_uri(uri)  # never a password in an error message
     if uri.startswith(("http://", "https://")):
         # MLflow's client retries for minutes against a dead server; ask once, quickly.
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
                 pass
         except OSError as exc:
-            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {exc}") from exc
+            raise TrackingUnavailable(f"MLflow tracking server {shown} is unreachable: {exc}") from exc
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.is_dir():
-            raise TrackingUnavailable(f"MLflow tracking store {uri}: folder {db.parent} does "
+            raise TrackingUnavailable(f"MLflow tracking store {shown}: folder {db.parent} does "
                                       "not exist")
         if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
-            raise TrackingUnavailable(f"MLflow tracking store {uri} is not writable")
+            raise TrackingUnavailable(f"MLflow tracking store {shown} is not writable")
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         found = client.get_experiment_by_name(experiment)
@@ -85,7 +87,7 @@ def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
         client.set_experiment_tag(exp_id, "mlflow.experimentKind", EXPERIMENT_KIND)
     except Exception as exc:  # any failure here means: do not start training
         raise TrackingUnavailable(
-            f"MLflow tracking store {uri} is unreachable or unwritable: {exc}") from exc
+            f"MLflow tracking store {shown} is unreachable or unwritable: {exc}") from exc
     return Store(uri=uri, experiment_id=exp_id)
 
 
@@ -234,8 +236,11 @@ def log_datasets(store: Store, run_id: str, run: Any) -> None:
     from mlflow.entities import DatasetInput, InputTag
 
     source = run.config.data.source or str(run.data.folder)
-    src = (HTTPDatasetSource(display_uri(source)) if source.startswith(("http://", "https://"))
-           else LocalArtifactDatasetSource(str(Path(source).resolve())))
+    if source.startswith(("http://", "https://")):
+        src = HTTPDatasetSource(display_uri(source))
+    else:
+        path = urllib.parse.urlsplit(source).path if source.startswith("file:") else source
+        src = LocalArtifactDatasetSource(str(Path(path).resolve()))
     split = run.split
     inputs = []
     for context, idx in (("training", split.train_idx), ("validation", split.val_idx)):
@@ -247,10 +252,14 @@ def log_datasets(store: Store, run_id: str, run: Any) -> None:
 
 
 @contextlib.contextmanager
-def system_metrics(store: Store, run_id: str, interval_s: float = 10.0):
+def system_metrics(store: Store, run_id: str, interval_s: float | None = None):
     """Record CPU, memory, disk, network (and GPU where present) as `system/*` metrics of the
-    run while the block runs."""
+    run while the block runs, every `interval_s` (default $CIFAR_SYSTEM_METRICS_INTERVAL_S,
+    else 10 s; MLflow logs whole intervals only)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    if interval_s is None:
+        interval_s = float(os.environ.get("CIFAR_SYSTEM_METRICS_INTERVAL_S", "10"))
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
                                    resume_logging=True, tracking_uri=store.uri)
@@ -262,13 +271,15 @@ def system_metrics(store: Store, run_id: str, interval_s: float = 10.0):
 
 
 def display_uri(uri: str) -> str:
-    """A tracking URI fit for logs and artifacts: any user name and password masked."""
+    """A URI fit for logs, tags and artifacts: user name and password masked, query string
+    (tokens of presigned URLs) and fragment dropped."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    if not parts.scheme or parts.scheme == "file" or len(parts.scheme) == 1:
+        return uri  # a path (or a Windows drive letter): nothing secret in it
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        netloc = f"***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
 def log_files(store: Store, run_id: str, files: Mapping[str, Path], folder: str | None = None) -> None:
@@ -307,8 +318,12 @@ def champion_version(store: Store, name: str = REGISTERED_MODEL) -> Any | None:
 
     try:
         return store.client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # Only "no such model / alias" means no champion; a server error must not crown the
+        # next version unjudged.
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
 
 
 def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str, str],
@@ -339,17 +354,22 @@ def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str,
     return str(version.version)
 
 
+_ENV_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _scoped_env(key: str, value: str):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+    """Set an environment variable for one block, one thread at a time, then restore it."""
+    with _ENV_LOCK:
+        old = os.environ.get(key)
+        os.environ[key] = value
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def set_alias(store: Store, run_id: str, version: str, alias: str,

@@ -232,6 +232,14 @@ def _flow_run_alive(flow_run_id: str) -> bool:
         return True
 
 
+def _user() -> str:
+    """Who runs this: the login name, or the uid where the container has no passwd entry."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid-{os.getuid()}"
+
+
 def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict[str, str],
                data_folder: str, extra_tags: dict[str, str] | None = None) -> tuple[str, Path]:
     """Resume this config's unfinished MLflow run, or start one; returns (run id, run folder)."""
@@ -253,7 +261,7 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
         "mlflow.source.type": "JOB", "mlflow.source.name": "flows/train_flow.py:train_cifar",
         "mlflow.source.git.commit": code.removesuffix("-dirty"),
         "mlflow.source.git.dirty": str(code.endswith("-dirty")).lower(),
-        "mlflow.user": getpass.getuser(), "host": socket.gethostname(),
+        "mlflow.user": _user(), "host": socket.gethostname(),
         **(extra_tags or {}),
     }
     resume = tracking.find_resumable_run(store, chash)

@@ -109,7 +109,6 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
         except (FileNotFoundError, MlflowException) as exc:
             raise ImportFailed(f"{registered_model} v{version}: {exc}") from None
         local = onnx_file.parent
-        onnx_files = [onnx_file]
         mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").is_file() else {}
         logged = mlmodel.get("metadata") or {}
         class_names = list(logged.get("class_names") or CLASS_NAMES)
@@ -118,7 +117,7 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
                 raise ImportFailed(f"{registered_model} v{version} was trained with {key} "
                                    f"{logged[key]}, but the service normalises with {list(shared)} "
                                    "(cifarlab/constants.py): refusing to serve it wrongly")
-        engine = Engine(onnx_files[0], {"class_names": class_names}, threads=1)  # loads + checks shapes
+        engine = Engine(onnx_file, {"class_names": class_names}, threads=1)  # loads + checks shapes
         engine.warm_up((1, 2))
         metadata = {
             "registered_model": registered_model, "mlflow_version": version,
@@ -139,7 +138,7 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
                   "mlflow_run_id": mv.run_id, "source": "mlflow"}
         with bentoml.models.create(bento_model, labels=labels, metadata=metadata,
                                    _model_store=store) as bm:
-            shutil.copyfile(onnx_files[0], bm.path_of("model.onnx"))
+            shutil.copyfile(onnx_file, bm.path_of("model.onnx"))
             if (local / "MLmodel").is_file():
                 shutil.copyfile(local / "MLmodel", bm.path_of("MLmodel"))
             if mv.description:  # the version's model card (flows/modelcard.py)

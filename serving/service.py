@@ -134,7 +134,7 @@ async def _model_card(request: Any) -> JSONResponse:
     keys = ("registered_model", "mlflow_version", "mlflow_run_id", "val_accuracy",
             "test_accuracy", "served_tta", "preset", "promotion_reason", "class_names")
     return JSONResponse({"bento_tag": str(stored.tag), **{k: meta.get(k) for k in keys},
-                         "model_card": card.read_text() if card.is_file() else None})
+                         "model_card_markdown": card.read_text() if card.is_file() else None})
 
 
 # Mounted at the root: BentoML's PassiveMount matches only the routes this app has (/model).

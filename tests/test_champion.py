@@ -180,3 +180,28 @@ def test_report_and_model_card_are_published(world):
     assert len(mv.description) <= 5000 and "Intended use and limits" in mv.description
     assert "out of domain" in mv.description and all(c in mv.description for c in CLASS_NAMES)
     assert "model_card.md" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_a_champion_whose_model_cannot_be_fetched_blocks_nothing_and_keeps_the_alias(world):
+    import shutil
+    from urllib.parse import urlsplit
+
+    _register(world, BarReader(confuse_truck=True), min_shared_images=5)
+    store = world["store"]
+    champ = tracking.champion_version(store)
+    location = urlsplit(tracking.version_uri(store, champ)).path
+    shutil.rmtree(location)  # the champion's files are gone from the artifact store
+    done = _register(world, BarReader(), min_shared_images=5)
+    assert done.registration.alias == "challenger"
+    assert "could not be fetched or run" in done.registration.reason
+    assert tracking.champion_version(store).version == champ.version
+
+
+def test_a_run_without_a_recorded_split_is_not_compared(world):
+    _register(world, BarReader(confuse_truck=True), min_shared_images=5)
+    store = world["store"]
+    champ = tracking.champion_version(store)
+    store.client.delete_tag(champ.run_id, "split_sha256")
+    done = _register(world, BarReader(), min_shared_images=5)
+    assert done.registration.alias == "challenger"
+    assert "recorded no split hash" in done.registration.reason

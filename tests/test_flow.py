@@ -66,7 +66,8 @@ def test_bad_parameters_are_rejected_naming_the_field(kwargs, field, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # rejected before anything ran
 
 
-def test_run_tracks_exports_and_registers_champion(data, tmp_path):
+def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR_SYSTEM_METRICS_INTERVAL_S", "1")  # a short run still gets samples
     result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
     assert result["alias"] == "champion" and result["parity"]["passed"]
     (run,) = _runs(tmp_path)

@@ -292,7 +292,8 @@ def test_model_card_is_served_and_answers_point_at_it(served):
     assert r.status_code == 200, (r.status_code, r.headers)
     body = r.json()
     assert body["mlflow_version"] == "1" and body["served_tta"] == "none"
-    assert "Intended use and limits" in body["model_card"] and "out of domain" in body["model_card"]
+    card = body["model_card_markdown"]
+    assert "Intended use and limits" in card and "out of domain" in card
     answer = served.classify(_png(served.images[0].permute(1, 2, 0).numpy())).json()["model"]
     assert answer["model_card"] == "/model" and answer["served_tta"] == "none"
     assert answer["val_accuracy"] == pytest.approx(body["val_accuracy"])

@@ -1,0 +1,77 @@
+"""Copy a finished sweep's summary out of MLflow into benchmarks/results/.
+
+    python benchmarks/export_sweep.py --study report-lr --name sweep-report-lr-cpu-full \\
+        [--tracking-uri sqlite:///path/to/mlflow.db]
+
+Takes the newest FINISHED `sweep-cifar` parent run of the study and writes `<name>.md`,
+`<name>.csv`, `<name>.png` and `<name>-runs.json` (every child run: point, seed, validation and
+test accuracy of its served model, training seconds), plus the CPU it ran on in the markdown.
+The sweep itself is `make sweep STUDY=... SEEDS=...` (or `prefect deployment run sweep-cifar/...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from flows import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = {"sweep_summary.md": ".md", "sweep_summary.csv": ".csv", "sweep_accuracy.png": ".png",
+         "sweep_runs.json": "-runs.json"}
+
+
+def cpu_model() -> str:
+    """The processor's model name, from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> None:
+    """Find the sweep's parent run and copy its summary files."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", required=True)
+    parser.add_argument("--name", required=True, help="file name stem under benchmarks/results")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else the project's mlflow.db")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    uri = args.tracking_uri or tracking.tracking_uri(ROOT)
+    store = tracking.Store(uri, "")
+    exp = store.client.get_experiment_by_name(tracking.EXPERIMENT)
+    if exp is None:
+        raise SystemExit(f"no experiment {tracking.EXPERIMENT!r} in {uri}")
+    runs = store.client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.sweep_role = 'parent' and tags.study = "
+        f"'{args.study}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise SystemExit(f"no finished sweep of {args.study!r} in {uri}")
+    parent = runs[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for artifact, suffix in FILES.items():
+            local = store.client.download_artifacts(parent.info.run_id, artifact, tmp)
+            target = args.out / f"{args.name}{suffix}"
+            shutil.copyfile(local, target)
+            print(f"wrote {target}")
+    md = args.out / f"{args.name}.md"
+    minutes = (parent.info.end_time - parent.info.start_time) / 60000
+    md.write_text(md.read_text() + f"\nRan on {cpu_model()} ({os.cpu_count()} cores), "
+                  f"{minutes:.0f} minutes for the whole sweep; MLflow parent run "
+                  f"`{parent.info.run_id}`; exported by `python benchmarks/export_sweep.py "
+                  f"--study {args.study} --name {args.name}`.\n")
+
+
+if __name__ == "__main__":
+    main()
