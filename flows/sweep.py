@@ -300,7 +300,8 @@ def summarise(outcomes: Sequence[Outcome], report: Mapping[str, float] | None = 
             "val_acc_mean": val_mean, "val_acc_std": val_std,
             "test_acc_mean": test_mean, "test_acc_std": test_std,
             "train_seconds_mean": secs,
-            # The report's figure where the point runs exactly one of its settings at full scale.
+            # The report's figure where the point stands for exactly one grid point (scaled runs
+            # carry the report's full-scale figure beside them; the notes say so).
             "report_test_acc": (report.get(point.label) if point.grid_labels in ((), (point.label,))
                                 else None),
             "errors": "; ".join(sorted({o.error for o in runs if o.error}))[:500] or None,

@@ -146,7 +146,9 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
         **{f"test_accuracy.{k}": v for k, v in s["test_per_class_accuracy"].items()},
         **{f"onnx_latency_ms_batch{b}": ms for b, ms in latency.items()},
     }
-    tracking.log_metrics(store, run_id, metrics)
+    # Per-class figures on the run; the headline ones go with the logged model (below), which
+    # links them to it and records them on the run too.
+    tracking.log_metrics(store, run_id, {k: v for k, v in metrics.items() if "." in k})
     tracking.log_files(store, run_id, {k: run.files[k] for k in ("confusion_matrix", "results")})
     weights = run.run_dir / "weights.pt"
     torch.save(run.trained.model.state_dict(), weights)

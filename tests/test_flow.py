@@ -66,6 +66,18 @@ def test_bad_parameters_are_rejected_naming_the_field(kwargs, field, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # rejected before anything ran
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"kernel_size": 4}, "model.options.kernel_size: must be odd, got 4"),
+    ({"kernal_size": 3}, "no option kernal_size"),
+])
+def test_bad_model_options_fail_before_anything_runs(options, message, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        train_cifar(preset="seed-baseline", model={"options": options}, root=str(tmp_path))
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
 def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR_SYSTEM_METRICS_INTERVAL_S", "1")  # a short run still gets samples
     result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
