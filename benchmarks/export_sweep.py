@@ -44,8 +44,10 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else the project's mlflow.db")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--note", default="", help="how it ran (threads, load), for the record")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = args.tracking_uri or tracking.tracking_uri(ROOT)
     store = tracking.Store(uri, "")
     exp = store.client.get_experiment_by_name(tracking.EXPERIMENT)
@@ -70,7 +72,7 @@ def main() -> None:
     md.write_text(md.read_text() + f"\nRan on {cpu_model()} ({os.cpu_count()} cores), "
                   f"{minutes:.0f} minutes for the whole sweep; MLflow parent run "
                   f"`{parent.info.run_id}`; exported by `python benchmarks/export_sweep.py "
-                  f"--study {args.study} --name {args.name}`.\n")
+                  f"--study {args.study} --name {args.name}`.{' ' + args.note if args.note else ''}\n")
 
 
 if __name__ == "__main__":
