@@ -301,9 +301,9 @@ def summarise(outcomes: Sequence[Outcome], report: Mapping[str, float] | None = 
             "test_acc_mean": test_mean, "test_acc_std": test_std,
             "train_seconds_mean": secs,
             # The report's figure where the point stands for exactly one grid point (scaled runs
-            # carry the report's full-scale figure beside them; the notes say so).
-            "report_test_acc": (report.get(point.label) if point.grid_labels in ((), (point.label,))
-                                else None),
+            # show the full-scale figure beside theirs; the notes say so); none for merged points.
+            "report_test_acc": (report.get(point.stands_for()[0])
+                                if len(point.stands_for()) == 1 else None),
             "errors": "; ".join(sorted({o.error for o in runs if o.error}))[:500] or None,
         })
     return rows

@@ -137,10 +137,17 @@ def test_a_scaled_epochs_study_shows_the_epochs_run_and_merges_identical_points(
                 for p in points for s in (0, 1)]
     rows = sw.summarise(outcomes, study.report)
     assert [r["train.epochs"] for r in rows] == ["1", "2", "3"]
-    # A merged point is not given one of the report's full-scale figures.
-    assert all(r["report_test_acc"] is None for r in rows)
+    # A point that runs one grid point shows that point's (full-scale) report figure; a merged
+    # point shows none.
+    assert [r["report_test_acc"] for r in rows] == [61.29, 65.07, None]
     md = sw.to_markdown("t", rows, sw.best_point(rows), notes)
     assert "| train.epochs=3 **(best by val)** | train.epochs=7; train.epochs=8; train.epochs=10 |" in md
+    # A scaled point that stands for one grid point keeps that point's report figure.
+    split = sw.STUDIES["report-split"]
+    scaled, _ = sw.scale_points(sw.expand(split.preset, split.grid), split.preset, 0.2, 0.25)
+    rows = sw.summarise([sw.Outcome(p, 0, "ok", "r", 0.5, 0.5, 1.0) for p in scaled], split.report)
+    assert rows[0]["point"] == "data=train_size=9000/val_size=2500"
+    assert [r["report_test_acc"] for r in rows] == [71.20, 72.11, 72.29]
     # Unscaled, nothing is merged or relabelled and the figures attach.
     same, none = sw.scale_points(grid_points, study.preset, 1, 1)
     assert same == grid_points and none == []
