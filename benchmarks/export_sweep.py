@@ -6,12 +6,15 @@
 Takes the newest FINISHED `sweep-cifar` parent run of the study and writes `<name>.md`,
 `<name>.csv`, `<name>.png` and `<name>-runs.json` (every child run: point, seed, validation and
 test accuracy of its served model, training seconds), plus the CPU it ran on in the markdown.
+With `--resummarise` the table, notes and plot are rebuilt from the child runs in MLflow with
+this checkout's `flows/sweep.py` (for a sweep that ran with older summary code).
 The sweep itself is `make sweep STUDY=... SEEDS=...` (or `prefect deployment run sweep-cifar/...`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -36,6 +39,45 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def resummarise(store: tracking.Store, experiment_id: str, parent, out: Path, name: str) -> None:
+    """Rebuild the summary of a finished sweep from its child runs with the current code."""
+    from flows import sweep as sw
+
+    p = parent.data.params
+    study = sw.STUDIES.get(p["study"])
+    epoch_scale, data_scale = float(p["epoch_scale"]), float(p["data_scale"])
+    grid = json.loads(p["grid"])
+    points, scale_notes = sw.scale_points(
+        sw.expand(p["preset"], grid, json.loads(p["common_overrides"])), p["preset"],
+        epoch_scale, data_scale)
+    sid = parent.data.tags["sweep_id"]
+    seeds = list(range(int(p["first_seed"]), int(p["first_seed"]) + int(p["seeds"])))
+    runs = {(r.data.tags.get("sweep_point"), r.data.tags.get("sweep_seed")): r
+            for r in store.client.search_runs([experiment_id], f"tags.sweep_id = '{sid}'",
+                                              max_results=5000)
+            if r.data.tags.get("sweep_role") == "child"}
+    outcomes = []
+    for point in points:
+        for seed in seeds:
+            run = runs.get((point.label, str(seed)))
+            if run is not None and run.info.status == "FINISHED":
+                m = run.data.metrics
+                outcomes.append(sw.Outcome(point, seed, "ok", run.info.run_id,
+                                           m.get("final_val_accuracy"), m.get("test_accuracy"),
+                                           m.get("train_seconds")))
+            else:
+                outcomes.append(sw.Outcome(point, seed, "failed", error="no finished run"))
+    rows = sw.summarise(outcomes, study.report if study else None)
+    best = sw.best_point(rows)
+    notes = sw.summary_notes(p["study"], p["preset"], study, len(points), seeds, epoch_scale,
+                             data_scale, parent.info.run_id, sid, scale_notes)
+    (out / f"{name}.md").write_text(sw.to_markdown(f"sweep-cifar: {p['study']}", rows, best, notes)
+                                    + "\n(Summary rebuilt from the child runs by "
+                                    "`export_sweep.py --resummarise`.)\n")
+    (out / f"{name}.csv").write_text(sw.to_csv(rows))
+    sw.plot(rows, list(grid), out / f"{name}.png")
+
+
 def main() -> None:
     """Find the sweep's parent run and copy its summary files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,6 +87,8 @@ def main() -> None:
                         help="default: $MLFLOW_TRACKING_URI, else the project's mlflow.db")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--note", default="", help="how it ran (threads, load), for the record")
+    parser.add_argument("--resummarise", action="store_true",
+                        help="rebuild table and plot from the child runs with this checkout's code")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -67,12 +111,15 @@ def main() -> None:
             target = args.out / f"{args.name}{suffix}"
             shutil.copyfile(local, target)
             print(f"wrote {target}")
+    if args.resummarise:
+        resummarise(store, exp.experiment_id, parent, args.out, args.name)
     md = args.out / f"{args.name}.md"
     minutes = (parent.info.end_time - parent.info.start_time) / 60000
     md.write_text(md.read_text() + f"\nRan on {cpu_model()} ({os.cpu_count()} cores), "
                   f"{minutes:.0f} minutes for the whole sweep; MLflow parent run "
                   f"`{parent.info.run_id}`; exported by `python benchmarks/export_sweep.py "
-                  f"--study {args.study} --name {args.name}`.{' ' + args.note if args.note else ''}\n")
+                  f"--study {args.study} --name {args.name}{' --resummarise' if args.resummarise else ''}`."
+                  f"{' ' + args.note if args.note else ''}\n")
 
 
 if __name__ == "__main__":

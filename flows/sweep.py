@@ -330,6 +330,23 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def summary_notes(name: str, preset_name: str, study: Study | None, points: int,
+                  seeds: Sequence[int], epoch_scale: float, data_scale: float, parent: str,
+                  sid: str, scale_notes: Sequence[str]) -> list[str]:
+    """The lines above a sweep's table: what ran, how it was chosen, what scaling changed."""
+    notes = [f"Study `{name}` on preset `{preset_name}`: "
+             f"{study.description if study else 'custom grid'}.",
+             f"{points} points x {len(seeds)} seeds (seeds {list(seeds)}); epoch scale "
+             f"{epoch_scale}, data scale {data_scale}; sd = sample standard deviation over seeds.",
+             f"MLflow parent run `{parent}`; sweep id `{sid}`. The best point is chosen by mean "
+             "validation accuracy (of each run's exported ONNX model); test accuracy is reported "
+             "only.", *scale_notes]
+    if study and study.report and (epoch_scale < 1 or data_scale < 1):
+        notes.append("The report column holds the report's full-scale figures; these runs were "
+                     "scaled down, so compare the trend, not the level.")
+    return notes
+
+
 def to_markdown(title: str, rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any] | None,
                 notes: Sequence[str] = ()) -> str:
     """The per-point table (mean ± sd over seeds, the report's figure beside) as markdown."""

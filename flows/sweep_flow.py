@@ -239,15 +239,8 @@ def sweep_cifar(
         outcomes = _outcomes(store, sid, jobs, done, retries)
         rows = sw.summarise(outcomes, chosen.report if chosen else None)
         best = sw.best_point(rows)
-        notes = [f"Study `{name}` on preset `{preset_name}`: {chosen.description if chosen else 'custom grid'}.",
-                 f"{len(points)} points x {seeds} seeds (seeds {seed_list}); epoch scale {epoch_scale}, "
-                 f"data scale {data_scale}; sd = sample standard deviation over seeds.",
-                 f"MLflow parent run `{parent}`; sweep id `{sid}`. The best point is chosen by mean "
-                 "validation accuracy (of each run's exported ONNX model); test accuracy is "
-                 "reported only.", *scale_notes]
-        if chosen and chosen.report and (epoch_scale < 1 or data_scale < 1):
-            notes.append("The report column holds the report's full-scale figures; these runs "
-                         "were scaled down, so compare the trend, not the level.")
+        notes = sw.summary_notes(name, preset_name, chosen, len(points), seed_list,
+                                 epoch_scale, data_scale, parent, sid, scale_notes)
         markdown = sw.to_markdown(f"sweep-cifar: {name}", rows, best, notes)
         with tempfile.TemporaryDirectory() as tmp:
             files = {"summary_csv": Path(tmp) / "sweep_summary.csv",
