@@ -16,27 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
 
 from flows import tracking
+from machine_info import cpu_model  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"sweep_summary.md": ".md", "sweep_summary.csv": ".csv", "sweep_accuracy.png": ".png",
          "sweep_runs.json": "-runs.json"}
-
-
-def cpu_model() -> str:
-    """The processor's model name, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def resummarise(store: tracking.Store, experiment_id: str, parent, out: Path, name: str) -> None:

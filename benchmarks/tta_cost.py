@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,21 +25,11 @@ import torch
 
 from cifarlab.config import preset
 from cifarlab.export import INPUT_NAME, check_parity, export_onnx
+from machine_info import cpu_model  # beside this script
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}
-
-
-def cpu_model() -> str:
-    """The processor's model name, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def time_calls(path: Path, batch: int, threads: int, seconds: float = 3.0) -> list[float]:
