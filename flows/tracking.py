@@ -57,6 +57,7 @@ class Store:
 def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
     """Connect, create the experiment if needed and write a tag: fail early and say why."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs
     from mlflow import MlflowClient
 
     uri = tracking_uri(root)
