@@ -84,7 +84,8 @@ class LocalStack:
         self.procs[name] = proc
         return proc
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True,
+            timeout: float | None = 120) -> subprocess.CompletedProcess:
         """Run `prefect ARGS` against this stack's server."""
         result = subprocess.run([self._prefect(), *args], cwd=PROJECT_ROOT, env=self.env,
                                 capture_output=True, text=True, timeout=timeout)
@@ -150,7 +151,7 @@ class LocalStack:
             self.stop()
 
     def run_deployment(self, deployment: str, params: Sequence[str] = (),
-                       timeout: float = 3600) -> subprocess.CompletedProcess:
+                       timeout: float | None = 3600) -> subprocess.CompletedProcess:
         """`prefect deployment run <flow>/<deployment> --watch` (params as key=value); a bare
         deployment name means a `train-cifar` one."""
         name = deployment if "/" in deployment else f"train-cifar/{deployment}"
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 while all(p.poll() is None for p in stack.procs.values()):
                     time.sleep(1)
             return 0
-        result = stack.run_deployment(args.deployment, args.params)
+        # No time limit: a full-scale study runs for hours (Ctrl-C stops it and the stack).
+        result = stack.run_deployment(args.deployment, args.params, timeout=None)
         print(result.stdout, end="")
         print(result.stderr, end="", file=sys.stderr)
         return result.returncode
