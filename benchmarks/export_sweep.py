@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from flows import tracking
 from machine_info import cpu_model  # beside this script
@@ -41,10 +42,13 @@ def resummarise(store: tracking.Store, experiment_id: str, parent, out: Path, na
         epoch_scale, data_scale)
     sid = parent.data.tags["sweep_id"]
     seeds = list(range(int(p["first_seed"]), int(p["first_seed"]) + int(p["seeds"])))
-    runs = {(r.data.tags.get("sweep_point"), r.data.tags.get("sweep_seed")): r
-            for r in store.client.search_runs([experiment_id], f"tags.sweep_id = '{sid}'",
-                                              max_results=5000)
-            if r.data.tags.get("sweep_role") == "child"}
+    runs: dict[tuple[str | None, str | None], Any] = {}
+    for r in store.client.search_runs([experiment_id], f"tags.sweep_id = '{sid}'",
+                                      max_results=5000):
+        key = (r.data.tags.get("sweep_point"), r.data.tags.get("sweep_seed"))
+        if r.data.tags.get("sweep_role") == "child" and (
+                key not in runs or r.info.status == "FINISHED"):  # a finished attempt wins
+            runs[key] = r
     outcomes = []
     for point in points:
         for seed in seeds:
@@ -65,6 +69,10 @@ def resummarise(store: tracking.Store, experiment_id: str, parent, out: Path, na
                                     "`export_sweep.py --resummarise`.)\n")
     (out / f"{name}.csv").write_text(sw.to_csv(rows))
     sw.plot(rows, list(grid), out / f"{name}.png")
+    (out / f"{name}-runs.json").write_text(json.dumps([{
+        "point": o.point.label, "seed": o.seed, "status": o.status, "run_id": o.run_id,
+        "val_accuracy": o.val_accuracy, "test_accuracy": o.test_accuracy,
+        "train_seconds": o.train_seconds, "error": o.error} for o in outcomes], indent=2) + "\n")
 
 
 def main() -> None:
@@ -78,6 +86,9 @@ def main() -> None:
     parser.add_argument("--note", default="", help="how it ran (threads, load), for the record")
     parser.add_argument("--resummarise", action="store_true",
                         help="rebuild table and plot from the child runs with this checkout's code")
+    parser.add_argument("--sweep-id", default=None,
+                        help="this sweep, whatever its parent's state (an interrupted sweep whose "
+                        "children were finished later; needs --resummarise)")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -86,28 +97,37 @@ def main() -> None:
     exp = store.client.get_experiment_by_name(tracking.EXPERIMENT)
     if exp is None:
         raise SystemExit(f"no experiment {tracking.EXPERIMENT!r} in {uri}")
+    which = (f"tags.sweep_id = '{args.sweep_id}'" if args.sweep_id
+             else "attributes.status = 'FINISHED'")
+    if args.sweep_id and not args.resummarise:
+        raise SystemExit("--sweep-id needs --resummarise (its parent may have no summary)")
     runs = store.client.search_runs(
         [exp.experiment_id], filter_string=f"tags.sweep_role = 'parent' and tags.study = "
-        f"'{args.study}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        f"'{args.study}' and {which}", order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise SystemExit(f"no finished sweep of {args.study!r} in {uri}")
     parent = runs[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for artifact, suffix in FILES.items():
-            local = store.client.download_artifacts(parent.info.run_id, artifact, tmp)
-            target = args.out / f"{args.name}{suffix}"
-            shutil.copyfile(local, target)
-            print(f"wrote {target}")
     if args.resummarise:
         resummarise(store, exp.experiment_id, parent, args.out, args.name)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for artifact, suffix in FILES.items():
+                local = store.client.download_artifacts(parent.info.run_id, artifact, tmp)
+                shutil.copyfile(local, args.out / f"{args.name}{suffix}")
+    for suffix in FILES.values():
+        print(f"wrote {args.out / (args.name + suffix)}")
     md = args.out / f"{args.name}.md"
-    minutes = (parent.info.end_time - parent.info.start_time) / 60000
+    children = store.client.search_runs(
+        [exp.experiment_id], f"tags.sweep_id = '{parent.data.tags['sweep_id']}'", max_results=5000)
+    end = max([parent.info.end_time or 0, *(c.info.end_time or 0 for c in children)])
+    minutes = (end - parent.info.start_time) / 60000
     md.write_text(md.read_text() + f"\nRan on {cpu_model()} ({os.cpu_count()} cores), "
                   f"{minutes:.0f} minutes for the whole sweep; MLflow parent run "
                   f"`{parent.info.run_id}`; exported by `python benchmarks/export_sweep.py "
-                  f"--study {args.study} --name {args.name}{' --resummarise' if args.resummarise else ''}`."
+                  f"--study {args.study} --name {args.name}"
+                  f"{' --resummarise' if args.resummarise else ''}"
+                  f"{' --sweep-id ' + args.sweep_id if args.sweep_id else ''}`."
                   f"{' ' + args.note if args.note else ''}\n")
 
 
