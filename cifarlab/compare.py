@@ -15,6 +15,7 @@ from statistics import NormalDist
 import numpy as np
 
 from cifarlab.constants import CLASS_NAMES, NUM_CLASSES
+from cifarlab.plots import pyplot
 
 
 @dataclass
@@ -117,7 +118,7 @@ def paired_test(labels, champion_pred, challenger_pred, confidence: float = 0.95
     )
 
 
-def _confusion(labels: np.ndarray, pred: np.ndarray) -> np.ndarray:
+def confusion_matrix(labels: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """(NUM_CLASSES, NUM_CLASSES) counts, rows true class, columns predicted class."""
     flat = np.bincount(labels * NUM_CLASSES + pred, minlength=NUM_CLASSES * NUM_CLASSES)
     return flat.reshape(NUM_CLASSES, NUM_CLASSES)
@@ -145,8 +146,8 @@ def compare(labels, champion_pred, challenger_pred, champion_name: str,
         champion_name=champion_name, challenger_name=challenger_name,
         test=paired_test(labels, champ, chall),
         per_class=_per_class(labels, champ, chall),
-        champion_confusion=_confusion(labels, champ),
-        challenger_confusion=_confusion(labels, chall),
+        champion_confusion=confusion_matrix(labels, champ),
+        challenger_confusion=confusion_matrix(labels, chall),
     )
 
 
@@ -154,18 +155,9 @@ def compare(labels, champion_pred, challenger_pred, champion_name: str,
 # Figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: these machines have no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion_diff(cmp: Comparison, path: Path) -> Path:
     """Heat map of challenger minus champion confusion counts, the difference in each cell."""
-    plt = _pyplot()
+    plt = pyplot()
     diff = cmp.challenger_confusion.astype(np.int64) - cmp.champion_confusion.astype(np.int64)
     limit = max(1, int(np.abs(diff).max()))  # symmetric limits keep white at exactly 0
     fig, ax = plt.subplots(figsize=(8.5, 7.5))
@@ -199,7 +191,7 @@ _GREEN, _RED = "#1a7f37", "#cf222e"
 
 def _no_disagreement_png(cmp: Comparison, path: Path) -> Path:
     """A small PNG that says there is nothing to show."""
-    plt = _pyplot()
+    plt = pyplot()
     fig = plt.figure(figsize=(5, 1.2))
     fig.text(0.5, 0.5, f"no disagreements between\n{cmp.champion_name} and {cmp.challenger_name}",
              ha="center", va="center", fontsize=11)
@@ -238,7 +230,7 @@ def disagreement_gallery(cmp: Comparison, images: np.ndarray, path: Path, limit:
     width = max(cols * _CELL_W, 520)  # wide enough for the header line
     canvas = _mosaic(images[chosen].transpose(0, 2, 3, 1).astype(np.uint8), cols, width)
 
-    plt = _pyplot()
+    plt = pyplot()
     dpi = 100
     # One data pixel per output pixel, so caption positions below are in canvas pixels.
     fig = plt.figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)

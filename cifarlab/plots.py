@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: these machines have no display
@@ -19,7 +20,7 @@ def _pyplot():
 
 def plot_learning_curves(history: Sequence, path: Path) -> Path:
     """Train/validation loss and accuracy per epoch, side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h.epoch for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h.train_loss for h in history], "o-", label="train")
@@ -40,7 +41,7 @@ def plot_learning_curves(history: Sequence, path: Path) -> Path:
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: Path,
                    title: str = "Confusion matrix (test)") -> Path:
     """Row-normalised confusion matrix with counts in the cells."""
-    plt = _pyplot()
+    plt = pyplot()
     totals = confusion.sum(axis=1, keepdims=True).clip(min=1)
     fig, ax = plt.subplots(figsize=(8, 7))
     ax.imshow(confusion / totals, cmap="Blues", vmin=0, vmax=1)

@@ -54,7 +54,7 @@ def model_card(run: Any, *, name: str, version: str, alias: str, verdict: str,
     per_class = "\n".join(
         f"| {c} | {_pct(m.get(f'val_accuracy.{c}'))} | {_pct(m.get(f'test_accuracy.{c}'))} |"
         for c in CLASS_NAMES)
-    served_tta = p.get("train.tta", "none") if p.get("train.serve_tta") == "True" else "none"
+    served_tta = t.get("served_tta", "none")  # set by the evaluate task
     tta_line = (f"| unserved TTA ({p.get('train.tta')}), reported only | validation "
                 f"{_pct(m.get('tta_val_accuracy'))}, test {_pct(m.get('tta_test_accuracy'))} |"
                 if "tta_val_accuracy" in m else None)

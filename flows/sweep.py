@@ -315,7 +315,8 @@ def best_point(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return max(done, key=lambda r: r["val_acc_mean"]) if done else None
 
 
-def _pct(value: float | None, std: float | None = None) -> str:
+def pct(value: float | None, std: float | None = None) -> str:
+    """A fraction as a percentage, with ± sd when given; "-" when missing."""
     if value is None:
         return "-"
     return f"{100 * value:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * value:.2f}"
@@ -361,8 +362,8 @@ def to_markdown(title: str, rows: Sequence[Mapping[str, Any]], best: Mapping[str
         secs = f"{r['train_seconds_mean']:.1f}" if r["train_seconds_mean"] is not None else "-"
         grid = f"| {r.get('grid_points', r['point'])} " if scaled_run else ""
         lines.append(f"| {r['point']}{mark} {grid}| {r['seeds_ok']} / {r['seeds_failed']} | "
-                     f"{_pct(r['val_acc_mean'], r['val_acc_std'])} | "
-                     f"{_pct(r['test_acc_mean'], r['test_acc_std'])} | {report} | {secs} |")
+                     f"{pct(r['val_acc_mean'], r['val_acc_std'])} | "
+                     f"{pct(r['test_acc_mean'], r['test_acc_std'])} | {report} | {secs} |")
     failed = [r for r in rows if r["errors"]]
     if failed:
         lines += ["", "## Failures", ""] + [f"- {r['point']}: {r['errors']}" for r in failed]

@@ -25,8 +25,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows import sweep as sw
 from cifarlab.export import PARITY_ATOL
+from flows import sweep as sw
 from flows import tracking
 from flows.champion import MIN_SHARED_IMAGES
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides
@@ -131,8 +131,8 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
     if not model_uri:
         raise PointFailed(f"candidate run {cand.run_id} logged no ONNX model")
     n = best_row["seeds_ok"]
-    point_stats = (f"{_pct(best_row['val_acc_mean'], best_row['val_acc_std'])} validation, "
-                   f"{_pct(best_row['test_acc_mean'], best_row['test_acc_std'])} test "
+    point_stats = (f"{sw.pct(best_row['val_acc_mean'], best_row['val_acc_std'])} % validation, "
+                   f"{sw.pct(best_row['test_acc_mean'], best_row['test_acc_std'])} % test "
                    f"(mean ± sd over {n} seeds)")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = tracking.download_onnx(store, model_uri, Path(tmp))
@@ -145,8 +145,7 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
                 "sweep_point_val_mean": f"{best_row['val_acc_mean']:.6f}",
                 "sweep_point_val_sd": f"{best_row['val_acc_std']:.6f}",
                 "sweep_point_test_mean": f"{best_row['test_acc_mean']:.6f}",
-                "served_tta": run.data.params.get("train.tta", "none")
-                if run.data.params.get("train.serve_tta") == "True" else "none",
+                "served_tta": run.data.tags.get("served_tta", "none"),
                 "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true"},
             min_shared_images=min_shared_images, min_significance=min_significance,
             model_id=model_id, card_extra=(
@@ -156,10 +155,6 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
                           "comparison with the champion also uses, which favours this model "
                           "(selection bias); `min_significance` asks for a margin."),))
     return done, cand.run_id
-
-
-def _pct(mean: float | None, sd: float | None) -> str:
-    return "-" if mean is None else f"{100 * mean:.2f} ± {100 * (sd or 0):.2f} %"
 
 
 @flow(name="sweep-cifar", log_prints=True)

@@ -162,6 +162,7 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
         "evaluated": "this ONNX file, by onnxruntime",
     }, metrics={k: v for k, v in metrics.items() if "." not in k}, params={
         "preset": run.config.preset, "model": run.config.model.name, "served_tta": ex.tta})
+    store.client.set_tag(run_id, "served_tta", ex.tta)
     store.client.set_tag(run_id, "onnx_model_id", logged.model_id)
     store.client.set_tag(run_id, "onnx_model_uri", logged.model_uri)
     tta = (f"; with unserved {ev.tta} TTA: validation {100 * ev.tta_val.accuracy:.2f}%, test "
@@ -189,7 +190,9 @@ def register_model(trained: InMemory, exported: InMemory, evaluated: InMemory,
             "onnx_max_abs_diff": f"{ex.parity.max_abs_diff:.3e}",
             "parity_passed": str(ex.parity.passed).lower(),
         }, min_shared_images=min_shared_images, min_significance=min_significance,
-        model_id=logged.model_id)
+        model_id=logged.model_id,
+        # evaluate_model has run this file over its validation split: reuse those classes.
+        known=(run.split.val_idx, ev["evaluation"].val.predictions))
     reg = done.registration
     get_run_logger().info("registered %s version %s as %s: %s", reg.name, reg.version,
                           reg.alias, reg.reason)
