@@ -14,6 +14,7 @@ verified, so a killed download never leaves a folder that passes as complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -130,7 +132,7 @@ def download(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 1.0,
     transfer is not retried: the server has the wrong file.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     last_error: Exception | None = None
     for attempt in range(1, retries + 2):
         try:
@@ -202,6 +204,29 @@ def prepare_cifar10(data_dir: Path, source: str | None = None, *,
         return local
 
     target = Path(data_dir) / FOLDER_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One fetch per folder at a time (several flow runs on one host starting together): the
+    # second waits, then finds the verified copy the first left.
+    with _folder_lock(target.parent / ".cifar10.lock"):
+        return _fetch_into(target, src, local, sums, retries, backoff_s, timeout_s)
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path):
+    """An exclusive advisory lock (flock) on `path`, held for the block."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fetch_into(target: Path, src: str, local: Path | None, sums: dict[str, str], retries: int,
+                backoff_s: float, timeout_s: float) -> Path:
+    data_dir = target.parent
     if target.is_dir():
         try:
             verify_folder(target, sums)

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,7 +159,8 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of this process's own: two writers never share (or truncate) one temporary file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a run killed mid-write keeps the previous checkpoint
 
@@ -303,10 +305,8 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
             val_loss=val.loss, val_accuracy=val.accuracy, lr=cfg.lr * factor,
             epoch_seconds=seconds, images_per_second=seen / seconds, train_seconds=train_seconds)
         history.append(metrics)
-        for hook in hooks:
-            hook(metrics, model)
         if average is not None:
-            average.swap(model)
+            average.swap(model)  # back to the training weights for the checkpoint
 
         if val.loss < best_val:
             best_val, bad_epochs = val.loss, 0
@@ -321,6 +321,14 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
             "epoch": epoch, "train_seconds": train_seconds, "best_val": best_val,
             "bad_epochs": bad_epochs, "history": [asdict(h) for h in history],
         }, ckpt_path)
+        # The hooks (which log the epoch) run once it is saved: a run killed in between resumes
+        # after this epoch, so no epoch is ever logged twice. They see the evaluated weights.
+        if average is not None:
+            average.swap(model)
+        for hook in hooks:
+            hook(metrics, model)
+        if average is not None:
+            average.swap(model)
         log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
                  epoch, cfg.epochs, metrics.train_loss, metrics.train_accuracy, val.loss,
                  val.accuracy, seconds)

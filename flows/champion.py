@@ -27,7 +27,7 @@ from cifarlab import compare as cmp
 from cifarlab.data import Cifar10
 from cifarlab.export import onnx_logits
 from cifarlab.split import stratified_split
-from flows import tracking
+from flows import locks, tracking
 
 MIN_SHARED_IMAGES = 2000
 REPORT_FOLDER = "champion_comparison"
@@ -213,6 +213,20 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
     """Judge the run's exported model against the champion, add it to the registry as
     `champion` or `challenger` with the verdict on its tags, log the comparison report and the
     model card (also the version's description)."""
+    # One registration at a time for this model name, across every host: two runs finishing
+    # together are judged one after the other, the second against the first's verdict.
+    with locks.exclusive("registry", name):
+        tracking.drop_unfinished_versions(store, run_id, name)
+        return _register(store, run_id, model_uri, onnx_path, data, tags=tags,
+                         min_shared_images=min_shared_images, min_significance=min_significance,
+                         model_id=model_id, card_extra=card_extra, name=name, known=known)
+
+
+def _register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path,
+              data: Cifar10, *, tags: dict[str, str], min_shared_images: int,
+              min_significance: float | None, model_id: str | None,
+              card_extra: tuple[tuple[str, str], ...], name: str,
+              known: tuple[np.ndarray, np.ndarray] | None) -> Registered:
     from flows.modelcard import CARD_FILE, model_card, registry_description
 
     verdict = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name,
@@ -222,8 +236,9 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
     version = tracking.create_version(store, run_id, model_uri, {**tags, **verdict.tags(),
                                       **settings}, name, model_id)
     alias = tracking.CHAMPION if verdict.promote else tracking.CHALLENGER
-    # Report and card first, the alias last: a failure before it leaves a version without an
-    # alias (and the run FAILED), never a champion without its explanation.
+    # Report and card first, the alias last: a failure before it leaves a version marked
+    # unfinished (removed by the run's next registration) and the run FAILED, never a champion
+    # without its explanation.
     report = log_report(store, run_id, verdict, data, version)
     card = model_card(store.client.get_run(run_id), name=name, version=version, alias=alias,
                       verdict=verdict.reason, extra=card_extra,

@@ -1,30 +1,55 @@
-"""The local stack on loopback: Prefect server, work pool, tag concurrency limit, worker, deploy.
+"""The stacks on loopback and on many hosts: Prefect server, work pools, workers, deployments.
 
-    python -m flows.stack up            # start everything, stay in the foreground; Ctrl-C stops it
+    python -m flows.stack up            # the embedded default: Prefect server on SQLite, one
+                                        # worker per pool, MLflow on sqlite:///mlflow.db
     python -m flows.stack run [--deployment default] [-p preset=seed-baseline ...]
                                         # start, run one deployment to the end, stop
-State (Prefect's database, logs) lives in `<root>/.prefect`; processes are started in their own
-process groups and stopped as groups, so no worker or flow run outlives the stack.
+    python -m flows.stack team          # the team stack: PostgreSQL, Prefect server and MLflow
+                                        # tracking server on it (auth on), pools, deployments;
+                                        # writes the join file workers and serving hosts need
+    python -m flows.stack worker --join team.env [--gpus 1] [--name NAME]
+                                        # a GPU host joins: trains what the `gpu` pool hands it
+
+Two work pools. `gpu`: every `train-cifar` run; each host's worker takes at most `--gpus` runs
+at a time (`prefect worker start --limit`), so N hosts train N runs at once and no host trains
+two on one GPU. `control`: the `sweep-cifar` runs, which only orchestrate (they start
+`train-cifar` runs, wait, summarise, register); they never hold a GPU host's slot.
+
+State (Prefect's database, logs) lives under `<root>/.prefect` (`<root>/.team` for the team
+stack). Processes are started in their own process groups and stopped as groups, so no worker or
+flow run outlives the stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-POOL = "gpu"
-GPU_TAG = "gpu"  # training tasks carry this tag; the limit of 1 keeps two runs off one device
+POOL = "gpu"  # train-cifar runs; one worker per GPU host
+CONTROL_POOL = "control"  # sweep-cifar runs: orchestration only
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true",
+                 "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# What a host needs to join a team stack; the join file holds exactly these.
+JOIN_KEYS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI",
+             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+class StackError(RuntimeError):
+    """A service of the stack could not be started or reached."""
 
 
 def free_port() -> int:
@@ -34,101 +59,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalStack:
-    """Prefect server + worker for one project root, all on 127.0.0.1."""
+def _exe(name: str) -> str:
+    """A console script of this environment (prefect, mlflow), else the one on PATH."""
+    exe = Path(sys.executable).with_name(name)
+    return str(exe) if exe.exists() else shutil.which(name) or name
 
-    def __init__(self, root: Path = PROJECT_ROOT, port: int = 4200, pool: str = POOL,
-                 prefect_home: Path | None = None, extra_env: dict[str, str] | None = None):
-        self.root = Path(root).resolve()
-        self.port = port
-        self.pool = pool
-        self.home = Path(prefect_home or self.root / ".prefect")
-        self.logs = self.home / "logs"
-        self.api_url = f"http://127.0.0.1:{port}/api"
-        self.env = {
-            **os.environ,
-            "PREFECT_HOME": str(self.home),
-            "PREFECT_API_URL": self.api_url,
-            "PREFECT_SERVER_API_HOST": "127.0.0.1",
-            "PREFECT_SERVER_API_PORT": str(port),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
-            # Poll every 2 s (default 10 s): a local run should not sit in the queue.
-            "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
-            # A task waiting for the `gpu` slot asks again after 5 s (default 30 s).
-            "PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": os.environ.get(
-                "PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", "5"),
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "BENTOML_DO_NOT_TRACK": "true",
-            "DO_NOT_TRACK": "true",
-            "CIFAR_ROOT": str(self.root),
-            "CIFAR_PROJECT_DIR": str(PROJECT_ROOT),
-            "CIFAR_WORK_POOL": pool,
-            **(extra_env or {}),
-        }
+
+def default_gpus() -> int:
+    """Trainings one host runs at once: its CUDA devices, at least one (the CPU)."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no torch / no driver: the CPU
+        return 1
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None,
+              log: Path | None = None, auth: str | None = None) -> None:
+    """Poll `url` until it answers 200 (with basic auth `user:password` when given)."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{url}: the server exited ({proc.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(request, timeout=3) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise StackError(f"{url} not healthy after {timeout:.0f} s ({last})" +
+                     (f"; see {log}" if log else ""))
+
+
+class Services:
+    """Child processes, each in its own process group with its log in one folder."""
+
+    def __init__(self, logs: Path, env: Mapping[str, str]):
+        self.logs, self.env = logs, env
         self.procs: dict[str, subprocess.Popen] = {}
 
-    # -- processes ------------------------------------------------------------------------------
-
-    def _prefect(self) -> str:
-        exe = Path(sys.executable).with_name("prefect")
-        return str(exe) if exe.exists() else shutil.which("prefect") or "prefect"
-
-    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen:
+    def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None,
+              cwd: Path = PROJECT_ROOT) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
         # A new session: the process and its children form one group we can signal, and SIGINT
         # is not inherited as ignored (a background job's worker ignores the first SIGTERM).
-        proc = subprocess.Popen(list(args), cwd=PROJECT_ROOT, env=self.env, stdout=log,
+        proc = subprocess.Popen(list(args), cwd=cwd, env=dict(env or self.env), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
-    def cli(self, *args: str, check: bool = True,
-            timeout: float | None = 120) -> subprocess.CompletedProcess:
-        """Run `prefect ARGS` against this stack's server."""
-        result = subprocess.run([self._prefect(), *args], cwd=PROJECT_ROOT, env=self.env,
-                                capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"prefect {' '.join(args)} failed ({result.returncode}):\n"
-                               f"{result.stdout}\n{result.stderr}")
-        return result
-
-    def wait_healthy(self, timeout: float = 90) -> None:
-        """Poll /health until the server answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            server = self.procs.get("server")
-            if server is not None and server.poll() is not None:
-                raise RuntimeError(f"prefect server exited ({server.returncode}); see "
-                                   f"{self.logs / 'server.log'}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            time.sleep(0.5)
-        raise TimeoutError(f"prefect server on {self.api_url} not healthy after {timeout:.0f} s")
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Server, pool, concurrency limit, deployments, worker."""
-        self._spawn("server", [self._prefect(), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(self.port)])
-        self.wait_healthy()
-        if self.cli("work-pool", "inspect", self.pool, check=False).returncode != 0:
-            self.cli("work-pool", "create", self.pool, "--type", "process")
-        self.cli("concurrency-limit", "create", GPU_TAG, "1")
-        self.cli("deploy", "--all", "--no-prompt")
-        self._spawn("worker", [self._prefect(), "worker", "start", "--pool", self.pool,
-                               "--type", "process", "--limit", "4"])
-
-    def stop(self, grace: float = 15) -> None:
-        """SIGTERM each process group (worker first), then SIGKILL what is left."""
-        for name in ("worker", "server"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
+    def stop(self, name: str, grace: float = 15) -> None:
+        """SIGTERM the group, SIGKILL what is left after `grace` seconds (children included)."""
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -137,9 +131,103 @@ class LocalStack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-            # Children (flow-run processes) share the group; make sure none survive.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        # Children (flow-run processes) share the group; make sure none survive.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop_all(self, order: Sequence[str] = ()) -> None:
+        for name in [*order, *reversed(list(self.procs))]:
+            self.stop(name)
+
+    def all_alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs.values())
+
+
+class LocalStack:
+    """Prefect server + one worker per pool for one project root, all on 127.0.0.1; MLflow is
+    the SQLite file of the root (or $MLFLOW_TRACKING_URI)."""
+
+    def __init__(self, root: Path = PROJECT_ROOT, port: int = 4200, pool: str = POOL,
+                 prefect_home: Path | None = None, extra_env: dict[str, str] | None = None,
+                 gpus: int | None = None):
+        self.root = Path(root).resolve()
+        self.port = port
+        self.pool = pool
+        self.gpus = gpus or default_gpus()
+        self.home = Path(prefect_home or self.root / ".prefect")
+        self.logs = self.home / "logs"
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.env = {
+            **os.environ,
+            **TELEMETRY_OFF,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
+            # Poll every 2 s (default 10 s): a local run should not sit in the queue.
+            "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
+            "CIFAR_ROOT": str(self.root),
+            "CIFAR_PROJECT_DIR": str(PROJECT_ROOT),
+            "CIFAR_WORK_POOL": pool,
+            "CIFAR_CONTROL_POOL": CONTROL_POOL,
+            **(extra_env or {}),
+        }
+        self.services = Services(self.logs, self.env)
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        return self.services.procs
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True,
+            timeout: float | None = 120) -> subprocess.CompletedProcess:
+        """Run `prefect ARGS` against this stack's server."""
+        result = subprocess.run([_exe("prefect"), *args], cwd=PROJECT_ROOT, env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"prefect {' '.join(args)} failed ({result.returncode}):\n"
+                               f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        """Poll /health until the Prefect server answers."""
+        wait_http(f"{self.api_url}/health", timeout, self.procs.get("server"),
+                  self.logs / "server.log", self.env.get("PREFECT_API_AUTH_STRING"))
+
+    def start_prefect_server(self, host: str = "127.0.0.1", env: Mapping[str, str] | None = None):
+        self.services.spawn("server", [_exe("prefect"), "server", "start", "--host", host,
+                                       "--port", str(self.port)], env={**self.env, **(env or {})})
+        self.wait_healthy()
+
+    def setup_pools(self) -> None:
+        """The two work pools and every deployment of prefect.yaml."""
+        for pool in (self.pool, CONTROL_POOL):
+            if self.cli("work-pool", "inspect", pool, check=False).returncode != 0:
+                self.cli("work-pool", "create", pool, "--type", "process")
+        self.cli("deploy", "--all", "--no-prompt")
+
+    def start_worker(self, name: str, pool: str, limit: int, env: Mapping[str, str] | None = None):
+        self.services.spawn(name, [_exe("prefect"), "worker", "start", "--pool", pool,
+                                   "--type", "process", "--limit", str(limit),
+                                   "--name", f"{tracking_host()}-{name}"],
+                            env={**self.env, "CIFAR_WORKER_NAME": f"{tracking_host()}-{name}",
+                                 **(env or {})})
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Server, pools, deployments, the GPU worker (one run per device) and the control
+        worker (sweeps)."""
+        self.start_prefect_server()
+        self.setup_pools()
+        self.start_worker("worker", self.pool, self.gpus)
+        self.start_worker("control", CONTROL_POOL, 8)
+
+    def stop(self, grace: float = 15) -> None:
+        """Workers first (they cancel their flow runs), then the servers."""
+        self.services.stop_all(order=("control", "worker"))
 
     @contextlib.contextmanager
     def running(self) -> Iterator[LocalStack]:
@@ -161,38 +249,278 @@ class LocalStack:
         return self.cli(*args, check=False, timeout=timeout)
 
 
+def tracking_host() -> str:
+    from flows.tracking import host_name
+
+    return host_name()
+
+
+# ---------------------------------------------------------------------------------------------
+# The team stack
+# ---------------------------------------------------------------------------------------------
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (blank lines and # comments skipped)."""
+    out = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise StackError(f"{path}, line {n}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def write_private(path: Path, values: Mapping[str, str], header: str = "") -> None:
+    """A KEY=VALUE file readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(header + "".join(f"{k}={v}\n" for k, v in values.items()))
+    os.chmod(path, 0o600)
+
+
+class TeamStack(LocalStack):
+    """PostgreSQL, the Prefect server and the MLflow tracking server on it (proxied artifacts,
+    basic auth), both pools, the deployments and the control worker. GPU workers join from
+    other hosts with the join file (`python -m flows.stack worker --join FILE`)."""
+
+    def __init__(self, root: Path = PROJECT_ROOT, *, bind: str = "127.0.0.1",
+                 advertise: str | None = None, prefect_port: int = 4200, mlflow_port: int = 5000,
+                 pg_port: int = 5433, database_url: str | None = None, local_gpu_worker: bool = False,
+                 extra_env: dict[str, str] | None = None, folder: Path | None = None):
+        self.folder = Path(folder or Path(root).resolve() / ".team")
+        self.bind = bind
+        host = advertise or (bind if bind not in ("0.0.0.0", "::") else socket.getfqdn())
+        self.secrets = self._secrets()
+        self.mlflow_url = f"http://{host}:{mlflow_port}"
+        self.mlflow_port, self.pg_port = mlflow_port, pg_port
+        self.database_url = database_url
+        self.local_gpu_worker = local_gpu_worker
+        self.join = {
+            "PREFECT_API_URL": f"http://{host}:{prefect_port}/api",
+            "PREFECT_API_AUTH_STRING": f"admin:{self.secrets['PREFECT_TOKEN']}",
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
+        }
+        super().__init__(root, port=prefect_port, prefect_home=self.folder / "prefect",
+                         extra_env={**self.join,
+                                    # the control worker's sweeps leave serving to serving hosts
+                                    "CIFAR_PUBLISH_BENTOML": "false", **(extra_env or {})})
+        self.api_url = self.join["PREFECT_API_URL"]
+        self.join_file = self.folder / "team.env"
+        self.postgres = None
+
+    def _secrets(self) -> dict[str, str]:
+        """Generated once per team folder, kept in `<folder>/secrets.env` (mode 600)."""
+        path = self.folder / "secrets.env"
+        if path.is_file():
+            return read_env_file(path)
+        values = {k: secrets.token_urlsafe(24) for k in
+                  ("DB_PASSWORD", "PREFECT_TOKEN", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")}
+        write_private(path, values, "# team stack secrets: never commit or share this file\n")
+        return values
+
+    def _database(self):
+        from flows import postgres
+
+        if self.database_url:
+            conn = postgres.Connection.from_url(self.database_url)
+            conn.create_databases()
+            return conn
+        self.postgres = postgres.LocalPostgres(self.folder / "postgres", self.pg_port,
+                                               self.secrets["DB_PASSWORD"],
+                                               log=self.logs / "postgres.log")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.postgres.start()
+        return self.postgres.connection
+
+    def start_mlflow_server(self, db) -> None:
+        from flows.postgres import DATABASES
+
+        auth_ini = self.folder / "mlflow-auth.ini"
+        write_private(auth_ini, {}, "[mlflow]\ndefault_permission = READ\n"
+                      "admin_username = admin\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                      "database_uri = " + db.url(DATABASES["mlflow_auth"]).replace("%", "%%") + "\n")
+        args = [_exe("mlflow"), "server", "--app-name", "basic-auth",
+                "--artifacts-destination", str(self.folder / "mlartifacts"),
+                "--host", self.bind, "--port", str(self.mlflow_port), "--workers", "1"]
+        host = self.mlflow_url.split("//")[1].split(":")[0]
+        if self.bind not in ("127.0.0.1", "localhost"):
+            args += ["--allowed-hosts", f"{host},{host}:{self.mlflow_port},localhost,127.0.0.1"]
+        # Secrets go through the environment, never the command line (`ps` shows that).
+        self.services.spawn("mlflow", args, env={
+            **self.env, "MLFLOW_BACKEND_STORE_URI": db.url(DATABASES["mlflow"]),
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_SECRET_KEY"],
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        wait_http(f"http://127.0.0.1:{self.mlflow_port}/health", 120, self.procs["mlflow"],
+                  self.logs / "mlflow.log")
+
+    def start(self) -> None:
+        from flows.postgres import DATABASES
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        db = self._database()
+        self.start_prefect_server(self.bind, env={
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": db.url(DATABASES["prefect"], "asyncpg"),
+            "PREFECT_SERVER_API_AUTH_STRING": self.join["PREFECT_API_AUTH_STRING"],
+            "PREFECT_SERVER_API_HOST": self.bind})
+        self.start_mlflow_server(db)
+        self.setup_pools()
+        write_private(self.join_file, self.join,
+                      "# join file of a cifar10-mlops team stack: give it to worker and serving "
+                      "hosts over a safe channel\n")
+        self.start_worker("control", CONTROL_POOL, 8)
+        if self.local_gpu_worker:
+            self.start_worker("worker", self.pool, self.gpus)
+
+    def stop(self, grace: float = 15) -> None:
+        self.services.stop_all(order=("control", "worker", "server", "mlflow"))
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+def check_join(env: Mapping[str, str]) -> None:
+    """Both servers answer with these credentials; otherwise one line naming the server."""
+    from flows.tracking import display_uri
+
+    missing = [k for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI") if not env.get(k)]
+    if missing:
+        raise StackError(f"join settings lack {', '.join(missing)}")
+    wait_http(env["PREFECT_API_URL"].rstrip("/") + "/health", 10,
+              auth=env.get("PREFECT_API_AUTH_STRING"))
+    mlflow = env["MLFLOW_TRACKING_URI"].rstrip("/")
+    auth = (f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
+            if env.get("MLFLOW_TRACKING_USERNAME") else None)
+    try:
+        wait_http(f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1", 10, auth=auth)
+    except StackError as exc:
+        raise StackError(f"MLflow tracking server {display_uri(mlflow)}: {exc}") from None
+
+
+def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
+               serving_host: bool, logs: Path) -> int:
+    """Join a team stack as a GPU host: one `prefect worker` on the `gpu` pool taking at most
+    `gpus` runs at once; every run records on the team's tracking server. Ctrl-C stops it."""
+    check_join(join)
+    name = name or tracking_host()
+    env = {**os.environ, **TELEMETRY_OFF, **join, "CIFAR_ROOT": str(root),
+           "CIFAR_PROJECT_DIR": str(PROJECT_ROOT), "CIFAR_HOST": name, "CIFAR_WORKER_NAME": name,
+           # flow runs import this checkout's code, whatever else the environment has installed
+           "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [
+               os.environ.get("PYTHONPATH")])]),
+           "CIFAR_PUBLISH_BENTOML": "true" if serving_host else "false",
+           "PREFECT_HOME": str(root / ".prefect-worker")}
+    services = Services(logs, env)
+    proc = services.spawn("worker", [_exe("prefect"), "worker", "start", "--pool", POOL,
+                                     "--type", "process", "--limit", str(gpus), "--name", name])
+    print(f"worker {name}: pool '{POOL}', {gpus} run(s) at a time, tracking on "
+          f"{join['MLFLOW_TRACKING_URI']}; log {logs / 'worker.log'}", flush=True)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+            while proc.poll() is None:
+                time.sleep(1)
+    finally:
+        services.stop_all()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line of the stack."""
+    """Command line of the stacks."""
     parser = argparse.ArgumentParser(prog="python -m flows.stack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start the stack and keep it running (Ctrl-C stops it)")
-    run = sub.add_parser("run", help="start the stack, run one deployment, stop")
+    up = sub.add_parser("up", help="start the local stack and keep it running (Ctrl-C stops it)")
+    run = sub.add_parser("run", help="start the local stack, run one deployment, stop")
     run.add_argument("--deployment", default="default",
                      help="train-cifar deployment, or FLOW/DEPLOYMENT (e.g. sweep-cifar/default)")
     run.add_argument("-p", "--param", dest="params", action="append", default=[],
                      help="flow parameter KEY=VALUE (JSON values), e.g. preset=seed-baseline")
-    for p in (up, run):
-        p.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
+    team = sub.add_parser("team", help="start the team stack (PostgreSQL, Prefect, MLflow "
+                                       "servers) and keep it running")
+    team.add_argument("--bind", default="127.0.0.1",
+                      help="address the servers listen on (0.0.0.0 to let other hosts in)")
+    team.add_argument("--advertise", help="host name other hosts use (default: --bind, or "
+                                          "this host's name when binding 0.0.0.0)")
+    team.add_argument("--mlflow-port", type=int, default=5000)
+    team.add_argument("--pg-port", type=int, default=5433)
+    team.add_argument("--database-url", default=os.environ.get("CIFAR_DATABASE_URL"),
+                      help="postgresql://USER:PASSWORD@HOST:PORT of your own PostgreSQL "
+                           "(default: start one in <root>/.team/postgres)")
+    team.add_argument("--with-worker", action="store_true",
+                      help="also run a GPU worker on this host")
+    worker = sub.add_parser("worker", help="join a team stack as a GPU host")
+    worker.add_argument("--join", type=Path, default=os.environ.get("CIFAR_JOIN_FILE"),
+                        help="the team stack's join file (team.env); else the PREFECT_* and "
+                             "MLFLOW_* variables of the environment")
+    worker.add_argument("--name", help="this host's name on runs (default: hostname)")
+    worker.add_argument("--gpus", type=int, default=None,
+                        help="trainings at once on this host (default: its CUDA devices, or 1)")
+    worker.add_argument("--serving-host", action="store_true",
+                        help="also copy each new champion into this host's BentoML store")
+    for p in (up, run, team, worker):
+        p.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)),
+                       help="Prefect server port (up, run, team)")
         p.add_argument("--root", type=Path, default=Path(os.environ.get("CIFAR_ROOT", PROJECT_ROOT)))
     args = parser.parse_args(argv)
 
-    stack = LocalStack(root=args.root, port=args.port)
-    with stack.running():
-        print(f"Prefect server {stack.api_url.removesuffix('/api')} (UI), work pool '{stack.pool}', "
-              f"worker running; logs in {stack.logs}", flush=True)
+    try:
+        if args.command == "worker":
+            join = read_env_file(args.join) if args.join else {
+                k: os.environ[k] for k in JOIN_KEYS if os.environ.get(k)}
+            root = args.root.resolve()
+            return run_worker(join, root, args.gpus or default_gpus(), args.name,
+                              args.serving_host, root / ".prefect-worker" / "logs")
+        if args.command == "team":
+            stack: LocalStack = TeamStack(args.root, bind=args.bind, advertise=args.advertise,
+                                          prefect_port=args.port, mlflow_port=args.mlflow_port,
+                                          pg_port=args.pg_port, database_url=args.database_url,
+                                          local_gpu_worker=args.with_worker)
+        else:
+            stack = LocalStack(root=args.root, port=args.port)
+        with stack.running():
+            return _foreground(stack, args)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _foreground(stack: LocalStack, args: argparse.Namespace) -> int:
+    if isinstance(stack, TeamStack):
+        from flows.tracking import display_uri
+
+        print(f"team stack up: Prefect {stack.api_url.removesuffix('/api')} (UI; log in with the "
+              f"auth string), MLflow {display_uri(stack.mlflow_url)} (user admin), PostgreSQL "
+              f"{'on ' + display_uri(stack.database_url) if stack.database_url else 'in ' + str(stack.folder / 'postgres')}; "
+              f"logs in {stack.logs}", flush=True)
+        print(f"join file (URLs and credentials): {stack.join_file}\n"
+              f"  GPU host:     python -m flows.stack worker --join team.env   (or make worker JOIN=team.env)\n"
+              f"  serving host: set -a; . ./team.env; set +a; cifar-import-champion && make serve",
+              flush=True)
+    else:
+        print(f"Prefect server {stack.api_url.removesuffix('/api')} (UI), work pools "
+              f"'{stack.pool}' and '{CONTROL_POOL}', workers running; logs in {stack.logs}",
+              flush=True)
+    if args.command in ("up", "team"):
         if args.command == "up":
             print(f"export PREFECT_API_URL={stack.api_url}  # then: prefect deployment run "
                   "train-cifar/default --watch", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-                while all(p.poll() is None for p in stack.procs.values()):
-                    time.sleep(1)
-            return 0
-        # No time limit: a full-scale study runs for hours (Ctrl-C stops it and the stack).
-        result = stack.run_deployment(args.deployment, args.params, timeout=None)
-        print(result.stdout, end="")
-        print(result.stderr, end="", file=sys.stderr)
-        return result.returncode
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+            while stack.services.all_alive():
+                time.sleep(1)
+        return 0
+    # No time limit: a full-scale study runs for hours (Ctrl-C stops it and the stack).
+    result = stack.run_deployment(args.deployment, args.params, timeout=None)
+    print(result.stdout, end="")
+    print(result.stderr, end="", file=sys.stderr)
+    return result.returncode
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from flows import sweep as sw
 from flows import tracking
 from flows.champion import MIN_SHARED_IMAGES
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides
-from flows.train_flow import project_root, publish_champion
+from flows.train_flow import project_root, publish_champion, serves_here
 
 StudyName = Literal[tuple(sw.STUDIES)]  # type: ignore[valid-type]
 
@@ -205,7 +205,8 @@ def sweep_cifar(
         "deployment": deployment, "max_parallel": str(max_parallel), "retries": str(retries),
         "points": str(len(points)), "grid_points": str(len(grid_points)),
         "min_shared_images": str(min_shared_images),
-        "min_significance": str(min_significance)}, {"sweep_id": sid, "sweep_role": "parent", "study": name})
+        "min_significance": str(min_significance)}, {"sweep_id": sid, "sweep_role": "parent", "study": name,
+                                     **tracking.process_tags()})
     from prefect.runtime import flow_run
 
     store.client.set_tag(parent, "prefect.flow_run_id", str(flow_run.id))
@@ -280,7 +281,7 @@ def sweep_cifar(
             if done.report_markdown:
                 create_markdown_artifact(key="champion-vs-challenger", markdown=done.report_markdown,
                                          description=f"sweep {sid} candidate vs the champion")
-            if reg.alias == tracking.CHAMPION and not skip_bentoml:
+            if reg.alias == tracking.CHAMPION and not skip_bentoml and serves_here(store):
                 bento = publish_champion(store, str(root_dir))
         if best is not None:
             store.client.set_tag(parent, "best_point", best["point"])

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import tempfile
 import threading
@@ -118,14 +119,51 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
 # Runs
 # ---------------------------------------------------------------------------------------------
 
-def find_resumable_run(store: Store, config_hash: str) -> Any | None:
-    """The latest unfinished (RUNNING, FAILED or KILLED) run of this config, if any."""
+def host_name() -> str:
+    """This host's name on runs: $CIFAR_HOST (a stable name for a GPU box, or several "hosts"
+    on one machine), else the machine's hostname."""
+    return os.environ.get("CIFAR_HOST") or socket.gethostname()
+
+
+def process_tags() -> dict[str, str]:
+    """Where a run executes: host, worker (when a worker started it) and the process, so a run
+    whose process died can be told from one that is still going."""
+    import psutil
+
+    me = psutil.Process()
+    tags = {"host": host_name(), "pid": str(me.pid), "pid_started": f"{me.create_time():.2f}"}
+    if os.environ.get("CIFAR_WORKER_NAME"):
+        tags["worker"] = os.environ["CIFAR_WORKER_NAME"]
+    return tags
+
+
+def process_gone(tags: Mapping[str, str]) -> bool:
+    """True when the run's tags name a process on this host that no longer runs (its pid is
+    free or now belongs to a process started later). False when unknown or elsewhere."""
+    import psutil
+
+    if tags.get("host") != host_name() or not tags.get("pid", "").isdigit():
+        return False
+    try:
+        proc = psutil.Process(int(tags["pid"]))
+        started = float(tags.get("pid_started") or proc.create_time())
+        return proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - started) > 1.0
+    except psutil.NoSuchProcess:
+        return True
+
+
+def find_resumable_run(store: Store, config_hash: str, host: str | None = None) -> Any | None:
+    """The latest unfinished run of this config that no process owns any more (FAILED or
+    KILLED; `fail_stale_runs` turns the RUNNING runs of ended flow runs into FAILED first) and
+    whose checkpoint lives on this host. A RUNNING run is someone's live run: never taken."""
+    host = host or host_name()
     runs = store.client.search_runs(
         [store.experiment_id],
-        filter_string=f"tags.config_hash = '{config_hash}' and tags.registered = 'false'",
+        filter_string=f"tags.config_hash = '{config_hash}' and tags.registered = 'false' "
+                      f"and tags.host = '{host}'",
         order_by=["attributes.start_time DESC"], max_results=5)
     for run in runs:
-        if run.info.status in ("RUNNING", "FAILED", "KILLED"):
+        if run.info.status in ("FAILED", "KILLED"):
             return run
     return None
 
@@ -133,17 +171,16 @@ def find_resumable_run(store: Store, config_hash: str) -> Any | None:
 def start_run(store: Store, run_name: str, params: dict[str, str], tags: dict[str, str],
               resume: Any | None = None) -> str:
     """Create (or reopen) a run, log its params once, return its id."""
+    from mlflow.entities import Param, RunTag
+
     client = store.client
     if resume is not None:
         run_id = resume.info.run_id
         client.update_run(run_id, status="RUNNING")
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return run_id
     run = client.create_run(store.experiment_id, run_name=run_name,
                             tags={**tags, "registered": "false"})
-    from mlflow.entities import Param
-
     items = [Param(k, v[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
@@ -166,15 +203,26 @@ def end_run(store: Store, run_id: str, status: str) -> None:
     store.client.set_terminated(run_id, status=status)
 
 
-def fail_stale_runs(store: Store, is_alive) -> list[str]:
-    """Mark FAILED the RUNNING runs whose Prefect flow run is over (`is_alive(id)` is False)."""
+def fail_stale_runs(store: Store, is_alive, on_dead_process=None) -> list[str]:
+    """Mark FAILED the RUNNING runs nobody runs any more: their Prefect flow run has ended
+    (`is_alive(flow_run_id)` is False), or their process on this host is gone (a worker killed
+    with its flow runs; `on_dead_process(flow_run_id, reason)` is then told, to end the flow
+    run too). Runs of live processes, here or on other hosts, are left alone."""
     failed = []
     for run in store.client.search_runs([store.experiment_id],
                                         filter_string="attributes.status = 'RUNNING'"):
-        flow_run_id = run.data.tags.get("prefect.flow_run_id")
-        if flow_run_id and not is_alive(flow_run_id):
+        tags = run.data.tags
+        flow_run_id = tags.get("prefect.flow_run_id")
+        reason = None
+        if process_gone(tags):
+            reason = f"its process {tags['pid']} on {tags['host']} is gone"
+            if flow_run_id and on_dead_process is not None:
+                on_dead_process(flow_run_id, f"MLflow run {run.info.run_id}: {reason}")
+        elif flow_run_id and not is_alive(flow_run_id):
+            reason = "its flow run ended without it"
+        if reason:
             store.client.set_terminated(run.info.run_id, status="FAILED")
-            store.client.set_tag(run.info.run_id, "failure", "its flow run ended without it")
+            store.client.set_tag(run.info.run_id, "failure", reason)
             failed.append(run.info.run_id)
     return failed
 
@@ -327,6 +375,41 @@ def champion_version(store: Store, name: str = REGISTERED_MODEL) -> Any | None:
         raise
 
 
+REGISTRATION_TAG = "registration"  # "unfinished" from creation until its alias is set
+
+
+def _create_registered_model(client: Any, name: str) -> None:
+    """Create the registered model; another host having just created it is not an error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=(
+            "CIFAR-10 classifiers exported to ONNX. The alias `champion` marks the version the "
+            "endpoint serves: a new version takes it only by beating the champion's ONNX model "
+            "on validation images held out from both (see each version's tags and model card)."))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def drop_unfinished_versions(store: Store, run_id: str, name: str = REGISTERED_MODEL) -> list[str]:
+    """Delete the versions an earlier, failed registration of this run left unfinished (created,
+    alias never set), so a retry registers the run once, not twice."""
+    from mlflow.exceptions import MlflowException
+
+    client = store.client
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return []
+    dropped = []
+    for v in versions:
+        if v.tags.get(REGISTRATION_TAG) == "unfinished" and not v.aliases:
+            client.delete_model_version(name, v.version)
+            dropped.append(str(v.version))
+    return dropped
+
+
 def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str, str],
                    name: str = REGISTERED_MODEL, model_id: str | None = None) -> str:
     """A new version of `name` (created on first use) from a logged model; returns its number."""
@@ -336,10 +419,8 @@ def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str,
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description=(
-            "CIFAR-10 classifiers exported to ONNX. The alias `champion` marks the version the "
-            "endpoint serves: a new version takes it only by beating the champion's ONNX model "
-            "on validation images held out from both (see each version's tags and model card)."))
+        _create_registered_model(client, name)
+    tags = {**tags, REGISTRATION_TAG: "unfinished"}
     if model_id is None:
         return str(client.create_model_version(name, model_uri, run_id=run_id,
                                                tags=dict(tags)).version)
@@ -378,6 +459,7 @@ def set_alias(store: Store, run_id: str, version: str, alias: str,
     """Point `alias` at `version` and record it on the run."""
     client = store.client
     client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, REGISTRATION_TAG, "complete")
     client.set_tag(run_id, "registered", "true")
     client.set_tag(run_id, "registry.version", version)
     client.set_tag(run_id, "registry.alias", alias)

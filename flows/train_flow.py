@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +23,7 @@ from pydantic import Field
 
 from cifarlab.config import DataConfig, RunConfig
 from cifarlab.data import resolve_source
-from flows import tracking
+from flows import locks, tracking
 from flows.champion import MIN_SHARED_IMAGES
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides, resolve_config
 
@@ -207,6 +206,20 @@ def register_model(trained: InMemory, exported: InMemory, evaluated: InMemory,
     return done
 
 
+def serves_here(store: tracking.Store) -> bool:
+    """Whether this host fills a BentoML store with the champion: $CIFAR_PUBLISH_BENTOML
+    (true/false) when set; else yes with a local tracking store (one machine does everything)
+    and no with a tracking server (serving hosts import the champion from it themselves)."""
+    setting = os.environ.get("CIFAR_PUBLISH_BENTOML", "").strip().lower()
+    if setting in ("1", "true", "yes"):
+        return True
+    if setting in ("0", "false", "no"):
+        return False
+    if setting:
+        raise ValueError(f"CIFAR_PUBLISH_BENTOML={setting!r}: expected true or false")
+    return not store.uri.startswith(("http://", "https://"))
+
+
 @task(cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=2)
 def publish_champion(store: tracking.Store, root: str) -> dict[str, Any]:
     """Copy the registry's champion into the BentoML model store (a no-op when it is already the
@@ -225,6 +238,20 @@ def publish_champion(store: tracking.Store, root: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Flow
 # ---------------------------------------------------------------------------------------------
+
+def _crash_flow_run(flow_run_id: str, reason: str) -> None:
+    """End a flow run whose process is gone (its worker was killed): Crashed, not Running
+    for ever."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            if not client.read_flow_run(flow_run_id).state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
+    except Exception as exc:  # noqa: BLE001 - unknown to this API: nothing to end here
+        get_run_logger().warning("could not mark flow run %s crashed: %s", flow_run_id, exc)
+
 
 def _flow_run_alive(flow_run_id: str) -> bool:
     """False only when Prefect knows this flow run and it has ended."""
@@ -266,13 +293,18 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
         "mlflow.source.type": "JOB", "mlflow.source.name": "flows/train_flow.py:train_cifar",
         "mlflow.source.git.commit": code.removesuffix("-dirty"),
         "mlflow.source.git.dirty": str(code.endswith("-dirty")).lower(),
-        "mlflow.user": _user(), "host": socket.gethostname(),
+        "mlflow.user": _user(), **tracking.process_tags(),
         **(extra_tags or {}),
     }
-    resume = tracking.find_resumable_run(store, chash)
     params = tracking.flatten("", config.model_dump(mode="json"))
-    run_id = tracking.start_run(store, f"{config.preset}-{chash}", params, tags, resume)
-    if resume is not None and resume.data.tags.get("run_dir"):
+    # Claiming a run to resume is one step on every host: two flow runs of one config starting
+    # together cannot both reopen it (the second sees it RUNNING, owned by the first).
+    with locks.exclusive("resume", chash):
+        tracking.fail_stale_runs(store, _flow_run_alive, _crash_flow_run)
+        resume = tracking.find_resumable_run(store, chash)
+        run_id = tracking.start_run(store, f"{config.preset}-{chash}", params, tags, resume)
+    if resume is not None and resume.data.tags.get("run_dir") and \
+            Path(resume.data.tags["run_dir"]).is_dir():
         run_dir = Path(resume.data.tags["run_dir"])
         get_run_logger().info("resuming MLflow run %s from %s", run_id, run_dir)
     else:
@@ -336,7 +368,7 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
     root_dir = project_root(root)
     root_dir.mkdir(parents=True, exist_ok=True)
     store = tracking.open_store(root_dir)  # an unusable store fails here, before any training
-    tracking.fail_stale_runs(store, _flow_run_alive)
+    publish = not (skip_registry or skip_bentoml) and serves_here(store)
 
     data_folder = fetch_data(config.data, str(root_dir))
     split = split_data(config.data, str(root_dir), data_folder)
@@ -359,7 +391,7 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
         raise
     tracking.end_run(store, run_id, "FINISHED")
     # After the run is closed: a BentoML failure fails the flow but not the registered model.
-    bento = None if skip_registry or skip_bentoml else publish_champion(store, str(root_dir))
+    bento = publish_champion(store, str(root_dir)) if publish else None
 
     s = evaluated.value["summary"]
     summary = _summary_markdown(config, s, done, store, run_id, bento)

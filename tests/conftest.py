@@ -80,6 +80,16 @@ def synthetic_archive(synthetic_cifar, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API for the session (about 15 s to start): flows, and the locks
+    that registration takes (flows/locks.py), talk to it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def real_cifar() -> Path:
     """The genuine CIFAR-10 from $CIFAR10_SOURCE or ../shared; skipped where neither exists."""
     candidate = Path(os.environ.get("CIFAR10_SOURCE", REAL_CIFAR))

@@ -48,7 +48,7 @@ class BarReader(nn.Module):
 
 
 @pytest.fixture
-def world(synthetic_cifar, tmp_path):
+def world(synthetic_cifar, tmp_path, prefect_api):
     folder, sums = synthetic_cifar
     data = load_cifar10(folder)
     store = tracking.open_store(tmp_path)

@@ -13,7 +13,6 @@ from mlflow.exceptions import MlflowException
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 from prefect.exceptions import ParameterTypeError
-from prefect.testing.utilities import prefect_test_harness
 
 import flows.train_flow as train_flow
 from cifarlab.export import ParityError
@@ -21,10 +20,9 @@ from flows.tracking import REGISTERED_MODEL, TrackingUnavailable
 from flows.train_flow import train_cifar
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+@pytest.fixture(autouse=True)
+def harness(prefect_api):
+    yield
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, synthetic_cifar):
+def served(tmp_path_factory, synthetic_cifar, prefect_api):
     root = tmp_path_factory.mktemp("serving")
     real = Path(os.environ.get("CIFAR10_SOURCE") or ROOT.parent / "shared/cifar10/cifar-10-batches-py")
     if (real / "test_batch").is_file():

@@ -64,10 +64,9 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     result = stack.run_deployment("seed-baseline", [*params, 'train={"epochs": 2}'], timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Completed" in result.stdout
-    # Training held the one slot of the `gpu` tag's concurrency limit.
-    assert "concurrency-limit.acquired" in result.stdout and "tag:gpu" in result.stdout
-    limit = json.loads(stack.cli("concurrency-limit", "inspect", "gpu", "--output", "json").stdout)
-    assert limit["tag"] == "gpu" and limit["concurrency_limit"] == 1
+    # Two pools: training on `gpu`, sweeps on `control`.
+    pools = {p["name"] for p in json.loads(stack.cli("work-pool", "ls", "--output", "json").stdout)}
+    assert {"gpu", "control"} <= pools
 
     client = _client(stack.root)
     exp = client.get_experiment_by_name("train-cifar")
@@ -165,6 +164,7 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
         "preset=seed-baseline", 'grid={"data.train_size": [240, 1000]}', "seeds=2",
         f"data={json.dumps({'source': str(folder), 'checksums': sums, 'val_size': 60})}",
         'train={"epochs": 1}', "retries=1", "retry_delay_s=1", "min_shared_images=50",
+        "max_parallel=2",
     ]
     result = stack.run_deployment("sweep-cifar/default", params, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -179,6 +179,10 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     assert {c.data.params["train.seed"] for c in finished} == {"0", "1"}
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.data.params["data.train_size"] == "240" for c in finished)
+    # One host, one device: its worker (`--limit 1`) never trains two runs at once, although
+    # the sweep asked for two in parallel.
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
     # The summary: a CSV/markdown table and the plot on the parent run.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.csv", "sweep_summary.md", "sweep_runs.json",

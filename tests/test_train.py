@@ -71,11 +71,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     cfg = _config("seed-baseline", epochs=4)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, *TRAIN, *VAL, tmp_path, hooks=[stop_after_two])
-    # The checkpoint of epoch 2 is written after the hooks, so the kill lands after epoch 1's.
+    # The hooks run after epoch 2's checkpoint is saved: the resumed run starts at epoch 3 and
+    # no epoch reaches the hooks (i.e. MLflow) twice.
     resumed = train(cfg, *TRAIN, *VAL, tmp_path, hooks=[lambda m, _: calls.append(m.epoch)])
-    assert resumed.resumed_from_epoch == 1
+    assert resumed.resumed_from_epoch == 2
     assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
-    assert calls == [1, 2, 2, 3, 4]
+    assert calls == [1, 2, 3, 4]
     # Resuming a finished run trains nothing more.
     done = train(cfg, *TRAIN, *VAL, tmp_path)
     assert done.resumed_from_epoch == 4 and len(done.history) == 4
