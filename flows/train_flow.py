@@ -81,19 +81,28 @@ def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Stor
     from cifarlab.experiment import train_run
 
     logger = get_run_logger()
+    # Epochs this run has on the tracking server already (a resumed run): never logged twice.
+    logged = {m.step for m in store.client.get_metric_history(run_id, "val_loss")}
 
     def log_epoch(m, _model) -> None:
+        if m.epoch in logged:
+            return
         tracking.log_metrics(store, run_id, {
             "train_loss": m.train_loss, "train_accuracy": m.train_accuracy,
             "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr,
             "epoch_seconds": m.epoch_seconds, "images_per_second": m.images_per_second,
         }, step=m.epoch)
+        logged.add(m.epoch)
         logger.info("epoch %d: train loss %.3f acc %.2f%% | val loss %.3f acc %.2f%% | %.1f s",
                     m.epoch, m.train_loss, 100 * m.train_accuracy, m.val_loss,
                     100 * m.val_accuracy, m.epoch_seconds)
 
     run = train_run(config, Path(root), hooks=[log_epoch], run_dir=Path(run_dir))
     t = run.trained
+    # An epoch checkpointed just before a kill was not logged then: it is in the checkpoint's
+    # history, so log it now.
+    for m in t.history:
+        log_epoch(m, None)
     tracking.log_metrics(store, run_id, {"train_seconds": t.train_seconds,
                                          "epochs_completed": t.epochs_completed})
     tracking.log_files(store, run_id, {k: v for k, v in run.files.items() if k != "split"})

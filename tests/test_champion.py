@@ -58,6 +58,17 @@ def world(synthetic_cifar, tmp_path, prefect_api):
 def _register(world, model: nn.Module, *, tta: str = "none", split_seed: int = 0,
               val_size: int = 60, **rule) -> champion.Registered:
     """Export a hand-built model, record a run as the flow would, and register it by the rule."""
+    run_id, logged, path = _logged_run(world, model, tta=tta, split_seed=split_seed,
+                                       val_size=val_size)
+    done = champion.register(world["store"], run_id, logged.model_uri, path, world["data"],
+                             tags={"served_tta": tta}, model_id=logged.model_id, **rule)
+    tracking.end_run(world["store"], run_id, "FINISHED")
+    return done
+
+
+def _logged_run(world, model: nn.Module, *, tta: str = "none", split_seed: int = 0,
+                val_size: int = 60, onnx_path=None):
+    """A run recorded as the flow records one, with its exported model logged (not registered)."""
     from cifarlab.data import data_fingerprint
 
     cfg = preset("seed-baseline", data={"source": str(world["folder"]), "checksums": world["sums"],
@@ -69,13 +80,10 @@ def _register(world, model: nn.Module, *, tta: str = "none", split_seed: int = 0
     run_id = tracking.start_run(store, "hand-built", tracking.flatten("", cfg.model_dump(mode="json")), {
         "config_hash": config_hash(cfg), "split_sha256": split.digest,
         "data_fingerprint": data_fingerprint(world["sums"])})
-    path = export_onnx(model, world["tmp"] / f"{run_id}.onnx", tta=tta)
+    path = onnx_path or export_onnx(model, world["tmp"] / f"{run_id}.onnx", tta=tta)
     example = normalize(world["data"].test_images[:2], torch.device("cpu")).numpy()
     logged = tracking.log_onnx_model(store, run_id, path, example, metadata={})
-    done = champion.register(store, run_id, logged.model_uri, path, world["data"],
-                             tags={"served_tta": tta}, model_id=logged.model_id, **rule)
-    tracking.end_run(store, run_id, "FINISHED")
-    return done
+    return run_id, logged, path
 
 
 def _val(world, split_seed: int = 0, val_size: int = 60):
@@ -205,3 +213,66 @@ def test_a_run_without_a_recorded_split_is_not_compared(world):
     done = _register(world, BarReader(), min_shared_images=5)
     assert done.registration.alias == "challenger"
     assert "recorded no split hash" in done.registration.reason
+
+
+def test_racing_registrations_always_leave_the_better_model_champion(world):
+    """Two runs finishing at the same moment, 20 times (a fresh model name each time): the
+    registry lock (flows/locks.py) judges them one after the other, so the better one is
+    champion whichever comes first, and creating the model name twice is no error."""
+    import threading
+
+    better_onnx = export_onnx(BarReader(), world["tmp"] / "better.onnx")
+    worse_onnx = export_onnx(BarReader(confuse_truck=True), world["tmp"] / "worse.onnx")
+    store, outcomes = world["store"], []
+    # The same two runs race for 20 model names.
+    runs = {kind: _logged_run(world, None, onnx_path=path)
+            for kind, path in (("better", better_onnx), ("worse", worse_onnx))}
+    for rep in range(20):
+        name = f"race-{rep}"
+        start, errors = threading.Barrier(2), []
+
+        def go(kind, runs=runs, name=name, start=start, errors=errors):
+            run_id, logged, path = runs[kind]
+            start.wait()
+            try:
+                champion.register(store, run_id, logged.model_uri, path, world["data"],
+                                  tags={}, model_id=logged.model_id, min_shared_images=50,
+                                  name=name)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(f"{kind}: {exc!r}")
+
+        threads = [threading.Thread(target=go, args=(k,)) for k in ("worse", "better")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert errors == [], errors
+        champ = store.client.get_model_version_by_alias(name, "champion")
+        versions = store.client.search_model_versions(f"name = '{name}'")
+        assert len(versions) == 2
+        outcomes.append(champ.run_id == runs["better"][0])
+    assert all(outcomes), f"worse model left champion in {outcomes.count(False)} of 20"
+
+
+def test_a_registration_that_failed_half_way_is_not_registered_twice(world, monkeypatch):
+    """The version exists but its alias was never set (the card step failed): the run's next
+    registration replaces it, so the run ends with exactly one version."""
+    run_id, logged, path = _logged_run(world, BarReader())
+    store = world["store"]
+
+    def broken(*_args, **_kwargs):
+        raise ConnectionError("tracking server went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(champion, "log_report", broken)
+        with pytest.raises(ConnectionError):
+            champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
+                              model_id=logged.model_id, min_shared_images=50)
+    (left,) = store.client.search_model_versions(f"run_id = '{run_id}'")
+    assert left.tags["registration"] == "unfinished" and not left.aliases
+    done = champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
+                             model_id=logged.model_id, min_shared_images=50)
+    (version,) = store.client.search_model_versions(f"run_id = '{run_id}'")
+    assert str(version.version) == done.registration.version != str(left.version)
+    assert version.tags["registration"] == "complete"
+    assert tracking.champion_version(store).version == version.version

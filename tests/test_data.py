@@ -77,6 +77,31 @@ def test_verified_copy_is_not_fetched_again(server, synthetic_cifar, tmp_path):
     assert server.requests == 1
 
 
+def test_first_time_fetches_into_one_folder_at_once_do_not_collide(server, synthetic_cifar,
+                                                                    tmp_path):
+    """Four flow runs on one host start together on an empty data folder: one downloads and
+    extracts, the others wait and use its verified copy; nobody sees a half-written file."""
+    _, sums = synthetic_cifar
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(prepare_cifar10(tmp_path, server.url, checksums=sums, backoff_s=0.01))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(results) == 4
+    assert set(results) == {tmp_path / "cifar-10-batches-py"}
+    verify_folder(results[0], sums)
+    assert server.requests == 1
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".extract-*"))
+
+
 def test_flaky_server_is_retried(server, synthetic_cifar, tmp_path):
     _, sums = synthetic_cifar
     server.fail_first, server.truncate_first = 1, 1
