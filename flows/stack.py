@@ -404,12 +404,29 @@ def check_join(env: Mapping[str, str]) -> None:
         raise StackError(f"MLflow tracking server {display_uri(mlflow)}: {exc}") from None
 
 
+def reap_dead_runs(join: Mapping[str, str], root: Path, host: str) -> list[str]:
+    """Runs this host left RUNNING when it went down with its worker: their processes are
+    gone, so their MLflow runs become FAILED (the next run of the config resumes them here)
+    and their flow runs Crashed, instead of RUNNING for ever."""
+    os.environ.update({**join, "CIFAR_HOST": host})
+    from flows import tracking
+    from flows.train_flow import crash_flow_run
+
+    store = tracking.open_store(root)
+    failed = tracking.fail_stale_runs(store, lambda _flow_run_id: True, crash_flow_run)
+    for run_id in failed:
+        print(f"worker {host}: MLflow run {run_id} was left RUNNING by a process of this host "
+              "that is gone: marked FAILED (resumed by the next run of its config)", flush=True)
+    return failed
+
+
 def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
                serving_host: bool, logs: Path) -> int:
     """Join a team stack as a GPU host: one `prefect worker` on the `gpu` pool taking at most
     `gpus` runs at once; every run records on the team's tracking server. Ctrl-C stops it."""
     check_join(join)
     name = name or tracking_host()
+    reap_dead_runs(join, root, name)
     env = {**os.environ, **TELEMETRY_OFF, **join, "CIFAR_ROOT": str(root),
            "CIFAR_PROJECT_DIR": str(PROJECT_ROOT), "CIFAR_HOST": name, "CIFAR_WORKER_NAME": name,
            # flow runs import this checkout's code, whatever else the environment has installed

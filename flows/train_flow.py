@@ -10,6 +10,7 @@ registry version, into the champion rule and into the endpoint's answers is the 
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,7 +249,7 @@ def publish_champion(store: tracking.Store, root: str) -> dict[str, Any]:
 # Flow
 # ---------------------------------------------------------------------------------------------
 
-def _crash_flow_run(flow_run_id: str, reason: str) -> None:
+def crash_flow_run(flow_run_id: str, reason: str) -> None:
     """End a flow run whose process is gone (its worker was killed): Crashed, not Running
     for ever."""
     from prefect.client.orchestration import get_client
@@ -259,7 +260,8 @@ def _crash_flow_run(flow_run_id: str, reason: str) -> None:
             if not client.read_flow_run(flow_run_id).state.is_final():
                 client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
     except Exception as exc:  # noqa: BLE001 - unknown to this API: nothing to end here
-        get_run_logger().warning("could not mark flow run %s crashed: %s", flow_run_id, exc)
+        logging.getLogger(__name__).warning("could not mark flow run %s crashed: %s",
+                                            flow_run_id, exc)
 
 
 def _flow_run_alive(flow_run_id: str) -> bool:
@@ -309,7 +311,7 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
     # Claiming a run to resume is one step on every host: two flow runs of one config starting
     # together cannot both reopen it (the second sees it RUNNING, owned by the first).
     with locks.exclusive("resume", chash):
-        tracking.fail_stale_runs(store, _flow_run_alive, _crash_flow_run)
+        tracking.fail_stale_runs(store, _flow_run_alive, crash_flow_run)
         resume = tracking.find_resumable_run(store, chash)
         run_id = tracking.start_run(store, f"{config.preset}-{chash}", params, tags, resume)
     if resume is not None and resume.data.tags.get("run_dir") and \

@@ -1,0 +1,226 @@
+"""The team stack end to end, several "hosts" on this machine that share nothing but URLs.
+
+- a server folder: `TeamStack` = a real PostgreSQL, the Prefect server and the MLflow tracking
+  server on it (basic auth, proxied artifacts), the pools, the deployments, the control worker;
+- two GPU-host folders, each with its own copy of the project, HOME, root folder and data copy,
+  joined with `python -m flows.stack worker --join team.env`;
+- a serving folder that imports the champion over HTTP and answers a `curl`.
+
+Then faults: the MLflow server and the database restarted under a training run, and a host
+killed with its run. Needs PostgreSQL's server programs (Debian's `postgresql`, which `.ci/run`
+installs); skipped where there are none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows import postgres
+from flows.stack import TeamStack, free_port, read_env_file
+from flows.tracking import REGISTERED_MODEL
+from tests.conftest import write_synthetic_cifar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    postgres.find_bindir()
+except postgres.PostgresError as _exc:
+    pytestmark = pytest.mark.skip(reason=str(_exc))
+
+
+def _copy_project(dest: Path) -> Path:
+    """The project's files (tracked and new, not ignored) as a separate checkout."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = ROOT / name.decode()
+        if src.is_file():
+            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name.decode())
+    return dest
+
+
+class Host:
+    """A GPU host: its own checkout, HOME, root folder and data, joined by the join file."""
+
+    def __init__(self, base: Path, name: str, join_file: Path, env: dict[str, str]):
+        self.name, self.base = name, base
+        self.project = _copy_project(base / "project")
+        self.root, self.home = base / "root", base / "home"
+        self.home.mkdir(parents=True)
+        self.data = base / "data" / "cifar-10-batches-py"
+        write_synthetic_cifar(self.data)  # the same bytes as every host's: same checksums
+        self.join_file = join_file
+        self.env = {**env, "HOME": str(self.home), "CIFAR10_SOURCE": str(self.data),
+                    "BENTOML_HOME": str(self.home / "bentoml"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+        self.proc: subprocess.Popen | None = None
+        self.log = base / "worker.out"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.stack", "worker", "--join", str(self.join_file),
+             "--name", self.name, "--root", str(self.root), "--gpus", "1"],
+            cwd=self.project, env=self.env, stdout=open(self.log, "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        worker_log = self.root / ".prefect-worker" / "logs" / "worker.log"
+        while time.monotonic() < deadline:
+            if worker_log.is_file() and "started" in worker_log.read_text():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        raise TimeoutError(f"worker {self.name} did not start; see {self.log}")
+
+    def kill(self) -> None:
+        """The host goes down: its worker command, worker and flow runs, without warning."""
+        for pid in _descendants(self.proc.pid) + [self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    base = tmp_path_factory.mktemp("team")
+    server_data = base / "server-data" / "cifar-10-batches-py"
+    sums = write_synthetic_cifar(server_data)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    stack = TeamStack(base / "server", prefect_port=free_port(), mlflow_port=free_port(),
+                      pg_port=free_port(), extra_env={"PREFECT_UI_ENABLED": "false",
+                                                      "CIFAR10_SOURCE": str(server_data)})
+    hosts = []
+    try:
+        stack.start()
+        hosts = [Host(base / name, name, stack.join_file, env) for name in ("host-a", "host-b")]
+        for host in hosts:
+            host.start()
+        yield {"stack": stack, "hosts": hosts, "sums": sums, "base": base,
+               "join": read_env_file(stack.join_file)}
+    finally:
+        for host in hosts:
+            host.stop()
+        stack.stop()
+
+
+def _client(team):
+    from mlflow import MlflowClient
+
+    join = team["join"]
+    os.environ["MLFLOW_TRACKING_USERNAME"] = join["MLFLOW_TRACKING_USERNAME"]
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = join["MLFLOW_TRACKING_PASSWORD"]
+    uri = join["MLFLOW_TRACKING_URI"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _runs(client, filter_string=""):
+    exp = client.get_experiment_by_name("train-cifar")
+    return client.search_runs([exp.experiment_id], filter_string, max_results=500) if exp else []
+
+
+def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team, tmp_path):
+    stack, sums = team["stack"], team["sums"]
+    data = {"checksums": sums, "train_size": 240, "val_size": 60}
+    result = stack.run_deployment("sweep-cifar/default", [
+        "preset=seed-baseline", 'grid={"train.lr": [0.0004, 0.0008, 0.0016, 0.0032]}', "seeds=1",
+        f"data={json.dumps(data)}", 'train={"epochs": 1}', "max_parallel=2",
+        "min_shared_images=50", "retries=0"], timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+    client = _client(team)
+    (parent,) = _runs(client, "tags.sweep_role = 'parent'")
+    children = _runs(client, f"tags.sweep_id = '{parent.data.tags['sweep_id']}' and "
+                             "tags.sweep_role = 'child'")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    # Both hosts trained; each ran its own checkout, root and data, one run at a time.
+    by_host = {}
+    for c in children:
+        by_host.setdefault(c.data.tags["worker"], []).append(c)
+        assert c.data.tags["host"] == c.data.tags["worker"]
+        host = next(h for h in team["hosts"] if h.name == c.data.tags["worker"])
+        assert c.data.tags["run_dir"].startswith(str(host.root))
+        assert c.data.params["data.source"] == str(host.data)
+    assert set(by_host) == {"host-a", "host-b"}
+    for runs in by_host.values():
+        spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+    # Every artifact went through the server's proxy and comes back through it.
+    for c in children:
+        assert c.info.artifact_uri.startswith("mlflow-artifacts:")
+        local = Path(client.download_artifacts(c.info.run_id, "results.json", str(tmp_path)))
+        assert json.loads(local.read_text())
+        local.unlink()
+    # One champion, chosen by the rule among the sweep's runs: the best validation accuracy.
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    best = max(children, key=lambda c: c.data.metrics["final_val_accuracy"])
+    assert champion.run_id == parent.data.tags["candidate_run_id"] == best.info.run_id
+    assert champion.tags["registration"] == "complete"
+    # No worker filled a BentoML store: serving hosts import from the registry themselves.
+    for host in team["hosts"]:
+        assert not (host.home / "bentoml").exists() and not (host.root / "bentoml").exists()
+
+    # Credentials never land in what is recorded.
+    secrets = [team["join"]["MLFLOW_TRACKING_PASSWORD"],
+               team["join"]["PREFECT_API_AUTH_STRING"].split(":", 1)[1],
+               stack.secrets["DB_PASSWORD"]]
+    for run in [parent, *children]:
+        recorded = json.dumps([run.data.params, run.data.tags])
+        assert not any(s in recorded for s in secrets)
+    logs = [*stack.logs.glob("*.log"), *(h.log for h in team["hosts"]),
+            *(p for h in team["hosts"] for p in (h.root / ".prefect-worker/logs").glob("*.log"))]
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert not any(s in text for s in secrets), log
+
+    # The serving host: its own folder and store, the champion over HTTP, a real curl.
+    serving = tmp_path / "serving-host"
+    serving.mkdir()
+    env = {**os.environ, **team["join"], "BENTOML_HOME": str(serving / "bentoml"),
+           "HOME": str(serving)}
+    imported = subprocess.run([sys.executable, "-m", "serving.champion", "--root", str(serving)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert f"v{champion.version}" in imported.stdout and champion.run_id in imported.stdout
+    from serving.local import LocalServer
+
+    from cifarlab.data import load_cifar10
+
+    cat = load_cifar10(team["hosts"][0].data).test_images[3].permute(1, 2, 0).numpy()
+    Image.fromarray(cat).save(serving / "cat.png")
+    with LocalServer(serving / "bentoml", serving / "serve.log",
+                     {"BENTOML_HOME": str(serving / "bentoml")}) as url:
+        answer = subprocess.run(["curl", "-s", "-F", f"image=@{serving / 'cat.png'}",
+                                 f"{url}/classify"], capture_output=True, text=True, timeout=60)
+    body = json.loads(answer.stdout)
+    assert body["label"] in {c["label"] for c in body["top_k"]}
+    assert body["model"]["version"] == str(champion.version)
