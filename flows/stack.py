@@ -313,6 +313,7 @@ class TeamStack(LocalStack):
         self.api_url = self.join["PREFECT_API_URL"]
         self.join_file = self.folder / "team.env"
         self.postgres = None
+        self.db = None
 
     def _secrets(self) -> dict[str, str]:
         """Generated once per team folder, kept in `<folder>/secrets.env` (mode 600)."""
@@ -366,7 +367,7 @@ class TeamStack(LocalStack):
         from flows.postgres import DATABASES
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        db = self._database()
+        self.db = db = self._database()
         self.start_prefect_server(self.bind, env={
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": db.url(DATABASES["prefect"], "asyncpg"),
             "PREFECT_SERVER_API_AUTH_STRING": self.join["PREFECT_API_AUTH_STRING"],

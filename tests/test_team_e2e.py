@@ -68,15 +68,16 @@ class Host:
         self.log = base / "worker.out"
 
     def start(self) -> None:
+        worker_log = self.root / ".prefect-worker" / "logs" / "worker.log"
+        seen = worker_log.stat().st_size if worker_log.is_file() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flows.stack", "worker", "--join", str(self.join_file),
              "--name", self.name, "--root", str(self.root), "--gpus", "1"],
             cwd=self.project, env=self.env, stdout=open(self.log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 90
-        worker_log = self.root / ".prefect-worker" / "logs" / "worker.log"
         while time.monotonic() < deadline:
-            if worker_log.is_file() and "started" in worker_log.read_text():
+            if worker_log.is_file() and b"started" in worker_log.read_bytes()[seen:]:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited:\n{self.log.read_text()[-3000:]}")
@@ -224,3 +225,120 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
     body = json.loads(answer.stdout)
     assert body["label"] in {c["label"] for c in body["top_k"]}
     assert body["model"]["version"] == str(champion.version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------------------------
+
+LONG_TRAIN = 30  # epochs: long enough to stop a server in the middle
+
+
+def _start_run(team, seed: int) -> str:
+    """Start train-cifar/seed-baseline (no waiting); returns the flow run id."""
+    import re
+
+    data = {"checksums": team["sums"], "train_size": 240, "val_size": 60}
+    args = ["deployment", "run", "train-cifar/seed-baseline",
+            "--param", f"data={json.dumps(data)}", "--param", "min_shared_images=50",
+            "--param", json.dumps({"epochs": LONG_TRAIN, "seed": seed}).join(["train=", ""])]
+    out = team["stack"].cli(*args).stdout
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+
+
+def _flow_state(team, flow_run_id: str) -> str:
+    import base64
+    import urllib.request
+
+    req = urllib.request.Request(f"{team['join']['PREFECT_API_URL']}/flow_runs/{flow_run_id}")
+    req.add_header("Authorization", "Basic " + base64.b64encode(
+        team["join"]["PREFECT_API_AUTH_STRING"].encode()).decode())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())["state"]["type"]
+
+
+def _wait_final(team, flow_run_id: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = _flow_state(team, flow_run_id)
+        except OSError:  # the Prefect server itself may be catching up after a fault
+            state = None
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return state
+        time.sleep(1)
+    raise TimeoutError(f"flow run {flow_run_id} still {state} after {timeout:.0f} s")
+
+
+def _wait_epochs(client, seed: int, epochs: int, timeout: float = 300):
+    """The MLflow run of this seed once it has logged `epochs` epochs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in _runs(client, f"params.`train.seed` = '{seed}' and attributes.status = 'RUNNING'"):
+            if len(client.get_metric_history(run.info.run_id, "val_loss")) >= epochs:
+                return run
+        time.sleep(0.5)
+    raise TimeoutError(f"no run of seed {seed} reached epoch {epochs}")
+
+
+def _assert_complete_and_registered_once(client, run_id: str) -> None:
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED", run.data.tags.get("failure")
+    steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == list(range(1, LONG_TRAIN + 1)), steps  # every epoch, once
+    (version,) = client.search_model_versions(f"run_id = '{run_id}'")
+    assert version.tags["registration"] == "complete"
+
+
+def _rerun_until_resumed(team, client, seed: int, run_id: str, state: str, fault: str) -> None:
+    """A run hurt by a fault either completed, or failed naming it and the next run resumes it."""
+    print(f"{fault}: the hurt flow run ended {state}")
+    if state != "COMPLETED":
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED", f"{fault}: MLflow run left {run.info.status}"
+        state = _wait_final(team, _start_run(team, seed))
+        assert state == "COMPLETED"
+        (again,) = _runs(client, f"params.`train.seed` = '{seed}'")
+        assert again.info.run_id == run_id  # resumed, not started over
+    _assert_complete_and_registered_once(client, run_id)
+
+
+def test_tracking_server_then_database_restarted_while_a_run_trains(team):
+    """The MLflow server goes down for 5 s at epoch 3, then PostgreSQL (under both servers)
+    at epoch 8: the run ends with every epoch's metrics on the server, registered once (or,
+    had it failed, the next run would resume it)."""
+    stack, client = team["stack"], _client(team)
+    flow_run = _start_run(team, seed=101)
+    run = _wait_epochs(client, 101, 3)
+    stack.services.stop("mlflow")
+    time.sleep(5)
+    stack.start_mlflow_server(stack.db)
+    _wait_epochs(client, 101, 8)
+    stack.postgres.stop()
+    time.sleep(5)
+    stack.postgres.start()
+    state = _wait_final(team, flow_run)
+    _rerun_until_resumed(team, client, 101, run.info.run_id, state, "server restarts")
+
+
+def test_a_host_killed_mid_run_leaves_no_run_running_for_ever(team):
+    """The host dies with its run: when its worker is back, the run is marked FAILED and its
+    flow run Crashed; the next run of the config on that host resumes it."""
+    client = _client(team)
+    flow_run = _start_run(team, seed=102)
+    run = _wait_epochs(client, 102, 3)
+    victim = next(h for h in team["hosts"] if h.name == run.data.tags["worker"])
+    other = next(h for h in team["hosts"] if h is not victim)
+    victim.kill()
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # nobody knows yet
+    victim.start()  # the host is back: its worker reaps what it left behind
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert _flow_state(team, flow_run) == "CRASHED"
+    other.stop()  # the re-run must land on the host that holds the checkpoint
+    try:
+        assert _wait_final(team, _start_run(team, seed=102)) == "COMPLETED"
+    finally:
+        other.start()
+    (again,) = _runs(client, "params.`train.seed` = '102'")
+    assert again.info.run_id == run.info.run_id and again.data.tags["worker"] == victim.name
+    _assert_complete_and_registered_once(client, run.info.run_id)
