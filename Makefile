@@ -17,7 +17,7 @@ EPOCH_SCALE ?= 1
 DATA_SCALE ?= 1
 STUDY ?= report-lr
 
-.PHONY: setup run sweep stack train test test-all bench bench-flow bench-serve mlflow-ui import-champion serve bento clean
+.PHONY: setup run sweep stack team-stack worker train test test-all bench bench-flow bench-serve bench-team test-faults mlflow-ui import-champion serve bento clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +34,15 @@ sweep: setup  ## a study through the local stack: make sweep STUDY=report-lr SEE
 	$(PY) -m flows.stack run --deployment sweep-cifar/default -p study=$(STUDY) -p seeds=$(SEEDS) \
 	  -p epoch_scale=$(EPOCH_SCALE) -p data_scale=$(DATA_SCALE)
 
-stack: setup  ## Prefect server + pool + concurrency limit + worker + deployments; Ctrl-C stops
+stack: setup  ## Prefect server + pools (gpu, control) + workers + deployments; Ctrl-C stops
 	$(PY) -m flows.stack up
+
+team-stack: setup  ## PostgreSQL + Prefect server + MLflow tracking server (auth on) + pools; Ctrl-C stops
+	$(PY) -m flows.stack team $(ARGS)
+
+JOIN ?= .team/team.env
+worker: setup  ## join a team stack as a GPU host: make worker JOIN=team.env [ARGS="--gpus 2"]
+	$(PY) -m flows.stack worker --join $(JOIN) $(ARGS)
 
 mlflow-ui: setup  ## the MLflow UI on the default store, http://127.0.0.1:5000
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the runs view, not GenAI)"
@@ -57,6 +64,9 @@ train: setup  ## train PRESET (default: fast) on the real data, print the result
 test: setup  ## the default test run (fast tests plus one real-data smoke test)
 	$(PY) -m pytest -q
 
+test-faults: setup  ## the team stack under faults (servers restarted, a host killed): slow, run by CI
+	$(PY) -m pytest -q --run-slow tests/test_team_e2e.py -k "restarted or killed"
+
 test-all: setup  ## also the slow tests
 	$(PY) -m pytest -q --run-slow
 
@@ -65,6 +75,9 @@ bench-flow: setup  ## fixed cost of orchestration + tracking around training -> 
 
 bench-serve: setup  ## HTTP load test of the service vs in-process inference -> benchmarks/results
 	$(PY) benchmarks/serve_bench.py
+
+bench-team: setup  ## one sweep on 1 and on 2 worker hosts; tracking cost, SQLite vs server
+	$(PY) benchmarks/team_scaling.py
 
 bench: setup  ## training speed and accuracy of the presets on the real data -> benchmarks/results
 	$(PY) benchmarks/train_presets.py

@@ -303,6 +303,7 @@ def _rerun_until_resumed(team, client, seed: int, run_id: str, state: str, fault
     _assert_complete_and_registered_once(client, run_id)
 
 
+@pytest.mark.slow  # about 90 s; CI runs it (make test-faults)
 def test_tracking_server_then_database_restarted_while_a_run_trains(team):
     """The MLflow server goes down for 5 s at epoch 3, then PostgreSQL (under both servers)
     at epoch 8: the run ends with every epoch's metrics on the server, registered once (or,
@@ -321,6 +322,7 @@ def test_tracking_server_then_database_restarted_while_a_run_trains(team):
     _rerun_until_resumed(team, client, 101, run.info.run_id, state, "server restarts")
 
 
+@pytest.mark.slow  # about 90 s; CI runs it (make test-faults)
 def test_a_host_killed_mid_run_leaves_no_run_running_for_ever(team):
     """The host dies with its run: when its worker is back, the run is marked FAILED and its
     flow run Crashed; the next run of the config on that host resumes it."""
