@@ -5,7 +5,10 @@ registering a version (judge it against the champion, create it, move the alias)
 an unfinished MLflow run to resume it. Each is wrapped in a global concurrency limit of one
 slot on the Prefect server every worker already talks to: the slot is a lease the server
 holds (renewed while the block runs, released by the server if its holder dies), so no extra
-lock service, no file on a shared disk and no sleep.
+lock service, no file on a shared disk and no sleep. The team stack keeps the leases on the
+Prefect server's disk, so a restarted server still expires them; an embedded (in-memory)
+server that dies takes its leases along, and a slot held then stays taken until the limit is
+deleted (`prefect gcl delete cifar-registry-<model>`; it is recreated on next use).
 """
 
 from __future__ import annotations

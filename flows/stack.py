@@ -66,13 +66,9 @@ def _exe(name: str) -> str:
 
 
 def default_gpus() -> int:
-    """Trainings one host runs at once: its CUDA devices, at least one (the CPU)."""
-    try:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    except Exception:  # noqa: BLE001 - no torch / no driver: the CPU
-        return 1
+    """Trainings one worker runs at once: 1. A run trains on the first visible CUDA device, so
+    a host with several GPUs runs one worker per GPU (CUDA_VISIBLE_DEVICES=i, distinct --name)."""
+    return 1
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None,
@@ -371,6 +367,10 @@ class TeamStack(LocalStack):
         self.start_prefect_server(self.bind, env={
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": db.url(DATABASES["prefect"], "asyncpg"),
             "PREFECT_SERVER_API_AUTH_STRING": self.join["PREFECT_API_AUTH_STRING"],
+            # Lock leases (flows/locks.py) on disk, not in the server's memory: a restarted
+            # server still knows them and frees them when they expire.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE":
+                "prefect.server.concurrency.lease_storage.filesystem",
             "PREFECT_SERVER_API_HOST": self.bind})
         self.start_mlflow_server(db)
         self.setup_pools()
@@ -438,8 +438,10 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
     services = Services(logs, env)
     proc = services.spawn("worker", [_exe("prefect"), "worker", "start", "--pool", POOL,
                                      "--type", "process", "--limit", str(gpus), "--name", name])
+    from flows.tracking import display_uri
+
     print(f"worker {name}: pool '{POOL}', {gpus} run(s) at a time, tracking on "
-          f"{join['MLFLOW_TRACKING_URI']}; log {logs / 'worker.log'}", flush=True)
+          f"{display_uri(join['MLFLOW_TRACKING_URI'])}; log {logs / 'worker.log'}", flush=True)
     try:
         with contextlib.suppress(KeyboardInterrupt):
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -479,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                              "MLFLOW_* variables of the environment")
     worker.add_argument("--name", help="this host's name on runs (default: hostname)")
     worker.add_argument("--gpus", type=int, default=None,
-                        help="trainings at once on this host (default: its CUDA devices, or 1)")
+                        help="trainings at once on this worker (default 1; a run trains on the "
+                             "first visible GPU: one worker per GPU with CUDA_VISIBLE_DEVICES)")
     worker.add_argument("--serving-host", action="store_true",
                         help="also copy each new champion into this host's BentoML store")
     for p in (up, run, team, worker):
