@@ -177,6 +177,8 @@ def start_run(store: Store, run_name: str, params: dict[str, str], tags: dict[st
     if resume is not None:
         run_id = resume.info.run_id
         client.update_run(run_id, status="RUNNING")
+        if "failure" in resume.data.tags:  # why it stopped last time no longer describes it
+            client.delete_tag(run_id, "failure")
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return run_id
     run = client.create_run(store.experiment_id, run_name=run_name,
