@@ -163,7 +163,11 @@ def find_resumable_run(store: Store, config_hash: str, host: str | None = None) 
                       f"and tags.host = '{host}'",
         order_by=["attributes.start_time DESC"], max_results=5)
     for run in runs:
-        if run.info.status in ("FAILED", "KILLED"):
+        tags = run.data.tags
+        # FAILED, yet its process on this host still runs (a cancel not yet landed): not ours.
+        alive_elsewhere = (tags.get("pid", "").isdigit() and int(tags["pid"]) != os.getpid()
+                           and not process_gone(tags))
+        if run.info.status in ("FAILED", "KILLED") and not alive_elsewhere:
             return run
     return None
 
