@@ -13,7 +13,6 @@ A team with its own PostgreSQL passes its URL to the stack instead (`--database-
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
@@ -174,15 +173,10 @@ class LocalPostgres:
             raise
 
     def stop(self, grace: float = 30) -> None:
-        """Fast shutdown (SIGINT: roll back open transactions, write a checkpoint, exit)."""
+        """Fast shutdown (SIGINT to the postmaster: roll back open transactions, write a
+        checkpoint, stop its children, exit)."""
+        from flows.stack import stop_process
+
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, signal.SIGINT, grace, whole_group=False)

@@ -95,6 +95,29 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None,
                      (f"; see {log}" if log else ""))
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15,
+                 whole_group: bool = True) -> None:
+    """Send `sig` to a process started in its own session (to its whole group, or to it alone
+    when it stops its children itself, as PostgreSQL does), wait `grace` seconds, then SIGKILL
+    whatever is left of the group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            if whole_group:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    # Children left in the group must not survive it. (Prefect's process worker starts flow
+    # runs in sessions of their own: the worker stops those itself on SIGTERM.)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 class Services:
     """Child processes, each in its own process group with its log in one folder."""
 
@@ -114,22 +137,10 @@ class Services:
         return proc
 
     def stop(self, name: str, grace: float = 15) -> None:
-        """SIGTERM the group, SIGKILL what is left after `grace` seconds (children included)."""
+        """SIGTERM the group, SIGKILL what is left after `grace` seconds."""
         proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        # Children (flow-run processes) share the group; make sure none survive.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            stop_process(proc, signal.SIGTERM, grace)
 
     def stop_all(self, order: Sequence[str] = ()) -> None:
         for name in [*order, *reversed(list(self.procs))]:
