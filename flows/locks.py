@@ -8,7 +8,9 @@ holds (renewed while the block runs, released by the server if its holder dies),
 lock service, no file on a shared disk and no sleep. The team stack keeps the leases on the
 Prefect server's disk, so a restarted server still expires them; an embedded (in-memory)
 server that dies takes its leases along, and a slot held then stays taken until the limit is
-deleted (`prefect gcl delete cifar-registry-<model>`; it is recreated on next use).
+deleted (`prefect gcl delete cifar-registry-<model>`; it is recreated on next use). A lease
+renewal that fails does not abort the block (a registration interrupted half way is what the
+registry's `unfinished` tag exists for, and is rolled back by the run's next registration).
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ def exclusive(kind: str, key: str, wait_s: float = WAIT_SECONDS) -> Iterator[Non
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(concurrency(name, occupy=1, timeout_seconds=wait_s,
-                                            lease_duration=LEASE_SECONDS, strict=True))
+                                            lease_duration=LEASE_SECONDS, strict=True,
+                                            # A missed renewal (server restarting) must not
+                                            # abort a registration half way: the block takes
+                                            # seconds, the lease a minute.
+                                            raise_on_lease_renewal_failure=False))
         except TimeoutError as exc:
             raise LockTimeout(f"lock {name} (Prefect global concurrency limit) still held by "
                               f"another run after {wait_s:.0f} s") from exc

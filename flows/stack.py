@@ -9,6 +9,10 @@
                                         # writes the join file workers and serving hosts need
     python -m flows.stack worker --join team.env [--gpus 1] [--name NAME]
                                         # a GPU host joins: trains what the `gpu` pool hands it
+    python -m flows.stack reap [--every 30]
+                                        # fail MLflow runs left RUNNING by ended flow runs (the
+                                        # team stack runs it; flow runs silent for 5 min are
+                                        # crashed by a Prefect automation)
 
 Two work pools. `gpu`: every `train-cifar` run; each host's worker takes at most `--gpus` runs
 at a time (`prefect worker start --limit`), so N hosts train N runs at once and no host trains
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -43,6 +48,13 @@ POOL = "gpu"  # train-cifar runs; one worker per GPU host
 CONTROL_POOL = "control"  # sweep-cifar runs: orchestration only
 TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true",
                  "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# Flow runs started by our workers send a heartbeat every 30 s (Prefect's minimum; its default
+# is 180 s). A run silent for 5 min is crashed (zombie_automation): long enough for a plain
+# `prefect worker` at the default 180 s too.
+HEARTBEAT_SECONDS = "30"
+ZOMBIE_AFTER_SECONDS = 300
+ZOMBIE_AUTOMATION = "cifar-crash-silent-flow-runs"
+REAP_EVERY_SECONDS = 30
 # What a host needs to join a team stack; the join file holds exactly these.
 JOIN_KEYS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI",
              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -99,7 +111,15 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
                  whole_group: bool = True) -> None:
     """Send `sig` to a process started in its own session (to its whole group, or to it alone
     when it stops its children itself, as PostgreSQL does), wait `grace` seconds, then SIGKILL
-    whatever is left of the group."""
+    whatever is left: of its group, and of the processes it had started in sessions of their
+    own (Prefect's process worker starts each flow run so; it cancels them on SIGTERM, but one
+    that does not end in time must not outlive the stack)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             if whole_group:
@@ -112,10 +132,53 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    # Children left in the group must not survive it. (Prefect's process worker starts flow
-    # runs in sessions of their own: the worker stops those itself on SIGTERM.)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    survivors = [p for p in tree if p.is_running()]  # is_running also checks the start time
+    for child in survivors:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, survivors = psutil.wait_procs(survivors, timeout=10)
+    for child in survivors:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(survivors, timeout=10)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ignore Ctrl-C, SIGTERM and SIGHUP for a block (a stop in progress): a second Ctrl-C
+    must not leave PostgreSQL or a worker running. No-op outside the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def wait_for_signal(alive) -> str | None:
+    """Block until Ctrl-C, SIGTERM or SIGHUP (returns None) or until `alive()` names a child
+    that died (returns its name)."""
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    try:
+        while True:
+            dead = alive()
+            if dead:
+                return dead
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return None
 
 
 class Services:
@@ -128,11 +191,11 @@ class Services:
     def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None,
               cwd: Path = PROJECT_ROOT) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
         # A new session: the process and its children form one group we can signal, and SIGINT
         # is not inherited as ignored (a background job's worker ignores the first SIGTERM).
-        proc = subprocess.Popen(list(args), cwd=cwd, env=dict(env or self.env), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(list(args), cwd=cwd, env=dict(env or self.env), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -143,11 +206,38 @@ class Services:
             stop_process(proc, signal.SIGTERM, grace)
 
     def stop_all(self, order: Sequence[str] = ()) -> None:
-        for name in [*order, *reversed(list(self.procs))]:
-            self.stop(name)
+        with signals_deferred():
+            for name in [*order, *reversed(list(self.procs))]:
+                self.stop(name)
 
-    def all_alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs.values())
+    def dead(self) -> str | None:
+        """The name of a child that has exited (with its exit code), or None."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                return f"{name} (exit code {proc.returncode}; see {self.logs / (name + '.log')})"
+        return None
+
+
+def zombie_automation(after_s: int) -> dict:
+    """A Prefect automation: a flow run that sent heartbeats and then fell silent for `after_s`
+    seconds without ending (its host lost power, its container was evicted) becomes Crashed.
+    The reaper (`python -m flows.stack reap`) then fails its MLflow run."""
+    return {
+        "name": ZOMBIE_AUTOMATION,
+        "description": f"Crash flow runs with no heartbeat for {after_s} s (flows/stack.py)",
+        "enabled": True,
+        "trigger": {
+            "type": "event", "posture": "Proactive", "threshold": 1, "within": after_s,
+            "match": {"prefect.resource.id": "prefect.flow-run.*"},
+            "for_each": ["prefect.resource.id"],
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                       "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                       "prefect.flow-run.Crashed"],
+        },
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": f"no heartbeat for {after_s} s: its host or process is gone"}],
+    }
 
 
 class LocalStack:
@@ -178,6 +268,7 @@ class LocalStack:
             "CIFAR_PROJECT_DIR": str(PROJECT_ROOT),
             "CIFAR_WORK_POOL": pool,
             "CIFAR_CONTROL_POOL": CONTROL_POOL,
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT_SECONDS,
             **(extra_env or {}),
         }
         self.services = Services(self.logs, self.env)
@@ -205,15 +296,25 @@ class LocalStack:
 
     def start_prefect_server(self, host: str = "127.0.0.1", env: Mapping[str, str] | None = None):
         self.services.spawn("server", [_exe("prefect"), "server", "start", "--host", host,
-                                       "--port", str(self.port)], env={**self.env, **(env or {})})
+                                       "--port", str(self.port)], env={
+            **self.env,
+            # Lock leases (flows/locks.py) on disk, not in the server's memory: a restarted
+            # server still knows them and frees them when they expire.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE":
+                "prefect.server.concurrency.lease_storage.filesystem",
+            **(env or {})})
         self.wait_healthy()
 
     def setup_pools(self) -> None:
-        """The two work pools and every deployment of prefect.yaml."""
+        """The two work pools, every deployment of prefect.yaml and the automation that ends
+        flow runs whose host went silent."""
         for pool in (self.pool, CONTROL_POOL):
             if self.cli("work-pool", "inspect", pool, check=False).returncode != 0:
                 self.cli("work-pool", "create", pool, "--type", "process")
         self.cli("deploy", "--all", "--no-prompt")
+        if self.cli("automation", "inspect", ZOMBIE_AUTOMATION, check=False).returncode != 0:
+            self.cli("automation", "create", "--from-json", json.dumps(zombie_automation(
+                int(self.env.get("CIFAR_ZOMBIE_AFTER_S", ZOMBIE_AFTER_SECONDS)))))
 
     def start_worker(self, name: str, pool: str, limit: int, env: Mapping[str, str] | None = None):
         self.services.spawn(name, [_exe("prefect"), "worker", "start", "--pool", pool,
@@ -378,10 +479,6 @@ class TeamStack(LocalStack):
         self.start_prefect_server(self.bind, env={
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": db.url(DATABASES["prefect"], "asyncpg"),
             "PREFECT_SERVER_API_AUTH_STRING": self.join["PREFECT_API_AUTH_STRING"],
-            # Lock leases (flows/locks.py) on disk, not in the server's memory: a restarted
-            # server still knows them and frees them when they expire.
-            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE":
-                "prefect.server.concurrency.lease_storage.filesystem",
             "PREFECT_SERVER_API_HOST": self.bind})
         self.start_mlflow_server(db)
         self.setup_pools()
@@ -391,11 +488,18 @@ class TeamStack(LocalStack):
         self.start_worker("control", CONTROL_POOL, 8)
         if self.local_gpu_worker:
             self.start_worker("worker", self.pool, self.gpus)
+        # Fails the MLflow runs of flow runs that ended without them (a host that never came
+        # back: the automation crashed its flow run), so none stays RUNNING for ever.
+        self.services.spawn("reaper", [sys.executable, "-m", "flows.stack", "reap", "--every",
+                                       str(REAP_EVERY_SECONDS), "--root", str(self.root)])
 
     def stop(self, grace: float = 15) -> None:
-        self.services.stop_all(order=("control", "worker", "server", "mlflow"))
-        if self.postgres is not None:
-            self.postgres.stop()
+        with signals_deferred():
+            try:
+                self.services.stop_all(order=("reaper", "control", "worker", "server", "mlflow"))
+            finally:
+                if self.postgres is not None:
+                    self.postgres.stop()
 
 
 def check_join(env: Mapping[str, str]) -> None:
@@ -416,20 +520,38 @@ def check_join(env: Mapping[str, str]) -> None:
         raise StackError(f"MLflow tracking server {display_uri(mlflow)}: {exc}") from None
 
 
-def reap_dead_runs(join: Mapping[str, str], root: Path, host: str) -> list[str]:
-    """Runs this host left RUNNING when it went down with its worker: their processes are
-    gone, so their MLflow runs become FAILED (the next run of the config resumes them here)
-    and their flow runs Crashed, instead of RUNNING for ever."""
-    os.environ.update({**join, "CIFAR_HOST": host})
+def reap(root: Path, host: str) -> list[str]:
+    """Fail the MLflow runs nobody runs any more (flows.tracking.fail_stale_runs): those whose
+    flow run has ended (a host that never came back; the zombie automation crashed its flow
+    run), and those whose process on this host is gone (their flow runs become Crashed).
+    Needs the tracking and Prefect settings in the environment."""
+    os.environ["CIFAR_HOST"] = host
     from flows import tracking
-    from flows.train_flow import crash_flow_run
+    from flows.train_flow import crash_flow_run, flow_run_alive
 
     store = tracking.open_store(root)
-    failed = tracking.fail_stale_runs(store, lambda _flow_run_id: True, crash_flow_run)
+    failed = tracking.fail_stale_runs(store, flow_run_alive, crash_flow_run)
     for run_id in failed:
-        print(f"worker {host}: MLflow run {run_id} was left RUNNING by a process of this host "
-              "that is gone: marked FAILED (resumed by the next run of its config)", flush=True)
+        print(f"{host}: MLflow run {run_id} was RUNNING with nobody running it: marked FAILED "
+              "(the next run of its config on its host resumes it)", flush=True)
     return failed
+
+
+def run_reaper(root: Path, every: float) -> int:
+    """`reap` every `every` seconds until stopped; a server that does not answer is retried."""
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    host = tracking_host()
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            try:
+                reap(root, host)
+            except Exception as exc:  # noqa: BLE001 - a server restarting: try again later
+                print(f"reaper: {type(exc).__name__}: {exc}", flush=True)
+            time.sleep(every)
+    return 0
 
 
 def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
@@ -438,8 +560,12 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
     `gpus` runs at once; every run records on the team's tracking server. Ctrl-C stops it."""
     check_join(join)
     name = name or tracking_host()
-    reap_dead_runs(join, root, name)
+    # What this host left RUNNING when it went down with its worker: those processes are gone.
+    os.environ.update(join)
+    reap(root, name)
     env = {**os.environ, **TELEMETRY_OFF, **join, "CIFAR_ROOT": str(root),
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get(
+               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_SECONDS),
            "CIFAR_PROJECT_DIR": str(PROJECT_ROOT), "CIFAR_HOST": name, "CIFAR_WORKER_NAME": name,
            # flow runs import this checkout's code, whatever else the environment has installed
            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [
@@ -454,12 +580,12 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
     print(f"worker {name}: pool '{POOL}', {gpus} run(s) at a time, tracking on "
           f"{display_uri(join['MLFLOW_TRACKING_URI'])}; log {logs / 'worker.log'}", flush=True)
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-            while proc.poll() is None:
-                time.sleep(1)
+        dead = wait_for_signal(services.dead)
     finally:
         services.stop_all()
+    if dead:
+        print(f"error: worker {name}: {dead} stopped", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -486,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
                            "(default: start one in <root>/.team/postgres)")
     team.add_argument("--with-worker", action="store_true",
                       help="also run a GPU worker on this host")
+    reaper = sub.add_parser("reap", help="fail the MLflow runs whose flow runs ended "
+                                         "without them (the team stack runs this)")
+    reaper.add_argument("--every", type=float, default=0,
+                        help="repeat every this many seconds (default: once)")
     worker = sub.add_parser("worker", help="join a team stack as a GPU host")
     worker.add_argument("--join", type=Path, default=os.environ.get("CIFAR_JOIN_FILE"),
                         help="the team stack's join file (team.env); else the PREFECT_* and "
@@ -496,13 +626,18 @@ def main(argv: list[str] | None = None) -> int:
                              "first visible GPU: one worker per GPU with CUDA_VISIBLE_DEVICES)")
     worker.add_argument("--serving-host", action="store_true",
                         help="also copy each new champion into this host's BentoML store")
-    for p in (up, run, team, worker):
+    for p in (up, run, team, worker, reaper):
         p.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)),
                        help="Prefect server port (up, run, team)")
         p.add_argument("--root", type=Path, default=Path(os.environ.get("CIFAR_ROOT", PROJECT_ROOT)))
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "reap":
+            if args.every > 0:
+                return run_reaper(args.root.resolve(), args.every)
+            reap(args.root.resolve(), tracking_host())
+            return 0
         if args.command == "worker":
             join = read_env_file(args.join) if args.join else {
                 k: os.environ[k] for k in JOIN_KEYS if os.environ.get(k)}
@@ -543,10 +678,10 @@ def _foreground(stack: LocalStack, args: argparse.Namespace) -> int:
         if args.command == "up":
             print(f"export PREFECT_API_URL={stack.api_url}  # then: prefect deployment run "
                   "train-cifar/default --watch", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-            while stack.services.all_alive():
-                time.sleep(1)
+        dead = wait_for_signal(stack.services.dead)
+        if dead:
+            print(f"error: {dead} stopped; stopping the stack", file=sys.stderr, flush=True)
+            return 1
         return 0
     # No time limit: a full-scale study runs for hours (Ctrl-C stops it and the stack).
     result = stack.run_deployment(args.deployment, args.params, timeout=None)

@@ -125,13 +125,27 @@ def host_name() -> str:
     return os.environ.get("CIFAR_HOST") or socket.gethostname()
 
 
+def host_id() -> str:
+    """This machine's boot and process namespace: two containers (or a rebooted box) may share
+    a host name, but a pid only means something inside the namespace and boot it came from."""
+    parts = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(path).read_text().strip() if "random" in path
+                         else os.readlink(path))
+        except OSError:
+            parts.append("?")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def process_tags() -> dict[str, str]:
     """Where a run executes: host, worker (when a worker started it) and the process, so a run
     whose process died can be told from one that is still going."""
     import psutil
 
     me = psutil.Process()
-    tags = {"host": host_name(), "pid": str(me.pid), "pid_started": f"{me.create_time():.2f}"}
+    tags = {"host": host_name(), "host_id": host_id(), "pid": str(me.pid),
+            "pid_started": f"{me.create_time():.2f}"}
     if os.environ.get("CIFAR_WORKER_NAME"):
         tags["worker"] = os.environ["CIFAR_WORKER_NAME"]
     return tags
@@ -143,6 +157,8 @@ def process_gone(tags: Mapping[str, str]) -> bool:
     import psutil
 
     if tags.get("host") != host_name() or not tags.get("pid", "").isdigit():
+        return False
+    if tags.get("host_id", host_id()) != host_id():  # same name, another machine or namespace
         return False
     try:
         proc = psutil.Process(int(tags["pid"]))
@@ -180,10 +196,12 @@ def start_run(store: Store, run_name: str, params: dict[str, str], tags: dict[st
     client = store.client
     if resume is not None:
         run_id = resume.info.run_id
-        client.update_run(run_id, status="RUNNING")
+        # The new owner's tags (flow run, pid) first, RUNNING last: a reaper never sees this
+        # run RUNNING under its dead owner's name.
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if "failure" in resume.data.tags:  # why it stopped last time no longer describes it
             client.delete_tag(run_id, "failure")
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(store.experiment_id, run_name=run_name,
                             tags={**tags, "registered": "false"})
@@ -222,14 +240,22 @@ def fail_stale_runs(store: Store, is_alive, on_dead_process=None) -> list[str]:
         reason = None
         if process_gone(tags):
             reason = f"its process {tags['pid']} on {tags['host']} is gone"
-            if flow_run_id and on_dead_process is not None:
-                on_dead_process(flow_run_id, f"MLflow run {run.info.run_id}: {reason}")
         elif flow_run_id and not is_alive(flow_run_id):
             reason = "its flow run ended without it"
-        if reason:
-            store.client.set_terminated(run.info.run_id, status="FAILED")
-            store.client.set_tag(run.info.run_id, "failure", reason)
-            failed.append(run.info.run_id)
+        if reason is None:
+            continue
+        # Another flow run may have claimed it since the search (resume writes its own tags
+        # before RUNNING): fail it only if it is still the run we judged.
+        now = store.client.get_run(run.info.run_id)
+        owner = ("prefect.flow_run_id", "pid", "host")
+        if now.info.status != "RUNNING" or any(now.data.tags.get(k) != tags.get(k) for k in owner):
+            continue
+        store.client.set_terminated(run.info.run_id, status="FAILED")
+        store.client.set_tag(run.info.run_id, "failure", reason)
+        failed.append(run.info.run_id)
+        if reason.startswith("its process") and flow_run_id and on_dead_process is not None:
+            on_dead_process(flow_run_id, f"MLflow run {run.info.run_id}: {reason}",
+                            tags.get("prefect.flow_run_count"))
     return failed
 
 
@@ -410,10 +436,30 @@ def drop_unfinished_versions(store: Store, run_id: str, name: str = REGISTERED_M
         return []
     dropped = []
     for v in versions:
-        if v.tags.get(REGISTRATION_TAG) == "unfinished" and not v.aliases:
-            client.delete_model_version(name, v.version)
-            dropped.append(str(v.version))
+        if v.tags.get(REGISTRATION_TAG) != "unfinished":
+            continue
+        # (search results carry no aliases: read the version itself)
+        if CHAMPION in client.get_model_version(name, v.version).aliases:
+            # It failed after taking the alias, before recording it: give the alias back to
+            # the champion it was judged against (or to nobody), then register again.
+            previous = v.tags.get("compared_with_version")
+            if previous and _version_exists(client, name, previous):
+                client.set_registered_model_alias(name, CHAMPION, previous)
+            else:
+                client.delete_registered_model_alias(name, CHAMPION)
+        client.delete_model_version(name, v.version)  # its other aliases go with it
+        dropped.append(str(v.version))
     return dropped
+
+
+def _version_exists(client: Any, name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+        return True
+    except MlflowException:
+        return False
 
 
 def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str, str],

@@ -75,7 +75,7 @@ class InMemory:
     value: Any
 
 
-@task(tags=["gpu"], cache_policy=NO_CACHE, persist_result=False)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Store,
                 run_id: str) -> InMemory:
     """Train (resuming from the run folder's checkpoint) and log every epoch."""
@@ -249,22 +249,26 @@ def publish_champion(store: tracking.Store, root: str) -> dict[str, Any]:
 # Flow
 # ---------------------------------------------------------------------------------------------
 
-def crash_flow_run(flow_run_id: str, reason: str) -> None:
+def crash_flow_run(flow_run_id: str, reason: str, run_count: str | None = None) -> None:
     """End a flow run whose process is gone (its worker was killed): Crashed, not Running
-    for ever."""
+    for ever. `run_count` is the attempt that process ran: a later attempt (a retry started
+    elsewhere) is left alone."""
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
     try:
         with get_client(sync_client=True) as client:
-            if not client.read_flow_run(flow_run_id).state.is_final():
+            found = client.read_flow_run(flow_run_id)
+            if run_count is not None and str(found.run_count) != str(run_count):
+                return
+            if not found.state.is_final():
                 client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
     except Exception as exc:  # noqa: BLE001 - unknown to this API: nothing to end here
         logging.getLogger(__name__).warning("could not mark flow run %s crashed: %s",
                                             flow_run_id, exc)
 
 
-def _flow_run_alive(flow_run_id: str) -> bool:
+def flow_run_alive(flow_run_id: str) -> bool:
     """False only when Prefect knows this flow run and it has ended."""
     from prefect.client.orchestration import get_client
 
@@ -296,7 +300,7 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
     code = tracking.code_version(PROJECT_ROOT)
     tags = {
         "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
-        "config_hash": chash, "preset": config.preset, "model": config.model.name,
+        "prefect.flow_run_count": str(flow_run.run_count), "config_hash": chash, "preset": config.preset, "model": config.model.name,
         "code_version": code, "split_sha256": split["sha256"],
         "data_fingerprint": data_fingerprint(config.data.checksums or OFFICIAL_FILE_MD5),
         "data_folder": data_folder, "device": str(resolve_device(config.train.device)),
@@ -311,7 +315,7 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
     # Claiming a run to resume is one step on every host: two flow runs of one config starting
     # together cannot both reopen it (the second sees it RUNNING, owned by the first).
     with locks.exclusive("resume", chash):
-        tracking.fail_stale_runs(store, _flow_run_alive, crash_flow_run)
+        tracking.fail_stale_runs(store, flow_run_alive, crash_flow_run)
         resume = tracking.find_resumable_run(store, chash)
         run_id = tracking.start_run(store, f"{config.preset}-{chash}", params, tags, resume)
     if resume is not None and resume.data.tags.get("run_dir") and \

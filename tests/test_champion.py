@@ -276,3 +276,39 @@ def test_a_registration_that_failed_half_way_is_not_registered_twice(world, monk
     assert str(version.version) == done.registration.version != str(left.version)
     assert version.tags["registration"] == "complete"
     assert tracking.champion_version(store).version == version.version
+
+
+def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone(world,
+                                                                               monkeypatch):
+    """The champion alias moved to the new version, then the tracking server went away before
+    the version was marked complete: the run's next registration gives the alias back to the
+    champion it was judged against, removes the half-done version and registers the run once."""
+    store = world["store"]
+    _register(world, BarReader(confuse_truck=True), min_shared_images=5)
+    old = tracking.champion_version(store)
+    run_id, logged, path = _logged_run(world, BarReader())
+    from mlflow import MlflowClient
+
+    real = MlflowClient.set_model_version_tag
+
+    def gone(self, name, version, key, value):
+        if key == tracking.REGISTRATION_TAG:
+            raise ConnectionError("tracking server went away")
+        return real(self, name, version, key, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "set_model_version_tag", gone)
+        with pytest.raises(ConnectionError):
+            champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
+                              model_id=logged.model_id, min_shared_images=5)
+    (half,) = store.client.search_model_versions(f"run_id = '{run_id}'")
+    half = store.client.get_model_version(half.name, half.version)
+    assert half.tags["registration"] == "unfinished" and "champion" in half.aliases
+    assert tracking.drop_unfinished_versions(store, run_id) == [str(half.version)]
+    assert tracking.champion_version(store).version == old.version  # given back
+    done = champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
+                             model_id=logged.model_id, min_shared_images=5)
+    (version,) = store.client.search_model_versions(f"run_id = '{run_id}'")
+    version = store.client.get_model_version(version.name, version.version)
+    assert version.tags["registration"] == "complete" and version.aliases == ["champion"]
+    assert done.registration.previous_champion == old.version

@@ -348,16 +348,15 @@ def _foreign_run(tmp_path, chash, flow_run_id, **tags):
 def test_a_live_run_of_the_same_config_is_left_alone(data, tmp_path):
     """Another flow run of this config is still training (its flow run RUNNING, its process
     alive): a new flow run starts its own MLflow run and touches nothing of the other."""
-    import os
-
     from prefect.states import Running
 
-    from flows.tracking import host_name
+    from flows.tracking import process_tags
 
     train = {**FAST_TRAIN, "epochs": 1}
     other = _flow_run(Running())
+    # This very process stands for the other flow run's: alive, with its true start time.
     store, live = _foreign_run(tmp_path, _config_hash(data, train), other.id,
-                               host=host_name(), pid=str(os.getpid()))
+                               **process_tags())
     before = store.client.get_run(live)
     result = train_cifar(preset="seed-baseline", data=data, train=train, root=str(tmp_path),
                          skip_registry=True)
@@ -406,3 +405,77 @@ def test_an_unfinished_run_of_another_host_is_not_resumed_here(data, tmp_path):
                          skip_registry=True)
     assert result["mlflow_run_id"] != theirs
     assert store.client.get_run(theirs).info.status == "FAILED"
+
+
+def _dead_pid() -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return str(proc.pid)
+
+
+def test_the_reaper_judges_only_processes_of_this_host(tmp_path):
+    """A RUNNING run whose pid is dead *here* but which runs on another host, or on a machine
+    (or container) that shares this host's name, is someone's live run: left alone. The same
+    run on this host, same machine, is failed and its flow run told."""
+    from flows import tracking
+
+    store = tracking.open_store(tmp_path)
+    pid = _dead_pid()
+    runs = {
+        "other host": {"host": "gpu-host-b", "pid": pid, "pid_started": "1.0"},
+        "same name, other machine": {"host": tracking.host_name(), "host_id": "0" * 16,
+                                     "pid": pid, "pid_started": "1.0"},
+        "here": {"host": tracking.host_name(), "host_id": tracking.host_id(), "pid": pid,
+                 "pid_started": "1.0"},
+    }
+    ids = {what: tracking.start_run(store, what, {}, {
+        "prefect.flow_run_id": f"flow-{i}", "prefect.flow_run_count": "1", **tags})
+        for i, (what, tags) in enumerate(runs.items())}
+    crashed = []
+    failed = tracking.fail_stale_runs(store, lambda _id: True,
+                                      lambda *args: crashed.append(args))
+    assert failed == [ids["here"]]
+    assert [c[0] for c in crashed] == ["flow-2"] and crashed[0][2] == "1"
+    for what in ("other host", "same name, other machine"):
+        assert store.client.get_run(ids[what]).info.status == "RUNNING", what
+
+
+def test_the_reaper_never_fails_a_run_claimed_while_it_judged(tmp_path):
+    """Between the reaper's search and its verdict another flow run resumes the run (it was
+    failed by a third party and claimed): the reaper sees the new owner and leaves it."""
+    from flows import tracking
+
+    store = tracking.open_store(tmp_path)
+    run_id = tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "ended"})
+
+    def ended_and_meanwhile_claimed(flow_run_id):
+        store.client.set_terminated(run_id, "FAILED")  # another reaper got there first
+        tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "new-owner",
+                                                 **tracking.process_tags()},
+                           resume=store.client.get_run(run_id))
+        return flow_run_id != "ended"
+
+    assert tracking.fail_stale_runs(store, ended_and_meanwhile_claimed) == []
+    now = store.client.get_run(run_id)
+    assert now.info.status == "RUNNING"
+    assert now.data.tags["prefect.flow_run_id"] == "new-owner" and "failure" not in now.data.tags
+
+
+def test_a_flow_run_is_crashed_only_for_the_attempt_that_died():
+    """The dead process ran attempt N; a retry (attempt N+1) running elsewhere is left alone."""
+    from prefect.states import Running
+
+    from flows.train_flow import crash_flow_run
+
+    flow_run = _flow_run(Running())
+    with get_client(sync_client=True) as client:
+        count = client.read_flow_run(flow_run.id).run_count
+    crash_flow_run(str(flow_run.id), "its process is gone", str(count + 1))
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run.id).state.is_running()
+    crash_flow_run(str(flow_run.id), "its process is gone", str(count))
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run.id).state.is_crashed()

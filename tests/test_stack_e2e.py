@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.stack import LocalStack, free_port
+from flows.stack import ZOMBIE_AUTOMATION, LocalStack, free_port
 from flows.tracking import REGISTERED_MODEL
 
 
@@ -67,6 +67,8 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     # Two pools: training on `gpu`, sweeps on `control`.
     pools = {p["name"] for p in json.loads(stack.cli("work-pool", "ls", "--output", "json").stdout)}
     assert {"gpu", "control"} <= pools
+    # Flow runs whose host falls silent are crashed by an automation (flows/stack.py).
+    assert stack.cli("automation", "inspect", ZOMBIE_AUTOMATION, check=False).returncode == 0
 
     client = _client(stack.root)
     exp = client.get_experiment_by_name("train-cifar")

@@ -119,7 +119,9 @@ def team(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     stack = TeamStack(base / "server", prefect_port=free_port(), mlflow_port=free_port(),
                       pg_port=free_port(), extra_env={"PREFECT_UI_ENABLED": "false",
-                                                      "CIFAR10_SOURCE": str(server_data)})
+                                                      "CIFAR10_SOURCE": str(server_data),
+                                                      # 3 heartbeats (30 s) missed, not 10
+                                                      "CIFAR_ZOMBIE_AFTER_S": "90"})
     hosts = []
     try:
         stack.start()
@@ -344,3 +346,27 @@ def test_a_host_killed_mid_run_leaves_no_run_running_for_ever(team):
     (again,) = _runs(client, "params.`train.seed` = '102'")
     assert again.info.run_id == run.info.run_id and again.data.tags["worker"] == victim.name
     _assert_complete_and_registered_once(client, run.info.run_id)
+
+
+@pytest.mark.slow  # about 3 min; CI runs it (make test-faults)
+def test_a_host_that_never_returns_leaves_no_run_running_for_ever(team):
+    """The host dies with its run and stays down: its flow run sends no more heartbeats, the
+    stack's automation marks it Crashed, and the stack's reaper then fails its MLflow run."""
+    client = _client(team)
+    flow_run = _start_run(team, seed=103)
+    run = _wait_epochs(client, 103, 2)
+    victim = next(h for h in team["hosts"] if h.name == run.data.tags["worker"])
+    victim.kill()
+    try:
+        deadline = time.monotonic() + 300  # 90 s of silence, the reaper's 30 s, some slack
+        while time.monotonic() < deadline:
+            state = _flow_state(team, flow_run)
+            status = client.get_run(run.info.run_id).info.status
+            if state == "CRASHED" and status == "FAILED":
+                break
+            time.sleep(2)
+        assert (state, status) == ("CRASHED", "FAILED")
+        failed = client.get_run(run.info.run_id)
+        assert failed.data.tags["failure"] == "its flow run ended without it"
+    finally:
+        victim.start()

@@ -1,0 +1,80 @@
+"""How the stacks start and stop their processes (flows/stack.py): nothing they started may
+outlive them, and a child that dies is reported, not waited on for ever."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from flows.stack import Services, signals_deferred, stop_process, wait_for_signal
+
+# A parent that starts a child in a session of its own (as Prefect's process worker starts a
+# flow run), prints the child's pid and waits; the child ignores SIGTERM, as a flow run busy
+# shutting down may.
+PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+    start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _child_pid(services: Services, name: str) -> int:
+    log = services.logs / f"{name}.log"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = log.read_text().strip() if log.is_file() else ""
+        if text:
+            return int(text.splitlines()[0])
+        time.sleep(0.1)
+    raise TimeoutError("the parent never printed its child's pid")
+
+
+def test_stop_reaches_children_in_sessions_of_their_own(tmp_path):
+    services = Services(tmp_path / "logs", dict(os.environ))
+    services.spawn("parent", [sys.executable, "-c", PARENT])
+    child = psutil.Process(_child_pid(services, "parent"))
+    assert os.getsid(child.pid) != os.getsid(services.procs["parent"].pid)  # not in its group
+    started = time.monotonic()
+    services.stop("parent", grace=2)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert time.monotonic() - started < 30
+
+
+def test_stop_process_leaves_unrelated_processes_alone(tmp_path):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    services = Services(tmp_path / "logs", dict(os.environ))
+    try:
+        services.spawn("quick", [sys.executable, "-c", "import time; time.sleep(600)"])
+        services.stop_all()
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_child_that_dies_is_reported_with_its_exit_code(tmp_path):
+    services = Services(tmp_path / "logs", dict(os.environ))
+    services.spawn("steady", [sys.executable, "-c", "import time; time.sleep(600)"])
+    services.spawn("crashy", [sys.executable, "-c", "import sys; sys.exit(3)"])
+    try:
+        dead = wait_for_signal(services.dead)
+        assert dead.startswith("crashy (exit code 3")
+    finally:
+        services.stop_all()
+
+
+def test_signals_are_ignored_while_stopping():
+    """A second Ctrl-C during a stop must not cut it short (PostgreSQL would be left)."""
+    with signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
