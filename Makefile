@@ -64,8 +64,8 @@ train: setup  ## train PRESET (default: fast) on the real data, print the result
 test: setup  ## the default test run (fast tests plus one real-data smoke test)
 	$(PY) -m pytest -q
 
-test-faults: setup  ## the team stack under faults (servers restarted, a host killed): slow, run by CI
-	$(PY) -m pytest -q --run-slow tests/test_team_e2e.py -k "restarted or killed"
+test-faults: setup  ## the team stack under faults (servers restarted, a host killed, a host gone for good): slow, run by CI
+	$(PY) -m pytest -q --run-slow tests/test_team_e2e.py -k "restarted or killed or never_returns"
 
 test-all: setup  ## also the slow tests
 	$(PY) -m pytest -q --run-slow

@@ -133,9 +133,17 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--probes", type=int, default=5)
     parser.add_argument("--source", default=os.environ.get("CIFAR10_SOURCE", str(DEFAULT_SOURCE)))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                        "team-scaling.json")
+    parser.add_argument("--tracking-only", action="store_true",
+                        help="one run on one worker (for real files), then only the tracking "
+                             "probes: SQLite, the server, and the server without its auth cache")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: results/team-scaling.json (team-tracking.json with "
+                             "--tracking-only)")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / (
+        "team-tracking.json" if args.tracking_only else "team-scaling.json")
+    if args.tracking_only:
+        args.runs = 1
     os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                        "BENTOML_DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
@@ -165,12 +173,13 @@ def main() -> None:
             out["one_worker"] = run_sweep(stack, client, lrs, data, args.epochs, 1)
             print(json.dumps({k: v for k, v in out["one_worker"].items() if k != "child_runs"}),
                   flush=True)
-            workers.append(start_worker(stack.join_file, "host-b", base, env))
-            out["two_workers"] = run_sweep(stack, client, lrs, data, args.epochs, 2)
-            print(json.dumps({k: v for k, v in out["two_workers"].items() if k != "child_runs"}),
-                  flush=True)
-            out["speedup_two_workers"] = round(out["one_worker"]["wall_seconds"] /
-                                               out["two_workers"]["wall_seconds"], 2)
+            if not args.tracking_only:
+                workers.append(start_worker(stack.join_file, "host-b", base, env))
+                out["two_workers"] = run_sweep(stack, client, lrs, data, args.epochs, 2)
+                print(json.dumps({k: v for k, v in out["two_workers"].items()
+                                  if k != "child_runs"}), flush=True)
+                out["speedup_two_workers"] = round(out["one_worker"]["wall_seconds"] /
+                                                   out["two_workers"]["wall_seconds"], 2)
             # A real run's files for the tracking probe.
             exp = client.get_experiment_by_name("train-cifar")
             sample = client.search_runs([exp.experiment_id], "tags.sweep_role = 'child'",
@@ -204,8 +213,18 @@ def main() -> None:
         local_probe = tracking_probe(f"sqlite:///{db_file}", onnx, files, args.probes, 30)
         local_probe["database_bytes_per_run"] = (db_file.stat().st_size - size0) // args.probes
         out["tracking_per_run"] = {"sqlite": local_probe, "server": server,
+                                   "server_auth_cache_seconds": stack.auth_cache_seconds,
                                    "server_over_sqlite": round(server["median_total_seconds"] /
                                                                local_probe["median_total_seconds"], 2)}
+        # The same probes with MLflow's auth cache off (its default): every request then
+        # checks the password hash.
+        stack.services.stop("mlflow")
+        stack.auth_cache_seconds = 0
+        stack.start_mlflow_server(stack.db)
+        no_cache = tracking_probe(join["MLFLOW_TRACKING_URI"], onnx, files, args.probes, 30)
+        out["tracking_per_run"]["server_auth_cache_off"] = no_cache
+        out["tracking_per_run"]["cache_off_over_on"] = round(
+            no_cache["median_total_seconds"] / server["median_total_seconds"], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("one_worker", "two_workers")},

@@ -422,6 +422,7 @@ class TeamStack(LocalStack):
         self.join_file = self.folder / "team.env"
         self.postgres = None
         self.db = None
+        self.auth_cache_seconds = 60
 
     def _secrets(self) -> dict[str, str]:
         """Generated once per team folder, kept in `<folder>/secrets.env` (mode 600)."""
@@ -451,8 +452,12 @@ class TeamStack(LocalStack):
         from flows.postgres import DATABASES
 
         auth_ini = self.folder / "mlflow-auth.ini"
+        # Password checks (PBKDF2, ~0.2 s each) cached for a minute: without the cache every
+        # request of every run pays one. One server worker: password changes through the API
+        # take effect at once; changes made in the database directly within the minute.
         write_private(auth_ini, {}, "[mlflow]\ndefault_permission = READ\n"
                       "admin_username = admin\n"
+                      f"auth_cache_ttl_seconds = {self.auth_cache_seconds}\n"
                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                       "database_uri = " + db.url(DATABASES["mlflow_auth"]).replace("%", "%%") + "\n")
         args = [_exe("mlflow"), "server", "--app-name", "basic-auth",
