@@ -116,10 +116,10 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
     that does not end in time must not outlive the stack)."""
     import psutil
 
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
+    tree = []
+    if proc.poll() is None:  # once reaped, its pid may be someone else's: leave it alone
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(proc.pid).children(recursive=True)
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             if whole_group:
@@ -134,7 +134,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
             proc.wait(timeout=10)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    survivors = [p for p in tree if p.is_running()]  # is_running also checks the start time
+    survivors = [p for p in tree if _alive(p)]
     for child in survivors:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
@@ -143,6 +143,16 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     psutil.wait_procs(survivors, timeout=10)
+
+
+def _alive(proc) -> bool:
+    """Running and not a zombie (is_running also checks that the pid was not reused)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @contextlib.contextmanager
@@ -163,9 +173,10 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def wait_for_signal(alive) -> str | None:
-    """Block until Ctrl-C, SIGTERM or SIGHUP (returns None) or until `alive()` names a child
-    that died (returns its name)."""
+def wait_for_signal(dead) -> str | None:
+    """Block until Ctrl-C, SIGTERM or SIGHUP (returns None) or until `dead()` names a child
+    that died (returns its name). Returns with those signals ignored: the caller stops
+    everything next, and a second Ctrl-C must not cut that short."""
     def stop(*_):
         raise KeyboardInterrupt
 
@@ -173,12 +184,15 @@ def wait_for_signal(alive) -> str | None:
         signal.signal(sig, stop)
     try:
         while True:
-            dead = alive()
-            if dead:
-                return dead
+            name = dead()
+            if name:
+                return name
             time.sleep(1)
     except KeyboardInterrupt:
         return None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class Services:
@@ -187,9 +201,12 @@ class Services:
     def __init__(self, logs: Path, env: Mapping[str, str]):
         self.logs, self.env = logs, env
         self.procs: dict[str, subprocess.Popen] = {}
+        self.optional: set[str] = set()
 
     def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: Path = PROJECT_ROOT) -> subprocess.Popen:
+              cwd: Path = PROJECT_ROOT, essential: bool = True) -> subprocess.Popen:
+        """Start `args` in its own session, output to `<logs>/<name>.log`. A service that is
+        not `essential` may die without `dead()` reporting it (the stack goes on)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         # A new session: the process and its children form one group we can signal, and SIGINT
         # is not inherited as ignored (a background job's worker ignores the first SIGTERM).
@@ -197,6 +214,8 @@ class Services:
             proc = subprocess.Popen(list(args), cwd=cwd, env=dict(env or self.env), stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
+        if not essential:
+            self.optional.add(name)
         return proc
 
     def stop(self, name: str, grace: float = 15) -> None:
@@ -213,7 +232,7 @@ class Services:
     def dead(self) -> str | None:
         """The name of a child that has exited (with its exit code), or None."""
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
+            if name not in self.optional and proc.poll() is not None:
                 return f"{name} (exit code {proc.returncode}; see {self.logs / (name + '.log')})"
         return None
 
@@ -312,9 +331,16 @@ class LocalStack:
             if self.cli("work-pool", "inspect", pool, check=False).returncode != 0:
                 self.cli("work-pool", "create", pool, "--type", "process")
         self.cli("deploy", "--all", "--no-prompt")
-        if self.cli("automation", "inspect", ZOMBIE_AUTOMATION, check=False).returncode != 0:
-            self.cli("automation", "create", "--from-json", json.dumps(zombie_automation(
-                int(self.env.get("CIFAR_ZOMBIE_AFTER_S", ZOMBIE_AFTER_SECONDS)))))
+        want = zombie_automation(int(self.env.get("CIFAR_ZOMBIE_AFTER_S", ZOMBIE_AFTER_SECONDS)))
+        found = self.cli("automation", "inspect", ZOMBIE_AUTOMATION, "--output", "json",
+                         check=False)
+        if found.returncode != 0:
+            self.cli("automation", "create", "--from-json", json.dumps(want))
+            return
+        have = json.loads(found.stdout)
+        have = have[0] if isinstance(have, list) else have
+        if float(have["trigger"]["within"]) != want["trigger"]["within"]:  # setting changed
+            self.cli("automation", "update", "--id", have["id"], "--from-json", json.dumps(want))
 
     def start_worker(self, name: str, pool: str, limit: int, env: Mapping[str, str] | None = None):
         self.services.spawn(name, [_exe("prefect"), "worker", "start", "--pool", pool,
@@ -496,7 +522,8 @@ class TeamStack(LocalStack):
         # Fails the MLflow runs of flow runs that ended without them (a host that never came
         # back: the automation crashed its flow run), so none stays RUNNING for ever.
         self.services.spawn("reaper", [sys.executable, "-m", "flows.stack", "reap", "--every",
-                                       str(REAP_EVERY_SECONDS), "--root", str(self.root)])
+                                       str(REAP_EVERY_SECONDS), "--root", str(self.root)],
+                            essential=False)  # (it survives server errors; see its log)
 
     def stop(self, grace: float = 15) -> None:
         with signals_deferred():
@@ -531,11 +558,12 @@ def reap(root: Path, host: str) -> list[str]:
     run), and those whose process on this host is gone (their flow runs become Crashed).
     Needs the tracking and Prefect settings in the environment."""
     os.environ["CIFAR_HOST"] = host
-    from flows import tracking
+    from flows import locks, tracking
     from flows.train_flow import crash_flow_run, flow_run_alive
 
     store = tracking.open_store(root)
-    failed = tracking.fail_stale_runs(store, flow_run_alive, crash_flow_run)
+    failed = tracking.fail_stale_runs(store, flow_run_alive, crash_flow_run,
+                                      claim_lock=lambda h: locks.exclusive("resume", h))
     for run_id in failed:
         print(f"{host}: MLflow run {run_id} was RUNNING with nobody running it: marked FAILED "
               "(the next run of its config on its host resumes it)", flush=True)

@@ -125,17 +125,29 @@ def host_name() -> str:
     return os.environ.get("CIFAR_HOST") or socket.gethostname()
 
 
-def host_id() -> str:
-    """This machine's boot and process namespace: two containers (or a rebooted box) may share
-    a host name, but a pid only means something inside the namespace and boot it came from."""
-    parts = []
-    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
-        try:
-            parts.append(Path(path).read_text().strip() if "random" in path
-                         else os.readlink(path))
-        except OSError:
-            parts.append("?")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def host_identity() -> dict[str, str]:
+    """What a pid means something within: this machine (/etc/machine-id), this boot and this
+    pid namespace. Two containers or boxes may share a host name; a rebooted box keeps its
+    machine id but not one of its processes."""
+    import hashlib
+
+    def short(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:12] if text else ""
+
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return {"host_machine": short(_read("/etc/machine-id")),
+            "host_boot": short(_read("/proc/sys/kernel/random/boot_id")),
+            "host_pidns": short(pidns)}
 
 
 def process_tags() -> dict[str, str]:
@@ -144,7 +156,7 @@ def process_tags() -> dict[str, str]:
     import psutil
 
     me = psutil.Process()
-    tags = {"host": host_name(), "host_id": host_id(), "pid": str(me.pid),
+    tags = {"host": host_name(), **host_identity(), "pid": str(me.pid),
             "pid_started": f"{me.create_time():.2f}"}
     if os.environ.get("CIFAR_WORKER_NAME"):
         tags["worker"] = os.environ["CIFAR_WORKER_NAME"]
@@ -152,14 +164,22 @@ def process_tags() -> dict[str, str]:
 
 
 def process_gone(tags: Mapping[str, str]) -> bool:
-    """True when the run's tags name a process on this host that no longer runs (its pid is
-    free or now belongs to a process started later). False when unknown or elsewhere."""
+    """True when the run's tags name a process of this host that no longer runs: this machine
+    was rebooted since, or its pid is free or now belongs to a process started later. False
+    when unknown, or when the pid belongs to another machine or pid namespace that happens to
+    have this host name."""
     import psutil
 
     if tags.get("host") != host_name() or not tags.get("pid", "").isdigit():
         return False
-    if tags.get("host_id", host_id()) != host_id():  # same name, another machine or namespace
-        return False
+    here = host_identity()
+    if "host_boot" in tags:  # (runs recorded before these tags: judged by the pid alone)
+        if tags["host_boot"] != here["host_boot"]:
+            # Another boot: of this very machine (then every process of it is gone), or of
+            # another machine with this name (not ours to judge).
+            return bool(here["host_machine"]) and tags.get("host_machine") == here["host_machine"]
+        if tags.get("host_pidns") != here["host_pidns"]:
+            return False  # another container on this kernel
     try:
         proc = psutil.Process(int(tags["pid"]))
         started = float(tags.get("pid_started") or proc.create_time())
@@ -227,11 +247,14 @@ def end_run(store: Store, run_id: str, status: str) -> None:
     store.client.set_terminated(run_id, status=status)
 
 
-def fail_stale_runs(store: Store, is_alive, on_dead_process=None) -> list[str]:
+def fail_stale_runs(store: Store, is_alive, on_dead_process=None,
+                    claim_lock=lambda _config_hash: contextlib.nullcontext()) -> list[str]:
     """Mark FAILED the RUNNING runs nobody runs any more: their Prefect flow run has ended
     (`is_alive(flow_run_id)` is False), or their process on this host is gone (a worker killed
-    with its flow runs; `on_dead_process(flow_run_id, reason)` is then told, to end the flow
-    run too). Runs of live processes, here or on other hosts, are left alone."""
+    with its flow runs; `on_dead_process(flow_run_id, reason, run_count)` is then told, to end
+    the flow run too). Runs of live processes, here or on other hosts, are left alone.
+    `claim_lock(config_hash)` is the lock resume claims take: the verdict is re-checked and
+    carried out under it, so no claim slips in between."""
     failed = []
     for run in store.client.search_runs([store.experiment_id],
                                         filter_string="attributes.status = 'RUNNING'"):
@@ -246,12 +269,14 @@ def fail_stale_runs(store: Store, is_alive, on_dead_process=None) -> list[str]:
             continue
         # Another flow run may have claimed it since the search (resume writes its own tags
         # before RUNNING): fail it only if it is still the run we judged.
-        now = store.client.get_run(run.info.run_id)
-        owner = ("prefect.flow_run_id", "pid", "host")
-        if now.info.status != "RUNNING" or any(now.data.tags.get(k) != tags.get(k) for k in owner):
-            continue
-        store.client.set_terminated(run.info.run_id, status="FAILED")
-        store.client.set_tag(run.info.run_id, "failure", reason)
+        with claim_lock(tags.get("config_hash", "")):
+            now = store.client.get_run(run.info.run_id)
+            owner = ("prefect.flow_run_id", "pid", "host")
+            if now.info.status != "RUNNING" or any(now.data.tags.get(k) != tags.get(k)
+                                                   for k in owner):
+                continue
+            store.client.set_tag(run.info.run_id, "failure", reason)
+            store.client.set_terminated(run.info.run_id, status="FAILED")
         failed.append(run.info.run_id)
         if reason.startswith("its process") and flow_run_id and on_dead_process is not None:
             on_dead_process(flow_run_id, f"MLflow run {run.info.run_id}: {reason}",

@@ -9,6 +9,7 @@ registry version, into the champion rule and into the endpoint's answers is the 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -315,7 +316,9 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
     # Claiming a run to resume is one step on every host: two flow runs of one config starting
     # together cannot both reopen it (the second sees it RUNNING, owned by the first).
     with locks.exclusive("resume", chash):
-        tracking.fail_stale_runs(store, flow_run_alive, crash_flow_run)
+        # (the locks are not re-entrant: this config's is held already)
+        tracking.fail_stale_runs(store, flow_run_alive, crash_flow_run, claim_lock=lambda h: (
+            contextlib.nullcontext() if h == chash else locks.exclusive("resume", h)))
         resume = tracking.find_resumable_run(store, chash)
         run_id = tracking.start_run(store, f"{config.preset}-{chash}", params, tags, resume)
     if resume is not None and resume.data.tags.get("run_dir") and \

@@ -417,30 +417,59 @@ def _dead_pid() -> str:
 
 
 def test_the_reaper_judges_only_processes_of_this_host(tmp_path):
-    """A RUNNING run whose pid is dead *here* but which runs on another host, or on a machine
-    (or container) that shares this host's name, is someone's live run: left alone. The same
-    run on this host, same machine, is failed and its flow run told."""
+    """A RUNNING run whose pid is dead *here* but which runs on another host, on a machine that
+    shares this host's name, or in another container on this kernel, is someone's live run:
+    left alone. The same run of this host (this boot, or an earlier boot of this machine) is
+    failed and its flow run told."""
     from flows import tracking
 
     store = tracking.open_store(tmp_path)
-    pid = _dead_pid()
+    pid, here = _dead_pid(), tracking.host_identity()
+    name = tracking.host_name()
     runs = {
-        "other host": {"host": "gpu-host-b", "pid": pid, "pid_started": "1.0"},
-        "same name, other machine": {"host": tracking.host_name(), "host_id": "0" * 16,
-                                     "pid": pid, "pid_started": "1.0"},
-        "here": {"host": tracking.host_name(), "host_id": tracking.host_id(), "pid": pid,
-                 "pid_started": "1.0"},
+        "other host": {"host": "gpu-host-b", **here},
+        "same name, other machine": {"host": name, **here, "host_machine": "m" * 12,
+                                     "host_boot": "b" * 12},
+        "same kernel, other container": {"host": name, **here, "host_pidns": "n" * 12},
+        "here": {"host": name, **here},
+        "here, before a reboot": {"host": name, **here, "host_boot": "b" * 12},
     }
     ids = {what: tracking.start_run(store, what, {}, {
-        "prefect.flow_run_id": f"flow-{i}", "prefect.flow_run_count": "1", **tags})
-        for i, (what, tags) in enumerate(runs.items())}
+        "prefect.flow_run_id": f"flow-{i}", "prefect.flow_run_count": "1", "pid": pid,
+        "pid_started": "1.0", **tags}) for i, (what, tags) in enumerate(runs.items())}
     crashed = []
     failed = tracking.fail_stale_runs(store, lambda _id: True,
                                       lambda *args: crashed.append(args))
-    assert failed == [ids["here"]]
-    assert [c[0] for c in crashed] == ["flow-2"] and crashed[0][2] == "1"
-    for what in ("other host", "same name, other machine"):
+    expected = ["here", "here, before a reboot"]
+    if not here["host_machine"]:  # no /etc/machine-id: an earlier boot cannot be told ours
+        expected = ["here"]
+    assert sorted(failed) == sorted(ids[w] for w in expected)
+    assert sorted(c[0] for c in crashed) == sorted(f"flow-{list(runs).index(w)}" for w in expected)
+    assert all(c[2] == "1" for c in crashed)
+    for what in set(runs) - set(expected):
         assert store.client.get_run(ids[what]).info.status == "RUNNING", what
+
+
+def test_a_resume_claim_names_its_new_owner_before_it_says_running(tmp_path, monkeypatch):
+    """A reaper that reads the run the moment it turns RUNNING already sees the new owner."""
+    from mlflow import MlflowClient
+
+    from flows import tracking
+
+    store = tracking.open_store(tmp_path)
+    run_id = tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "ended"})
+    store.client.set_terminated(run_id, "FAILED")
+    seen = []
+    real = MlflowClient.update_run
+
+    def update_run(self, rid, status=None, **kwargs):
+        seen.append((status, self.get_run(rid).data.tags["prefect.flow_run_id"]))
+        return real(self, rid, status=status, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "update_run", update_run)
+    tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "new-owner"},
+                       resume=store.client.get_run(run_id))
+    assert seen == [("RUNNING", "new-owner")]
 
 
 def test_the_reaper_never_fails_a_run_claimed_while_it_judged(tmp_path):

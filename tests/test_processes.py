@@ -48,12 +48,17 @@ def test_stop_reaches_children_in_sessions_of_their_own(tmp_path):
     assert time.monotonic() - started < 30
 
 
-def test_stop_process_leaves_unrelated_processes_alone(tmp_path):
+def test_a_stopped_service_whose_pid_was_reused_takes_nobody_with_it(tmp_path):
+    """The service died and was reaped; its pid now names another process (here: this test's
+    own process, parent of a bystander). Stopping the service must not touch that process's
+    children."""
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     services = Services(tmp_path / "logs", dict(os.environ))
     try:
-        services.spawn("quick", [sys.executable, "-c", "import time; time.sleep(600)"])
-        services.stop_all()
+        proc = services.spawn("gone", [sys.executable, "-c", "pass"])
+        proc.wait()
+        proc.pid = os.getpid()  # as if the pid had been handed to a new process
+        stop_process(proc, grace=1, whole_group=False)
         assert bystander.poll() is None
     finally:
         bystander.kill()
@@ -64,11 +69,23 @@ def test_a_child_that_dies_is_reported_with_its_exit_code(tmp_path):
     services = Services(tmp_path / "logs", dict(os.environ))
     services.spawn("steady", [sys.executable, "-c", "import time; time.sleep(600)"])
     services.spawn("crashy", [sys.executable, "-c", "import sys; sys.exit(3)"])
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         dead = wait_for_signal(services.dead)
         assert dead.startswith("crashy (exit code 3")
+        # It returns with the stop signals ignored: the caller is about to stop everything.
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in saved)
     finally:
         services.stop_all()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_a_service_that_may_die_is_not_reported(tmp_path):
+    services = Services(tmp_path / "logs", dict(os.environ))
+    services.spawn("helper", [sys.executable, "-c", "pass"], essential=False)
+    services.procs["helper"].wait()
+    assert services.dead() is None
 
 
 def test_signals_are_ignored_while_stopping():
