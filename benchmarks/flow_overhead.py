@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows import tracking  # noqa: E402
-from flows.stack import LocalStack, free_port  # noqa: E402
+from flows.processes import free_port  # noqa: E402
+from flows.stack import LocalStack  # noqa: E402
 
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 

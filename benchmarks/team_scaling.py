@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine_info import cpu_model  # noqa: E402  (beside this script)
 
-from flows.stack import TeamStack, free_port, read_env_file  # noqa: E402
+from flows.processes import free_port  # noqa: E402
+from flows.stack import TeamStack, read_env_file  # noqa: E402
 
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 

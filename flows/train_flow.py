@@ -235,7 +235,7 @@ def serves_here(store: tracking.Store) -> bool:
 def publish_champion(store: tracking.Store, root: str) -> dict[str, Any]:
     """Copy the registry's champion into the BentoML model store (a no-op when it is already the
     newest model there), so that `bentoml serve` / `bentoml build` pick it up."""
-    from serving.champion import bentoml_home, import_champion
+    from flows.publish import bentoml_home, import_champion
 
     home = bentoml_home(Path(root))
     result = import_champion(store.uri, home)

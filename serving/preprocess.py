@@ -59,6 +59,25 @@ class Decoded:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Bytes of one uploaded file -> `Decoded`; raises `ImageRejected` naming the problem."""
+    return finish_decode(open_image(data, max_pixels))
+
+
+# Up to this many pixels (and a single frame), decoding takes well under a millisecond: the
+# service does it on its event loop. Anything bigger goes to a decoding thread.
+INLINE_PIXELS = 128 * 128
+
+
+def is_cheap(img: Image.Image) -> bool:
+    """Whether decoding this opened image is cheap, judged by its header (never by its byte
+    size: a 4 KB palette PNG can hold 36 megapixels). A GIF's frame count is not in its header
+    and counting means reading the file, so GIFs are never taken as cheap."""
+    width, height = img.size
+    return width * height <= INLINE_PIXELS and img.format != "GIF" and \
+        getattr(img, "n_frames", 1) == 1
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an upload's header: format and size checked, no pixel decoded yet."""
     if not data:
         raise ImageRejected("the uploaded file is empty (0 bytes)", reason="empty")
     try:
@@ -80,34 +99,49 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
                             reason="too_many_pixels") from None
     except Exception as exc:  # a header so broken that Pillow fails while identifying it
         raise ImageRejected(f"the image header is corrupt: {exc}", reason="corrupt") from None
+    fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "unknown")
+    if fmt not in ACCEPTED_FORMATS:
+        img.close()
+        raise ImageRejected(f"image format {fmt} is not accepted; send one of "
+                            f"{', '.join(ACCEPTED_FORMATS)}", status=415,
+                            reason="unsupported_format")
+    width, height = img.size
+    if width < 1 or height < 1:
+        img.close()
+        raise ImageRejected(f"the image has no pixels ({width}x{height})", reason="corrupt")
+    if width * height > max_pixels:
+        img.close()
+        raise ImageRejected(
+            f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+            f"limit of {max_pixels / 1e6:.1f} megapixels; it was not decoded", status=413,
+            reason="too_many_pixels")
+    return img
+
+
+def finish_decode(img: Image.Image) -> Decoded:
+    """An image from `open_image` -> its 32x32 RGB pixels (the costly part)."""
     with img:
         fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "unknown")
-        if fmt not in ACCEPTED_FORMATS:
-            raise ImageRejected(f"image format {fmt} is not accepted; send one of "
-                                f"{', '.join(ACCEPTED_FORMATS)}", status=415,
-                                reason="unsupported_format")
         width, height = img.size
-        if width < 1 or height < 1:
-            raise ImageRejected(f"the image has no pixels ({width}x{height})", reason="corrupt")
-        if width * height > max_pixels:
-            raise ImageRejected(
-                f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
-                f"limit of {max_pixels / 1e6:.1f} megapixels; it was not decoded", status=413,
-                reason="too_many_pixels")
-        frames = getattr(img, "n_frames", 1)
         mode = img.mode
         try:
+            # Counting frames walks the whole file: a truncated animation fails here.
+            frames = getattr(img, "n_frames", 1)
+            img.seek(0)
             if fmt == "JPEG" and min(width, height) > 4 * IMAGE_SIZE:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: much faster, still >= 2x the target.
                 img.draft("RGB", (2 * IMAGE_SIZE, 2 * IMAGE_SIZE))
             img.load()  # frame 0 of an animation
             rgb = _to_rgb(ImageOps.exif_transpose(img))
+            pixels = np.asarray(_square_resize(rgb), dtype=np.uint8)
         except ImageRejected:
             raise
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageRejected(f"the {fmt} data is truncated or corrupt: {exc}",
-                                reason="corrupt") from None
-        pixels = np.asarray(_square_resize(rgb), dtype=np.uint8)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError,
+            # ValueError, EOFError, but also IndexError or struct.error on cut-off frames
+            raise ImageRejected(f"the {fmt} data is truncated or corrupt: "
+                                f"{type(exc).__name__}: {exc}", reason="corrupt") from None
     return Decoded(pixels, fmt, width, height, mode, frames)
 
 

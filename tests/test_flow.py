@@ -40,7 +40,7 @@ def _client(root) -> MlflowClient:
 
 
 def _bento_store():
-    from serving.champion import bentoml_home, model_store
+    from flows.publish import bentoml_home, model_store
 
     return model_store(bentoml_home())
 

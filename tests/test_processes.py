@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from flows.stack import Services, signals_deferred, stop_process, wait_for_signal
+from flows.processes import Services, signals_deferred, stop_process, wait_for_signal
 
 # A parent that starts a child in a session of its own (as Prefect's process worker starts a
 # flow run), prints the child's pid and waits; the child ignores SIGTERM, as a flow run busy

@@ -27,10 +27,11 @@ from cifarlab.config import preset
 from cifarlab.constants import CLASS_NAMES
 from cifarlab.experiment import run_experiment
 from cifarlab.tensors import normalize
-from serving.local import LocalServer
+from flows.processes import BentoServer
 
 ROOT = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 2 * 1024 * 1024  # the server under test runs with a 2 MiB body limit
+INFLIGHT_BUDGET = UPLOAD_LIMIT  # and holds at most that many body bytes at once per worker
 
 
 def _png(pixels_hwc: np.ndarray, **save) -> bytes:
@@ -40,15 +41,19 @@ def _png(pixels_hwc: np.ndarray, **save) -> bytes:
 
 
 class Served:
-    def __init__(self, url, model, images, labels, home):
+    def __init__(self, url, model, images, labels, home, root):
         self.url, self.model, self.images, self.home = url, model, images, home
-        self.labels = labels
+        self.labels, self.root = labels, root
 
     def post(self, path="/classify", files=None, data=None, **kw):
         return requests.post(self.url + path, files=files, data=data, timeout=60, **kw)
 
     def classify(self, content: bytes, name="img.png", mime="image/png", **fields):
         return self.post(files={"image": (name, content, mime)}, data=fields)
+
+    def classify_raw(self, content: bytes, mime="image/png", **query):
+        return requests.post(self.url + "/classify", data=content, params=query,
+                             headers={"Content-Type": mime}, timeout=60)
 
     def torch_probs(self, images_nchw: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -87,16 +92,17 @@ def served(tmp_path_factory, synthetic_cifar, prefect_api):
     tracking.end_run(store, run_id, "FINISHED")
 
     home = root / "bentoml"
-    env = {"CIFAR_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "CIFAR_ACCESS_LOG": "false"}
+    env = {"CIFAR_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "CIFAR_ACCESS_LOG": "false",
+           "CIFAR_MAX_INFLIGHT_BYTES": str(INFLIGHT_BUDGET)}
     import_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    imported = subprocess.run([sys.executable, "-m", "serving.champion", "--root", str(root)],
+    imported = subprocess.run([sys.executable, "-m", "flows.publish", "--root", str(root)],
                               cwd=ROOT, env={**import_env, "BENTOML_HOME": str(home)},
                               capture_output=True, text=True, timeout=120)
     assert imported.returncode == 0, imported.stderr
 
     d = outcome.data.data
-    with LocalServer(home, root / "serve.log", env) as url:
-        yield Served(url, model, d.test_images, d.test_labels, home)
+    with BentoServer(home, root / "serve.log", env) as url:
+        yield Served(url, model, d.test_images, d.test_labels, home, root)
 
 
 def test_classify_answers_class_probabilities_and_model_version(served):
@@ -197,17 +203,23 @@ BAD_INPUTS = [
     ("truncated PNG", {"image": ("cut.png", _good_png()[:60], "image/png")}, {}, 400,
      "truncated or corrupt"),
     ("empty file", {"image": ("empty.png", b"", "image/png")}, {}, 400, "empty"),
-    ("missing field", None, {"top_k": "3"}, 400, "Field required"),
-    ("misnamed field", {"file": ("cat.png", _good_png(), "image/png")}, {}, 400, "Field required"),
+    ("missing field", None, {"top_k": "3"}, 400, "no file in field 'image'"),
+    ("misnamed field", {"file": ("cat.png", _good_png(), "image/png")}, {}, 400,
+     "unknown form field(s) 'file'"),
     ("text instead of a file", None, {"image": "http://127.0.0.1:9/cat.png"}, 400,
-     "expected a file upload"),
+     "must be a file upload"),
+    ("two images to /classify", [("image", ("a.png", _good_png(), "image/png")),
+                                 ("image", ("b.png", _good_png(), "image/png"))], {}, 400,
+     "/classify_batch"),
+    ("bracket bomb in top_k", {"image": ("a.png", _good_png(), "image/png")},
+     {"top_k": "[" * 100_000}, 400, "top_k must be a whole number"),
     ("TIFF", {"image": ("a.tiff", b"II*\x00" + b"\x00" * 200, "image/tiff")}, {}, 415, ""),
     ("decompression bomb", {"image": ("bomb.png", _bomb_png(), "image/png")}, {}, 413,
      "megapixels"),
     ("body over the limit", {"image": ("big.png", b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 10),
                                        "image/png")}, {}, 413, "over the limit"),
     ("top_k out of range", {"image": ("a.png", _good_png(), "image/png")}, {"top_k": "11"}, 400,
-     "less than or equal to 10"),
+     "top_k must be a whole number from 1 to 10"),
 ]
 
 
@@ -219,8 +231,56 @@ def test_bad_input_gets_4xx_json(served, case, files, fields, status, text):
     r = served.post(files=files, data=fields)
     assert r.status_code == status, r.text
     body = r.json()
-    message = body["error"] + json.dumps(body.get("detail", ""))
-    assert text in message
+    assert text in body["error"] and body["reason"]
+
+
+RAW_BAD_INPUTS = [
+    # (case, body, content type, status, text the JSON message must contain)
+    ("not an image", b"hello, world", "application/octet-stream", 415, "not an image"),
+    ("truncated PNG", _good_png()[:60], "image/png", 400, "truncated or corrupt"),
+    ("empty body", b"", "image/png", 400, "empty"),
+    ("decompression bomb", _bomb_png(), "image/png", 413, "megapixels"),
+    ("body over the limit", b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 10), "image/png", 413,
+     "over the limit"),
+    ("JSON body", b'{"image": "cat.png"}', "application/json", 415, "multipart/form-data"),
+    ("form-encoded body", b"image=cat.png", "application/x-www-form-urlencoded", 415,
+     "Content-Type"),
+]
+
+
+@pytest.mark.parametrize("case,content,mime,status,text", RAW_BAD_INPUTS,
+                         ids=[b[0] for b in RAW_BAD_INPUTS])
+def test_bad_raw_body_gets_4xx_json(served, case, content, mime, status, text):
+    r = served.classify_raw(content, mime)
+    assert r.status_code == status, r.text
+    assert text in r.json()["error"]
+
+
+def test_bad_top_k_in_the_query_gets_400(served):
+    for value in ("0", "11", "3.5", "[[[[", ""):
+        r = served.classify_raw(_good_png(), top_k=value)
+        assert r.status_code == 400 and "top_k" in r.json()["error"], (value, r.text)
+    r = served.classify_raw(_good_png(), colour="red")
+    assert r.status_code == 400 and "colour" in r.json()["error"]
+
+
+def test_a_cut_animated_gif_is_a_400_at_every_offset(served):
+    """Pillow raises IndexError or struct.error while seeking the frames of some cut-off GIFs:
+    each cut must still be a 200 (the frames that are there) or a 4xx, never a 500."""
+    frames = [Image.new("RGB", (24, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    gif = buf.getvalue()
+    statuses = {}
+    with requests.Session() as s:
+        for cut in range(1, len(gif)):
+            r = s.post(served.url + "/classify", data=gif[:cut],
+                       headers={"Content-Type": "image/gif"}, timeout=60)
+            statuses.setdefault(r.status_code, []).append(cut)
+            if r.status_code != 200:
+                assert r.json()["reason"], r.text
+    assert set(statuses) <= {200, 400, 415}, {k: v[:5] for k, v in statuses.items()}
+    assert 400 in statuses  # most cuts are corrupt
 
 
 def test_batch_names_the_bad_image(served):
@@ -297,3 +357,231 @@ def test_model_card_is_served_and_answers_point_at_it(served):
     answer = served.classify(_png(served.images[0].permute(1, 2, 0).numpy())).json()["model"]
     assert answer["model_card"] == "/model" and answer["served_tta"] == "none"
     assert answer["val_accuracy"] == pytest.approx(body["val_accuracy"])
+
+
+# --- the raw-body path, the version on every answer, the documented schema -----------------
+
+def test_raw_body_answers_as_multipart_does_with_the_version_header(served):
+    from serving.schemas import Classification
+
+    png = _png(served.images[5].permute(1, 2, 0).numpy())
+    multipart = served.classify(png, top_k=10)
+    raw = served.classify_raw(png, top_k=10)
+    octet = served.classify_raw(png, mime="application/octet-stream", top_k=10)
+    for r in (multipart, raw, octet):
+        assert r.status_code == 200, r.text
+        Classification.model_validate(r.json())  # what /docs.json documents
+        assert r.headers["X-Model-Version"] == r.json()["model"]["version"] == "1"
+    assert raw.json() == multipart.json() == octet.json()
+
+
+# --- no stalls, bounded memory ----------------------------------------------------------------
+
+def _palette_png(side: int = 6000) -> bytes:
+    """A 36-megapixel palette PNG of a few KB: tiny to send, about half a second to decode."""
+    img = Image.new("P", (side, side), 3)
+    img.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+    buf = io.BytesIO()
+    img.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_heavy_small_files_do_not_stall_other_clients(served):
+    """Two batches of twelve 36-megapixel palette PNGs (a few KB each) decode while an ordinary
+    client asks for one 32x32 image: it is answered within a second, not after the batches."""
+    heavy = _palette_png()
+    assert len(heavy) < 64 * 1024
+    files = [("images", (f"{i}.png", heavy, "image/png")) for i in range(12)]
+    good = _good_png()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        batches = [pool.submit(served.post, "/classify_batch", files=files) for _ in range(2)]
+        import time
+
+        time.sleep(1.0)  # both batches are decoding now
+        waits = []
+        for _ in range(3):
+            started = time.perf_counter()
+            r = served.classify_raw(good)
+            waits.append(time.perf_counter() - started)
+            assert r.status_code == 200, r.text
+        assert not all(b.done() for b in batches), "the batches ended too soon to prove anything"
+        for b in batches:
+            assert b.result().status_code == 200
+    assert max(waits) < 1.0, waits
+
+
+def test_uploads_over_the_budget_get_503_with_retry_after(served):
+    """Six clients each declare 0.6 of a worker's budget and send their bodies slowly: each of
+    the two workers can hold one of them, the rest are refused at once (503, Retry-After,
+    JSON), and once the held ones finish the server takes uploads again."""
+    import socket
+
+    size = int(0.6 * INFLIGHT_BUDGET)
+    host, port = served.url.removeprefix("http://").split(":")
+    conns, answers = [], []
+    try:
+        for _ in range(6):
+            c = socket.create_connection((host, int(port)), timeout=30)
+            c.sendall(f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+                      f"Content-Length: {size}\r\n\r\n".encode() + b"\x89PNG" + b"\0" * 1000)
+            conns.append(c)
+        import time
+
+        time.sleep(2.0)
+        refused, held = [], []
+        for c in conns:
+            c.settimeout(0.5)
+            try:
+                head = c.recv(65536)
+            except TimeoutError:
+                held.append(c)  # still being read: held in the budget
+                continue
+            refused.append(head)
+        assert 4 <= len(refused) <= 5, [r[:60] for r in refused]
+        for head in refused:
+            assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), head
+            assert b'"reason":"busy"' in head.replace(b" ", b""), head
+        for c in held:  # the held ones finish sending: a 4xx (not a real image), not a hang
+            c.settimeout(30)
+            try:
+                c.sendall(b"\0" * (size - 1004))
+                answers.append(c.recv(65536))
+            except OSError:
+                pass
+    finally:
+        for c in conns:
+            c.close()
+    assert any(a.startswith(b"HTTP/1.1 415") for a in answers), [a[:40] for a in answers]
+    r = served.classify_raw(_good_png())
+    assert r.status_code == 200, r.text
+
+
+# --- the page at /, in a real browser ----------------------------------------------------------
+
+def test_the_page_classifies_a_dropped_image_in_chromium(served, tmp_path):
+    """Headless Chromium (Debian's chromium + chromedriver, driven by Selenium) opens /, picks a
+    real CIFAR-10 test image in the file input, and the page shows its class (the endpoint's
+    answer), the top-3 bars, the model version and a latency; a screenshot is saved."""
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        pytest.skip("chromium and chromedriver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    image = tmp_path / "test-image-7.png"
+    image.write_bytes(_png(np.asarray(Image.fromarray(
+        served.images[7].permute(1, 2, 0).numpy()).resize((128, 128), Image.Resampling.NEAREST))))
+    expected = served.classify(image.read_bytes()).json()["label"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1100,800", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(served.url + "/")
+        assert driver.title == "CIFAR-10 classifier"
+        driver.find_element(By.ID, "files").send_keys(str(image))
+        card = WebDriverWait(driver, 30).until(lambda d: d.find_element(
+            By.CSS_SELECTOR, "#results .card[data-state='done'], #results .card[data-state='error']"))
+        assert card.get_attribute("data-state") == "done", card.text
+        assert card.find_element(By.CSS_SELECTOR, ".label").text == expected
+        assert len(card.find_elements(By.CSS_SELECTOR, ".bar")) == 3
+        assert card.get_attribute("data-version") == "1"
+        assert "model version 1" in card.text and " ms" in card.text
+        WebDriverWait(driver, 10).until(
+            lambda d: "version 1" in d.find_element(By.ID, "model").text)
+        shot = Path(os.environ.get("CIFAR_SCREENSHOTS") or tmp_path)
+        shot.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(shot / "page-classified.png"))
+        # The API docs: Swagger UI renders this service's own OpenAPI document.
+        driver.get(served.url + "/docs")
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(
+            By.CSS_SELECTOR, ".opblock-summary-path")) >= 3)
+        paths = {e.text.strip().replace("\u200b", "") for e in driver.find_elements(
+            By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/classify", "/classify_batch", "/model"} <= paths, paths
+        assert driver.save_screenshot(str(shot / "docs.png"))
+        print(f"screenshots in {shot}")
+    finally:
+        driver.quit()
+
+
+def test_docs_page_and_openapi(served):
+    page = requests.get(served.url + "/docs", timeout=10)
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    spec = requests.get(served.url + "/docs.json", timeout=10).json()
+    assert {"multipart/form-data", "image/*", "application/octet-stream"} <= set(
+        spec["paths"]["/classify"]["post"]["requestBody"]["content"])
+
+
+# --- a new champion swapped in while clients keep asking -----------------------------------
+
+def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served, tmp_path,
+                                                                          monkeypatch):
+    """A server of its own (a copy of the store, following it every second) answers four
+    clients without pause while the registry's champion alias moves to a new version and
+    `cifar-import-champion` puts it in the store: no request fails, every answer names its
+    version in the header and the body, and each client (one keep-alive connection, so one
+    worker) sees version 1 until its switch and version 2 from then on."""
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    home = tmp_path / "bentoml"
+    shutil.copytree(served.home, home)
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(served.root / "mlflow.db", db)  # artifacts stay where they are (read only)
+    uri = f"sqlite:///{db}"
+    png = _png(served.images[0].permute(1, 2, 0).numpy())
+    stop, seen, failures = threading.Event(), [[] for _ in range(4)], []
+
+    def client(i: int) -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                try:
+                    r = s.post(url + "/classify", data=png, timeout=30,
+                               headers={"Content-Type": "image/png"})
+                    if r.status_code != 200 or r.headers["X-Model-Version"] != \
+                            r.json()["model"]["version"]:
+                        failures.append((r.status_code, r.text[:200]))
+                    seen[i].append(r.headers.get("X-Model-Version"))
+                except Exception as exc:  # noqa: BLE001 - counted
+                    failures.append(repr(exc))
+
+    env = {"CIFAR_MODEL_POLL_SECONDS": "1", "CIFAR_ACCESS_LOG": "false"}
+    with BentoServer(home, tmp_path / "serve.log", env) as url:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        client_ = MlflowClient(uri, uri)
+        old = client_.get_model_version_by_alias("cifar10-classifier", "champion")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the registry resolves models:/ URIs
+        new = client_.create_model_version("cifar10-classifier", old.source, run_id=old.run_id,
+                                           tags=old.tags, description=old.description,
+                                           model_id=old.model_id)
+        client_.set_registered_model_alias("cifar10-classifier", "champion", new.version)
+        imported = subprocess.run(
+            [sys.executable, "-m", "flows.publish", "--tracking-uri", uri], cwd=ROOT,
+            env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True,
+            timeout=120)
+        assert imported.returncode == 0, imported.stderr
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(s_ and s_[-1] == "2" for s_ in seen):
+            time.sleep(0.5)
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        card = requests.get(url + "/model", timeout=10).json()
+    assert failures == [], failures[:5]
+    for versions in seen:
+        assert versions and versions[0] == "1" and versions[-1] == "2", versions[-5:]
+        switch = versions.index("2")
+        assert set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}
+    assert card["mlflow_version"] == "2"
+    assert sum(len(v) for v in seen) > 100  # the clients really kept asking

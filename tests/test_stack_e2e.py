@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.stack import ZOMBIE_AUTOMATION, LocalStack, free_port
+from flows.processes import free_port
+from flows.stack import ZOMBIE_AUTOMATION, LocalStack
 from flows.tracking import REGISTERED_MODEL
 
 

@@ -27,7 +27,8 @@ import pytest
 from PIL import Image
 
 from flows import postgres
-from flows.stack import TeamStack, free_port, read_env_file
+from flows.processes import free_port
+from flows.stack import TeamStack, read_env_file
 from flows.tracking import REGISTERED_MODEL
 from tests.conftest import write_synthetic_cifar
 
@@ -210,17 +211,17 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
     serving.mkdir()
     env = {**os.environ, **team["join"], "BENTOML_HOME": str(serving / "bentoml"),
            "HOME": str(serving)}
-    imported = subprocess.run([sys.executable, "-m", "serving.champion", "--root", str(serving)],
+    imported = subprocess.run([sys.executable, "-m", "flows.publish", "--root", str(serving)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert f"v{champion.version}" in imported.stdout and champion.run_id in imported.stdout
-    from serving.local import LocalServer
+    from flows.processes import BentoServer
 
     from cifarlab.data import load_cifar10
 
     cat = load_cifar10(team["hosts"][0].data).test_images[3].permute(1, 2, 0).numpy()
     Image.fromarray(cat).save(serving / "cat.png")
-    with LocalServer(serving / "bentoml", serving / "serve.log",
+    with BentoServer(serving / "bentoml", serving / "serve.log",
                      {"BENTOML_HOME": str(serving / "bentoml")}) as url:
         answer = subprocess.run(["curl", "-s", "-F", f"image=@{serving / 'cat.png'}",
                                  f"{url}/classify"], capture_output=True, text=True, timeout=60)

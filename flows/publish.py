@@ -1,6 +1,6 @@
 """Copy the MLflow registry's `champion` ONNX model into the BentoML model store.
 
-    python -m serving.champion [--root DIR] [--tracking-uri URI] [--alias champion]
+    python -m flows.publish [--root DIR] [--tracking-uri URI] [--alias champion] [--follow S]
 
 (also `cifar-import-champion`, `make import-champion`, and the last task of `train-cifar`).
 The BentoML model `cifar10-classifier:<version>` holds `model.onnx`, the MLmodel file and the
@@ -10,6 +10,10 @@ returns the existing tag; the service serves the newest import (`cifar10-classif
 
 Which stores: MLflow as in training (`MLFLOW_TRACKING_URI`, else `sqlite:///<root>/mlflow.db`);
 BentoML at `$BENTOML_HOME`, else `<root>/bentoml` (the Makefile sets it to that).
+
+This is the training side's step (train-cifar's last task on one machine; a serving host runs
+`cifar-import-champion --follow 60`): the service never talks to MLflow, it follows its store
+(serving/live.py).
 """
 
 from __future__ import annotations
@@ -157,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                         "sqlite:///<root>/mlflow.db)")
     parser.add_argument("--alias", default="champion", help="registry alias to import")
+    parser.add_argument("--follow", type=float, default=0, metavar="SECONDS",
+                        help="keep going: check the registry every SECONDS and import each new "
+                             "champion (a serving host's running service swaps it in)")
     args = parser.parse_args(argv)
+    if args.follow < 0:
+        parser.error(f"--follow {args.follow}: must be a number of seconds >= 0")
     from flows.tracking import tracking_uri
 
     uri = args.tracking_uri or tracking_uri(args.root)
@@ -165,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no MLflow store at {uri.removeprefix('sqlite:///')}: train a model first "
               "(make run)", file=sys.stderr)
         return 2
+    if args.follow:
+        return _follow(uri, bentoml_home(args.root), args.alias, args.follow)
     try:
         result = import_champion(uri, bentoml_home(args.root), alias=args.alias)
     except ImportFailed as exc:
@@ -176,6 +187,38 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in asdict(result).items():
         print(f"  {key}: {value}")
     return 0
+
+
+def _follow(uri: str, home: Path, alias: str, every: float) -> int:
+    """Import the champion now and whenever it changes, until stopped (Ctrl-C or SIGTERM).
+    A registry that does not answer, or a champion that cannot be imported, is reported and
+    tried again at the next check; the store keeps what it has."""
+    import signal
+    import time
+
+    from flows.tracking import display_uri
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"following {alias} of {display_uri(uri)} every {every:g} s into {home}", flush=True)
+    last = None
+    try:
+        while True:
+            try:
+                result = import_champion(uri, home, alias=alias)
+                if result.created or result.tag != last:
+                    print(f"{result.tag}: {result.registered_model} v{result.version} "
+                          f"({'imported' if result.created else 'already in the store'})",
+                          flush=True)
+                last = result.tag
+            except Exception as exc:  # noqa: BLE001 - keep following
+                print(f"error (trying again in {every:g} s): {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

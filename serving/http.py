@@ -1,0 +1,183 @@
+"""The endpoint's HTTP routes, a Starlette app that the BentoML service mounts at the root.
+
+    POST /classify          one image: multipart field `image`, or the raw image as the body
+    POST /classify_batch    several images: multipart fields `images`
+    GET  /model             what is served, with its model card
+    GET  /                  a page to drop images on (serving/page/)
+    GET  /docs, /docs.json  Swagger UI and the OpenAPI document (serving/schemas.py)
+
+Why our own routes rather than `@bentoml.api`: the raw-body path, one parse of a multipart
+body straight into memory (no temporary files), field rules that refuse what BentoML would
+silently drop or answer with 500, a budget of bytes in flight, and the served version on every
+answer. BentoML still runs the processes, /readyz, /livez, /metrics and the traffic limits.
+
+Answers: 200 with the classification (and header `X-Model-Version`); bad input 4xx with
+`{"error": message, "reason": code}`; over the upload budget 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Route
+
+from serving import schemas
+from serving.live import LiveModel, Loaded
+from serving.preprocess import Decoded, ImageRejected, finish_decode, is_cheap, open_image, \
+    to_model_input
+from serving.uploads import BadRequest, Budget, read_upload
+
+
+@dataclass
+class Settings:
+    max_upload_bytes: int
+    max_inflight_bytes: int
+    max_batch_images: int
+    max_pixels: int
+
+
+class Front:
+    """Per worker: the live model, the upload budget, the decoding thread and the counters."""
+
+    def __init__(self, live: LiveModel, settings: Settings, rejected: Any = None):
+        self.live = live
+        self.settings = settings
+        self.budget = Budget(settings.max_inflight_bytes)
+        self.rejected = rejected  # prometheus Counter by reason, or None
+        # Costly decodes, one at a time per worker: the event loop stays free for everyone
+        # else, and at most one big image is expanded in memory at once.
+        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+
+    async def decode(self, data: bytes | bytearray) -> Decoded:
+        img = open_image(data, self.settings.max_pixels)  # header only: cheap on any upload
+        if is_cheap(img):
+            return finish_decode(img)
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, finish_decode, img)
+
+    def refuse(self, exc: BadRequest | ImageRejected, prefix: str = "",
+               served: Loaded | None = None) -> JSONResponse:
+        if self.rejected is not None:
+            self.rejected.labels(exc.reason).inc()
+        headers = dict(getattr(exc, "headers", {}))
+        if served is not None:
+            headers["X-Model-Version"] = served.version
+        return JSONResponse({"error": prefix + str(exc), "reason": exc.reason},
+                            status_code=exc.status, headers=headers)
+
+    async def classify(self, request: Request, *, many: bool) -> JSONResponse:
+        started = time.perf_counter()
+        served = self.live.current  # this request's model, even if a swap happens meanwhile
+        served.in_flight += 1
+        try:
+            try:
+                upload = await read_upload(
+                    dict(request.headers), request.url.query, request.stream(),
+                    file_field="images" if many else "image", many=many,
+                    max_files=self.settings.max_batch_images if many else 1,
+                    max_bytes=self.settings.max_upload_bytes, budget=self.budget)
+            except BadRequest as exc:
+                return self.refuse(exc, served=served)
+            try:
+                decoded = []
+                for i, data in enumerate(upload.images):
+                    try:
+                        decoded.append(await self.decode(data))
+                    except ImageRejected as exc:
+                        prefix = f"image {i} (of {len(upload.images)}, counted from 0): " if many else ""
+                        return self.refuse(exc, prefix, served)
+            finally:
+                self.budget.give(upload.held)
+                upload.images.clear()
+            probs = await served.batcher.submit(to_model_input(np.stack([d.pixels for d in decoded])))
+            results = [self.result(served, p, d, upload.top_k) for p, d in zip(probs, decoded)]
+        finally:
+            served.in_flight -= 1
+        body = {"results": results, "model": served.info} if many else results[0]
+        return JSONResponse(body, headers={
+            "X-Model-Version": served.version,
+            "Server-Timing": f"total;dur={1000 * (time.perf_counter() - started):.1f}"})
+
+    @staticmethod
+    def result(served: Loaded, probs: np.ndarray, d: Decoded, top_k: int) -> dict[str, Any]:
+        return {**served.engine.answer(probs, top_k),
+                "image": {"format": d.format, "width": d.width, "height": d.height,
+                          "mode": d.mode, "frames": d.frames},
+                "model": served.info}
+
+    async def model_card(self, _request: Request) -> JSONResponse:
+        served = self.live.current
+        keys = ("registered_model", "mlflow_version", "mlflow_run_id", "val_accuracy",
+                "test_accuracy", "served_tta", "preset", "promotion_reason", "class_names")
+        return JSONResponse({"bento_tag": served.tag,
+                             **{k: served.metadata.get(k) for k in keys},
+                             "model_card_markdown": served.card},
+                            headers={"X-Model-Version": served.version})
+
+
+def not_ready(_request: Request) -> JSONResponse:
+    return JSONResponse({"error": "the model is not loaded yet", "reason": "not_ready"},
+                        status_code=503, headers={"Retry-After": "1"})
+
+
+PAGE = Path(__file__).resolve().parent / "page"
+_PAGE_FILES = {"page.js": "text/javascript", "page.css": "text/css"}
+
+
+class Routes:
+    """The Starlette app; its handlers reach this worker's `Front` once the service set it."""
+
+    def __init__(self) -> None:
+        self.front: Front | None = None
+        self.app = Starlette(routes=[
+            Route("/classify", self._classify, methods=["POST"]),
+            Route("/classify_batch", self._classify_batch, methods=["POST"]),
+            Route("/model", self._model, methods=["GET"]),
+            Route("/", self._page, methods=["GET"]),
+            Route("/page/{name}", self._page_file, methods=["GET"]),
+            Route("/docs", self._docs, methods=["GET"]),
+            Route("/docs.json", self._openapi, methods=["GET"]),
+        ])
+
+    async def _page(self, _request: Request) -> FileResponse:
+        return FileResponse(PAGE / "index.html", media_type="text/html")
+
+    async def _page_file(self, request: Request) -> FileResponse | JSONResponse:
+        name = request.path_params["name"]
+        if name not in _PAGE_FILES:
+            return JSONResponse({"error": f"no page file {name!r}", "reason": "not_found"},
+                                status_code=404)
+        return FileResponse(PAGE / name, media_type=_PAGE_FILES[name])
+
+    async def _docs(self, _request: Request) -> FileResponse:
+        return FileResponse(PAGE / "docs.html", media_type="text/html")
+
+    async def _openapi(self, _request: Request) -> JSONResponse:
+        if self.front is None:
+            return not_ready(_request)
+        s = self.front.settings
+        return JSONResponse(schemas.openapi(s.max_upload_bytes, s.max_batch_images,
+                                            s.max_pixels))
+
+    async def _classify(self, request: Request) -> JSONResponse:
+        if self.front is None:
+            return not_ready(request)
+        return await self.front.classify(request, many=False)
+
+    async def _classify_batch(self, request: Request) -> JSONResponse:
+        if self.front is None:
+            return not_ready(request)
+        return await self.front.classify(request, many=True)
+
+    async def _model(self, request: Request) -> JSONResponse:
+        if self.front is None:
+            return not_ready(request)
+        return await self.front.model_card(request)

@@ -1,0 +1,107 @@
+"""The model a worker serves, and the swap to a new champion while requests keep coming.
+
+Where a new champion comes from: the BentoML model store the service reads. Importing the
+registry's champion into it is the training side's job (`train-cifar`'s last step on one
+machine; `cifar-import-champion --follow 60` on a serving host). The service itself only
+looks at its own store every `CIFAR_MODEL_POLL_SECONDS` (default 10; 0 turns following off):
+no MLflow client, no credentials and no network in the serving process, and a model reaches
+the endpoint only after the importer has checked it (shapes, normalisation) in the store that
+`bentoml build` packs.
+
+A swap: the new model is loaded and warmed up on a thread beside the old one, then takes every
+new request; requests already holding the old one finish on it, and it is closed once the last
+of them is done. Every answer names the version that computed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from serving.engine import Engine, MicroBatcher
+
+log = logging.getLogger("cifar10.serving")
+
+
+@dataclass
+class Loaded:
+    """One model from the store, ready to answer: engine, batcher and what to say about it."""
+
+    tag: str
+    engine: Engine
+    batcher: MicroBatcher
+    metadata: dict[str, Any]
+    card: str | None
+    in_flight: int = 0
+    info: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.metadata
+        self.info = {"bento_tag": self.tag, "registered_model": m.get("registered_model"),
+                     "version": m.get("mlflow_version"), "run_id": m.get("mlflow_run_id"),
+                     "val_accuracy": m.get("val_accuracy"), "served_tta": m.get("served_tta"),
+                     "model_card": "/model"}
+
+    @property
+    def version(self) -> str:
+        """The registry version (the Bento tag when it came from elsewhere)."""
+        return str(self.metadata.get("mlflow_version") or self.tag)
+
+    async def retire(self) -> None:
+        """Close once the requests that took this model have their answers."""
+        while self.in_flight:
+            await asyncio.sleep(0.05)
+        self.batcher.close()
+
+
+def load(stored: Any, threads: int, batch_size: int, wait_ms: float,
+         on_batch: Callable[[int, float], None] | None) -> Loaded:
+    """A BentoML store model -> `Loaded`, warmed up (blocking: call it on a thread)."""
+    meta = dict(stored.info.metadata)
+    engine = Engine(Path(stored.path_of(meta.get("onnx_file", "model.onnx"))), meta,
+                    threads=threads)
+    engine.warm_up()
+    card = Path(stored.path_of("model_card.md"))
+    return Loaded(str(stored.tag), engine,
+                  MicroBatcher(engine.probabilities, max_batch_size=batch_size,
+                               max_wait_ms=wait_ms, on_batch=on_batch),
+                  meta, card.read_text() if card.is_file() else None)
+
+
+class LiveModel:
+    """The model requests go to now; `follow` swaps in a newer one from the store."""
+
+    def __init__(self, current: Loaded, newest: Callable[[], Any],
+                 loader: Callable[[Any], Loaded]):
+        self.current = current
+        self._newest = newest  # -> the store model the service should serve now
+        self._loader = loader
+        self.swaps = 0
+
+    async def check(self) -> bool:
+        """Swap to the store's newest model if it is not the one served; True if swapped."""
+        stored = await asyncio.to_thread(self._newest)
+        if stored is None or str(stored.tag) == self.current.tag:
+            return False
+        new = await asyncio.to_thread(self._loader, stored)
+        old, self.current = self.current, new
+        self.swaps += 1
+        log.info("now serving %s (registry version %s), was %s", new.tag, new.version, old.tag)
+        asyncio.get_running_loop().create_task(old.retire())
+        return True
+
+    async def follow(self, every_s: float) -> None:
+        """Check every `every_s` seconds until cancelled; a model that fails to load is logged
+        and the current one kept."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep serving the model we have
+                log.exception("could not swap to the store's newest model; still serving %s",
+                              self.current.tag)

@@ -1,0 +1,154 @@
+"""What the endpoint answers, as pydantic models, and the OpenAPI document built from them.
+
+The handlers (serving/http.py) build plain dicts for speed; tests validate real answers against
+these models, so the documentation cannot drift from what is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from serving.uploads import MAX_TOP_K
+
+
+class ClassProbability(BaseModel):
+    label: str = Field(examples=["cat"])
+    class_id: int = Field(ge=0, examples=[3])
+    probability: float = Field(ge=0, le=1, examples=[0.87])
+
+
+class ModelInfo(BaseModel):
+    bento_tag: str = Field(examples=["cifar10-classifier:7c3kqvx2hkqmamvb"])
+    registered_model: str | None = Field(examples=["cifar10-classifier"])
+    version: str | None = Field(description="MLflow registry version (also the "
+                                "X-Model-Version header)", examples=["3"])
+    run_id: str | None = Field(description="MLflow run that trained it")
+    val_accuracy: float | None = Field(
+        description="validation accuracy of this very ONNX model (onnxruntime), the figure "
+        "that made it champion", examples=[0.9103])
+    served_tta: str | None = Field(None, description="test-time augmentation inside the model's "
+                                   "graph (none, flip, flip_translate)", examples=["none"])
+    model_card: str = Field("/model", description="where its model card is served")
+
+
+class ImageInfo(BaseModel):
+    format: str = Field(examples=["PNG"])
+    width: int = Field(examples=[32])
+    height: int = Field(examples=[32])
+    mode: str = Field(description="Pillow mode of the upload before conversion to RGB",
+                      examples=["RGB"])
+    frames: int = Field(description="frames in the file; the first one is classified",
+                        examples=[1])
+
+
+class Classification(BaseModel):
+    label: str = Field(examples=["cat"])
+    class_id: int = Field(examples=[3])
+    confidence: float = Field(description="probability of `label`", examples=[0.87])
+    top_k: list[ClassProbability]
+    image: ImageInfo
+    model: ModelInfo
+
+
+class BatchClassification(BaseModel):
+    results: list[Classification] = Field(description="one per uploaded image, in upload order")
+    model: ModelInfo
+
+
+class ModelCard(BaseModel):
+    bento_tag: str
+    registered_model: str | None = None
+    mlflow_version: str | None = None
+    mlflow_run_id: str | None = None
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    served_tta: str | None = None
+    preset: str | None = None
+    promotion_reason: str | None = None
+    class_names: list[str] | None = None
+    model_card_markdown: str | None = Field(None, description="the registry version's model card")
+
+
+class Problem(BaseModel):
+    error: str = Field(description="what is wrong, in words", examples=[
+        "image format TIFF is not accepted; send one of PNG, JPEG, WEBP, BMP, GIF"])
+    reason: str = Field(description="a stable code for programs", examples=["unsupported_format"])
+
+
+def openapi(max_upload_bytes: int, max_batch_images: int, max_pixels: int) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the classification endpoints (served at /docs.json)."""
+    models = (Classification, BatchClassification, ModelCard, Problem)
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+
+    def ref(model: type[BaseModel]) -> dict[str, Any]:
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    def problems(*codes: int) -> dict[str, Any]:
+        words = {400: "bad input", 413: "too large", 415: "not an accepted type",
+                 503: "busy or not ready: retry after the Retry-After header's seconds"}
+        return {str(c): {"description": words[c], "content": {"application/json": {
+            "schema": ref(Problem)}}} for c in codes}
+
+    version_header = {"X-Model-Version": {"description": "registry version that answered",
+                                          "schema": {"type": "string"}}}
+    top_k = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 3,
+             "description": "how many classes to list"}
+    image_rules = (f"PNG, JPEG, WebP, BMP or GIF; at most {max_pixels / 1e6:.0f} megapixels and "
+                   f"{max_upload_bytes / 2**20:.0f} MiB per request; the central square is "
+                   "resized to 32x32")
+    binary = {"type": "string", "format": "binary"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "cifar10-classifier", "version": "1",
+                 "description": "CIFAR-10 image classification: `curl -F image=@cat.png "
+                                "http://127.0.0.1:3000/classify`. The page at / does the same "
+                                "in a browser."},
+        "paths": {
+            "/classify": {"post": {
+                "summary": "Classify one image",
+                "description": "curl -F image=@cat.png http://127.0.0.1:3000/classify, or the "
+                               "raw image as the body: curl --data-binary @cat.png -H "
+                               "'Content-Type: image/png' http://127.0.0.1:3000/classify. "
+                               + image_rules,
+                "parameters": [{"name": "top_k", "in": "query", "required": False,
+                                "schema": top_k}],
+                "requestBody": {"required": True, "content": {
+                    "multipart/form-data": {"schema": {
+                        "type": "object", "required": ["image"],
+                        "properties": {"image": {**binary, "description": "exactly one file"},
+                                       "top_k": top_k}}},
+                    "image/*": {"schema": binary},
+                    "application/octet-stream": {"schema": binary}}},
+                "responses": {"200": {"description": "the class and class probabilities",
+                                      "headers": version_header,
+                                      "content": {"application/json": {
+                                          "schema": ref(Classification)}}},
+                              **problems(400, 413, 415, 503)}}},
+            "/classify_batch": {"post": {
+                "summary": "Classify several images",
+                "description": f"curl -F images=@a.png -F images=@b.png ... (up to "
+                               f"{max_batch_images}); one bad image fails the request, naming "
+                               "it. " + image_rules,
+                "requestBody": {"required": True, "content": {"multipart/form-data": {
+                    "schema": {"type": "object", "required": ["images"], "properties": {
+                        "images": {"type": "array", "items": binary},
+                        "top_k": top_k}}}}},
+                "responses": {"200": {"description": "one result per image, in upload order",
+                                      "headers": version_header,
+                                      "content": {"application/json": {
+                                          "schema": ref(BatchClassification)}}},
+                              **problems(400, 413, 415, 503)}}},
+            "/model": {"get": {
+                "summary": "What is served, with its model card",
+                "responses": {"200": {"description": "the served model", "headers":
+                                      version_header, "content": {"application/json": {
+                                          "schema": ref(ModelCard)}}}}}},
+        },
+        "components": {"schemas": schemas},
+    }
