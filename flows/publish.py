@@ -123,6 +123,7 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
                                    "(cifarlab/constants.py): refusing to serve it wrongly")
         engine = Engine(onnx_file, {"class_names": class_names}, threads=1)  # loads + checks shapes
         engine.warm_up((1, 2))
+        int8_file = _int8_file(client, mv, Path(tmp) / "int8", class_names)
         metadata = {
             "registered_model": registered_model, "mlflow_version": version,
             "mlflow_alias_at_import": alias, "mlflow_run_id": mv.run_id,
@@ -136,6 +137,10 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
             "served_tta": mv.tags.get("served_tta") or logged.get("served_tta"),
             "promotion_reason": mv.tags.get("promotion_reason"),
             "model_card": "model_card.md" if mv.description else None,
+            **({"int8_file": "model_int8.onnx",
+                "int8_val_accuracy": _float(mv.tags.get("int8_val_accuracy")),
+                "int8_test_accuracy": _float(mv.tags.get("int8_test_accuracy")),
+                "int8_servable": mv.tags.get("int8_servable") == "true"} if int8_file else {}),
         }
         metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
         labels = {"registered_model": registered_model, "mlflow_version": version,
@@ -143,12 +148,33 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
         with bentoml.models.create(bento_model, labels=labels, metadata=metadata,
                                    _model_store=store) as bm:
             shutil.copyfile(onnx_file, bm.path_of("model.onnx"))
+            if int8_file:
+                shutil.copyfile(int8_file, bm.path_of("model_int8.onnx"))
             if (local / "MLmodel").is_file():
                 shutil.copyfile(local / "MLmodel", bm.path_of("MLmodel"))
             if mv.description:  # the version's model card (flows/modelcard.py)
                 Path(bm.path_of("model_card.md")).write_text(mv.description)
     return Imported(str(bm.tag), registered_model, version, mv.run_id,
                     metadata.get("val_accuracy"), metadata.get("test_accuracy"), created=True)
+
+
+def _int8_file(client: Any, mv: Any, dest: Path, class_names: list[str]) -> Path | None:
+    """The version's int8 twin (run artifact `int8/model_int8.onnx`), loaded once to check it;
+    None when the run built none."""
+    from mlflow.exceptions import MlflowException
+
+    from serving.engine import Engine
+
+    if "int8_servable" not in mv.tags:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        path = Path(client.download_artifacts(mv.run_id, "int8/model_int8.onnx", str(dest)))
+    except (MlflowException, OSError) as exc:
+        raise ImportFailed(f"{mv.name} v{mv.version} says it has an int8 model, but "
+                           f"int8/model_int8.onnx of run {mv.run_id} cannot be fetched: {exc}") from None
+    Engine(path, {"class_names": class_names}, threads=1).warm_up((1,))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

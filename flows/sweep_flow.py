@@ -146,7 +146,8 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
                 "sweep_point_val_sd": f"{best_row['val_acc_std']:.6f}",
                 "sweep_point_test_mean": f"{best_row['test_acc_mean']:.6f}",
                 "served_tta": run.data.tags.get("served_tta", "none"),
-                "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true"},
+                "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true",
+                **_int8_tags(run)},
             min_shared_images=min_shared_images, min_significance=min_significance,
             model_id=model_id, card_extra=(
                 ("sweep", f"`{sid}`, point {best_row['point']}: {point_stats}; this version is "
@@ -311,3 +312,13 @@ def sweep_cifar(
 
 if __name__ == "__main__":
     sweep_cifar(study="report-lr", epoch_scale=0.1, data_scale=0.1, seeds=2)
+
+
+def _int8_tags(run: Any) -> dict[str, str]:
+    """The child run's int8 figures as registry version tags (none if it built no int8 model)."""
+    tags, metrics = run.data.tags, run.data.metrics
+    if "int8_servable" not in tags:
+        return {}
+    return {"int8_val_accuracy": f"{metrics['int8_val_accuracy']:.6f}",
+            "int8_test_accuracy": f"{metrics['int8_test_accuracy']:.6f}",
+            "int8_servable": tags["int8_servable"]}

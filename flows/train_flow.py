@@ -179,7 +179,38 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
            f"{100 * ev.tta_test.accuracy:.2f}%" if ev.tta_val else "")
     get_run_logger().info("served ONNX model: validation %.2f%%, test %.2f%%%s",
                           100 * ev.val.accuracy, 100 * ev.test.accuracy, tta)
-    return InMemory({"evaluation": ev, "summary": s, "latency_ms": latency, "logged": logged})
+    int8 = _int8_twin(run, ex, ev, store, run_id)
+    return InMemory({"evaluation": ev, "summary": s, "latency_ms": latency, "logged": logged,
+                     "int8": int8})
+
+
+def _int8_twin(run: Any, ex: Any, ev: Any, store: tracking.Store, run_id: str) -> Any:
+    """The statically quantised copy of the served file (cifarlab/quantize.py), evaluated and
+    timed beside it and logged as `int8/model_int8.onnx`; None (with a warning) if onnxruntime
+    cannot quantise this graph: the fp32 model is what counts."""
+    from cifarlab.quantize import MAX_DROP, build_int8, calibration_set
+
+    d = run.data.data
+    try:
+        report = build_int8(ex.path, ev.val, calibration_set(d.train_images, run.split.train_idx),
+                            run.val_images, run.val_labels, d.test_images, d.test_labels,
+                            run.run_dir / "model_int8.onnx")
+    except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+        get_run_logger().warning("no int8 model: onnxruntime could not quantise it (%s: %s)",
+                                 type(exc).__name__, exc)
+        return None
+    tracking.log_metrics(store, run_id, {
+        "int8_val_accuracy": report.val.accuracy, "int8_test_accuracy": report.test.accuracy,
+        "int8_val_drop": report.val_drop,
+        **{f"int8_latency_ms_batch{b}": ms for b, ms in report.latency_ms.items()}})
+    tracking.log_files(store, run_id, {"model_int8": report.path}, folder="int8")
+    store.client.set_tag(run_id, "int8_servable", str(report.servable).lower())
+    get_run_logger().info(
+        "int8 model: validation %.2f%% (%+.2f points vs fp32; servable if within %.1f: %s), "
+        "test %.2f%%, %.3f ms vs %.3f ms at batch 1", 100 * report.val.accuracy,
+        -100 * report.val_drop, 100 * MAX_DROP, "yes" if report.servable else "no",
+        100 * report.test.accuracy, report.latency_ms[1], report.fp32_latency_ms[1])
+    return report
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -199,6 +230,9 @@ def register_model(trained: InMemory, exported: InMemory, evaluated: InMemory,
             "preset": run.config.preset, "served_tta": ex.tta,
             "onnx_max_abs_diff": f"{ex.parity.max_abs_diff:.3e}",
             "parity_passed": str(ex.parity.passed).lower(),
+            **({"int8_val_accuracy": f"{ev['int8'].val.accuracy:.6f}",
+                "int8_test_accuracy": f"{ev['int8'].test.accuracy:.6f}",
+                "int8_servable": str(ev["int8"].servable).lower()} if ev.get("int8") else {}),
         }, min_shared_images=min_shared_images, min_significance=min_significance,
         model_id=logged.model_id,
         # evaluate_model has run this file over its validation split: reuse those classes.

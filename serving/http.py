@@ -116,9 +116,12 @@ class Front:
     async def model_card(self, _request: Request) -> JSONResponse:
         served = self.live.current
         keys = ("registered_model", "mlflow_version", "mlflow_run_id", "val_accuracy",
-                "test_accuracy", "served_tta", "preset", "promotion_reason", "class_names")
+                "test_accuracy", "int8_val_accuracy", "int8_test_accuracy", "served_tta",
+                "preset", "promotion_reason", "class_names")
         return JSONResponse({"bento_tag": served.tag,
                              **{k: served.metadata.get(k) for k in keys},
+                             "precision": served.precision,
+                             "precision_note": served.precision_note,
                              "model_card_markdown": served.card},
                             headers={"X-Model-Version": served.version})
 

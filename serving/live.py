@@ -35,14 +35,18 @@ class Loaded:
     batcher: MicroBatcher
     metadata: dict[str, Any]
     card: str | None
+    precision: str = "fp32"
+    precision_note: str | None = None  # why int8 was asked for and not served
     in_flight: int = 0
     info: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
         m = self.metadata
+        int8 = self.precision == "int8"
         self.info = {"bento_tag": self.tag, "registered_model": m.get("registered_model"),
                      "version": m.get("mlflow_version"), "run_id": m.get("mlflow_run_id"),
-                     "val_accuracy": m.get("val_accuracy"), "served_tta": m.get("served_tta"),
+                     "val_accuracy": m.get("int8_val_accuracy" if int8 else "val_accuracy"),
+                     "served_tta": m.get("served_tta"), "precision": self.precision,
                      "model_card": "/model"}
 
     @property
@@ -57,18 +61,38 @@ class Loaded:
         self.batcher.close()
 
 
+PRECISIONS = ("fp32", "int8")
+
+
+def choose_file(meta: dict[str, Any], precision: str) -> tuple[str, str, str | None]:
+    """(ONNX file, precision served, why int8 was not served) for the asked precision: int8
+    only when the model has an int8 twin within 0.5 points of fp32 on validation."""
+    fp32 = meta.get("onnx_file", "model.onnx")
+    if precision != "int8":
+        return fp32, "fp32", None
+    if not meta.get("int8_file"):
+        return fp32, "fp32", "int8 asked for, but this model has no int8 twin: serving fp32"
+    if not meta.get("int8_servable"):
+        drop = (meta.get("val_accuracy") or 0) - (meta.get("int8_val_accuracy") or 0)
+        return fp32, "fp32", (f"int8 asked for, but its int8 twin is {100 * drop:.2f} points "
+                              "behind on validation (allowed: 0.5): serving fp32")
+    return meta["int8_file"], "int8", None
+
+
 def load(stored: Any, threads: int, batch_size: int, wait_ms: float,
-         on_batch: Callable[[int, float], None] | None) -> Loaded:
+         on_batch: Callable[[int, float], None] | None, precision: str = "fp32") -> Loaded:
     """A BentoML store model -> `Loaded`, warmed up (blocking: call it on a thread)."""
     meta = dict(stored.info.metadata)
-    engine = Engine(Path(stored.path_of(meta.get("onnx_file", "model.onnx"))), meta,
-                    threads=threads)
+    onnx_file, served, note = choose_file(meta, precision)
+    if note:
+        log.warning("%s: %s", stored.tag, note)
+    engine = Engine(Path(stored.path_of(onnx_file)), meta, threads=threads)
     engine.warm_up()
     card = Path(stored.path_of("model_card.md"))
     return Loaded(str(stored.tag), engine,
                   MicroBatcher(engine.probabilities, max_batch_size=batch_size,
                                max_wait_ms=wait_ms, on_batch=on_batch),
-                  meta, card.read_text() if card.is_file() else None)
+                  meta, card.read_text() if card.is_file() else None, served, note)
 
 
 class LiveModel:

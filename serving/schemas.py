@@ -30,6 +30,9 @@ class ModelInfo(BaseModel):
         "that made it champion", examples=[0.9103])
     served_tta: str | None = Field(None, description="test-time augmentation inside the model's "
                                    "graph (none, flip, flip_translate)", examples=["none"])
+    precision: str = Field("fp32", description="fp32, or int8 (the statically quantised twin, "
+                           "served when CIFAR_PRECISION=int8 and within 0.5 points of fp32)",
+                           examples=["fp32"])
     model_card: str = Field("/model", description="where its model card is served")
 
 
@@ -64,6 +67,10 @@ class ModelCard(BaseModel):
     mlflow_run_id: str | None = None
     val_accuracy: float | None = None
     test_accuracy: float | None = None
+    int8_val_accuracy: float | None = None
+    int8_test_accuracy: float | None = None
+    precision: str = "fp32"
+    precision_note: str | None = Field(None, description="why int8 was asked for and not served")
     served_tta: str | None = None
     preset: str | None = None
     promotion_reason: str | None = None

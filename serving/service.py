@@ -29,7 +29,7 @@ import bentoml
 
 from serving.http import Front, Routes, Settings
 from serving.limits import BodySizeLimit, max_upload_bytes
-from serving.live import LiveModel, Loaded, load
+from serving.live import PRECISIONS, LiveModel, Loaded, load
 from serving.preprocess import DEFAULT_MAX_PIXELS
 from serving.uploads import max_inflight_bytes
 
@@ -60,6 +60,11 @@ BATCH_MAX_WAIT_MS = _env_number("CIFAR_BATCH_MAX_WAIT_MS", 0, 0, float)
 # onnxruntime thread each serve ~1.5x more than one worker with two (benchmarks/serve_bench.py).
 WORKERS = _env_number("CIFAR_SERVE_WORKERS", 2, 1)
 ORT_THREADS = _env_number("CIFAR_ORT_THREADS", max(1, (os.cpu_count() or 1) // WORKERS), 1)
+# fp32 (default) or int8: the model's statically quantised twin, served only if it is within
+# 0.5 points of fp32 on validation (else fp32, said in the log and at GET /model).
+PRECISION = os.environ.get("CIFAR_PRECISION", "fp32").strip().lower()
+if PRECISION not in PRECISIONS:
+    raise ValueError(f"CIFAR_PRECISION={PRECISION!r}: expected one of {', '.join(PRECISIONS)}")
 # How often each worker looks for a newer model in its BentoML store (0: never; serving/live.py).
 MODEL_POLL_SECONDS = _env_number("CIFAR_MODEL_POLL_SECONDS", 10, 0, float)
 
@@ -108,7 +113,8 @@ class CifarClassifier:
         self.ready = True
 
     def _load(self, stored: Any) -> Loaded:
-        return load(stored, ORT_THREADS, BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS, self._observe)
+        return load(stored, ORT_THREADS, BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS, self._observe,
+                    PRECISION)
 
     @staticmethod
     def _newest() -> Any:

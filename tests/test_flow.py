@@ -102,6 +102,18 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
     assert meta["val_accuracy"] == pytest.approx(result["val_accuracy"], abs=1e-6)
     assert meta["class_names"][3] == "cat" and len(meta["mean"]) == 3
     assert Path(bento_model.path_of("model.onnx")).stat().st_size > 0
+    # The int8 twin: evaluated beside fp32, logged, on the version's tags, in the store.
+    assert 0 < run.data.metrics["int8_val_accuracy"] <= 1
+    assert run.data.metrics["int8_latency_ms_batch1"] > 0
+    assert "int8/model_int8.onnx" in {a.path for a in client.list_artifacts(
+        run.info.run_id, "int8")}
+    mv = client.get_model_version(REGISTERED_MODEL, str(result["registered_version"]))
+    assert mv.tags["int8_servable"] == run.data.tags["int8_servable"]
+    assert float(mv.tags["int8_val_accuracy"]) == pytest.approx(
+        run.data.metrics["int8_val_accuracy"], abs=1e-6)
+    assert meta["int8_file"] == "model_int8.onnx"
+    assert meta["int8_servable"] == (mv.tags["int8_servable"] == "true")
+    assert Path(bento_model.path_of("model_int8.onnx")).stat().st_size > 0
 
 
 def _assert_val_accuracy_is_the_served_files(client, run, uri):

@@ -86,8 +86,20 @@ def served(tmp_path_factory, synthetic_cifar, prefect_api):
         "class_names": list(outcome.data.data.class_names), "mean": list(MEAN), "std": list(STD),
         "val_accuracy": outcome.val.accuracy, "test_accuracy": outcome.test.accuracy})
     tracking.log_metrics(store, run_id, {"final_val_accuracy": outcome.val.accuracy})
+    # The int8 twin, as train-cifar builds and logs it.
+    from cifarlab.quantize import build_int8, calibration_set
+
+    d = outcome.data.data
+    int8 = build_int8(onnx_path, outcome.val, calibration_set(d.train_images,
+                                                              outcome.split.train_idx),
+                      outcome.run.val_images, outcome.run.val_labels, d.test_images,
+                      d.test_labels, root / "model_int8.onnx")
+    tracking.log_files(store, run_id, {"model_int8": int8.path}, folder="int8")
     champion.register(store, run_id, logged.model_uri, onnx_path, outcome.data.data,
-                      tags={"val_accuracy": f"{outcome.val.accuracy:.6f}", "served_tta": "none"},
+                      tags={"val_accuracy": f"{outcome.val.accuracy:.6f}", "served_tta": "none",
+                            "int8_val_accuracy": f"{int8.val.accuracy:.6f}",
+                            "int8_test_accuracy": f"{int8.test.accuracy:.6f}",
+                            "int8_servable": "true"},  # (served only when asked for)
                       model_id=logged.model_id)
     tracking.end_run(store, run_id, "FINISHED")
 
@@ -585,3 +597,36 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
         assert set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}
     assert card["mlflow_version"] == "2"
     assert sum(len(v) for v in seen) > 100  # the clients really kept asking
+
+
+# --- int8 ---------------------------------------------------------------------------------------
+
+def test_int8_is_served_when_asked_and_agrees_with_fp32(served, tmp_path):
+    """CIFAR_PRECISION=int8: the answers come from the imported int8 twin (precision int8) and
+    name the same class as the fp32 model on nearly every test image."""
+    pngs = [_png(img.permute(1, 2, 0).numpy()) for img in served.images[:200]]
+    fp32 = [served.classify_raw(p).json() for p in pngs]
+    assert {a["model"]["precision"] for a in fp32} == {"fp32"}
+    with BentoServer(served.home, tmp_path / "int8.log", {"CIFAR_PRECISION": "int8"}) as url:
+        with requests.Session() as s:
+            int8 = [s.post(url + "/classify", data=p, headers={"Content-Type": "image/png"},
+                           timeout=30).json() for p in pngs]
+        card = requests.get(url + "/model", timeout=10).json()
+    assert {a["model"]["precision"] for a in int8} == {"int8"}
+    assert card["precision"] == "int8" and card["precision_note"] is None
+    agree = np.mean([a["class_id"] == b["class_id"] for a, b in zip(fp32, int8)])
+    assert agree >= 0.95, agree
+
+
+def test_int8_further_than_half_a_point_is_not_served():
+    from serving.live import choose_file
+
+    meta = {"onnx_file": "model.onnx", "val_accuracy": 0.90}
+    assert choose_file(meta, "fp32") == ("model.onnx", "fp32", None)
+    file, precision, note = choose_file(meta, "int8")
+    assert (file, precision) == ("model.onnx", "fp32") and "no int8 twin" in note
+    meta.update(int8_file="model_int8.onnx", int8_val_accuracy=0.893, int8_servable=False)
+    file, precision, note = choose_file(meta, "int8")
+    assert (file, precision) == ("model.onnx", "fp32") and "0.70 points behind" in note
+    meta.update(int8_val_accuracy=0.897, int8_servable=True)
+    assert choose_file(meta, "int8") == ("model_int8.onnx", "int8", None)

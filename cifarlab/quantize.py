@@ -1,0 +1,85 @@
+"""An int8 twin of the exported model: onnxruntime's static quantisation, judged like fp32.
+
+Weights int8 per output channel, activations uint8 with ranges calibrated (min/max) on
+`CALIBRATION_IMAGES` training images of the run's own split, never on validation or test
+images. The int8 file is then evaluated by onnxruntime on the same validation and test images
+as the fp32 one, and timed beside it. It may be served (a setting of the service) only if its
+validation accuracy is within `MAX_DROP` of the fp32 model's: validation decides, the test
+figure is reported.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifarlab.evaluate import EvalResult
+from cifarlab.export import INPUT_NAME, evaluate_onnx, onnx_latency_ms
+from cifarlab.tensors import normalize
+
+CALIBRATION_IMAGES = 512
+MAX_DROP = 0.005  # 0.5 points of validation accuracy
+
+
+@dataclass
+class Int8Report:
+    path: Path
+    val: EvalResult
+    test: EvalResult
+    val_drop: float  # fp32 minus int8 validation accuracy (positive: int8 worse)
+    servable: bool  # val_drop <= MAX_DROP
+    latency_ms: dict[int, float]
+    fp32_latency_ms: dict[int, float]
+    calibration_images: int
+
+
+def calibration_set(train_images: torch.Tensor, train_idx: np.ndarray, n: int = CALIBRATION_IMAGES,
+                    seed: int = 0) -> np.ndarray:
+    """`n` training images of the split (uint8 NCHW), chosen with a fixed seed, normalised
+    as the model sees them."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(np.asarray(train_idx), size=min(n, len(train_idx)), replace=False)
+    return normalize(train_images[np.sort(pick)], torch.device("cpu")).numpy()
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over an array, 64 images at a time."""
+
+    def __init__(self, x: np.ndarray, batch: int = 64):
+        self._chunks = iter([x[i:i + batch] for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        chunk = next(self._chunks, None)
+        return None if chunk is None else {INPUT_NAME: np.ascontiguousarray(chunk)}
+
+
+def quantize_int8(onnx_path: Path, calibration: np.ndarray, out_path: Path) -> Path:
+    """Statically quantised copy of `onnx_path` (QDQ format) calibrated on `calibration`."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out_path), _Batches(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    return out_path
+
+
+def build_int8(fp32_path: Path, fp32_val: EvalResult, calibration: np.ndarray,
+               val_images: torch.Tensor, val_labels: torch.Tensor, test_images: torch.Tensor,
+               test_labels: torch.Tensor, out_path: Path) -> Int8Report:
+    """Quantise, evaluate on validation and test, time both files."""
+    path = quantize_int8(fp32_path, calibration, out_path)
+    val = evaluate_onnx(path, val_images, val_labels)
+    test = evaluate_onnx(path, test_images, test_labels)
+    drop = fp32_val.accuracy - val.accuracy
+    return Int8Report(path, val, test, drop, drop <= MAX_DROP, onnx_latency_ms(path),
+                      onnx_latency_ms(fp32_path), len(calibration))
