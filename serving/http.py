@@ -18,6 +18,7 @@ Answers: 200 with the classification (and header `X-Model-Version`); bad input 4
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,15 +27,18 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
 from serving import schemas
 from serving.live import LiveModel, Loaded
-from serving.preprocess import Decoded, ImageRejected, finish_decode, is_cheap, open_image, \
-    to_model_input
+from serving.preprocess import Decoded, ImageRejected, decode_image, finish_decode, is_cheap, \
+    open_image, to_model_input
 from serving.uploads import BadRequest, Budget, read_upload
+
+
+INLINE_BYTES = 16 * 1024  # CIFAR-sized PNGs are 2-3 KB
 
 
 @dataclass
@@ -58,10 +62,18 @@ class Front:
         self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
     async def decode(self, data: bytes | bytearray) -> Decoded:
-        img = open_image(data, self.settings.max_pixels)  # header only: cheap on any upload
+        """Small uploads whose header promises a small single-frame image are decoded on the
+        event loop (well under a millisecond); everything else on the decoding thread. A big
+        file goes to the thread even to read its header: a PNG's compressed text chunks are
+        expanded while it is opened."""
+        loop = asyncio.get_running_loop()
+        if len(data) > INLINE_BYTES:
+            return await loop.run_in_executor(self.decoder, decode_image, data,
+                                              self.settings.max_pixels)
+        img = open_image(data, self.settings.max_pixels)
         if is_cheap(img):
             return finish_decode(img)
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, finish_decode, img)
+        return await loop.run_in_executor(self.decoder, finish_decode, img)
 
     def refuse(self, exc: BadRequest | ImageRejected, prefix: str = "",
                served: Loaded | None = None) -> JSONResponse:
@@ -74,33 +86,44 @@ class Front:
                             status_code=exc.status, headers=headers)
 
     async def classify(self, request: Request, *, many: bool) -> JSONResponse:
-        started = time.perf_counter()
         served = self.live.current  # this request's model, even if a swap happens meanwhile
         served.in_flight += 1
         try:
-            try:
-                upload = await read_upload(
-                    dict(request.headers), request.url.query, request.stream(),
-                    file_field="images" if many else "image", many=many,
-                    max_files=self.settings.max_batch_images if many else 1,
-                    max_bytes=self.settings.max_upload_bytes, budget=self.budget)
-            except BadRequest as exc:
-                return self.refuse(exc, served=served)
-            try:
-                decoded = []
-                for i, data in enumerate(upload.images):
-                    try:
-                        decoded.append(await self.decode(data))
-                    except ImageRejected as exc:
-                        prefix = f"image {i} (of {len(upload.images)}, counted from 0): " if many else ""
-                        return self.refuse(exc, prefix, served)
-            finally:
-                self.budget.give(upload.held)
-                upload.images.clear()
-            probs = await served.batcher.submit(to_model_input(np.stack([d.pixels for d in decoded])))
-            results = [self.result(served, p, d, upload.top_k) for p, d in zip(probs, decoded)]
+            return await self._classify(request, served, many)
+        except ClientDisconnect:  # nobody to answer; not a server error either
+            return JSONResponse({"error": "the client closed the connection before sending the "
+                                 "whole body", "reason": "client_disconnected"}, status_code=400)
+        except Exception:  # a bug, never the client's fault: say so in JSON, log it
+            log.exception("classification failed")
+            return JSONResponse({"error": "internal error while classifying; the server log "
+                                 "has the details", "reason": "internal_error"}, status_code=500,
+                                headers={"X-Model-Version": served.version})
         finally:
             served.in_flight -= 1
+
+    async def _classify(self, request: Request, served: Loaded, many: bool) -> JSONResponse:
+        started = time.perf_counter()
+        try:
+            upload = await read_upload(
+                dict(request.headers), request.url.query, request.stream(),
+                file_field="images" if many else "image", many=many,
+                max_files=self.settings.max_batch_images if many else 1,
+                max_bytes=self.settings.max_upload_bytes, budget=self.budget)
+        except BadRequest as exc:
+            return self.refuse(exc, served=served)
+        try:
+            decoded = []
+            for i, data in enumerate(upload.images):
+                try:
+                    decoded.append(await self.decode(data))
+                except ImageRejected as exc:
+                    prefix = f"image {i} (of {len(upload.images)}, counted from 0): " if many else ""
+                    return self.refuse(exc, prefix, served)
+        finally:
+            self.budget.give(upload.held)
+            upload.images.clear()
+        probs = await served.batcher.submit(to_model_input(np.stack([d.pixels for d in decoded])))
+        results = [self.result(served, p, d, upload.top_k) for p, d in zip(probs, decoded)]
         body = {"results": results, "model": served.info} if many else results[0]
         return JSONResponse(body, headers={
             "X-Model-Version": served.version,
@@ -131,6 +154,7 @@ def not_ready(_request: Request) -> JSONResponse:
                         status_code=503, headers={"Retry-After": "1"})
 
 
+log = logging.getLogger("cifar10.serving")
 PAGE = Path(__file__).resolve().parent / "page"
 _PAGE_FILES = {"page.js": "text/javascript", "page.css": "text/css"}
 

@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from cifarlab.constants import IMAGE_SIZE, MEAN, RESIZE_FILTER, STD
 
@@ -32,6 +32,10 @@ _FORMAT_ALIASES = {"MPO": "JPEG"}  # phone cameras' multi-picture JPEG
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 48 MP phone photo at 4:3 is 8000x6000 = 48 MP
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
             "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
+# A PNG's compressed text and ICC chunks are expanded while it is opened: keep that small
+# (Pillow's defaults allow 64 MB). Text is never needed here; an upload over these is refused.
+PngImagePlugin.MAX_TEXT_CHUNK = 1024 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
 _MEAN = np.asarray(MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
 _STD = np.asarray(STD, dtype=np.float32).reshape(1, 3, 1, 1)
 

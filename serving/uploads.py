@@ -7,10 +7,12 @@ Two ways to send an image to `POST /classify`:
 `POST /classify_batch` takes multipart with one or more file fields `images`.
 
 Every byte of a body is counted twice over: against the per-request limit
-(`CIFAR_MAX_UPLOAD_BYTES`, 413) and against the worker's budget of bytes held for requests in
-flight (`CIFAR_MAX_INFLIGHT_BYTES`, 503 with Retry-After: the client should try again in a
-moment). A declared Content-Length is reserved in full before anything is read; a chunked body
-reserves as it arrives. Bodies are parsed as they stream in: the parts are the only copy.
+(`CIFAR_MAX_UPLOAD_BYTES`, 413; a declared Content-Length over it is refused before anything is
+read) and against the worker's budget of bytes held for requests in flight
+(`CIFAR_MAX_INFLIGHT_BYTES`, 503 with Retry-After: the client should try again in a moment).
+The budget is charged as bytes arrive, not by what a client declares, so idle connections that
+announce big bodies hold nothing. Bodies are parsed as they stream in: the parts are the only
+copy.
 """
 
 from __future__ import annotations
@@ -54,16 +56,34 @@ class Budget:
         self.used -= n
 
 
-def max_inflight_bytes() -> int:
-    raw = os.environ.get("CIFAR_MAX_INFLIGHT_BYTES")
+DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024
+
+
+def _bytes_setting(name: str, default: int) -> int:
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_MAX_INFLIGHT_BYTES
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"CIFAR_MAX_INFLIGHT_BYTES={raw!r} is not a whole number of bytes") from None
+        raise ValueError(f"{name}={raw!r} is not a whole number of bytes") from None
     if value < 1:
-        raise ValueError(f"CIFAR_MAX_INFLIGHT_BYTES={raw!r} must be at least 1")
+        raise ValueError(f"{name}={raw!r} must be at least 1")
+    return value
+
+
+def max_upload_bytes() -> int:
+    """$CIFAR_MAX_UPLOAD_BYTES: the largest request body (default 16 MiB)."""
+    return _bytes_setting("CIFAR_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)
+
+
+def max_inflight_bytes() -> int:
+    """$CIFAR_MAX_INFLIGHT_BYTES: body bytes one worker holds at once (default 64 MiB); at
+    least one largest body, or that body could never be accepted."""
+    value = _bytes_setting("CIFAR_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES)
+    if value < max_upload_bytes():
+        raise ValueError(f"CIFAR_MAX_INFLIGHT_BYTES={value} is below CIFAR_MAX_UPLOAD_BYTES="
+                         f"{max_upload_bytes()}: a body of the allowed size could never be taken")
     return value
 
 
@@ -89,7 +109,9 @@ def parse_top_k(raw: str | bytes | None, default: int = 3) -> int:
         return default
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     value = text.strip()
-    if not value.isdigit() or not 1 <= int(value) <= MAX_TOP_K:
+    # ASCII digits only (str.isdigit also takes '²'), and short: int() of 5,000 digits raises.
+    if not (value.isascii() and value.isdigit() and len(value) <= 2) or \
+            not 1 <= int(value) <= MAX_TOP_K:
         shown = value if len(value) <= 20 else value[:20] + "..."
         raise BadRequest(f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {shown!r}",
                          reason="bad_top_k")
@@ -106,12 +128,17 @@ class _FormCollector:
         self._header_value = bytearray()
         self._headers: dict[bytes, bytes] = {}
         self._current: Part | None = None
+        self.complete = False  # the closing boundary was seen
 
     def callbacks(self) -> dict[str, Any]:
         return {"on_part_begin": self._begin, "on_part_data": self._data,
                 "on_header_field": lambda b, s, e: self._header_field.extend(b[s:e]),
                 "on_header_value": lambda b, s, e: self._header_value.extend(b[s:e]),
-                "on_header_end": self._header_end, "on_headers_finished": self._headers_done}
+                "on_header_end": self._header_end, "on_headers_finished": self._headers_done,
+                "on_end": self._end}
+
+    def _end(self) -> None:
+        self.complete = True
 
     def _begin(self) -> None:
         if len(self.parts) >= self.max_parts:
@@ -166,17 +193,15 @@ async def read_upload(headers: dict[str, str], query: str, stream: AsyncIterator
                          "file; a raw body is one image: POST it to /classify",
                          status=415, reason="unsupported_content_type")
 
-    held = 0
     declared = headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest(f"invalid Content-Length header {declared!r}")
+        if not (declared.isascii() and declared.isdigit()):
+            raise BadRequest(f"invalid Content-Length header {declared[:40]!r}")
         if int(declared) > max_bytes:
             raise BadRequest(f"request body of {declared} bytes is over the limit of {max_bytes} "
                              f"bytes ({max_bytes / 2**20:.1f} MiB); send a smaller image",
                              status=413, reason="body_too_large")
-        budget.take(int(declared))
-        held = int(declared)
+    held = 0
     try:
         collector = None
         parser = None
@@ -186,7 +211,11 @@ async def read_upload(headers: dict[str, str], query: str, stream: AsyncIterator
             if not boundary:
                 raise BadRequest("multipart/form-data without a boundary", reason="bad_multipart")
             collector = _FormCollector(max_parts=max_files + 16)
-            parser = MultipartParser(boundary, collector.callbacks())
+            try:
+                parser = MultipartParser(boundary, collector.callbacks())
+            except Exception as exc:  # noqa: BLE001 - e.g. a boundary over 256 characters
+                raise BadRequest(f"malformed multipart header: {exc}",
+                                 reason="bad_multipart") from None
         received = 0
         async for chunk in stream:
             received += len(chunk)
@@ -194,9 +223,8 @@ async def read_upload(headers: dict[str, str], query: str, stream: AsyncIterator
                 raise BadRequest(f"request body of more than {max_bytes} bytes is over the limit "
                                  f"({max_bytes / 2**20:.1f} MiB); send a smaller image",
                                  status=413, reason="body_too_large")
-            if received > held:  # a chunked body, or one longer than it said
-                budget.take(received - held)
-                held = received
+            budget.take(len(chunk))  # what arrived, not what was announced
+            held += len(chunk)
             if parser is None:
                 body.extend(chunk)
             else:
@@ -212,6 +240,9 @@ async def read_upload(headers: dict[str, str], query: str, stream: AsyncIterator
                 parser.finalize()
             except Exception as exc:  # noqa: BLE001
                 raise BadRequest(f"malformed multipart body: {exc}", reason="bad_multipart") from None
+            if not collector.complete:
+                raise BadRequest("the multipart body ends before its closing boundary "
+                                 "(truncated upload)", reason="bad_multipart")
             images, top_k = _form_fields(collector.parts, file_field, many, max_files, query_top_k)
         else:
             images, top_k = [bytes(body)], parse_top_k(query_top_k)
