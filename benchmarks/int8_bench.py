@@ -97,6 +97,11 @@ def main() -> None:
         "fp32": {"val_accuracy": outcome.val.accuracy, "test_accuracy": outcome.test.accuracy},
         "int8": {"val_accuracy": report.val.accuracy, "test_accuracy": report.test.accuracy,
                  "calibration_images": report.calibration_images},
+        # How often the two files name the same class, and how many test images each gets right.
+        "test_same_class_fraction": float((outcome.test.predictions ==
+                                           report.test.predictions).mean()),
+        "test_correct": {"fp32": int((outcome.test.predictions == d.test_labels.numpy()).sum()),
+                         "int8": int((report.test.predictions == d.test_labels.numpy()).sum())},
         "val_drop_points": round(100 * report.val_drop, 3),
         "test_drop_points": round(100 * (outcome.test.accuracy - report.test.accuracy), 3),
         "servable_rule": f"val drop <= {100 * MAX_DROP:.1f} points",
