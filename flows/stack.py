@@ -200,6 +200,51 @@ class LocalStack:
         finally:
             self.stop()
 
+    def follow_deployment(self, deployment: str, params: Sequence[str] = (),
+                          out=sys.stdout, poll_s: float = 1.0) -> str:
+        """Start a deployment run and print its log lines (epochs, time left, the closing
+        summary) as they arrive, until it ends; returns its final state's name."""
+        import re
+
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+        name = deployment if "/" in deployment else f"train-cifar/{deployment}"
+        args = ["deployment", "run", name]
+        for p in params:
+            args += ["--param", p]
+        started = self.cli(*args).stdout
+        match = re.search(r"UUID:\s*([0-9a-f-]{36})", started)
+        if match is None:
+            raise StackError(f"prefect deployment run printed no flow run id:\n{started}")
+        flow_run_id = match.group(1)
+        print(f"flow run {flow_run_id} of {name}: Prefect UI "
+              f"{self.api_url.removesuffix('/api')}/runs/flow-run/{flow_run_id}", file=out,
+              flush=True)
+        settings = {PREFECT_API_URL: self.api_url}
+        if self.env.get("PREFECT_API_AUTH_STRING"):
+            settings[PREFECT_API_AUTH_STRING] = self.env["PREFECT_API_AUTH_STRING"]
+        seen, quiet_polls = 0, 0
+        with temporary_settings(updates=settings), get_client(sync_client=True) as client:
+            while True:
+                state = client.read_flow_run(flow_run_id).state
+                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(
+                    any_=[flow_run_id])), sort=LogSort.TIMESTAMP_ASC, offset=seen, limit=200)
+                for log in logs:
+                    print(f"{log.timestamp:%H:%M:%S} {log.message}", file=out, flush=True)
+                seen += len(logs)
+                if state is not None and state.is_final() and not logs:
+                    if quiet_polls >= 2:  # the last lines are shipped a moment after the end
+                        print(f"flow run {flow_run_id}: {state.name}", file=out, flush=True)
+                        return state.name
+                    quiet_polls += 1
+                else:
+                    quiet_polls = 0
+                if not logs:
+                    time.sleep(poll_s)
+
     def run_deployment(self, deployment: str, params: Sequence[str] = (),
                        timeout: float | None = 3600) -> subprocess.CompletedProcess:
         """`prefect deployment run <flow>/<deployment> --watch` (params as key=value); a bare
@@ -544,11 +589,10 @@ def _foreground(stack: LocalStack, args: argparse.Namespace) -> int:
             print(f"error: {dead} stopped; stopping the stack", file=sys.stderr, flush=True)
             return 1
         return 0
-    # No time limit: a full-scale study runs for hours (Ctrl-C stops it and the stack).
-    result = stack.run_deployment(args.deployment, args.params, timeout=None)
-    print(result.stdout, end="")
-    print(result.stderr, end="", file=sys.stderr)
-    return result.returncode
+    # No time limit: a full-scale study runs for hours (Ctrl-C stops it and the stack). Its
+    # log lines (epochs, time left, the closing summary) are printed as they come.
+    state = stack.follow_deployment(args.deployment, args.params)
+    return 0 if state == "Completed" else 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
+                               update_progress_artifact)
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 from pydantic import Field
@@ -76,6 +77,11 @@ class InMemory:
     value: Any
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
 def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Store,
                 run_id: str) -> InMemory:
@@ -85,6 +91,10 @@ def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Stor
     logger = get_run_logger()
     # Epochs this run has on the tracking server already (a resumed run): never logged twice.
     logged = {m.step for m in store.client.get_metric_history(run_id, "val_loss")}
+    total = config.train.epochs
+    # The run's progress in the Prefect UI (the flow run's Artifacts tab), per epoch.
+    progress = create_progress_artifact(
+        100.0 * len(logged) / total, description=f"{config.preset}: epochs trained of {total}")
 
     def log_epoch(m, _model) -> None:
         if m.epoch in logged:
@@ -95,9 +105,12 @@ def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Stor
             "epoch_seconds": m.epoch_seconds, "images_per_second": m.images_per_second,
         }, step=m.epoch)
         logged.add(m.epoch)
-        logger.info("epoch %d: train loss %.3f acc %.2f%% | val loss %.3f acc %.2f%% | %.1f s",
-                    m.epoch, m.train_loss, 100 * m.train_accuracy, m.val_loss,
-                    100 * m.val_accuracy, m.epoch_seconds)
+        left = (total - m.epoch) * m.train_seconds / m.epoch
+        logger.info("epoch %d/%d: train loss %.3f acc %.2f%% | val loss %.3f acc %.2f%% | "
+                    "%.1f s, about %s of training left", m.epoch, total, m.train_loss,
+                    100 * m.train_accuracy, m.val_loss, 100 * m.val_accuracy, m.epoch_seconds,
+                    _duration(left))
+        update_progress_artifact(progress, 100.0 * m.epoch / total)
 
     run = train_run(config, Path(root), hooks=[log_epoch], run_dir=Path(run_dir))
     t = run.trained
@@ -365,6 +378,28 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
     return run_id, run_dir
 
 
+def _closing_line(config: RunConfig, s: dict[str, Any], store: tracking.Store, run_id: str,
+                  reg: Any, bento: dict[str, Any] | None) -> str:
+    """What a person at the terminal wants at the end: how well, where to look, what next."""
+    exp = store.experiment_id
+    if store.uri.startswith(("http://", "https://")):
+        where = f"{tracking.display_uri(store.uri)}/#/experiments/{exp}/runs/{run_id}"
+    else:
+        where = (f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id} "
+                 "(after `make mlflow-ui`)")
+    lines = [f"trained {config.preset} ({config.model.name}) in {s['train_seconds']:.0f} s: "
+             f"validation {100 * s['val_accuracy']:.2f} %, test {100 * s['test_accuracy']:.2f} % "
+             "(the served ONNX file)", f"MLflow run: {where}"]
+    if reg is not None:
+        lines.append(f"registry: {reg.name} version {reg.version} is {reg.alias} ({reg.reason})")
+    if bento is not None:
+        lines.append(f"serve it: make serve, then curl -F image=@cat.png "
+                     f"http://127.0.0.1:3000/classify (BentoML model {bento['tag']})")
+    elif reg is not None and reg.alias == tracking.CHAMPION:
+        lines.append("serve it: cifar-import-champion, then make serve")
+    return "\n".join(lines)
+
+
 def _summary_markdown(config: RunConfig, summary: dict[str, Any], done: Any | None,
                       store: tracking.Store, run_id: str, bento: dict[str, Any] | None = None) -> str:
     s = summary
@@ -453,6 +488,7 @@ def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None, 
     # The MLflow run page shows this as the run's description.
     store.client.set_tag(run_id, "mlflow.note.content", summary.split("\n## Config")[0][:8000])
     reg = done.registration if done else None
+    get_run_logger().info("%s", _closing_line(config, s, store, run_id, reg, bento))
     return {
         "mlflow_run_id": run_id, "tracking_uri": tracking.display_uri(store.uri),
         "preset": config.preset, "val_accuracy": s["val_accuracy"],

@@ -62,9 +62,17 @@ def _client(root: Path) -> MlflowClient:
 
 
 def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
-    result = stack.run_deployment("seed-baseline", [*params, 'train={"epochs": 2}'], timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Completed" in result.stdout
+    import io
+
+    # As `make run` shows it: the run's log lines as they come, epochs with the time left, and
+    # a closing summary saying how well, where to look and how to serve it.
+    out = io.StringIO()
+    state = stack.follow_deployment("seed-baseline", [*params, 'train={"epochs": 2}'], out=out)
+    text = out.getvalue()
+    assert state == "Completed", text
+    assert "epoch 1/2:" in text and "epoch 2/2:" in text and "of training left" in text, text
+    assert "validation" in text and "MLflow run: http://127.0.0.1:5000/#/experiments/" in text
+    assert "is champion" in text and "serve it: make serve" in text, text
     # Two pools: training on `gpu`, sweeps on `control`.
     pools = {p["name"] for p in json.loads(stack.cli("work-pool", "ls", "--output", "json").stdout)}
     assert {"gpu", "control"} <= pools
