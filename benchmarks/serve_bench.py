@@ -41,6 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine_info import cpu_model  # noqa: E402  (beside this script)
 from serving.engine import Engine  # noqa: E402
 from flows.processes import BentoServer  # noqa: E402
 from serving.preprocess import decode_image, to_model_input  # noqa: E402
@@ -185,13 +186,6 @@ def load(port: int, path: str, bodies: list[tuple[bytes, str]], concurrency: int
             "images_per_s": len(latencies) * images_per_request / elapsed,
             "p50_ms": 1000 * percentile(latencies, 50), "p90_ms": 1000 * percentile(latencies, 90),
             "p99_ms": 1000 * percentile(latencies, 99)}
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 class PeakMemory:

@@ -75,15 +75,17 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, out_path: Path) -> P
 
 def build_int8(fp32_path: Path, fp32_val: EvalResult, calibration: np.ndarray,
                val_images: torch.Tensor, val_labels: torch.Tensor, test_images: torch.Tensor,
-               test_labels: torch.Tensor, out_path: Path) -> Int8Report:
-    """Quantise, evaluate on validation and test, time both files."""
+               test_labels: torch.Tensor, out_path: Path,
+               fp32_latency_ms: dict[int, float] | None = None) -> Int8Report:
+    """Quantise, evaluate on validation and test, time both files (the fp32 one only if its
+    timing is not given)."""
     path = quantize_int8(fp32_path, calibration, out_path)
     val = evaluate_onnx(path, val_images, val_labels)
     test = evaluate_onnx(path, test_images, test_labels)
     drop = fp32_val.accuracy - val.accuracy
     servable = within_allowed_drop(fp32_val.predictions, val.predictions, val_labels.numpy())
     return Int8Report(path, val, test, drop, servable, onnx_latency_ms(path),
-                      onnx_latency_ms(fp32_path), len(calibration))
+                      fp32_latency_ms or onnx_latency_ms(fp32_path), len(calibration))
 
 
 def within_allowed_drop(fp32_pred: np.ndarray, int8_pred: np.ndarray, labels: np.ndarray,

@@ -8,6 +8,7 @@ Every call names its run id explicitly (MlflowClient), so no global "active run"
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -132,6 +133,7 @@ def _read(path: str) -> str:
         return ""
 
 
+@functools.cache
 def host_identity() -> dict[str, str]:
     """What a pid means something within: this machine (/etc/machine-id), this boot and this
     pid namespace. Two containers or boxes may share a host name; a rebooted box keeps its
@@ -172,7 +174,7 @@ def process_gone(tags: Mapping[str, str]) -> bool:
 
     if tags.get("host") != host_name() or not tags.get("pid", "").isdigit():
         return False
-    here = host_identity()
+    here = host_identity()  # (cached: fixed for the life of a process)
     if "host_boot" in tags:  # (runs recorded before these tags: judged by the pid alone)
         if tags["host_boot"] != here["host_boot"]:
             # Another boot: of this very machine (then every process of it is gone), or of

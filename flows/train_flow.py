@@ -192,12 +192,13 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
            f"{100 * ev.tta_test.accuracy:.2f}%" if ev.tta_val else "")
     get_run_logger().info("served ONNX model: validation %.2f%%, test %.2f%%%s",
                           100 * ev.val.accuracy, 100 * ev.test.accuracy, tta)
-    int8 = _int8_twin(run, ex, ev, store, run_id)
+    int8 = _int8_twin(run, ex, ev, store, run_id, latency)
     return InMemory({"evaluation": ev, "summary": s, "latency_ms": latency, "logged": logged,
                      "int8": int8})
 
 
-def _int8_twin(run: Any, ex: Any, ev: Any, store: tracking.Store, run_id: str) -> Any:
+def _int8_twin(run: Any, ex: Any, ev: Any, store: tracking.Store, run_id: str,
+               fp32_latency_ms: dict[int, float]) -> Any:
     """The statically quantised copy of the served file (cifarlab/quantize.py), evaluated and
     timed beside it and logged as `int8/model_int8.onnx`; None (with a warning) if onnxruntime
     cannot quantise this graph: the fp32 model is what counts."""
@@ -207,7 +208,7 @@ def _int8_twin(run: Any, ex: Any, ev: Any, store: tracking.Store, run_id: str) -
     try:
         report = build_int8(ex.path, ev.val, calibration_set(d.train_images, run.split.train_idx),
                             run.val_images, run.val_labels, d.test_images, d.test_labels,
-                            run.run_dir / "model_int8.onnx")
+                            run.run_dir / "model_int8.onnx", fp32_latency_ms)
     except Exception as exc:  # noqa: BLE001 - reported, the run goes on
         get_run_logger().warning("no int8 model: onnxruntime could not quantise it (%s: %s)",
                                  type(exc).__name__, exc)

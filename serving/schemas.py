@@ -104,6 +104,10 @@ def openapi(max_upload_bytes: int, max_batch_images: int, max_pixels: int) -> di
 
     version_header = {"X-Model-Version": {"description": "registry version that answered",
                                           "schema": {"type": "string"}}}
+
+    def ok(description: str, model: type[BaseModel]) -> dict[str, Any]:
+        return {"200": {"description": description, "headers": version_header,
+                        "content": {"application/json": {"schema": ref(model)}}}}
     top_k = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 3,
              "description": "how many classes to list"}
     image_rules = (f"PNG, JPEG, WebP, BMP or GIF; at most {max_pixels / 1e6:.0f} megapixels and "
@@ -132,10 +136,7 @@ def openapi(max_upload_bytes: int, max_batch_images: int, max_pixels: int) -> di
                                        "top_k": top_k}}},
                     "image/*": {"schema": binary},
                     "application/octet-stream": {"schema": binary}}},
-                "responses": {"200": {"description": "the class and class probabilities",
-                                      "headers": version_header,
-                                      "content": {"application/json": {
-                                          "schema": ref(Classification)}}},
+                "responses": {**ok("the class and class probabilities", Classification),
                               **problems(400, 413, 415, 503)}}},
             "/classify_batch": {"post": {
                 "summary": "Classify several images",
@@ -146,16 +147,12 @@ def openapi(max_upload_bytes: int, max_batch_images: int, max_pixels: int) -> di
                     "schema": {"type": "object", "required": ["images"], "properties": {
                         "images": {"type": "array", "items": binary},
                         "top_k": top_k}}}}},
-                "responses": {"200": {"description": "one result per image, in upload order",
-                                      "headers": version_header,
-                                      "content": {"application/json": {
-                                          "schema": ref(BatchClassification)}}},
+                "responses": {**ok("one result per image, in upload order",
+                                   BatchClassification),
                               **problems(400, 413, 415, 503)}}},
             "/model": {"get": {
                 "summary": "What is served, with its model card",
-                "responses": {"200": {"description": "the served model", "headers":
-                                      version_header, "content": {"application/json": {
-                                          "schema": ref(ModelCard)}}}}}},
+                "responses": ok("the served model", ModelCard)}},
         },
         "components": {"schemas": schemas},
     }
