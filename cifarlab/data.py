@@ -10,12 +10,18 @@ variable, else the official URL:
 Every file is checked against its md5 before anything trains on it. Downloads go to a `.part`
 file and extraction to a temporary folder that is renamed into place only once every file
 verified, so a killed download never leaves a folder that passes as complete.
+
+Reading once: a folder that verified is remembered in a stamp file (under the caller's data
+folder, never in a mirror) keyed by each file's size and modification time, so the next run only
+`stat`s it; a file that changed since is hashed again. Loaded data is kept in memory for the
+process, under the same key, so the tasks of one flow run read the files once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -89,19 +95,66 @@ def md5_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5) -> None:
-    """Raise DataError naming the first missing or altered file and its expected md5."""
+def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5, *,
+                  stamps: Path | None = None) -> None:
+    """Raise DataError naming the first missing or altered file and its expected md5.
+
+    With `stamps` (a folder of ours), a folder whose files have the sizes and modification
+    times they had when they last verified against these checksums is not hashed again.
+    """
     if not folder.is_dir():
         raise DataError(f"CIFAR-10 folder {folder} does not exist")
     for name, expected in checksums.items():
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path} is missing (expected md5 {expected})")
-        actual = md5_of(path)
+        if not (folder / name).is_file():
+            raise DataError(f"{folder / name} is missing (expected md5 {expected})")
+    stamp = _stamp_path(stamps, folder) if stamps is not None else None
+    if stamp is not None and _read_stamp(stamp) == _stamp(folder, checksums):
+        return
+    for name, expected in checksums.items():
+        actual = md5_of(folder / name)
         if actual != expected:
-            raise DataError(
-                f"{path} has md5 {actual}, expected {expected}: the file is truncated or altered"
-            )
+            raise DataError(f"{folder / name} has md5 {actual}, expected {expected}: the file is "
+                            "truncated or altered")
+    if stamp is not None:
+        _write_stamp(stamp, folder, checksums)
+
+
+def _file_keys(folder: Path, names) -> dict[str, list[int]]:
+    """Size and modification time (ns) of each named file: what a change of its bytes moves."""
+    keys = {}
+    for name in sorted(names):
+        st = (folder / name).stat()
+        keys[name] = [st.st_size, st.st_mtime_ns]
+    return keys
+
+
+def _stamp(folder: Path, checksums: Mapping[str, str]) -> dict[str, object]:
+    return {"folder": str(folder.resolve()), "checksums": dict(sorted(checksums.items())),
+            "files": _file_keys(folder, checksums)}
+
+
+def _stamp_path(stamps: Path, folder: Path) -> Path:
+    name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return stamps / f"verified-{name}.json"
+
+
+def _read_stamp(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(path: Path, folder: Path, checksums: Mapping[str, str]) -> None:
+    """Record that `folder` verified just now (written atomically; a failure only costs a
+    re-hash next time)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(_stamp(folder, checksums)) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not record the verification of %s (%s)", folder, exc)
 
 
 def data_fingerprint(checksums: Mapping[str, str]) -> str:
@@ -166,7 +219,8 @@ def download(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 1.0,
     raise DownloadError(f"could not download {url} after {retries + 1} attempts: {last_error}")
 
 
-def _extract_verified(archive: Path, target: Path, checksums: Mapping[str, str]) -> Path:
+def _extract_verified(archive: Path, target: Path, checksums: Mapping[str, str],
+                      stamps: Path) -> Path:
     """Extract the archive next to `target`, verify it, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
@@ -183,6 +237,7 @@ def _extract_verified(archive: Path, target: Path, checksums: Mapping[str, str])
         if target.exists():  # a stale, unverifiable folder from an older run
             shutil.rmtree(target)
         os.replace(found[0], target)
+        _write_stamp(_stamp_path(stamps, target), target, checksums)
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,12 +250,15 @@ def prepare_cifar10(data_dir: Path, source: str | None = None, *,
 
     A mirror folder is verified and used in place (nothing is copied). Archives and URLs are
     extracted into `data_dir/cifar-10-batches-py`; an already verified copy there is reused.
+    Verification stamps live in `data_dir/.verified`. `retries` network faults are retried here
+    (the flow passes 0: its task retries instead).
     """
     sums = dict(checksums or OFFICIAL_FILE_MD5)
     src = resolve_source(source)
     local = Path(src.removeprefix("file://")).expanduser() if not src.startswith("http") else None
+    stamps = Path(data_dir) / ".verified"
     if local is not None and local.is_dir():
-        verify_folder(local, sums)
+        verify_folder(local, sums, stamps=stamps)
         return local
 
     target = Path(data_dir) / FOLDER_NAME
@@ -208,7 +266,7 @@ def prepare_cifar10(data_dir: Path, source: str | None = None, *,
     # One fetch per folder at a time (several flow runs on one host starting together): the
     # second waits, then finds the verified copy the first left.
     with _folder_lock(target.parent / ".cifar10.lock"):
-        return _fetch_into(target, src, local, sums, retries, backoff_s, timeout_s)
+        return _fetch_into(target, src, local, sums, retries, backoff_s, timeout_s, stamps)
 
 
 @contextlib.contextmanager
@@ -225,11 +283,11 @@ def _folder_lock(path: Path):
 
 
 def _fetch_into(target: Path, src: str, local: Path | None, sums: dict[str, str], retries: int,
-                backoff_s: float, timeout_s: float) -> Path:
+                backoff_s: float, timeout_s: float, stamps: Path) -> Path:
     data_dir = target.parent
     if target.is_dir():
         try:
-            verify_folder(target, sums)
+            verify_folder(target, sums, stamps=stamps)
             log.info("using verified CIFAR-10 in %s", target)
             return target
         except DataError as exc:
@@ -245,7 +303,7 @@ def _fetch_into(target: Path, src: str, local: Path | None, sums: dict[str, str]
         archive_md5 = OFFICIAL_ARCHIVE_MD5 if src == OFFICIAL_URL else None
         archive = download(src, Path(data_dir) / "cifar-10-python.tar.gz", retries=retries,
                            backoff_s=backoff_s, timeout_s=timeout_s, expected_md5=archive_md5)
-    return _extract_verified(archive, target, sums)
+    return _extract_verified(archive, target, sums, stamps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,9 +379,32 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+# The last data set loaded in this process, by folder and its files' sizes and mtimes.
+_LOADED: dict[tuple[str, str], Cifar10] = {}
+_ALL_FILES = (*TRAIN_FILES, TEST_FILE, META_FILE)
+
+
 def load_cifar10(folder: Path) -> Cifar10:
-    """Read the pickled batches of a (verified) folder into tensors, in about a second."""
+    """Read the pickled batches of a (verified) folder into tensors, in about a second.
+
+    The result is kept for the process (one data set at a time) and returned again while the
+    files keep their sizes and modification times: callers index it, they never write into it.
+    """
     folder = Path(folder)
+    try:
+        key = (str(folder.resolve()), json.dumps(_file_keys(folder, _ALL_FILES)))
+    except OSError:
+        key = None  # a missing file: _read_batch names it below
+    if key is not None and key in _LOADED:
+        return _LOADED[key]
+    data = _read_cifar10(folder)
+    if key is not None:
+        _LOADED.clear()
+        _LOADED[key] = data
+    return data
+
+
+def _read_cifar10(folder: Path) -> Cifar10:
     parts = [_read_batch(folder / name) for name in TRAIN_FILES]
     test_x, test_y = _read_batch(folder / TEST_FILE)
     meta = load_pickle(folder / META_FILE)

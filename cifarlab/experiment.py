@@ -152,9 +152,15 @@ def config_hash(config: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def checksums_of(cfg: DataConfig) -> dict[str, str]:
+    """The md5 of every file the config's data set must have."""
+    return dict(cfg.checksums or OFFICIAL_FILE_MD5)
+
+
 def load_data(cfg: DataConfig, root: Path) -> DataBundle:
-    """Fetch (or find) and verify the files, then load them."""
-    sums = cfg.checksums or OFFICIAL_FILE_MD5
+    """Fetch (or find) and verify the files, then load them: after the first time, one `stat`
+    per file and the arrays this process already holds (cifarlab.data)."""
+    sums = checksums_of(cfg)
     folder = prepare_cifar10(Path(root) / "data", cfg.source, checksums=sums,
                              retries=cfg.download_retries, backoff_s=cfg.download_backoff_s)
     return DataBundle(folder=folder, data=load_cifar10(folder), fingerprint=data_fingerprint(sums))

@@ -91,9 +91,10 @@ def prefect_api():
 
 @pytest.fixture(scope="session")
 def real_cifar() -> Path:
-    """The genuine CIFAR-10 from $CIFAR10_SOURCE or ../shared; skipped where neither exists."""
-    candidate = Path(os.environ.get("CIFAR10_SOURCE", REAL_CIFAR))
-    if not candidate.is_dir():
+    """The genuine CIFAR-10 from $CIFAR10_SOURCE or ../shared; skipped where neither exists.
+    An empty $CIFAR10_SOURCE counts as unset (it is not the current folder)."""
+    candidate = Path(os.environ.get("CIFAR10_SOURCE") or REAL_CIFAR)
+    if not (candidate / "test_batch").is_file():
         pytest.skip(f"real CIFAR-10 not found at {candidate}")
     return candidate
 

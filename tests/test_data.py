@@ -166,6 +166,27 @@ def test_mirror_folder_with_bad_file_fails(synthetic_cifar, tmp_path, damage):
         prepare_cifar10(tmp_path / "data", str(mirror), checksums=sums)
 
 
+def test_a_verified_mirror_is_stamped_outside_it_and_damage_after_the_stamp_is_caught(
+        synthetic_cifar, tmp_path):
+    folder, sums = synthetic_cifar
+    mirror = tmp_path / "mirror"
+    shutil.copytree(folder, mirror)
+    listing = sorted(p.name for p in mirror.iterdir())
+    prepare_cifar10(tmp_path / "data", str(mirror), checksums=sums)
+    assert sorted(p.name for p in mirror.iterdir()) == listing  # nothing written into a mirror
+    assert len(list((tmp_path / "data" / ".verified").glob("verified-*.json"))) == 1
+    # Same size, other bytes, later mtime: hashed again and refused.
+    target = mirror / "data_batch_3"
+    raw = bytearray(target.read_bytes())
+    raw[-1] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="data_batch_3 has md5"):
+        prepare_cifar10(tmp_path / "data", str(mirror), checksums=sums)
+    # Other checksums are another stamp: never taken as verified by this one.
+    with pytest.raises(DataError, match="test_batch has md5"):
+        prepare_cifar10(tmp_path / "data", str(folder), checksums={**sums, "test_batch": "0" * 32})
+
+
 def test_source_from_environment_and_bad_source(synthetic_cifar, tmp_path, monkeypatch):
     folder, sums = synthetic_cifar
     monkeypatch.setenv("CIFAR10_SOURCE", str(folder))

@@ -11,7 +11,6 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 from prefect.exceptions import ParameterTypeError
 
 import flows.train_flow as train_flow
@@ -227,54 +226,152 @@ def test_unwritable_tracking_store_fails_before_training(data, tmp_path, monkeyp
     assert not (tmp_path / "runs").exists()
 
 
-def test_download_and_split_are_cached_across_flow_runs(data, tmp_path):
-    data = {**data, "split_seed": 12345}  # inputs no other test uses
-    for _ in range(2):
-        train_cifar(preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 1},
-                    root=str(tmp_path), skip_registry=True)
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
-            name=TaskRunFilterName(like_="split_data")))
-    ours = [r for r in runs if r.state.name in ("Completed", "Cached")]
-    assert "Cached" in {r.state.name for r in ours}
+def _count_calls(monkeypatch, module, name: str) -> list:
+    calls: list = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
 
 
-def test_flaky_download_is_retried_by_the_task(synthetic_archive, synthetic_cifar, tmp_path,
-                                               monkeypatch):
+def test_data_is_verified_and_read_once_per_run_and_a_changed_file_is_caught(
+        synthetic_cifar, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from cifarlab import data as cdata
+
     _, sums = synthetic_cifar
-    payload = synthetic_archive.read_bytes()
-    hits = []
+    mirror = tmp_path / "mirror"  # a mirror of our own: this test changes a file's mtime
+    shutil.copytree(synthetic_cifar[0], mirror)
+    data = {"source": str(mirror), "checksums": sums, "train_size": 240, "val_size": 60}
+    hashed = _count_calls(monkeypatch, cdata, "md5_of")
+    read = _count_calls(monkeypatch, cdata, "_read_batch")
+    cdata._LOADED.clear()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            hits.append(1)
-            if len(hits) <= 2:  # the first two requests fail: both attempts of task try 1
-                self.send_error(503)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    def run():
+        before = len(hashed), len(read)
+        train_cifar(preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 1},
+                    root=str(tmp_path / "root"), skip_registry=True)
+        return len(hashed) - before[0], len(read) - before[1]
 
-        def log_message(self, *args):
-            pass
+    assert run() == (len(sums), 6)  # first run: every file hashed once, read once
+    assert run() == (0, 0)  # same process, unchanged files: stat only, arrays held
+    cdata._LOADED.clear()  # a new process
+    assert run() == (0, 6)  # ...reads the files, hashes nothing
+    # A file rewritten since it verified is hashed again: its bytes are caught.
+    victim = mirror / "test_batch"
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    with pytest.raises(cdata.DataError, match="test_batch has md5"):
+        run()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(train_flow, "fetch_data",
-                        train_flow.fetch_data.with_options(retry_delay_seconds=0.1))
+
+def test_a_fetched_folder_deleted_between_runs_is_fetched_again(synthetic_archive,
+                                                               synthetic_cifar, tmp_path):
+    import shutil
+
+    _, sums = synthetic_cifar
+    data = {"source": str(synthetic_archive), "checksums": sums, "train_size": 240,
+            "val_size": 60}
+    kwargs = dict(preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 1},
+                  root=str(tmp_path), skip_registry=True)
+    train_cifar(**kwargs)
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    shutil.rmtree(folder)  # the fetch's folder is gone: a miss, not FileNotFoundError
+    result = train_cifar(**kwargs)
+    assert result["val_accuracy"] is not None and (folder / "test_batch").is_file()
+    (_, second) = sorted(_runs(tmp_path), key=lambda r: r.info.start_time)
+    assert second.data.tags["data_folder"] == str(folder)
+
+
+class _ArchiveServer:
+    """A local HTTP server answering 503 to the first `failures` requests, then the bytes."""
+
+    def __init__(self, payload: bytes, failures: int) -> None:
+        self.hits = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.hits += 1
+                if outer.hits <= failures:
+                    self.send_error(503)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cifar.tar.gz"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_flaky_download_is_retried_by_the_task_alone(synthetic_archive, synthetic_cifar,
+                                                     tmp_path):
+    _, sums = synthetic_cifar
+    server = _ArchiveServer(synthetic_archive.read_bytes(), failures=2)
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/cifar.tar.gz?run={tmp_path.name}"
         result = train_cifar(preset="seed-baseline", root=str(tmp_path), skip_registry=True,
-                             data={"source": url, "checksums": sums, "train_size": 240,
-                                   "val_size": 60, "download_retries": 1,
+                             data={"source": server.url, "checksums": sums, "train_size": 240,
+                                   "val_size": 60, "download_retries": 2,
                                    "download_backoff_s": 0.01},
                              train={**FAST_TRAIN, "epochs": 1})
     finally:
-        server.shutdown()
-        server.server_close()
-    assert len(hits) == 3 and result["registered_version"] is None
+        server.close()
+    # One policy: 1 try + 2 task retries, one request each (the download itself never retries
+    # inside the task, which would have made 3 x 3 attempts).
+    assert server.hits == 3 and result["registered_version"] is None
     assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").exists()
+
+
+def test_a_download_that_keeps_failing_is_tried_retries_plus_one_times(
+        synthetic_archive, synthetic_cifar, tmp_path):
+    from cifarlab.data import DownloadError
+
+    _, sums = synthetic_cifar
+    server = _ArchiveServer(synthetic_archive.read_bytes(), failures=10**6)
+    try:
+        with pytest.raises(DownloadError, match="503"):
+            train_cifar(preset="seed-baseline", root=str(tmp_path), skip_registry=True,
+                        data={"source": server.url, "checksums": sums, "train_size": 240,
+                              "val_size": 60, "download_retries": 2,
+                              "download_backoff_s": 0.01},
+                        train={**FAST_TRAIN, "epochs": 1})
+    finally:
+        server.close()
+    assert server.hits == 3  # not 3 task tries x 3 download attempts
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_wrong_archive_is_not_retried(synthetic_archive, synthetic_cifar, tmp_path):
+    from cifarlab.data import DataError
+
+    _, sums = synthetic_cifar
+    server = _ArchiveServer(synthetic_archive.read_bytes(), failures=0)
+    wrong = {**sums, "test_batch": "0" * 32}
+    try:
+        with pytest.raises(DataError, match="test_batch has md5"):
+            train_cifar(preset="seed-baseline", root=str(tmp_path), skip_registry=True,
+                        data={"source": server.url, "checksums": wrong, "train_size": 240,
+                              "val_size": 60, "download_retries": 3,
+                              "download_backoff_s": 0.01},
+                        train={**FAST_TRAIN, "epochs": 1})
+    finally:
+        server.close()
+    assert server.hits == 1  # the same bytes would fail the same way: no retry
 
 
 def test_interrupted_run_is_resumed_not_duplicated(data, tmp_path, monkeypatch):
