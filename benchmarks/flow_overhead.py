@@ -23,13 +23,12 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+
+from flows import tracking
+from flows.processes import free_port
+from flows.stack import LocalStack
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flows import tracking  # noqa: E402
-from flows.processes import free_port  # noqa: E402
-from flows.stack import LocalStack  # noqa: E402
-
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 
 

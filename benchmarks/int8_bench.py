@@ -21,11 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
+from machine_info import cpu_model  # beside this script
 
-from machine_info import cpu_model  # noqa: E402  (beside this script)
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 
 
 def timed(path: Path, batch: int, threads: int, calls: int = 20) -> float:

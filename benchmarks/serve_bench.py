@@ -27,7 +27,6 @@ import os
 import pickle
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
@@ -38,14 +37,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+
+from machine_info import cpu_model  # beside this script
+from serving.engine import Engine
+from flows.processes import BentoServer
+from serving.preprocess import decode_image, to_model_input
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from machine_info import cpu_model  # noqa: E402  (beside this script)
-from serving.engine import Engine  # noqa: E402
-from flows.processes import BentoServer  # noqa: E402
-from serving.preprocess import decode_image, to_model_input  # noqa: E402
-
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 
 

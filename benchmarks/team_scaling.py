@@ -27,15 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+
+from machine_info import cpu_model  # beside this script
+
+from flows.processes import free_port
+from flows.stack import TeamStack, read_env_file
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine_info import cpu_model  # noqa: E402  (beside this script)
-
-from flows.processes import free_port  # noqa: E402
-from flows.stack import TeamStack, read_env_file  # noqa: E402
-
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 
 

@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
+
+from cifarlab.config import preset
+from cifarlab.constants import REPORT_BEST_TEST_ACC
+from cifarlab.evaluate import evaluate
+from cifarlab.experiment import load_data, run_experiment
+from cifarlab.tensors import resolve_device, resolve_precision
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cifarlab.config import preset  # noqa: E402
-from cifarlab.constants import REPORT_BEST_TEST_ACC  # noqa: E402
-from cifarlab.evaluate import evaluate  # noqa: E402
-from cifarlab.experiment import load_data, run_experiment  # noqa: E402
-from cifarlab.tensors import resolve_device, resolve_precision  # noqa: E402
-
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 
 
