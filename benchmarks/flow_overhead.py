@@ -86,8 +86,51 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
+def _api(stack: LocalStack, path: str, body: dict | None = None) -> object:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{stack.api_url}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        return json.load(resp)
+
+
+def _at(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
+
+
+def stages(stack: LocalStack, flow_run_id: str, train_s: float) -> dict[str, float]:
+    """Where a flow run's time went, from Prefect's own timestamps: its states (queue, process
+    start-up) and each task run; what no task covers is the flow's own code between them."""
+    fr = _api(stack, f"/flow_runs/{flow_run_id}")
+    states = _api(stack, f"/flow_run_states/?flow_run_id={flow_run_id}")
+    first = {}
+    for st in sorted(states, key=lambda x: x["timestamp"]):
+        first.setdefault(st["type"], _at(st["timestamp"]))
+    created = _at(fr["created"])
+    out = {
+        "created_to_pending_s (worker picks it up)": (first["PENDING"] - created).total_seconds(),
+        "pending_to_running_s (process start, imports, flow load)":
+            (first["RUNNING"] - first["PENDING"]).total_seconds(),
+    }
+    tasks = _api(stack, "/task_runs/filter",
+                 {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+    covered = 0.0
+    for t in tasks:
+        if not (t.get("start_time") and t.get("end_time")):
+            continue
+        seconds = (_at(t["end_time"]) - _at(t["start_time"])).total_seconds()
+        covered += seconds
+        name = t["name"].rsplit("-", 1)[0]
+        key = f"task {name}_s"
+        out[key] = out.get(key, 0.0) + seconds
+    in_run = (_at(fr["end_time"]) - _at(fr["start_time"])).total_seconds()
+    out["flow code between tasks_s"] = in_run - covered
+    out["train_model task minus training_s"] = out.get("task train_model_s", 0.0) - train_s
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epochs: int,
-                seed: int) -> dict[str, float]:
+                seed: int) -> dict[str, object]:
     """One `prefect deployment run --watch`: wall time against the training time inside it."""
     params = [f"preset={preset}", f'train={{"epochs": {epochs}, "seed": {seed}}}']
     t1 = time.perf_counter()
@@ -99,10 +142,8 @@ def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epo
     (run,) = [r for r in store.client.search_runs([store.experiment_id])
               if r.data.params.get("train.seed") == str(seed)]
     flow_run_id = run.data.tags["prefect.flow_run_id"]
-    with urllib.request.urlopen(f"{stack.api_url}/flow_runs/{flow_run_id}") as resp:
-        fr = json.load(resp)
-    in_run = (datetime.fromisoformat(fr["end_time"])
-              - datetime.fromisoformat(fr["start_time"])).total_seconds()
+    fr = _api(stack, f"/flow_runs/{flow_run_id}")
+    in_run = (_at(fr["end_time"]) - _at(fr["start_time"])).total_seconds()
     train_s = run.data.metrics["train_seconds"]
     return {
         "deployment_run_wall_seconds": round(wall, 2),
@@ -112,6 +153,7 @@ def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epo
         "flow_run_seconds_running_to_completed": round(in_run, 2),
         "overhead_inside_flow_run_seconds": round(in_run - train_s, 2),
         "queue_and_startup_seconds": round(wall - in_run, 2),
+        "stages": stages(stack, flow_run_id, train_s),
     }
 
 

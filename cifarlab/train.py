@@ -9,6 +9,7 @@ same config and run folder resumes after the last finished epoch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -185,6 +186,36 @@ def _flip_mask(cfg: TrainConfig, idx: torch.Tensor, base: torch.Tensor, epoch: i
     return None
 
 
+@dataclass
+class _Session:
+    """One call of `train`: what it built and how far it got (what a checkpoint holds)."""
+
+    config: RunConfig
+    device: torch.device
+    amp: torch.dtype | None
+    model: nn.Module
+    step_fn: Callable[[torch.Tensor], torch.Tensor]  # the model, compiled when asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    average: WeightAverage | None
+    steps_per_epoch: int
+    flip_base: torch.Tensor  # which images start mirrored under the alternating flip
+    history: list[EpochMetrics] = field(default_factory=list)
+    epoch: int = 0  # epochs finished
+    train_seconds: float = 0.0
+    best_val: float = float("inf")
+    bad_epochs: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.train.epochs * self.steps_per_epoch
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.history) and _should_stop(self.config.train, self.bad_epochs) \
+            and self.epoch < self.config.train.epochs
+
+
 def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
           val_x: torch.Tensor, val_y: torch.Tensor, run_dir: Path, *,
           hooks: Sequence[EpochHook] = (), progress: Callable[[int, int], None] | None = None,
@@ -194,16 +225,29 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
     `hooks` run after each epoch with its metrics and the model; `progress(step, total)` after
     each optimiser step. Resumes from `run_dir/checkpoint.pt` when it exists.
     """
-    cfg = config.train
-    device = resolve_device(cfg.device)
-    amp = resolve_precision(cfg.precision, device)
+    if len(train_x) == 0 or len(val_x) == 0:
+        raise ValueError(f"empty data: {len(train_x)} training and {len(val_x)} validation images")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT_NAME
-    if len(train_x) == 0 or len(val_x) == 0:
-        raise ValueError(f"empty data: {len(train_x)} training and {len(val_x)} validation images")
 
-    # 1. Model, seeded so that the same config gives the same initial weights.
+    s = _build(config, train_x)
+    start_epoch = _resume(s, ckpt_path) if ckpt_path.exists() else 0
+    while s.epoch < config.train.epochs and not s.stopped_early:
+        trained = _train_epoch(s, train_x, train_y, progress)
+        metrics = _validate(s, val_x, val_y, trained)
+        _save_atomic(_checkpoint(s), ckpt_path)
+        # The hooks (which log the epoch) run once it is saved: a run killed in between resumes
+        # after this epoch, so no epoch is ever logged twice.
+        _call_hooks(s, hooks, metrics)
+    return _finish(s, start_epoch)
+
+
+def _build(config: RunConfig, train_x: torch.Tensor) -> _Session:
+    """The model (seeded: the same config gives the same initial weights), optimiser, loss
+    scaler and weight average, on the configured device."""
+    cfg = config.train
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(config.model.name, **config.model.options)
     if hasattr(model, "init_from_data"):
@@ -211,135 +255,169 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    average = WeightAverage(model, cfg) if cfg.averaging != "none" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    step_fn = torch.compile(model) if cfg.compile else model
-
+    amp = resolve_precision(cfg.precision, device)
     n = len(train_x)
-    # Full batches only (a random remainder sits out each epoch): a tiny last batch would take a
-    # full-size step on a gradient and BatchNorm statistics many times noisier.
-    steps_per_epoch = max(n // cfg.batch_size, 1)
-    total_steps = cfg.epochs * steps_per_epoch
-    flip_base = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+    return _Session(
+        config=config, device=device, amp=amp, model=model,
+        step_fn=torch.compile(model) if cfg.compile else model,
+        optimizer=make_optimizer(model, cfg),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp is torch.float16),
+        average=WeightAverage(model, cfg) if cfg.averaging != "none" else None,
+        # Full batches only (a random remainder sits out each epoch): a tiny last batch would
+        # take a full-size step on a gradient and BatchNorm statistics many times noisier.
+        steps_per_epoch=max(n // cfg.batch_size, 1),
+        flip_base=torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5)
+
+
+def _resume(s: _Session, ckpt_path: Path) -> int:
+    """Load the last finished epoch from the run folder's checkpoint; returns that epoch."""
+    state = _load_checkpoint(ckpt_path, s.device)
+    if state["identity"] != _identity(s.config):
+        raise ValueError(f"{ckpt_path} belongs to a different config; use another run "
+                         "folder or delete the checkpoint to start over")
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):  # fp16 loss scale (empty when the scaler is off)
+        s.scaler.load_state_dict(state["scaler"])
+    if s.average is not None:
+        s.average.state, s.average.started = state["average"], state["average_started"]
+    s.epoch, s.train_seconds = state["epoch"], state["train_seconds"]
+    s.best_val, s.bad_epochs = state["best_val"], state["bad_epochs"]
+    s.history = [EpochMetrics(**h) for h in state["history"]]
+    log.info("resuming %s after epoch %d", ckpt_path.parent, s.epoch)
+    return s.epoch
+
+
+@dataclass
+class _EpochTrained:
+    loss: float  # mean over the images seen
+    accuracy: float
+    seconds: float
+    images: int
+    lr_factor: float  # at the epoch's last step
+
+
+def _train_epoch(s: _Session, train_x: torch.Tensor, train_y: torch.Tensor,
+                 progress: Callable[[int, int], None] | None) -> _EpochTrained:
+    """One pass over the training images. Its randomness is seeded by the epoch, so a resumed
+    run draws the same batches."""
+    cfg, device, model, epoch = s.config.train, s.device, s.model, s.epoch
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     whiten = getattr(model, "whiten", None)
+    if whiten is not None and whiten.bias is not None:
+        whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
+    model.train()
+    perm = torch.randperm(len(train_x), generator=gen)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen, factor = 0, 1.0
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(s.steps_per_epoch):
+        step = epoch * s.steps_per_epoch + i
+        factor = lr_factor(step, s.total_steps, cfg)
+        for group in s.optimizer.param_groups:
+            group["lr"] = cfg.lr * group["lr_scale"] * factor
+        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        x = normalize(train_x[idx], device)
+        y = train_y[idx].to(device, non_blocking=True)
+        mask = _flip_mask(cfg, idx, s.flip_base, epoch, gen)
+        if mask is not None:
+            x = flip_where(x, mask)
+        x = translate(x, cfg.translate, gen)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, s.amp):
+            logits = s.step_fn(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        if (s.average is not None and (step + 1) % cfg.average_every == 0
+                and step + 1 >= cfg.average_start_frac * s.total_steps):
+            s.average.update(model, step + 1, s.total_steps)
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(idx)
+        if progress is not None:
+            progress(step + 1, s.total_steps)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    s.train_seconds += seconds
+    s.epoch += 1
+    if not torch.isfinite(loss_sum):
+        raise FloatingPointError(f"training diverged in epoch {s.epoch}: the loss is "
+                                 f"{loss_sum.item()} (try a lower train.lr than {cfg.lr})")
+    return _EpochTrained(loss_sum.item() / seen, correct.item() / seen, seconds, seen, factor)
 
-    # 2. Resume from the last finished epoch, if this run folder has one.
-    history: list[EpochMetrics] = []
-    start_epoch, train_seconds, best_val, bad_epochs = 0, 0.0, float("inf"), 0
-    if ckpt_path.exists():
-        state = _load_checkpoint(ckpt_path, device)
-        if state["identity"] != _identity(config):
-            raise ValueError(f"{ckpt_path} belongs to a different config; use another run "
-                             "folder or delete the checkpoint to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):  # fp16 loss scale (empty when the scaler is off)
-            scaler.load_state_dict(state["scaler"])
-        if average is not None:
-            average.state, average.started = state["average"], state["average_started"]
-        start_epoch, train_seconds = state["epoch"], state["train_seconds"]
-        best_val, bad_epochs = state["best_val"], state["bad_epochs"]
-        history = [EpochMetrics(**h) for h in state["history"]]
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
-    stopped_early = bool(history) and _should_stop(cfg, bad_epochs)
 
-    # 3. Epochs: train, evaluate on validation, call the hooks, checkpoint.
-    epoch = start_epoch
-    while epoch < cfg.epochs and not stopped_early:
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # resumable randomness
-        if whiten is not None and whiten.bias is not None:
-            whiten.bias.requires_grad_(epoch < cfg.whiten_bias_epochs)
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            factor = lr_factor(step, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group["lr_scale"] * factor
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            x = normalize(train_x[idx], device)
-            y = train_y[idx].to(device, non_blocking=True)
-            mask = _flip_mask(cfg, idx, flip_base, epoch, gen)
-            if mask is not None:
-                x = flip_where(x, mask)
-            x = translate(x, cfg.translate, gen)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
-                logits = step_fn(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if (average is not None and (step + 1) % cfg.average_every == 0
-                    and step + 1 >= cfg.average_start_frac * total_steps):
-                average.update(model, step + 1, total_steps)
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(idx)
-            if progress is not None:
-                progress(step + 1, total_steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        epoch += 1
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"training diverged in epoch {epoch}: the loss is "
-                                     f"{loss_sum.item()} (try a lower train.lr than {cfg.lr})")
+def _validate(s: _Session, val_x: torch.Tensor, val_y: torch.Tensor,
+              t: _EpochTrained) -> EpochMetrics:
+    """Evaluate the weights that would be kept (the average, where one is kept) on validation;
+    record the epoch and the early-stopping count."""
+    cfg = s.config.train
+    with _averaged(s):
+        val = evaluate(s.model, val_x, val_y, device=s.device, channels_last=cfg.channels_last,
+                       amp_dtype=s.amp)
+    metrics = EpochMetrics(
+        epoch=s.epoch, train_loss=t.loss, train_accuracy=t.accuracy, val_loss=val.loss,
+        val_accuracy=val.accuracy, lr=cfg.lr * t.lr_factor, epoch_seconds=t.seconds,
+        images_per_second=t.images / t.seconds, train_seconds=s.train_seconds)
+    s.history.append(metrics)
+    if val.loss < s.best_val:
+        s.best_val, s.bad_epochs = val.loss, 0
+    else:
+        s.bad_epochs += 1
+    log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
+             s.epoch, cfg.epochs, t.loss, t.accuracy, val.loss, val.accuracy, t.seconds)
+    return metrics
 
-        if average is not None:
-            average.swap(model)  # evaluate the averaged weights
-        val = evaluate(model, val_x, val_y, device=device, channels_last=cfg.channels_last,
-                       amp_dtype=amp)
-        metrics = EpochMetrics(
-            epoch=epoch, train_loss=loss_sum.item() / seen, train_accuracy=correct.item() / seen,
-            val_loss=val.loss, val_accuracy=val.accuracy, lr=cfg.lr * factor,
-            epoch_seconds=seconds, images_per_second=seen / seconds, train_seconds=train_seconds)
-        history.append(metrics)
-        if average is not None:
-            average.swap(model)  # back to the training weights for the checkpoint
 
-        if val.loss < best_val:
-            best_val, bad_epochs = val.loss, 0
-        else:
-            bad_epochs += 1
-        stopped_early = _should_stop(cfg, bad_epochs) and epoch < cfg.epochs
-        _save_atomic({
-            "identity": _identity(config), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "average": average.state if average is not None else None,
-            "average_started": average.started if average is not None else False,
-            "epoch": epoch, "train_seconds": train_seconds, "best_val": best_val,
-            "bad_epochs": bad_epochs, "history": [asdict(h) for h in history],
-        }, ckpt_path)
-        # The hooks (which log the epoch) run once it is saved: a run killed in between resumes
-        # after this epoch, so no epoch is ever logged twice. They see the evaluated weights.
-        if average is not None:
-            average.swap(model)
+def _checkpoint(s: _Session) -> dict[str, Any]:
+    """Everything a resumed run needs (the training weights, not the average)."""
+    return {
+        "identity": _identity(s.config), "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+        "average": s.average.state if s.average is not None else None,
+        "average_started": s.average.started if s.average is not None else False,
+        "epoch": s.epoch, "train_seconds": s.train_seconds, "best_val": s.best_val,
+        "bad_epochs": s.bad_epochs, "history": [asdict(h) for h in s.history],
+    }
+
+
+def _call_hooks(s: _Session, hooks: Sequence[EpochHook], metrics: EpochMetrics) -> None:
+    """The epoch hooks see the evaluated weights."""
+    with _averaged(s):
         for hook in hooks:
-            hook(metrics, model)
-        if average is not None:
-            average.swap(model)
-        log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
-                 epoch, cfg.epochs, metrics.train_loss, metrics.train_accuracy, val.loss,
-                 val.accuracy, seconds)
+            hook(metrics, s.model)
 
-    # 4. The final weights are the average, where one is kept.
-    if average is not None:
-        average.swap(model)
-    model.eval()
-    return TrainResult(model=model, history=history, train_seconds=train_seconds,
-                       device=str(device), epochs_completed=epoch, stopped_early=stopped_early,
-                       resumed_from_epoch=start_epoch)
+
+def _finish(s: _Session, start_epoch: int) -> TrainResult:
+    """The final weights are the average, where one is kept; eval mode."""
+    if s.average is not None:
+        s.average.swap(s.model)
+    s.model.eval()
+    return TrainResult(model=s.model, history=s.history, train_seconds=s.train_seconds,
+                       device=str(s.device), epochs_completed=s.epoch,
+                       stopped_early=s.stopped_early, resumed_from_epoch=start_epoch)
+
+
+@contextlib.contextmanager
+def _averaged(s: _Session):
+    """The averaged weights in the model for the block, the training weights after it."""
+    if s.average is not None:
+        s.average.swap(s.model)
+    try:
+        yield
+    finally:
+        if s.average is not None:
+            s.average.swap(s.model)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _should_stop(cfg: TrainConfig, bad_epochs: int) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.config import RunConfig, preset
+from cifarlab.config import DEFAULT_PRESET, RunConfig, preset
 
 SECTIONS = ("data", "model", "train")
 
@@ -114,16 +114,16 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("report-split", "seed-deep", {"data": _SPLITS},
           "train/validation split sizes 36k/10k, 42k/8k, 45k/5k on the 4-conv net (the report's "
           "study)", _report("split", _split_label)),
-    Study("fast-lr", "fast", {"train.lr": [0.2, 0.4, 0.75, 1.2, 2.0]},
+    Study("fast-lr", DEFAULT_PRESET, {"train.lr": [0.2, 0.4, 0.75, 1.2, 2.0]},
           "learning rate of the fast recipe (default 0.75 on the CPU preset)"),
-    Study("fast-batch-size", "fast", {"train.batch_size": [256, 512, 1024]},
+    Study("fast-batch-size", DEFAULT_PRESET, {"train.batch_size": [256, 512, 1024]},
           "batch size of the fast recipe (lr kept)"),
-    Study("fast-epochs", "fast", {"train.epochs": [2, 4, 6, 8, 10]},
+    Study("fast-epochs", DEFAULT_PRESET, {"train.epochs": [2, 4, 6, 8, 10]},
           "epochs of the fast recipe"),
-    Study("fast-width", "fast",
+    Study("fast-width", DEFAULT_PRESET,
           {"model.options.widths": [[32, 64, 64], [64, 128, 128], [64, 256, 256]]},
           "width of the fast net (its depth study: the block widths)"),
-    Study("fast-split", "fast", {"data": _SPLITS}, "split sizes with the fast recipe"),
+    Study("fast-split", DEFAULT_PRESET, {"data": _SPLITS}, "split sizes with the fast recipe"),
 ]}
 
 

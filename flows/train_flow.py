@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from pydantic import Field
 
-from cifarlab.config import DataConfig, RunConfig
+from cifarlab.config import DEFAULT_PRESET, DataConfig, RunConfig
 from cifarlab.data import resolve_source
 from flows import locks, tracking
 from flows.champion import MIN_SHARED_IMAGES
@@ -449,7 +449,7 @@ def _summary_markdown(config: RunConfig, summary: dict[str, Any], done: Any | No
 
 
 @flow(name="train-cifar", log_prints=True)
-def train_cifar(preset: PresetName = "fast", data: DataOverrides | None = None,  # type: ignore[valid-type]
+def train_cifar(preset: PresetName = DEFAULT_PRESET, data: DataOverrides | None = None,  # type: ignore[valid-type]
                 model: ModelOverrides | None = None,  # type: ignore[valid-type]
                 train: TrainOverrides | None = None,  # type: ignore[valid-type]
                 root: str | None = None, skip_registry: bool = False,
