@@ -64,8 +64,9 @@ train: setup  ## train PRESET (default: fast) on the real data, print the result
 test: setup  ## the default test run (fast tests plus one real-data smoke test)
 	$(PY) -m pytest -q
 
-test-faults: setup  ## the team stack under faults (servers restarted, a host killed, a host gone for good): slow, run by CI
+test-faults: setup  ## the stacks under faults (servers restarted, a host killed, a host gone for good, a stack run sent SIGTERM): slow, run by CI
 	$(PY) -m pytest -q --run-slow tests/test_team_e2e.py -k "restarted or killed or never_returns"
+	$(PY) -m pytest -q --run-slow tests/test_stack_e2e.py::test_sigterm_to_a_stack_run_leaves_nothing_behind
 
 test-all: setup  ## also the slow tests
 	$(PY) -m pytest -q --run-slow

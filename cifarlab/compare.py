@@ -230,16 +230,16 @@ def disagreement_gallery(cmp: Comparison, images: np.ndarray, path: Path, limit:
     width = max(cols * _CELL_W, 520)  # wide enough for the header line
     canvas = _mosaic(images[chosen].transpose(0, 2, 3, 1).astype(np.uint8), cols, width)
 
-    plt = pyplot()
-    dpi = 100
-    # One data pixel per output pixel, so caption positions below are in canvas pixels.
-    fig = plt.figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(canvas, interpolation="nearest")
-    ax.axis("off")
-    ax.text(6, 4, f"{len(chosen)} of {differ.size} images where the models disagree\n"
-                  f"champ = {cmp.champion_name}, chall = {cmp.challenger_name}; "
-                  "green = right, red = wrong", va="top", fontsize=8)
+    # Captions drawn straight onto the canvas with Pillow: matplotlib took about 1.5 s for the
+    # 193 text objects of a full gallery, Pillow takes milliseconds.
+    from PIL import Image, ImageDraw, ImageFont
+
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=11)
+    draw.multiline_text((6, 4), f"{len(chosen)} of {differ.size} images where the models "
+                        f"disagree\nchamp = {cmp.champion_name}, chall = {cmp.challenger_name}; "
+                        "green = right, red = wrong", fill="black", font=font, spacing=3)
     for slot, idx in enumerate(chosen):
         x = (slot % cols) * _CELL_W + _CELL_W / 2
         y = _HEADER_H + (slot // cols) * _CELL_H + 32 * _SCALE + 4
@@ -248,9 +248,8 @@ def disagreement_gallery(cmp: Comparison, images: np.ndarray, path: Path, limit:
         for tag, pred in (("champ", cmp.champion_pred[idx]), ("chall", cmp.challenger_pred[idx])):
             lines.append((f"{tag}: {CLASS_NAMES[int(pred)]}", _GREEN if pred == truth else _RED))
         for row, (text, colour) in enumerate(lines):
-            ax.text(x, y + 13 * row, text, ha="center", va="top", fontsize=7, color=colour)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+            draw.text((x, y + 13 * row), text, fill=colour, font=font, anchor="ma")
+    picture.save(path, format="PNG")
     return Path(path), int(len(chosen))
 
 

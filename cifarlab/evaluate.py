@@ -30,11 +30,19 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     return 0.5 * logits + 0.5 * shifted_logits
 
 
-@torch.no_grad()
+def eval_batch_size(device: torch.device) -> int:
+    """Images per forward pass when evaluating: 256 on a CPU, where larger batches fall out of
+    the caches (1.6-1.9x slower at 1000 on the 2-core EPYC, seed and fast nets alike), 1024 on
+    a GPU."""
+    return 1024 if device.type == "cuda" else 256
+
+
+@torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, *, device: torch.device,
-                   batch_size: int = 1000, tta: str = "none", channels_last: bool = False,
+                   batch_size: int | None = None, tta: str = "none", channels_last: bool = False,
                    amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Float logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32)."""
+    batch_size = batch_size or eval_batch_size(device)
     was_training = model.training
     model.eval()
     out = []
@@ -73,7 +81,7 @@ def score(logits: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
              device: torch.device, tta: str = "none", channels_last: bool = False,
-             amp_dtype: torch.dtype | None = None, batch_size: int = 1000) -> EvalResult:
+             amp_dtype: torch.dtype | None = None, batch_size: int | None = None) -> EvalResult:
     """Evaluate a model on uint8 images with their labels."""
     logits = predict_logits(model, images, device=device, batch_size=batch_size, tta=tta,
                             channels_last=channels_last, amp_dtype=amp_dtype)

@@ -184,10 +184,13 @@ class Services:
         if proc is not None:
             stop_process(proc, signal.SIGTERM, grace)
 
-    def stop_all(self, order: Sequence[str] = ()) -> None:
+    def stop_all(self, order: Sequence[str] = (), graces: Mapping[str, float] | None = None,
+                 ) -> None:
+        """Stop the services named in `order` first, then the rest, newest first; `graces`
+        gives some of them longer than the default 15 s before SIGKILL."""
         with signals_deferred():
             for name in [*order, *reversed(list(self.procs))]:
-                self.stop(name)
+                self.stop(name, (graces or {}).get(name, 15))
 
     def dead(self) -> str | None:
         """The name of a child that has exited (with its exit code), or None."""

@@ -54,6 +54,9 @@ HEARTBEAT_SECONDS = "30"
 ZOMBIE_AFTER_SECONDS = 300
 ZOMBIE_AUTOMATION = "cifar-crash-silent-flow-runs"
 REAP_EVERY_SECONDS = 30
+# A stopped worker gives its flow runs Prefect's own 30 s of grace (`grace_seconds` of its
+# kill) before it kills them: wait that long and a little more before SIGKILL.
+WORKER_GRACES = {"worker": 35.0, "control": 35.0}
 # What a host needs to join a team stack; the join file holds exactly these.
 JOIN_KEYS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI",
              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -187,9 +190,9 @@ class LocalStack:
         self.start_worker("worker", self.pool, self.gpus)
         self.start_worker("control", CONTROL_POOL, 8)
 
-    def stop(self, grace: float = 15) -> None:
+    def stop(self) -> None:
         """Workers first (they cancel their flow runs), then the servers."""
-        self.services.stop_all(order=("control", "worker"))
+        self.services.stop_all(order=("control", "worker"), graces=WORKER_GRACES)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[LocalStack]:
@@ -398,10 +401,11 @@ class TeamStack(LocalStack):
                                        str(REAP_EVERY_SECONDS), "--root", str(self.root)],
                             essential=False)  # (it survives server errors; see its log)
 
-    def stop(self, grace: float = 15) -> None:
+    def stop(self) -> None:
         with signals_deferred():
             try:
-                self.services.stop_all(order=("reaper", "control", "worker", "server", "mlflow"))
+                self.services.stop_all(order=("reaper", "control", "worker", "server", "mlflow"),
+                                       graces=WORKER_GRACES)
             finally:
                 if self.postgres is not None:
                     self.postgres.stop()
@@ -557,11 +561,22 @@ def main(argv: list[str] | None = None) -> int:
                                           local_gpu_worker=args.with_worker)
         else:
             stack = LocalStack(root=args.root, port=args.port)
+        # SIGTERM (a timeout, a supervisor) and SIGHUP (a closed terminal) stop the stack as
+        # Ctrl-C does: workers, their flow runs and the servers go down, nothing stays behind.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
         with stack.running():
             return _foreground(stack, args)
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped; the stack is down", file=sys.stderr, flush=True)
+        return 130
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _foreground(stack: LocalStack, args: argparse.Namespace) -> int:

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from pydantic import Field
 
+from cifarlab.config import DEFAULT_PRESET
 from cifarlab.export import PARITY_ATOL
 from flows import sweep as sw
 from flows import tracking
@@ -56,34 +59,39 @@ def run_point(deployment: str, parameters: dict[str, Any], label: str, seed: int
 
 def _run_all(jobs: list[tuple[sw.Point, int, dict[str, Any]]], deployment: str,
              max_parallel: int, retries: int, retry_delay_s: float) -> dict[tuple[int, int], dict]:
-    """Submit the jobs, at most `max_parallel` in flight; returns (point, seed) -> outcome."""
+    """Submit the jobs, at most `max_parallel` in flight, the next as soon as one ends (Prefect's
+    `as_completed`); returns (point, seed) -> outcome. Progress: a Prefect progress artifact
+    and a log line per finished run."""
     task_fn = run_point.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
     logger = get_run_logger()
+    total = len(jobs)
+    progress = create_progress_artifact(0.0, description=f"sweep: runs finished of {total}")
     pending = list(jobs)
-    inflight: list[tuple[sw.Point, int, Any]] = []
+    inflight: dict[Any, tuple[sw.Point, int]] = {}
     done: dict[tuple[int, int], dict] = {}
-    while pending or inflight:
+
+    def fill() -> None:
         while pending and len(inflight) < max_parallel:
             point, seed, params = pending.pop(0)
-            inflight.append((point, seed, task_fn.with_options(
-                task_run_name=f"point-{point.index}-seed-{seed}").submit(
-                    deployment, params, point.label, seed)))
-        time.sleep(0.5)
-        still = []
-        for point, seed, future in inflight:
-            if not future.state.is_final():
-                still.append((point, seed, future))
-                continue
-            result = future.result(raise_on_failure=False)
-            if isinstance(result, BaseException):
-                done[(point.index, seed)] = {"ok": False, "error": str(result)[:1000]}
-                logger.warning("point %s seed %d failed after %d attempt(s): %s", point.label,
-                               seed, retries + 1, result)
-            else:
-                done[(point.index, seed)] = {"ok": True, **result}
-                logger.info("point %s seed %d finished (%s)", point.label, seed,
-                            result["flow_run_name"])
-        inflight = still
+            future = task_fn.with_options(task_run_name=f"point-{point.index}-seed-{seed}").submit(
+                deployment, params, point.label, seed)
+            inflight[future] = (point, seed)
+
+    fill()
+    while inflight:
+        future = next(as_completed(list(inflight)))
+        point, seed = inflight.pop(future)
+        result = future.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            done[(point.index, seed)] = {"ok": False, "error": str(result)[:1000]}
+            logger.warning("run %d/%d failed: point %s seed %d, after %d attempt(s): %s",
+                           len(done), total, point.label, seed, retries + 1, result)
+        else:
+            done[(point.index, seed)] = {"ok": True, **result}
+            logger.info("run %d/%d finished: point %s seed %d (%s)", len(done), total,
+                        point.label, seed, result["flow_run_name"])
+        update_progress_artifact(progress, 100.0 * len(done) / total)
+        fill()
     return done
 
 
@@ -187,7 +195,7 @@ def sweep_cifar(
     if grid is None and chosen is None:
         raise sw.SweepError("give a study (one of " + ", ".join(sw.STUDIES) + ") or a grid")
     grid = grid if grid is not None else chosen.grid
-    preset_name = preset or (chosen.preset if chosen else "fast")
+    preset_name = preset or (chosen.preset if chosen else DEFAULT_PRESET)
     common = {s: part.model_dump(exclude_none=True)
               for s, part in (("data", data), ("model", model), ("train", train)) if part is not None}
     grid_points = sw.expand(preset_name, grid, common)
@@ -199,21 +207,69 @@ def sweep_cifar(
         "time": time.time()})
     root_dir = project_root(root)
     store = tracking.open_store(root_dir)
+    parent = _start_parent_run(store, sid, name, preset_name, grid, seeds, first_seed,
+                               epoch_scale, data_scale, common, deployment, max_parallel,
+                               retries, len(points), len(grid_points), min_shared_images,
+                               min_significance)
+    logger.info("sweep %s: %d points x %d seeds = %d runs via %s (MLflow parent run %s)", sid,
+                len(points), seeds, len(points) * seeds, deployment, parent)
+    jobs = _jobs(points, seed_list, preset_name, parent, sid, root)
+    try:
+        done = _run_all(jobs, deployment, max_parallel, retries, retry_delay_s)
+        outcomes = _outcomes(store, sid, jobs, done, retries)
+        rows = sw.summarise(outcomes, chosen.report if chosen else None)
+        best = sw.best_point(rows)
+        notes = sw.summary_notes(name, preset_name, chosen, len(points), seed_list,
+                                 epoch_scale, data_scale, parent, sid, scale_notes)
+        markdown = sw.to_markdown(f"sweep-cifar: {name}", rows, best, notes)
+        _log_summary(store, parent, grid, rows, best, outcomes, markdown)
+        reg = candidate = bento = None
+        if best is not None and register_best:
+            reg, candidate, bento = _register_best_point(
+                store, parent, sid, best, points, outcomes, preset_name, root_dir,
+                min_shared_images, min_significance, publish=not skip_bentoml)
+        ok = [o for o in outcomes if o.status == "ok"]
+        _publish_artifacts(name, sid, rows, markdown, reg, candidate, len(ok), len(outcomes))
+    except BaseException as exc:
+        store.client.set_tag(parent, "failure", f"{type(exc).__name__}: {exc}"[:5000])
+        tracking.end_run(store, parent, "FAILED")
+        raise
+    tracking.end_run(store, parent, "FINISHED" if ok else "FAILED")
+    if not ok:
+        raise PointFailed(f"sweep {sid}: every run failed; see the summary in MLflow run {parent}")
+    return {"sweep_id": sid, "mlflow_parent_run_id": parent, "rows": rows,
+            "best_point": best["point"] if best else None,
+            "candidate_run_id": candidate, "registered_version": reg.version if reg else None,
+            "alias": reg.alias if reg else None, "bento_tag": bento["tag"] if bento else None,
+            "runs_ok": len(ok), "runs_failed": len(outcomes) - len(ok)}
+
+
+def _start_parent_run(store: tracking.Store, sid: str, name: str, preset_name: str,
+                      grid: dict[str, list[Any]], seeds: int, first_seed: int,
+                      epoch_scale: float, data_scale: float, common: dict[str, Any],
+                      deployment: str, max_parallel: int, retries: int, n_points: int,
+                      n_grid_points: int, min_shared_images: int,
+                      min_significance: float | None) -> str:
+    """The sweep's MLflow run, which every child run is nested under."""
+    from prefect.runtime import flow_run
+
     parent = tracking.start_run(store, f"sweep-{name}-{sid}", {
         "study": name, "preset": preset_name, "grid": json.dumps(grid), "seeds": str(seeds),
         "first_seed": str(first_seed), "epoch_scale": str(epoch_scale),
         "data_scale": str(data_scale), "common_overrides": json.dumps(common),
         "deployment": deployment, "max_parallel": str(max_parallel), "retries": str(retries),
-        "points": str(len(points)), "grid_points": str(len(grid_points)),
+        "points": str(n_points), "grid_points": str(n_grid_points),
         "min_shared_images": str(min_shared_images),
-        "min_significance": str(min_significance)}, {"sweep_id": sid, "sweep_role": "parent", "study": name,
-                                     **tracking.process_tags()})
-    from prefect.runtime import flow_run
-
+        "min_significance": str(min_significance)},
+        {"sweep_id": sid, "sweep_role": "parent", "study": name, **tracking.process_tags()})
     store.client.set_tag(parent, "prefect.flow_run_id", str(flow_run.id))
-    logger.info("sweep %s: %d points x %d seeds = %d runs via %s (MLflow parent run %s)", sid,
-                len(points), seeds, len(points) * seeds, deployment, parent)
+    return parent
 
+
+def _jobs(points: list[sw.Point], seed_list: list[int], preset_name: str, parent: str,
+          sid: str, root: str | None) -> list[tuple[sw.Point, int, dict[str, Any]]]:
+    """The `train-cifar` parameters of every (point, seed): nested under the parent run, tagged
+    with the sweep, never registered on their own."""
     jobs = []
     for point in points:
         overrides = point.overrides
@@ -230,96 +286,84 @@ def sweep_cifar(
             if root:
                 params["root"] = root
             jobs.append((point, seed, params))
+    return jobs
 
-    try:
-        done = _run_all(jobs, deployment, max_parallel, retries, retry_delay_s)
-        outcomes = _outcomes(store, sid, jobs, done, retries)
-        rows = sw.summarise(outcomes, chosen.report if chosen else None)
-        best = sw.best_point(rows)
-        notes = sw.summary_notes(name, preset_name, chosen, len(points), seed_list,
-                                 epoch_scale, data_scale, parent, sid, scale_notes)
-        markdown = sw.to_markdown(f"sweep-cifar: {name}", rows, best, notes)
-        with tempfile.TemporaryDirectory() as tmp:
-            files = {"summary_csv": Path(tmp) / "sweep_summary.csv",
-                     "summary_md": Path(tmp) / "sweep_summary.md",
-                     "runs_json": Path(tmp) / "sweep_runs.json"}
-            files["summary_csv"].write_text(sw.to_csv(rows))
-            files["summary_md"].write_text(markdown)
-            files["runs_json"].write_text(json.dumps([{
-                "point": o.point.label, "seed": o.seed, "status": o.status, "run_id": o.run_id,
-                "val_accuracy": o.val_accuracy, "test_accuracy": o.test_accuracy,
-                "train_seconds": o.train_seconds, "error": o.error} for o in outcomes], indent=2))
-            if best is not None:
-                files["plot"] = sw.plot(rows, list(grid), Path(tmp) / "sweep_accuracy.png")
-            tracking.log_files(store, parent, files)
-        ok = [o for o in outcomes if o.status == "ok"]
-        tracking.log_metrics(store, parent, {
-            "runs_ok": len(ok), "runs_failed": len(outcomes) - len(ok),
-            "best_val_acc_mean": best["val_acc_mean"] if best else None,
-            "best_val_acc_std": best["val_acc_std"] if best else None,
-            "best_test_acc_mean": best["test_acc_mean"] if best else None})
 
-        reg = candidate = bento = None
-        if best is not None and register_best:
-            from cifarlab.config import preset as make_config
-            from cifarlab.data import resolve_source
-            from cifarlab.experiment import load_data
-
-            # The champion rule compares on images: this host loads (and verifies) the data.
-            best_point = next(p for p in points if p.label == best["point"])
-            data_cfg = make_config(preset_name, **best_point.overrides).data
-            data_cfg.source = resolve_source(data_cfg.source)
-            bundle = load_data(data_cfg, root_dir)
-            done, candidate = _register_best(store, best, outcomes, sid, bundle.data,
-                                             min_shared_images, min_significance)
-            reg = done.registration
-            store.client.set_tag(parent, "candidate_run_id", candidate)
-            store.client.set_tag(parent, "registry.version", str(reg.version))
-            store.client.set_tag(parent, "registry.alias", reg.alias)
-            logger.info("best point %s (val %.2f %% mean): run %s registered as v%s -> %s: %s",
-                        best["point"], 100 * best["val_acc_mean"], candidate, reg.version,
-                        reg.alias, reg.reason)
-            if done.report_markdown:
-                create_markdown_artifact(key="champion-vs-challenger", markdown=done.report_markdown,
-                                         description=f"sweep {sid} candidate vs the champion")
-            if reg.alias == tracking.CHAMPION and not skip_bentoml and serves_here(store):
-                bento = publish_champion(store, str(root_dir))
+def _log_summary(store: tracking.Store, parent: str, grid: dict[str, list[Any]],
+                 rows: list[dict[str, Any]], best: dict[str, Any] | None,
+                 outcomes: list[sw.Outcome], markdown: str) -> None:
+    """The summary table (CSV, Markdown), every run's outcome and the plot on the parent run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"summary_csv": Path(tmp) / "sweep_summary.csv",
+                 "summary_md": Path(tmp) / "sweep_summary.md",
+                 "runs_json": Path(tmp) / "sweep_runs.json"}
+        files["summary_csv"].write_text(sw.to_csv(rows))
+        files["summary_md"].write_text(markdown)
+        files["runs_json"].write_text(json.dumps([{
+            "point": o.point.label, "seed": o.seed, "status": o.status, "run_id": o.run_id,
+            "val_accuracy": o.val_accuracy, "test_accuracy": o.test_accuracy,
+            "train_seconds": o.train_seconds, "error": o.error} for o in outcomes], indent=2))
         if best is not None:
-            store.client.set_tag(parent, "best_point", best["point"])
-        registry_line = (f"\n**Registry:** run `{candidate}` (best seed of the best point) -> "
-                         f"{reg.name} v{reg.version} as `{reg.alias}`: {reg.reason}" if reg
-                         else "\n**Registry:** nothing registered")
-        create_markdown_artifact(key=f"sweep-{name}".lower().replace("_", "-"),
-                                 markdown=markdown + registry_line,
-                                 description=f"sweep {sid}: {len(ok)}/{len(outcomes)} runs ok")
-        create_table_artifact(key="sweep-table", table=[
-            {k: v for k, v in r.items() if k != "errors"} for r in rows],
-            description=f"sweep {sid} per-point statistics")
-    except BaseException as exc:
-        store.client.set_tag(parent, "failure", f"{type(exc).__name__}: {exc}"[:5000])
-        tracking.end_run(store, parent, "FAILED")
-        raise
-    status = "FINISHED" if ok else "FAILED"
-    tracking.end_run(store, parent, status)
-    if not ok:
-        raise PointFailed(f"sweep {sid}: every run failed; see the summary in MLflow run {parent}")
-    return {"sweep_id": sid, "mlflow_parent_run_id": parent, "rows": rows,
-            "best_point": best["point"] if best else None,
-            "candidate_run_id": candidate, "registered_version": reg.version if reg else None,
-            "alias": reg.alias if reg else None, "bento_tag": bento["tag"] if bento else None,
-            "runs_ok": len(ok), "runs_failed": len(outcomes) - len(ok)}
+            files["plot"] = sw.plot(rows, list(grid), Path(tmp) / "sweep_accuracy.png")
+        tracking.log_files(store, parent, files)
+    ok = [o for o in outcomes if o.status == "ok"]
+    tracking.log_metrics(store, parent, {
+        "runs_ok": len(ok), "runs_failed": len(outcomes) - len(ok),
+        "best_val_acc_mean": best["val_acc_mean"] if best else None,
+        "best_val_acc_std": best["val_acc_std"] if best else None,
+        "best_test_acc_mean": best["test_acc_mean"] if best else None})
+    if best is not None:
+        store.client.set_tag(parent, "best_point", best["point"])
 
 
-def _int8_tags(run: Any) -> dict[str, str]:
-    """The child run's int8 figures as registry version tags (none if it built no int8 model)."""
-    tags, metrics = run.data.tags, run.data.metrics
-    if "int8_servable" not in tags:
-        return {}
-    return {"int8_val_accuracy": f"{metrics['int8_val_accuracy']:.6f}",
-            "int8_test_accuracy": f"{metrics['int8_test_accuracy']:.6f}",
-            "int8_servable": tags["int8_servable"]}
+def _register_best_point(store: tracking.Store, parent: str, sid: str, best: dict[str, Any],
+                         points: list[sw.Point], outcomes: list[sw.Outcome], preset_name: str,
+                         root_dir: Path, min_shared_images: int,
+                         min_significance: float | None, publish: bool,
+                         ) -> tuple[Any, str, dict[str, Any] | None]:
+    """The best point's best seed through the champion rule; the champion into the BentoML
+    store where this host serves. Returns (registration, candidate run id, BentoML result)."""
+    from cifarlab.config import preset as make_config
+    from cifarlab.data import resolve_source
+    from cifarlab.experiment import load_data
+
+    logger = get_run_logger()
+    # The champion rule compares on images: this host loads (and verifies) the data.
+    best_point = next(p for p in points if p.label == best["point"])
+    data_cfg = make_config(preset_name, **best_point.overrides).data
+    data_cfg.source = resolve_source(data_cfg.source)
+    bundle = load_data(data_cfg, root_dir)
+    done, candidate = _register_best(store, best, outcomes, sid, bundle.data,
+                                     min_shared_images, min_significance)
+    reg = done.registration
+    store.client.set_tag(parent, "candidate_run_id", candidate)
+    store.client.set_tag(parent, "registry.version", str(reg.version))
+    store.client.set_tag(parent, "registry.alias", reg.alias)
+    logger.info("best point %s (val %.2f %% mean): run %s registered as v%s -> %s: %s",
+                best["point"], 100 * best["val_acc_mean"], candidate, reg.version,
+                reg.alias, reg.reason)
+    if done.report_markdown:
+        create_markdown_artifact(key="champion-vs-challenger", markdown=done.report_markdown,
+                                 description=f"sweep {sid} candidate vs the champion")
+    bento = None
+    if reg.alias == tracking.CHAMPION and publish and serves_here(store):
+        bento = publish_champion(store, str(root_dir))
+    return reg, candidate, bento
+
+
+def _publish_artifacts(name: str, sid: str, rows: list[dict[str, Any]], markdown: str, reg: Any,
+                       candidate: str | None, n_ok: int, n_runs: int) -> None:
+    """The summary and per-point table as Prefect artifacts."""
+    registry_line = (f"\n**Registry:** run `{candidate}` (best seed of the best point) -> "
+                     f"{reg.name} v{reg.version} as `{reg.alias}`: {reg.reason}" if reg
+                     else "\n**Registry:** nothing registered")
+    create_markdown_artifact(key=f"sweep-{name}".lower().replace("_", "-"),
+                             markdown=markdown + registry_line,
+                             description=f"sweep {sid}: {n_ok}/{n_runs} runs ok")
+    create_table_artifact(key="sweep-table", table=[
+        {k: v for k, v in r.items() if k != "errors"} for r in rows],
+        description=f"sweep {sid} per-point statistics")
 
 
 if __name__ == "__main__":
     sweep_cifar(study="report-lr", epoch_scale=0.1, data_scale=0.1, seeds=2)
-

@@ -61,6 +61,18 @@ def _client(root: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _progress(stack: LocalStack, flow_run_id: str) -> list[float]:
+    """The progress artifacts of a flow run, as the Prefect UI shows them (percent)."""
+    import urllib.request
+
+    body = json.dumps({"artifacts": {"flow_run_id": {"any_": [flow_run_id]},
+                                     "type": {"any_": ["progress"]}}}).encode()
+    req = urllib.request.Request(f"{stack.api_url}/artifacts/filter", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as resp:
+        return [a["data"] for a in json.load(resp)]
+
+
 def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     import io
 
@@ -85,7 +97,7 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["preset"] == "seed-baseline" and run.data.params["train.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-    assert run.data.tags["prefect.flow_run_id"]
+    assert _progress(stack, run.data.tags["prefect.flow_run_id"]) == [100.0]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"learning_curves.png", "confusion_matrix.png", "model_card.md", "weights.pt"} <= artifacts
 
@@ -189,6 +201,8 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     assert len(finished) == 2  # train_size=240, seeds 0 and 1
     assert {c.data.params["train.seed"] for c in finished} == {"0", "1"}
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    # The sweep's progress in the Prefect UI: every one of its 4 runs ended (2 failed).
+    assert _progress(stack, parent.data.tags["prefect.flow_run_id"]) == [100.0]
     assert all(c.data.params["data.train_size"] == "240" for c in finished)
     # One host, one device: its worker (`--limit 1`) never trains two runs at once, although
     # the sweep asked for two in parallel.
@@ -233,3 +247,36 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     assert float(version.tags["sweep_point_val_mean"]) == pytest.approx(np.mean(vals), abs=1e-6)
     assert float(version.tags["sweep_point_val_sd"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
     assert "mean ± sd over 2 seeds" in version.description
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_stack_run_leaves_nothing_behind(tmp_path, synthetic_cifar):
+    """`python -m flows.stack run` killed by a timeout (SIGTERM) mid-training stops the
+    workers, the flow run they started and the server: no process of its root is left."""
+    import subprocess
+    import sys
+
+    folder, sums = synthetic_cifar
+    root = tmp_path / "root"
+    data = {"source": str(folder), "checksums": sums, "train_size": 240, "val_size": 60}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.stack", "run", "--root", str(root), "--port",
+         str(free_port()), "--deployment", "seed-baseline", "-p", f"data={json.dumps(data)}",
+         "-p", 'train={"epochs": 500}'],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PREFECT_UI_ENABLED": "false"})
+    seen = []
+    try:
+        for line in proc.stdout:  # training has started once an epoch is reported
+            seen.append(line)
+            if "epoch 1/500" in line:
+                break
+        assert any("epoch 1/500" in line for line in seen), "".join(seen)
+        assert _processes_with(str(root)), "no flow-run process found"
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "the stack is down" in rest, rest
+    assert _processes_with(str(root)) == [], "the stack left processes behind"
