@@ -15,3 +15,19 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+# Instruction-set flags that decide how fast a CPU trains (AVX2 vs AVX-512, bf16, AMX).
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """The training-relevant instruction-set flags of this CPU (from /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS if f in have]
+    except OSError:
+        pass
+    return []
