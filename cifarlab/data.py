@@ -7,14 +7,16 @@ variable, else the official URL:
 - a path to such an archive on disk,
 - a folder holding the extracted `cifar-10-batches-py` files (a "mirror", read in place).
 
-Every file is checked against its md5 before anything trains on it. Downloads go to a `.part`
+Every file is checked against its md5 before anything trains on it (again whenever it changed,
+see below). Downloads go to a `.part`
 file and extraction to a temporary folder that is renamed into place only once every file
 verified, so a killed download never leaves a folder that passes as complete.
 
 Reading once: a folder that verified is remembered in a stamp file (under the caller's data
-folder, never in a mirror) keyed by each file's size and modification time, so the next run only
-`stat`s it; a file that changed since is hashed again. Loaded data is kept in memory for the
-process, under the same key, so the tasks of one flow run read the files once.
+folder, never in a mirror) keyed by each file's size, inode, modification and change times, so
+the next run only `stat`s it; a file written, replaced or touched since is hashed again (the
+change time cannot be set back by a user). Loaded data is kept in memory for the process, under
+the same key, so the tasks of one flow run read the files once.
 """
 
 from __future__ import annotations
@@ -108,23 +110,26 @@ def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5
         if not (folder / name).is_file():
             raise DataError(f"{folder / name} is missing (expected md5 {expected})")
     stamp = _stamp_path(stamps, folder) if stamps is not None else None
-    if stamp is not None and _read_stamp(stamp) == _stamp(folder, checksums):
+    before = _stamp(folder, checksums)
+    if stamp is not None and _read_stamp(stamp) == before:
         return
     for name, expected in checksums.items():
         actual = md5_of(folder / name)
         if actual != expected:
             raise DataError(f"{folder / name} has md5 {actual}, expected {expected}: the file is "
                             "truncated or altered")
-    if stamp is not None:
-        _write_stamp(stamp, folder, checksums)
+    # Stamped only if nothing changed while it was hashed: the stamp vouches for these bytes.
+    if stamp is not None and _stamp(folder, checksums) == before:
+        _write_stamp(stamp, before)
 
 
 def _file_keys(folder: Path, names) -> dict[str, list[int]]:
-    """Size and modification time (ns) of each named file: what a change of its bytes moves."""
+    """Size, inode, modification and change time (ns) of each named file: what writing,
+    replacing or touching it moves (a copy that keeps the mtime still gets a new ctime)."""
     keys = {}
     for name in sorted(names):
         st = (folder / name).stat()
-        keys[name] = [st.st_size, st.st_mtime_ns]
+        keys[name] = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
     return keys
 
 
@@ -145,16 +150,16 @@ def _read_stamp(path: Path) -> object:
         return None
 
 
-def _write_stamp(path: Path, folder: Path, checksums: Mapping[str, str]) -> None:
-    """Record that `folder` verified just now (written atomically; a failure only costs a
-    re-hash next time)."""
+def _write_stamp(path: Path, stamp: dict[str, object]) -> None:
+    """Record a folder that just verified (written atomically; a failure only costs a re-hash
+    next time)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(_stamp(folder, checksums)) + "\n")
+        tmp.write_text(json.dumps(stamp) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
-        log.warning("could not record the verification of %s (%s)", folder, exc)
+        log.warning("could not record the verification of %s (%s)", stamp["folder"], exc)
 
 
 def data_fingerprint(checksums: Mapping[str, str]) -> str:
@@ -237,7 +242,7 @@ def _extract_verified(archive: Path, target: Path, checksums: Mapping[str, str],
         if target.exists():  # a stale, unverifiable folder from an older run
             shutil.rmtree(target)
         os.replace(found[0], target)
-        _write_stamp(_stamp_path(stamps, target), target, checksums)
+        _write_stamp(_stamp_path(stamps, target), _stamp(target, checksums))
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -388,7 +393,8 @@ def load_cifar10(folder: Path) -> Cifar10:
     """Read the pickled batches of a (verified) folder into tensors, in about a second.
 
     The result is kept for the process (one data set at a time) and returned again while the
-    files keep their sizes and modification times: callers index it, they never write into it.
+    files keep their size, inode and times (as for the stamps): callers index it, they never
+    write into it.
     """
     folder = Path(folder)
     try:

@@ -157,12 +157,14 @@ def checksums_of(cfg: DataConfig) -> dict[str, str]:
     return dict(cfg.checksums or OFFICIAL_FILE_MD5)
 
 
-def load_data(cfg: DataConfig, root: Path) -> DataBundle:
+def load_data(cfg: DataConfig, root: Path, *, retries: int | None = None) -> DataBundle:
     """Fetch (or find) and verify the files, then load them: after the first time, one `stat`
-    per file and the arrays this process already holds (cifarlab.data)."""
+    per file and the arrays this process already holds (cifarlab.data). A failed download is
+    retried `retries` times (default: the config's `download_retries`)."""
     sums = checksums_of(cfg)
     folder = prepare_cifar10(Path(root) / "data", cfg.source, checksums=sums,
-                             retries=cfg.download_retries, backoff_s=cfg.download_backoff_s)
+                             retries=cfg.download_retries if retries is None else retries,
+                             backoff_s=cfg.download_backoff_s)
     return DataBundle(folder=folder, data=load_cifar10(folder), fingerprint=data_fingerprint(sums))
 
 
@@ -183,14 +185,15 @@ def make_split(cfg: DataConfig, bundle: DataBundle, root: Path) -> tuple[Split, 
 
 def train_run(config: RunConfig, root: Path, *, hooks: Sequence[EpochHook] = (),
               progress: Callable[[int, int], None] | None = None,
-              run_dir: Path | None = None) -> TrainedRun:
-    """Load and split the data, train (resuming from the run folder's checkpoint), plot curves."""
+              run_dir: Path | None = None, download_retries: int | None = None) -> TrainedRun:
+    """Load and split the data, train (resuming from the run folder's checkpoint), plot curves.
+    `download_retries` overrides the config's (the flow passes 0: its fetch task retries)."""
     root = Path(root)
     run_dir = Path(run_dir or root / "runs" / f"{config.preset}-{config_hash(config)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
 
-    bundle = load_data(config.data, root)
+    bundle = load_data(config.data, root, retries=download_retries)
     split, split_dir = make_split(config.data, bundle, root)
     d = bundle.data
     trained = train(config, d.train_images[split.train_idx], d.train_labels[split.train_idx],

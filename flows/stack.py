@@ -483,7 +483,7 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
            "CIFAR_PUBLISH_BENTOML": "true" if serving_host else "false",
            "PREFECT_HOME": str(root / ".prefect-worker")}
     services = Services(logs, env)
-    proc = services.spawn("worker", [_exe("prefect"), "worker", "start", "--pool", POOL,
+    services.spawn("worker", [_exe("prefect"), "worker", "start", "--pool", POOL,
                                      "--type", "process", "--limit", str(gpus), "--name", name])
     from flows.tracking import display_uri
 
@@ -492,7 +492,7 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
     try:
         dead = wait_for_signal(services.dead)
     finally:
-        services.stop_all()
+        services.stop_all(graces=WORKER_GRACES)
     if dead:
         print(f"error: worker {name}: {dead} stopped", file=sys.stderr, flush=True)
         return 1
@@ -561,22 +561,41 @@ def main(argv: list[str] | None = None) -> int:
                                           local_gpu_worker=args.with_worker)
         else:
             stack = LocalStack(root=args.root, port=args.port)
-        # SIGTERM (a timeout, a supervisor) and SIGHUP (a closed terminal) stop the stack as
-        # Ctrl-C does: workers, their flow runs and the servers go down, nothing stays behind.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _interrupt)
-        with stack.running():
-            return _foreground(stack, args)
+        return _run_stack(stack, args)
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("stopped; the stack is down", file=sys.stderr, flush=True)
-        return 130
+
+
+class _Stopped(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM (a timeout, a supervisor) or SIGHUP (a closed terminal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    # Further signals are ignored from here on: the stop that follows must not be cut short
+    # (it is bounded: each service gets its grace, then SIGKILL).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signum)
+
+
+def _run_stack(stack: LocalStack, args: argparse.Namespace) -> int:
+    """Start the stack, do the command's work, stop the stack. A signal stops it as Ctrl-C
+    does: workers, their flow runs and the servers go down, nothing stays behind; the exit
+    status is then 128 + the signal's number."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    try:
+        with stack.running():
+            return _foreground(stack, args)
+    except _Stopped as stopped:
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            print(f"stopped by {stopped}; the stack is down", file=sys.stderr, flush=True)
+        return 128 + stopped.signum
 
 
 def _foreground(stack: LocalStack, args: argparse.Namespace) -> int:

@@ -365,5 +365,15 @@ def _publish_artifacts(name: str, sid: str, rows: list[dict[str, Any]], markdown
         description=f"sweep {sid} per-point statistics")
 
 
+def _int8_tags(run: Any) -> dict[str, str]:
+    """The child run's int8 figures as registry version tags (none if it built no int8 model)."""
+    tags, metrics = run.data.tags, run.data.metrics
+    if "int8_servable" not in tags:
+        return {}
+    return {"int8_val_accuracy": f"{metrics['int8_val_accuracy']:.6f}",
+            "int8_test_accuracy": f"{metrics['int8_test_accuracy']:.6f}",
+            "int8_servable": tags["int8_servable"]}
+
+
 if __name__ == "__main__":
     sweep_cifar(study="report-lr", epoch_scale=0.1, data_scale=0.1, seeds=2)

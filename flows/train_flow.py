@@ -124,7 +124,9 @@ def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Stor
                     _duration(left))
         update_progress_artifact(progress, 100.0 * m.epoch / total)
 
-    run = train_run(config, Path(root), hooks=[log_epoch], run_dir=Path(run_dir))
+    # The fetch task verified the data and owns the retries: none here.
+    run = train_run(config, Path(root), hooks=[log_epoch], run_dir=Path(run_dir),
+                    download_retries=0)
     t = run.trained
     # An epoch checkpointed just before a kill was not logged then: it is in the checkpoint's
     # history, so log it now.

@@ -182,9 +182,29 @@ def test_a_verified_mirror_is_stamped_outside_it_and_damage_after_the_stamp_is_c
     target.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="data_batch_3 has md5"):
         prepare_cifar10(tmp_path / "data", str(mirror), checksums=sums)
-    # Other checksums are another stamp: never taken as verified by this one.
+    # Other checksums are another stamp: a folder stamped for these sums is hashed again and
+    # refused under those.
+    prepare_cifar10(tmp_path / "data", str(folder), checksums=sums)
+    assert len(list((tmp_path / "data" / ".verified").glob("verified-*.json"))) == 2
     with pytest.raises(DataError, match="test_batch has md5"):
         prepare_cifar10(tmp_path / "data", str(folder), checksums={**sums, "test_batch": "0" * 32})
+    # A file replaced by a copy that keeps its size and mtime (cp -p) is hashed again: the
+    # stamp also holds the inode and the change time.
+    import os
+
+    victim = folder_copy = tmp_path / "mirror2"
+    shutil.copytree(folder, folder_copy)
+    prepare_cifar10(tmp_path / "data", str(folder_copy), checksums=sums)
+    target = victim / "batches.meta"
+    st = target.stat()
+    raw = bytearray(target.read_bytes())
+    raw[-1] ^= 0xFF
+    replacement = victim / "batches.meta.new"
+    replacement.write_bytes(bytes(raw))
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, target)
+    with pytest.raises(DataError, match="batches.meta has md5"):
+        prepare_cifar10(tmp_path / "data", str(folder_copy), checksums=sums)
 
 
 def test_source_from_environment_and_bad_source(synthetic_cifar, tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ from mlflow.exceptions import MlflowException
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ParameterTypeError
 
-import flows.train_flow as train_flow
 from cifarlab.export import ParityError
 from flows.tracking import REGISTERED_MODEL, TrackingUnavailable
 from flows.train_flow import train_cifar
@@ -278,15 +277,22 @@ def test_a_fetched_folder_deleted_between_runs_is_fetched_again(synthetic_archiv
     _, sums = synthetic_cifar
     data = {"source": str(synthetic_archive), "checksums": sums, "train_size": 240,
             "val_size": 60}
-    kwargs = dict(preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 1},
+    kwargs = dict(preset="seed-baseline", train={**FAST_TRAIN, "epochs": 1},
                   root=str(tmp_path), skip_registry=True)
-    train_cifar(**kwargs)
+    train_cifar(data=data, **kwargs)
     folder = tmp_path / "data" / "cifar-10-batches-py"
     shutil.rmtree(folder)  # the fetch's folder is gone: a miss, not FileNotFoundError
-    result = train_cifar(**kwargs)
+    result = train_cifar(data=data, **kwargs)
     assert result["val_accuracy"] is not None and (folder / "test_batch").is_file()
     (_, second) = sorted(_runs(tmp_path), key=lambda r: r.info.start_time)
     assert second.data.tags["data_folder"] == str(folder)
+    # The fetch step ran again (no cached result naming the deleted folder was used).
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[second.data.tags["prefect.flow_run_id"]])))
+    assert {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}["fetch_data"] == "Completed"
 
 
 class _ArchiveServer:
@@ -331,8 +337,8 @@ def test_flaky_download_is_retried_by_the_task_alone(synthetic_archive, syntheti
                              train={**FAST_TRAIN, "epochs": 1})
     finally:
         server.close()
-    # One policy: 1 try + 2 task retries, one request each (the download itself never retries
-    # inside the task, which would have made 3 x 3 attempts).
+    # 1 try + 2 task retries, one request each; the test below tells the one policy from two
+    # stacked ones.
     assert server.hits == 3 and result["registered_version"] is None
     assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").exists()
 
