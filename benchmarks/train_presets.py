@@ -106,9 +106,9 @@ def to_threshold(curve: list[dict[str, float]], flops_per_epoch: float) -> dict[
 
 
 def bench_preset(name: str, source: str, root: Path, train: dict[str, object],
-                 gemm: float) -> dict[str, object]:
+                 gemm: float, model: dict[str, object] | None = None) -> dict[str, object]:
     """One fresh training run of a preset, with test accuracy tracked per epoch."""
-    config = preset(name, data={"source": source}, train=train)
+    config = preset(name, data={"source": source}, train=train, **({"model": model} if model else {}))
     data = load_data(config.data, root).data
     device = resolve_device(config.train.device)
     amp = resolve_precision(config.train.precision, device)
@@ -146,6 +146,7 @@ def bench_preset(name: str, source: str, root: Path, train: dict[str, object],
         "wall_seconds": round(wall, 2),
         "images_per_second": round(ips, 1),
         "train_overrides": train,
+        "model_overrides": model or {},
         "training_gflop_per_image": round(per_image / 1e9, 4),
         "achieved_gflop_per_second": round(per_image * ips / 1e9, 1),
         "gemm_gflop_per_second": round(gemm / 1e9, 1),
@@ -172,6 +173,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["seed-baseline", "fast-cpu-quick",
                                                           "fast-cpu"])
     parser.add_argument("--source", default=os.environ.get("CIFAR10_SOURCE", str(DEFAULT_SOURCE)))
+    parser.add_argument("--model", type=json.loads, default={},
+                        help='model overrides as JSON, e.g. \'{"options": {"widths": [32, 128, 128]}}\'')
     parser.add_argument("--train", type=json.loads, default={},
                         help='train overrides as JSON for every preset, e.g. \'{"epochs": 8}\'')
     parser.add_argument("--root", type=Path, default=None,
@@ -192,7 +195,8 @@ def main() -> None:
         root = args.root or Path(tmp)
         for name in args.presets:
             print(f"training {name} ...", flush=True)
-            results["runs"].append(bench_preset(name, args.source, root, args.train, gemm))
+            results["runs"].append(bench_preset(name, args.source, root, args.train, gemm,
+                                                args.model))
     # The GEMM again after training: a machine that got busier in between shows here.
     results["gemm_gflop_per_second_fp32_after"] = round(gemm_flops_per_second(device) / 1e9, 1)
 

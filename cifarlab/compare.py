@@ -230,8 +230,8 @@ def disagreement_gallery(cmp: Comparison, images: np.ndarray, path: Path, limit:
     width = max(cols * _CELL_W, 520)  # wide enough for the header line
     canvas = _mosaic(images[chosen].transpose(0, 2, 3, 1).astype(np.uint8), cols, width)
 
-    # Captions drawn straight onto the canvas with Pillow: matplotlib took about 1.5 s for the
-    # 193 text objects of a full gallery, Pillow takes milliseconds.
+    # Captions drawn straight onto the canvas with Pillow: far cheaper than a matplotlib text
+    # object per caption (three per image), which cost more than the rest of a registration.
     from PIL import Image, ImageDraw, ImageFont
 
     picture = Image.fromarray(canvas)

@@ -32,8 +32,7 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
 
 def eval_batch_size(device: torch.device) -> int:
     """Images per forward pass when evaluating: 256 on a CPU, where larger batches fall out of
-    the caches (1.6-1.9x slower at 1000 on the 2-core EPYC, seed and fast nets alike), 1024 on
-    a GPU."""
+    the caches (benchmarks/eval_batch.py, results/eval-batch-cpu.json), 1024 on a GPU."""
     return 1024 if device.type == "cuda" else 256
 
 

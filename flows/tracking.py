@@ -322,7 +322,7 @@ def log_onnx_model(store: Store, run_id: str, onnx_path: Path, example: np.ndarr
             onnx.load(str(onnx_path)), str(local), signature=infer_signature(example, logits),
             input_example=example, save_as_external_data=False, metadata=metadata,
             # Stated (onnx and onnxruntime at this host's versions), not inferred: MLflow's
-            # inference loads the model in a subprocess for about 2 s to find the same.
+            # inference loads the model in a subprocess, for seconds, to find the same.
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),
             onnx_execution_providers=["CPUExecutionProvider"],
             mlflow_model=Model(artifact_path=model.artifact_location, run_id=run_id,
