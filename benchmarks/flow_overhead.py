@@ -1,6 +1,6 @@
 """Fixed cost of orchestration and tracking around training, measured through the real path.
 
-    python benchmarks/flow_overhead.py [--epochs 2] [--preset seed-baseline]
+    python benchmarks/flow_overhead.py [--runs 3] [--epochs 2] [--preset seed-baseline]
 
 Starts the local stack (Prefect server, pool, worker) in a temporary root, runs
 `prefect deployment run train-cifar/<preset> --watch` on the real data, and reports:
@@ -23,6 +23,8 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+
+from machine_info import cpu_flags, cpu_model  # beside this script
 
 from flows import tracking
 from flows.processes import free_port
@@ -53,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="seed-baseline")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--source", default=os.environ.get("CIFAR10_SOURCE", str(DEFAULT_SOURCE)))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "flow-overhead.json")
@@ -75,7 +77,8 @@ def main() -> None:
             tracking_cost = tracking_cost_per_epoch(root / "probe")
 
     results = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
         "preset": args.preset, "epochs": args.epochs,
         "stack_start_seconds": round(stack_start, 2),
         "runs": measured,

@@ -101,8 +101,10 @@ def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5
                   stamps: Path | None = None) -> None:
     """Raise DataError naming the first missing or altered file and its expected md5.
 
-    With `stamps` (a folder of ours), a folder whose files have the sizes and modification
-    times they had when they last verified against these checksums is not hashed again.
+    With `stamps` (a folder of ours), a folder whose files have the size, inode, modification
+    and change times they had when they last verified against these checksums is not hashed
+    again. (On file systems without real inodes or change times, such as vfat or some network
+    mounts, a copy that keeps size and mtime would pass: keep mirrors on a local disk.)
     """
     if not folder.is_dir():
         raise DataError(f"CIFAR-10 folder {folder} does not exist")
@@ -118,8 +120,10 @@ def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5
         if actual != expected:
             raise DataError(f"{folder / name} has md5 {actual}, expected {expected}: the file is "
                             "truncated or altered")
-    # Stamped only if nothing changed while it was hashed: the stamp vouches for these bytes.
-    if stamp is not None and _stamp(folder, checksums) == before:
+    # Stamped only if nothing changed while it was hashed, and no file changed within the last
+    # seconds (a write in the same clock tick as the stat would not move its times): the stamp
+    # vouches for exactly these bytes.
+    if stamp is not None and _stamp(folder, checksums) == before and not _recent(before):
         _write_stamp(stamp, before)
 
 
@@ -136,6 +140,13 @@ def _file_keys(folder: Path, names) -> dict[str, list[int]]:
 def _stamp(folder: Path, checksums: Mapping[str, str]) -> dict[str, object]:
     return {"folder": str(folder.resolve()), "checksums": dict(sorted(checksums.items())),
             "files": _file_keys(folder, checksums)}
+
+
+def _recent(stamp: dict[str, object], seconds: float = 1.0) -> bool:
+    """Whether a file of the stamp was modified or changed less than `seconds` ago."""
+    now = time.time_ns()
+    return any(now - max(key[2], key[3]) < seconds * 1e9
+               for key in stamp["files"].values())  # type: ignore[union-attr]
 
 
 def _stamp_path(stamps: Path, folder: Path) -> Path:
@@ -401,8 +412,9 @@ def load_cifar10(folder: Path) -> Cifar10:
         key = (str(folder.resolve()), json.dumps(_file_keys(folder, _ALL_FILES)))
     except OSError:
         key = None  # a missing file: _read_batch names it below
-    if key is not None and key in _LOADED:
-        return _LOADED[key]
+    cached = _LOADED.get(key) if key is not None else None
+    if cached is not None:
+        return cached
     data = _read_cifar10(folder)
     if key is not None:
         _LOADED.clear()

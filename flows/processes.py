@@ -138,9 +138,11 @@ def wait_for_signal(dead) -> str | None:
     that died (returns its name). Returns with those signals ignored: the caller stops
     everything next, and a second Ctrl-C must not cut that short."""
     def stop(*_):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second one: ignored
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
     try:
         while True:

@@ -584,18 +584,26 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _run_stack(stack: LocalStack, args: argparse.Namespace) -> int:
-    """Start the stack, do the command's work, stop the stack. A signal stops it as Ctrl-C
-    does: workers, their flow runs and the servers go down, nothing stays behind; the exit
-    status is then 128 + the signal's number."""
+    """Start the stack, do the command's work, stop the stack. Ctrl-C, SIGTERM or SIGHUP stop
+    it: workers, their flow runs and the servers go down, nothing stays behind. `run` (a job
+    cut short) then exits with 128 + the signal's number; `up` and `team` (servers asked to
+    stop) exit 0."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
         with stack.running():
             return _foreground(stack, args)
-    except _Stopped as stopped:
+    except KeyboardInterrupt as stopped:
+        # A signal that landed before the stop had switched signals off cut it short: stop
+        # again (each service is stopped once; the rest are still to do).
+        stack.stop()
         with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
-            print(f"stopped by {stopped}; the stack is down", file=sys.stderr, flush=True)
-        return 128 + stopped.signum
+            print(f"stopped by {stopped or 'SIGINT'}; the stack is down", file=sys.stderr,
+                  flush=True)
+        return 128 + getattr(stopped, "signum", signal.SIGINT)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _foreground(stack: LocalStack, args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,7 @@ def test_data_is_verified_and_read_once_per_run_and_a_changed_file_is_caught(
     _, sums = synthetic_cifar
     mirror = tmp_path / "mirror"  # a mirror of our own: this test changes a file's mtime
     shutil.copytree(synthetic_cifar[0], mirror)
+    time.sleep(1.1)  # files changed within the last second are never stamped (data.py)
     data = {"source": str(mirror), "checksums": sums, "train_size": 240, "val_size": 60}
     hashed = _count_calls(monkeypatch, cdata, "md5_of")
     read = _count_calls(monkeypatch, cdata, "_read_batch")
