@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -89,14 +88,6 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def _api(stack: LocalStack, path: str, body: dict | None = None) -> object:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"{stack.api_url}{path}", data=data,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req) as resp:
-        return json.load(resp)
-
-
 def _at(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp)
 
@@ -104,8 +95,8 @@ def _at(stamp: str) -> datetime:
 def stages(stack: LocalStack, flow_run_id: str, train_s: float) -> dict[str, float]:
     """Where a flow run's time went, from Prefect's own timestamps: its states (queue, process
     start-up) and each task run; what no task covers is the flow's own code between them."""
-    fr = _api(stack, f"/flow_runs/{flow_run_id}")
-    states = _api(stack, f"/flow_run_states/?flow_run_id={flow_run_id}")
+    fr = stack.api(f"/flow_runs/{flow_run_id}")
+    states = stack.api(f"/flow_run_states/?flow_run_id={flow_run_id}")
     first = {}
     for st in sorted(states, key=lambda x: x["timestamp"]):
         first.setdefault(st["type"], _at(st["timestamp"]))
@@ -115,7 +106,7 @@ def stages(stack: LocalStack, flow_run_id: str, train_s: float) -> dict[str, flo
         "pending_to_running_s (process start, imports, flow load)":
             (first["RUNNING"] - first["PENDING"]).total_seconds(),
     }
-    tasks = _api(stack, "/task_runs/filter",
+    tasks = stack.api("/task_runs/filter",
                  {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
     covered = 0.0
     for t in tasks:
@@ -145,7 +136,7 @@ def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epo
     (run,) = [r for r in store.client.search_runs([store.experiment_id])
               if r.data.params.get("train.seed") == str(seed)]
     flow_run_id = run.data.tags["prefect.flow_run_id"]
-    fr = _api(stack, f"/flow_runs/{flow_run_id}")
+    fr = stack.api(f"/flow_runs/{flow_run_id}")
     in_run = (_at(fr["end_time"]) - _at(fr["start_time"])).total_seconds()
     train_s = run.data.metrics["train_seconds"]
     return {

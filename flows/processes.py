@@ -115,6 +115,16 @@ def _alive(proc) -> bool:
         return False
 
 
+# What stops a stack: Ctrl-C, SIGTERM (a timeout, a supervisor), SIGHUP (a closed terminal).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def handle_stop_signals(handler) -> None:
+    """Install `handler` (or signal.SIG_IGN) for every stop signal."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Ignore Ctrl-C, SIGTERM and SIGHUP for a block (a stop in progress): a second Ctrl-C
@@ -124,8 +134,7 @@ def signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -138,12 +147,10 @@ def wait_for_signal(dead) -> str | None:
     that died (returns its name). Returns with those signals ignored: the caller stops
     everything next, and a second Ctrl-C must not cut that short."""
     def stop(*_):
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second one: ignored
-            signal.signal(sig, signal.SIG_IGN)
+        handle_stop_signals(signal.SIG_IGN)  # a second one: ignored
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
+    handle_stop_signals(stop)
     try:
         while True:
             name = dead()
@@ -153,8 +160,7 @@ def wait_for_signal(dead) -> str | None:
     except KeyboardInterrupt:
         return None
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        handle_stop_signals(signal.SIG_IGN)
 
 
 class Services:

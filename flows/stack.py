@@ -39,8 +39,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from flows.processes import (Services, StackError, _exe, signals_deferred,
-                             wait_for_signal, wait_http)
+from flows.processes import (Services, StackError, _exe, handle_stop_signals,
+                             signals_deferred, wait_for_signal, wait_http)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 POOL = "gpu"  # train-cifar runs; one worker per GPU host
@@ -202,6 +202,21 @@ class LocalStack:
             yield self
         finally:
             self.stop()
+
+    def api(self, path: str, body: object | None = None) -> object:
+        """GET (or, with a JSON `body`, POST) `path` of this stack's Prefect REST API."""
+        import base64
+        import json
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if self.env.get("PREFECT_API_AUTH_STRING"):
+            token = base64.b64encode(self.env["PREFECT_API_AUTH_STRING"].encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.api_url}{path}", data=data, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.load(resp)
 
     def follow_deployment(self, deployment: str, params: Sequence[str] = (),
                           out=sys.stdout, poll_s: float = 1.0) -> str:
@@ -578,8 +593,7 @@ class _Stopped(KeyboardInterrupt):
 def _interrupt(signum: int, _frame: object) -> None:
     # Further signals are ignored from here on: the stop that follows must not be cut short
     # (it is bounded: each service gets its grace, then SIGKILL).
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    handle_stop_signals(signal.SIG_IGN)
     raise _Stopped(signum)
 
 
@@ -588,8 +602,7 @@ def _run_stack(stack: LocalStack, args: argparse.Namespace) -> int:
     it: workers, their flow runs and the servers go down, nothing stays behind. `run` (a job
     cut short) then exits with 128 + the signal's number; `up` and `team` (servers asked to
     stop) exit 0."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    handle_stop_signals(_interrupt)
     try:
         with stack.running():
             return _foreground(stack, args)
@@ -602,8 +615,7 @@ def _run_stack(stack: LocalStack, args: argparse.Namespace) -> int:
                   flush=True)
         return 128 + getattr(stopped, "signum", signal.SIGINT)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        handle_stop_signals(signal.SIG_IGN)
 
 
 def _foreground(stack: LocalStack, args: argparse.Namespace) -> int:

@@ -50,8 +50,8 @@ def _network_fault(task: Any, task_run: Any, state: Any) -> bool:
 
 
 # No result cache on the data steps: they are cheap once the files verified (cifarlab.data keeps
-# a stamp keyed by the files' sizes and mtimes, and the loaded arrays for the process), and a
-# cached result could name a folder that no longer exists.
+# a stamp keyed by each file's size, inode and times, and the loaded arrays for the process),
+# and a cached result could name a folder that no longer exists.
 @task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_network_fault)
 def fetch_data(data: DataConfig, root: str) -> str:
     """Download (or find) and verify CIFAR-10; a verified, unchanged copy is only stat-ed.
@@ -355,8 +355,8 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
     """Resume this config's unfinished MLflow run, or start one; returns (run id, run folder)."""
     from prefect.runtime import flow_run
 
-    from cifarlab.data import OFFICIAL_FILE_MD5, data_fingerprint
-    from cifarlab.experiment import config_hash
+    from cifarlab.data import data_fingerprint
+    from cifarlab.experiment import checksums_of, config_hash
     from cifarlab.tensors import resolve_device
 
     chash = config_hash(config)
@@ -365,7 +365,7 @@ def _begin_run(store: tracking.Store, config: RunConfig, root: Path, split: dict
         "prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name),
         "prefect.flow_run_count": str(flow_run.run_count), "config_hash": chash, "preset": config.preset, "model": config.model.name,
         "code_version": code, "split_sha256": split["sha256"],
-        "data_fingerprint": data_fingerprint(config.data.checksums or OFFICIAL_FILE_MD5),
+        "data_fingerprint": data_fingerprint(checksums_of(config.data)),
         "data_folder": data_folder, "device": str(resolve_device(config.train.device)),
         # What the MLflow UI shows as the run's source, user and git commit.
         "mlflow.source.type": "JOB", "mlflow.source.name": "flows/train_flow.py:train_cifar",

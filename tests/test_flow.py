@@ -322,23 +322,27 @@ class _ArchiveServer:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cifar.tar.gz"
 
-    def close(self) -> None:
+    def __enter__(self) -> _ArchiveServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def train_from(self, root: Path, checksums: dict[str, str], retries: int) -> dict:
+        """One train-cifar run whose data source is this server."""
+        return train_cifar(preset="seed-baseline", root=str(root), skip_registry=True,
+                           data={"source": self.url, "checksums": checksums, "train_size": 240,
+                                 "val_size": 60, "download_retries": retries,
+                                 "download_backoff_s": 0.01},
+                           train={**FAST_TRAIN, "epochs": 1})
 
 
 def test_flaky_download_is_retried_by_the_task_alone(synthetic_archive, synthetic_cifar,
                                                      tmp_path):
     _, sums = synthetic_cifar
-    server = _ArchiveServer(synthetic_archive.read_bytes(), failures=2)
-    try:
-        result = train_cifar(preset="seed-baseline", root=str(tmp_path), skip_registry=True,
-                             data={"source": server.url, "checksums": sums, "train_size": 240,
-                                   "val_size": 60, "download_retries": 2,
-                                   "download_backoff_s": 0.01},
-                             train={**FAST_TRAIN, "epochs": 1})
-    finally:
-        server.close()
+    with _ArchiveServer(synthetic_archive.read_bytes(), failures=2) as server:
+        result = server.train_from(tmp_path, sums, retries=2)
     # 1 try + 2 task retries, one request each; the test below tells the one policy from two
     # stacked ones.
     assert server.hits == 3 and result["registered_version"] is None
@@ -350,16 +354,9 @@ def test_a_download_that_keeps_failing_is_tried_retries_plus_one_times(
     from cifarlab.data import DownloadError
 
     _, sums = synthetic_cifar
-    server = _ArchiveServer(synthetic_archive.read_bytes(), failures=10**6)
-    try:
-        with pytest.raises(DownloadError, match="503"):
-            train_cifar(preset="seed-baseline", root=str(tmp_path), skip_registry=True,
-                        data={"source": server.url, "checksums": sums, "train_size": 240,
-                              "val_size": 60, "download_retries": 2,
-                              "download_backoff_s": 0.01},
-                        train={**FAST_TRAIN, "epochs": 1})
-    finally:
-        server.close()
+    with _ArchiveServer(synthetic_archive.read_bytes(), failures=10**6) as server, \
+            pytest.raises(DownloadError, match="503"):
+        server.train_from(tmp_path, sums, retries=2)
     assert server.hits == 3  # not 3 task tries x 3 download attempts
     assert not (tmp_path / "runs").exists()
 
@@ -368,17 +365,10 @@ def test_a_wrong_archive_is_not_retried(synthetic_archive, synthetic_cifar, tmp_
     from cifarlab.data import DataError
 
     _, sums = synthetic_cifar
-    server = _ArchiveServer(synthetic_archive.read_bytes(), failures=0)
     wrong = {**sums, "test_batch": "0" * 32}
-    try:
-        with pytest.raises(DataError, match="test_batch has md5"):
-            train_cifar(preset="seed-baseline", root=str(tmp_path), skip_registry=True,
-                        data={"source": server.url, "checksums": wrong, "train_size": 240,
-                              "val_size": 60, "download_retries": 3,
-                              "download_backoff_s": 0.01},
-                        train={**FAST_TRAIN, "epochs": 1})
-    finally:
-        server.close()
+    with _ArchiveServer(synthetic_archive.read_bytes(), failures=0) as server, \
+            pytest.raises(DataError, match="test_batch has md5"):
+        server.train_from(tmp_path, wrong, retries=3)
     assert server.hits == 1  # the same bytes would fail the same way: no retry
 
 

@@ -63,14 +63,8 @@ def _client(root: Path) -> MlflowClient:
 
 def _progress(stack: LocalStack, flow_run_id: str) -> list[float]:
     """The progress artifacts of a flow run, as the Prefect UI shows them (percent)."""
-    import urllib.request
-
-    body = json.dumps({"artifacts": {"flow_run_id": {"any_": [flow_run_id]},
-                                     "type": {"any_": ["progress"]}}}).encode()
-    req = urllib.request.Request(f"{stack.api_url}/artifacts/filter", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req) as resp:
-        return [a["data"] for a in json.load(resp)]
+    return [a["data"] for a in stack.api("/artifacts/filter", {"artifacts": {
+        "flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["progress"]}}})]
 
 
 def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
@@ -130,10 +124,7 @@ def _flow_run_processes(marker: str) -> list[int]:
 
 
 def _flow_run_state(stack: LocalStack, flow_run_id: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{stack.api_url}/flow_runs/{flow_run_id}") as resp:
-        return json.load(resp)["state"]["type"]
+    return stack.api(f"/flow_runs/{flow_run_id}")["state"]["type"]
 
 
 def test_killed_training_is_resumed_by_the_next_run(stack, params):
