@@ -37,6 +37,29 @@ class TrackingUnavailable(RuntimeError):
     """The MLflow tracking store cannot be reached or written."""
 
 
+def _lost_insert_race(exc: Exception) -> bool:
+    """MLflow creates some rows by looking first, then inserting (an experiment by name, a
+    dataset by name and digest). Two runs doing it at the same moment both insert, and the
+    database refuses the second one's key: SQLite, PostgreSQL and MySQL say so in these words,
+    which the tracking server passes on."""
+    text = str(exc)
+    return any(s in text for s in ("UNIQUE constraint failed", "duplicate key value",
+                                   "Duplicate entry", "IntegrityError", "already exists"))
+
+
+def _retry_lost_race(call, attempts: int = 5):
+    """`call()`, again when it lost an insert race: the row it wanted now exists, and the next
+    try finds it instead of inserting it (the failed transaction was rolled back whole)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == attempts - 1 or not _lost_insert_race(exc):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def tracking_uri(root: Path) -> str:
     """`MLFLOW_TRACKING_URI` when set, else the SQLite file `mlflow.db` in the project root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
@@ -80,14 +103,21 @@ def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
             raise TrackingUnavailable(f"MLflow tracking store {shown} is not writable")
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        found = client.get_experiment_by_name(experiment)
         # With a SQLite store, artifacts sit beside the database, not in the current folder.
         artifacts = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        exp_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=artifacts)
-        client.set_experiment_tag(exp_id, "pipeline.last_check", str(int(time.time())))
-        # MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, no runs).
-        client.set_experiment_tag(exp_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+
+        def experiment_id() -> str:  # (another host may create it at the same moment)
+            found = client.get_experiment_by_name(experiment)
+            return found.experiment_id if found else client.create_experiment(
+                experiment, artifact_location=artifacts)
+
+        def tag() -> None:  # (tags too are created by looking first, then inserting)
+            client.set_experiment_tag(exp_id, "pipeline.last_check", str(int(time.time())))
+            # MLflow 3's UI opens an experiment without this tag as a GenAI one (no runs).
+            client.set_experiment_tag(exp_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+
+        exp_id = _retry_lost_race(experiment_id)
+        _retry_lost_race(tag)
     except Exception as exc:  # any failure here means: do not start training
         raise TrackingUnavailable(
             f"MLflow tracking store {shown} is unreachable or unwritable: {exc}") from exc
@@ -359,7 +389,9 @@ def log_datasets(store: Store, run_id: str, run: Any) -> None:
         ds = MetaDataset(source=src, name=f"cifar10-{context}-{len(idx)}", digest=digest)
         inputs.append(DatasetInput(ds._to_mlflow_entity(),
                                    tags=[InputTag("mlflow.data.context", context)]))
-    store.client.log_inputs(run_id, datasets=inputs)
+    # Every run of a split logs the same datasets: runs finishing together race to create them.
+    client = store.client
+    _retry_lost_race(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
 @contextlib.contextmanager

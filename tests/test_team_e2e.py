@@ -165,7 +165,9 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
     (parent,) = _runs(client, "tags.sweep_role = 'parent'")
     children = _runs(client, f"tags.sweep_id = '{parent.data.tags['sweep_id']}' and "
                              "tags.sweep_role = 'child'")
-    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert len(children) == 4, [c.info.run_id for c in children]
+    assert all(c.info.status == "FINISHED" for c in children), [
+        (c.info.run_id, c.info.status, c.data.tags.get("failure")) for c in children]
     # Both hosts trained; each ran its own checkout, root and data, one run at a time.
     by_host = {}
     for c in children:
@@ -228,6 +230,32 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
     body = json.loads(answer.stdout)
     assert body["label"] in {c["label"] for c in body["top_k"]}
     assert body["model"]["version"] == str(champion.version)
+
+
+def test_hosts_writing_the_same_new_rows_at_once_on_the_team_server(team, monkeypatch, tmp_path):
+    """PostgreSQL refuses the second of two inserts of one key (a sweep's children logging
+    their shared split, two hosts creating an experiment): the loser retries and finds it.
+    Without the retry, this is the child run a sweep once lost to `duplicate key value`."""
+    from types import SimpleNamespace
+
+    from flows import tracking
+    from tests.test_tracking import WRITERS, _all_at_once
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, team["join"][key])
+    ids: list[str] = []
+    errors = _all_at_once(lambda _: ids.append(
+        tracking.open_store(tmp_path, experiment="race-study").experiment_id), range(WRITERS))
+    assert not errors and len(set(ids)) == 1, errors
+    store = tracking.open_store(tmp_path, experiment="race-study")
+    runs = [store.client.create_run(store.experiment_id).info.run_id for _ in range(WRITERS)]
+    trained = SimpleNamespace(
+        config=SimpleNamespace(data=SimpleNamespace(source=str(tmp_path))),
+        data=SimpleNamespace(folder=tmp_path),
+        split=SimpleNamespace(digest="same-split", train_idx=np.arange(40), val_idx=np.arange(10)))
+    errors = _all_at_once(lambda run_id: tracking.log_datasets(store, run_id, trained), runs)
+    assert not errors, errors
+    assert all(len(store.client.get_run(r).inputs.dataset_inputs) == 2 for r in runs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""The MLflow store under runs that write at the same moment (several workers, a sweep's
+children finishing together), on a real SQLite store.
+
+MLflow creates experiments, experiment tags and datasets by looking, then inserting: two
+writers at once both insert and the database refuses the second. These tests line threads up
+on a barrier so the writes collide; without the retry in `flows.tracking` most of them fail
+with `UNIQUE constraint failed`.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from flows import tracking
+
+WRITERS = 6
+
+
+def _all_at_once(fn, args) -> list[BaseException]:
+    """Run fn(arg) for each arg on its own thread, released together; the errors raised."""
+    barrier, errors = threading.Barrier(len(args)), []
+
+    def go(arg):
+        barrier.wait()
+        try:
+            fn(arg)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+@pytest.fixture()
+def store_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.open_store(tmp_path)  # the schema, once (MLflow migrates a new file)
+    return tmp_path
+
+
+def test_runs_logging_the_same_split_at_once_all_record_it(store_root):
+    store = tracking.open_store(store_root)
+    runs = [store.client.create_run(store.experiment_id).info.run_id for _ in range(WRITERS)]
+    trained = SimpleNamespace(  # what log_datasets reads of a TrainedRun
+        config=SimpleNamespace(data=SimpleNamespace(source=str(store_root))),
+        data=SimpleNamespace(folder=store_root),
+        split=SimpleNamespace(digest="same-split", train_idx=np.arange(40), val_idx=np.arange(10)))
+
+    errors = _all_at_once(lambda run_id: tracking.log_datasets(store, run_id, trained), runs)
+
+    assert not errors, errors
+    for run_id in runs:
+        inputs = store.client.get_run(run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.name for i in inputs) == ["cifar10-training-40",
+                                                          "cifar10-validation-10"]
+
+
+def test_hosts_opening_a_new_experiment_at_once_share_one(store_root):
+    ids: list[str] = []
+    errors = _all_at_once(
+        lambda _: ids.append(tracking.open_store(store_root, experiment="new-study").experiment_id),
+        range(WRITERS))
+
+    assert not errors, errors
+    assert len(ids) == WRITERS and len(set(ids)) == 1
+
+
+def test_other_store_errors_are_not_retried():
+    calls = []
+
+    def refuse():
+        calls.append(1)
+        raise RuntimeError("permission denied for table datasets")
+
+    with pytest.raises(RuntimeError, match="permission denied"):
+        tracking._retry_lost_race(refuse)
+    assert len(calls) == 1
