@@ -49,6 +49,7 @@ class EpochMetrics:
     epoch_seconds: float
     images_per_second: float
     train_seconds: float  # cumulative training time so far
+    val_images: int = 0  # how many validation images val_* are measured on (0: not recorded)
 
 
 EpochHook = Callable[[EpochMetrics, nn.Module], None]
@@ -235,7 +236,7 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
     start_epoch = _resume(s, ckpt_path) if ckpt_path.exists() else 0
     while s.epoch < config.train.epochs and not s.stopped_early:
         trained = _train_epoch(s, train_x, train_y, progress)
-        metrics = _validate(s, val_x, val_y, trained)
+        metrics = _validate(s, *_epoch_validation(s, val_x, val_y), trained)
         _save_atomic(_checkpoint(s), ckpt_path)
         # The hooks (which log the epoch) run once it is saved: a run killed in between resumes
         # after this epoch, so no epoch is ever logged twice.
@@ -352,6 +353,17 @@ def _train_epoch(s: _Session, train_x: torch.Tensor, train_y: torch.Tensor,
     return _EpochTrained(loss_sum.item() / seen, correct.item() / seen, seconds, seen, factor)
 
 
+def _epoch_validation(s: _Session, val_x: torch.Tensor,
+                      val_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What this epoch is validated on: the first `val_images_per_epoch` images (enough for a
+    progress line), or all of them after the last epoch and under early stopping."""
+    cfg = s.config.train
+    n = cfg.val_images_per_epoch
+    if n is None or s.epoch >= cfg.epochs or cfg.early_stopping_patience is not None:
+        return val_x, val_y
+    return val_x[:n], val_y[:n]
+
+
 def _validate(s: _Session, val_x: torch.Tensor, val_y: torch.Tensor,
               t: _EpochTrained) -> EpochMetrics:
     """Evaluate the weights that would be kept (the average, where one is kept) on validation;
@@ -363,7 +375,8 @@ def _validate(s: _Session, val_x: torch.Tensor, val_y: torch.Tensor,
     metrics = EpochMetrics(
         epoch=s.epoch, train_loss=t.loss, train_accuracy=t.accuracy, val_loss=val.loss,
         val_accuracy=val.accuracy, lr=cfg.lr * t.lr_factor, epoch_seconds=t.seconds,
-        images_per_second=t.images / t.seconds, train_seconds=s.train_seconds)
+        images_per_second=t.images / t.seconds, train_seconds=s.train_seconds,
+        val_images=len(val_x))
     s.history.append(metrics)
     if val.loss < s.best_val:
         s.best_val, s.bad_epochs = val.loss, 0

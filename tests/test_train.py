@@ -141,6 +141,21 @@ def test_early_stopping_on_validation_loss(tmp_path):
     assert losses[-1] >= min(losses[:-1])
 
 
+def test_epochs_validate_on_a_subset_and_the_last_on_every_image(tmp_path):
+    cfg = _config("seed-baseline", epochs=3, val_images_per_epoch=50)
+    result = train(cfg, *TRAIN, *VAL, tmp_path / "subset")
+    assert [h.val_images for h in result.history] == [50, 50, len(VAL[0])]
+    # Validation only measures: the same seed trains the same weights either way.
+    full = train(_config("seed-baseline", epochs=3), *TRAIN, *VAL, tmp_path / "full")
+    assert [h.val_images for h in full.history] == [len(VAL[0])] * 3
+    assert full.history[-1].val_loss == pytest.approx(result.history[-1].val_loss)
+    assert full.history[0].val_loss != pytest.approx(result.history[0].val_loss)
+    # Early stopping compares epochs on the same images: all of them.
+    patient = train(_config("seed-baseline", epochs=2, val_images_per_epoch=50,
+                            early_stopping_patience=5), *TRAIN, *VAL, tmp_path / "patient")
+    assert [h.val_images for h in patient.history] == [len(VAL[0])] * 2
+
+
 @pytest.mark.parametrize("schedule", ["constant", "warmup_linear", "onecycle"])
 def test_lr_schedules(schedule):
     cfg = _config("fast", schedule=schedule).train
