@@ -81,7 +81,7 @@ bench-team: setup  ## one sweep on 1 and on 2 worker hosts; tracking cost, SQLit
 	$(PY) benchmarks/team_scaling.py
 
 bench: setup  ## training speed and accuracy of the presets on the real data -> benchmarks/results
-	$(PY) benchmarks/train_presets.py --presets fast-cpu-quick seed-baseline fast-cpu --out benchmarks/results/train-cpu-flops.json
+	$(PY) benchmarks/train_presets.py --presets fast-cpu-quick seed-baseline fast-cpu --report-tta flip_translate --out benchmarks/results/train-cpu-flops.json
 
 clean:
 	rm -rf runs splits data benchmarks/.work .pytest_cache

@@ -1,6 +1,8 @@
 """Fixed cost of orchestration and tracking around training, measured through the real path.
 
     python benchmarks/flow_overhead.py [--runs 3] [--epochs 2] [--preset seed-baseline]
+    python benchmarks/flow_overhead.py --preset fast-cpu --epochs 10 --runs 1 \
+        --out benchmarks/results/default-run-overhead.json   # the whole default run
 
 Starts the local stack (Prefect server, pool, worker) in a temporary root, runs
 `prefect deployment run train-cifar/<preset> --watch` on the real data, and reports:
@@ -140,6 +142,8 @@ def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epo
     in_run = (_at(fr["end_time"]) - _at(fr["start_time"])).total_seconds()
     train_s = run.data.metrics["train_seconds"]
     return {
+        "val_accuracy": run.data.metrics.get("final_val_accuracy"),
+        "test_accuracy": run.data.metrics.get("test_accuracy"),
         "deployment_run_wall_seconds": round(wall, 2),
         "training_seconds": round(train_s, 2),
         "overhead_seconds": round(wall - train_s, 2),

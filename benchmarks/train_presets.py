@@ -2,6 +2,7 @@
 
     python benchmarks/train_presets.py --presets seed-baseline fast-cpu-quick fast-cpu
     python benchmarks/train_presets.py --presets fast-cpu --train '{"epochs": 8}' --out X.json
+    python benchmarks/train_presets.py --presets fast-cpu --report-tta flip_translate
 
 For each preset: training seconds (evaluation excluded), images/s, validation and test accuracy
 of the exported ONNX model (what is served; with the preset's TTA only when `serve_tta` bakes it
@@ -177,6 +178,9 @@ def main() -> None:
                         help='model overrides as JSON, e.g. \'{"options": {"widths": [32, 128, 128]}}\'')
     parser.add_argument("--train", type=json.loads, default={},
                         help='train overrides as JSON for every preset, e.g. \'{"epochs": 8}\'')
+    parser.add_argument("--report-tta", choices=["flip", "flip_translate"], default=None,
+                        help="also measure this unserved TTA for the fast-net presets that "
+                             "measure none (the CPU presets; the README table's TTA column)")
     parser.add_argument("--root", type=Path, default=None,
                         help="folder for splits and checkpoints (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None,
@@ -195,7 +199,11 @@ def main() -> None:
         root = args.root or Path(tmp)
         for name in args.presets:
             print(f"training {name} ...", flush=True)
-            results["runs"].append(bench_preset(name, args.source, root, args.train, gemm,
+            train = dict(args.train)
+            if args.report_tta and "tta" not in train and preset(name).model.name == "fast" \
+                    and preset(name).train.tta == "none":
+                train["tta"] = args.report_tta
+            results["runs"].append(bench_preset(name, args.source, root, train, gemm,
                                                 args.model))
     # The GEMM again after training: a machine that got busier in between shows here.
     results["gemm_gflop_per_second_fp32_after"] = round(gemm_flops_per_second(device) / 1e9, 1)

@@ -103,6 +103,18 @@ class TrainConfig(_Strict):
     seed: int = 0
     compile: bool = Field(False, description="torch.compile the model (pays off on long runs)")
 
+    @model_validator(mode="after")
+    def _check_tta(self) -> TrainConfig:
+        if self.serve_tta and self.tta == "none":
+            raise ValueError("serve_tta is true but tta is 'none': name the TTA to serve "
+                             "(tta 'flip' or 'flip_translate')")
+        return self
+
+
+# Settings that change what is measured while training, not what is trained: a run with another
+# value has the same config hash and resumes the same checkpoint.
+MEASUREMENT_ONLY: dict[str, Any] = {"train": {"val_images_per_epoch"}}
+
 
 class RunConfig(_Strict):
     """Everything one training run needs besides its root folder."""
@@ -135,9 +147,10 @@ _FAST_TRAIN = dict(
 # On a CPU, what is evaluated besides the served model costs training time: 10,000 validation
 # images after each of 10 epochs and the unserved TTA's 6 views of 20,000 images are 220,000
 # forward passes, about 150 s at the 1,300-1,600 images/s of benchmarks/results/
-# eval-batch-cpu.json, a fifth of fast-cpu's training (train-cpu-flops.json). So the CPU presets validate each epoch on 2,000 images
-# (all 10,000 after the last) and measure no unserved TTA: `train={"tta": "flip_translate"}`
-# measures it again, `"serve_tta": true` serves it.
+# eval-batch-cpu.json, a fifth of fast-cpu's training (train-cpu-flops.json). So the CPU
+# presets validate each epoch on 2,000 images (all 10,000 after the last) and measure no
+# unserved TTA: `train={"tta": "flip_translate"}` measures it again, and with
+# `"serve_tta": true` as well it is served.
 _CPU_EVAL = dict(val_images_per_epoch=2000, tta="none")
 
 PRESETS: dict[str, dict[str, Any]] = {

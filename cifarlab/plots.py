@@ -22,12 +22,15 @@ def plot_learning_curves(history: Sequence, path: Path) -> Path:
     """Train/validation loss and accuracy per epoch, side by side."""
     plt = pyplot()
     epochs = [h.epoch for h in history]
+    sizes = sorted({getattr(h, "val_images", 0) for h in history} - {0})
+    val = (f"validation ({sizes[0]:,} images per epoch, {sizes[-1]:,} at the end)"
+           if len(sizes) > 1 else "validation")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h.train_loss for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h.val_loss for h in history], "o-", label="validation")
+    ax_loss.plot(epochs, [h.val_loss for h in history], "o-", label=val)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     ax_acc.plot(epochs, [100 * h.train_accuracy for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [100 * h.val_accuracy for h in history], "o-", label="validation")
+    ax_acc.plot(epochs, [100 * h.val_accuracy for h in history], "o-", label=val)
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

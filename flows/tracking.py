@@ -41,10 +41,13 @@ def _lost_insert_race(exc: Exception) -> bool:
     """MLflow creates some rows by looking first, then inserting (an experiment by name, a
     dataset by name and digest). Two runs doing it at the same moment both insert, and the
     database refuses the second one's key: SQLite, PostgreSQL and MySQL say so in these words,
-    which the tracking server passes on."""
-    text = str(exc)
-    return any(s in text for s in ("UNIQUE constraint failed", "duplicate key value",
-                                   "Duplicate entry", "IntegrityError", "already exists"))
+    which the tracking server passes on. Nothing else (a foreign key, a missing value) is a
+    race."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and any(
+        s in str(exc) for s in ("UNIQUE constraint failed", "duplicate key value",
+                                "Duplicate entry"))
 
 
 def _retry_lost_race(call, attempts: int = 5):

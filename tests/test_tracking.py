@@ -73,13 +73,36 @@ def test_hosts_opening_a_new_experiment_at_once_share_one(store_root):
     assert len(ids) == WRITERS and len(set(ids)) == 1
 
 
-def test_other_store_errors_are_not_retried():
+def test_a_lost_race_is_retried_and_other_errors_are_not():
+    from mlflow.exceptions import MlflowException
+
     calls = []
+
+    def lose_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates '
+                                  'unique constraint "dataset_pk"', error_code="BAD_REQUEST")
+        return "logged"
+
+    assert tracking._retry_lost_race(lose_once) == "logged" and len(calls) == 2
+
+    calls.clear()
 
     def refuse():
         calls.append(1)
-        raise RuntimeError("permission denied for table datasets")
+        raise MlflowException("FOREIGN KEY constraint failed", error_code="BAD_REQUEST")
 
-    with pytest.raises(RuntimeError, match="permission denied"):
+    with pytest.raises(MlflowException, match="FOREIGN KEY"):
         tracking._retry_lost_race(refuse)
     assert len(calls) == 1
+
+    calls.clear()
+
+    def always_lose():
+        calls.append(1)
+        raise MlflowException("UNIQUE constraint failed: datasets.name", error_code="BAD_REQUEST")
+
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        tracking._retry_lost_race(always_lose, attempts=3)
+    assert len(calls) == 3

@@ -10,7 +10,7 @@ import torch
 
 from cifarlab.config import RunConfig, preset
 from cifarlab.evaluate import evaluate, score
-from cifarlab.experiment import run_experiment
+from cifarlab.experiment import config_hash, run_experiment
 from cifarlab.tensors import translate
 from cifarlab.train import CHECKPOINT_NAME, CheckpointError, lr_factor, train
 from models import model_names
@@ -141,6 +141,24 @@ def test_early_stopping_on_validation_loss(tmp_path):
     assert losses[-1] >= min(losses[:-1])
 
 
+def test_the_validation_subset_is_not_part_of_the_run_identity(tmp_path):
+    # It changes what is measured, not what is trained: same config hash, and a run cut off
+    # under one setting resumes under another (its checkpoint is accepted).
+    subset = _config("seed-baseline", epochs=3, val_images_per_epoch=50)
+    full = _config("seed-baseline", epochs=3)
+    assert config_hash(subset) == config_hash(full)
+
+    def cut(metrics, _model):
+        if metrics.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(subset, *TRAIN, *VAL, tmp_path, hooks=[cut])
+    resumed = train(full, *TRAIN, *VAL, tmp_path)
+    assert resumed.resumed_from_epoch == 1
+    assert [h.val_images for h in resumed.history] == [50, len(VAL[0]), len(VAL[0])]
+
+
 def test_epochs_validate_on_a_subset_and_the_last_on_every_image(tmp_path):
     cfg = _config("seed-baseline", epochs=3, val_images_per_epoch=50)
     result = train(cfg, *TRAIN, *VAL, tmp_path / "subset")
@@ -198,6 +216,10 @@ def test_presets_and_validation():
         preset("seed-baseline", model={"name": "vgg"})
     with pytest.raises(ValueError, match="exceeds"):
         preset("seed-baseline", data={"train_size": 45_000, "val_size": 6_000})
+    # Serving a TTA needs one: fast-cpu measures none by default.
+    with pytest.raises(ValueError, match="serve_tta is true but tta is 'none'"):
+        preset("fast-cpu", train={"serve_tta": True})
+    assert preset("fast-cpu", train={"serve_tta": True, "tta": "flip"}).train.serve_tta
 
 
 def test_run_experiment_writes_results_and_plots(synthetic_cifar, tmp_path):
