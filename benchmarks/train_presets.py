@@ -121,7 +121,8 @@ def bench_preset(name: str, source: str, root: Path, train: dict[str, object],
                         tta=served_tta, channels_last=config.train.channels_last,
                         amp_dtype=amp)
         curve.append({"epoch": metrics.epoch, "train_seconds": round(metrics.train_seconds, 2),
-                      "val_accuracy": metrics.val_accuracy, "test_accuracy": test.accuracy})
+                      "val_accuracy": metrics.val_accuracy, "val_images": metrics.val_images,
+                      "test_accuracy": test.accuracy})
         print(f"  {name} epoch {metrics.epoch}: {metrics.train_seconds:.1f} s, "
               f"val {100 * metrics.val_accuracy:.2f}%, test {100 * test.accuracy:.2f}%",
               flush=True)
@@ -200,8 +201,9 @@ def main() -> None:
         for name in args.presets:
             print(f"training {name} ...", flush=True)
             train = dict(args.train)
-            if args.report_tta and "tta" not in train and preset(name).model.name == "fast" \
-                    and preset(name).train.tta == "none":
+            chosen = preset(name, train=train, **({"model": args.model} if args.model else {}))
+            if args.report_tta and "tta" not in train and not chosen.train.serve_tta \
+                    and chosen.model.name == "fast" and chosen.train.tta == "none":
                 train["tta"] = args.report_tta
             results["runs"].append(bench_preset(name, args.source, root, train, gemm,
                                                 args.model))
