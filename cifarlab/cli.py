@@ -90,12 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             bar.n = step
             bar.refresh()
 
-    def subset(m) -> str:
-        return f" ({m.val_images} images)" if 0 < m.val_images < config.data.val_size else ""
-
     def on_epoch(m, _model) -> None:
+        val = m.val_subset_note(config.data.val_size)
         line = (f"epoch {m.epoch}: train loss {m.train_loss:.3f} acc {100 * m.train_accuracy:.2f}%"
-                f" | val{subset(m)} loss {m.val_loss:.3f} acc {100 * m.val_accuracy:.2f}%"
+                f" | val{val} loss {m.val_loss:.3f} acc {100 * m.val_accuracy:.2f}%"
                 f" | {m.epoch_seconds:.1f} s, {m.images_per_second:.0f} img/s")
         (bar.write if bar is not None else print)(line)
 

@@ -51,6 +51,10 @@ class EpochMetrics:
     train_seconds: float  # cumulative training time so far
     val_images: int = 0  # how many validation images val_* are measured on (0: not recorded)
 
+    def val_subset_note(self, val_size: int) -> str:
+        """' (2000 images)' when this epoch was validated on fewer than all `val_size`."""
+        return f" ({self.val_images} images)" if 0 < self.val_images < val_size else ""
+
 
 EpochHook = Callable[[EpochMetrics, nn.Module], None]
 

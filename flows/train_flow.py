@@ -119,12 +119,10 @@ def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Stor
         }, step=m.epoch)
         logged.add(m.epoch)
         left = (total - m.epoch) * m.train_seconds / m.epoch
-        subset = (f" ({m.val_images} images)"
-                  if 0 < m.val_images < config.data.val_size else "")
         logger.info("epoch %d/%d: train loss %.3f acc %.2f%% | val%s loss %.3f acc %.2f%% | "
                     "%.1f s, about %s of training left", m.epoch, total, m.train_loss,
-                    100 * m.train_accuracy, subset, m.val_loss, 100 * m.val_accuracy,
-                    m.epoch_seconds, _duration(left))
+                    100 * m.train_accuracy, m.val_subset_note(config.data.val_size), m.val_loss,
+                    100 * m.val_accuracy, m.epoch_seconds, _duration(left))
         update_progress_artifact(progress, 100.0 * m.epoch / total)
 
     # The fetch task verified the data and owns the retries: none here.

@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -236,10 +235,8 @@ def test_hosts_writing_the_same_new_rows_at_once_on_the_team_server(team, monkey
     """PostgreSQL refuses the second of two inserts of one key (a sweep's children logging
     their shared split, two hosts creating an experiment): the loser retries and finds it.
     Without the retry, this is the child run a sweep once lost to `duplicate key value`."""
-    from types import SimpleNamespace
-
     from flows import tracking
-    from tests.test_tracking import WRITERS, _all_at_once
+    from tests.test_tracking import WRITERS, _all_at_once, trained_on_one_split
 
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(key, team["join"][key])
@@ -249,10 +246,7 @@ def test_hosts_writing_the_same_new_rows_at_once_on_the_team_server(team, monkey
     assert not errors and len(set(ids)) == 1, errors
     store = tracking.open_store(tmp_path, experiment="race-study")
     runs = [store.client.create_run(store.experiment_id).info.run_id for _ in range(WRITERS)]
-    trained = SimpleNamespace(
-        config=SimpleNamespace(data=SimpleNamespace(source=str(tmp_path))),
-        data=SimpleNamespace(folder=tmp_path),
-        split=SimpleNamespace(digest="same-split", train_idx=np.arange(40), val_idx=np.arange(10)))
+    trained = trained_on_one_split(tmp_path)
     errors = _all_at_once(lambda run_id: tracking.log_datasets(store, run_id, trained), runs)
     assert not errors, errors
     assert all(len(store.client.get_run(r).inputs.dataset_inputs) == 2 for r in runs)

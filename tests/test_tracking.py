@@ -39,6 +39,14 @@ def _all_at_once(fn, args) -> list[BaseException]:
     return errors
 
 
+def trained_on_one_split(root):
+    """What `tracking.log_datasets` reads of a TrainedRun: every run of one split."""
+    return SimpleNamespace(
+        config=SimpleNamespace(data=SimpleNamespace(source=str(root))),
+        data=SimpleNamespace(folder=root),
+        split=SimpleNamespace(digest="same-split", train_idx=np.arange(40), val_idx=np.arange(10)))
+
+
 @pytest.fixture()
 def store_root(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -49,10 +57,7 @@ def store_root(tmp_path, monkeypatch):
 def test_runs_logging_the_same_split_at_once_all_record_it(store_root):
     store = tracking.open_store(store_root)
     runs = [store.client.create_run(store.experiment_id).info.run_id for _ in range(WRITERS)]
-    trained = SimpleNamespace(  # what log_datasets reads of a TrainedRun
-        config=SimpleNamespace(data=SimpleNamespace(source=str(store_root))),
-        data=SimpleNamespace(folder=store_root),
-        split=SimpleNamespace(digest="same-split", train_idx=np.arange(40), val_idx=np.arange(10)))
+    trained = trained_on_one_split(store_root)
 
     errors = _all_at_once(lambda run_id: tracking.log_datasets(store, run_id, trained), runs)
 
