@@ -9,12 +9,18 @@ model beats the champion's exported model on images that neither of them trained
 3. Promotion: higher accuracy on those images; with `min_significance` also McNemar's exact
    p-value below it. The test set plays no part.
 
+Each run records the classes its ONNX file gives its validation images, with the file's
+SHA-256 (`val_predictions.npz`, written where the flow evaluates that file). A comparison reads
+a model's classes from that record when it was made for the very file it compares, and runs
+the file only when there is no such record (a run from before it, or other images).
+
 Every verdict is written on the new version (tags) and, with a comparison, as a report (markdown,
 confusion-difference heat map, gallery of disagreements) in the challenger's MLflow run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +37,7 @@ from flows import locks, tracking
 
 MIN_SHARED_IMAGES = 2000
 REPORT_FOLDER = "champion_comparison"
+PREDICTIONS_FILE = "val_predictions.npz"
 
 
 class SplitUnknown(RuntimeError):
@@ -102,17 +109,61 @@ def _predict(onnx_path: Path, images: torch.Tensor) -> np.ndarray:
     return onnx_logits(onnx_path, images).argmax(axis=1)
 
 
-def _challenger_pred(onnx_path: Path, images: torch.Tensor, shared: np.ndarray,
-                     known: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-    """The challenger's classes on the shared images: looked up where already known."""
-    if known is not None:
-        idx, pred = (np.asarray(a) for a in known)
-        order = np.argsort(idx)
-        pos = np.searchsorted(idx, shared, sorter=order)
-        hit = order[np.minimum(pos, len(idx) - 1)]
-        if len(idx) and np.array_equal(idx[hit], shared):
-            return pred[hit]
-    return _predict(onnx_path, images)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_predictions(store: tracking.Store, run_id: str, onnx_path: Path,
+                       val_idx: np.ndarray, pred: np.ndarray) -> None:
+    """Save the classes `onnx_path` gives the validation images `val_idx` (indices into the
+    training set) as the run's artifact PREDICTIONS_FILE, with the file's SHA-256."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / PREDICTIONS_FILE
+        np.savez_compressed(path, val_idx=np.asarray(val_idx, dtype=np.int64),
+                            pred=np.asarray(pred, dtype=np.int16),
+                            onnx_sha256=np.array(_sha256(onnx_path)))
+        store.client.log_artifact(run_id, str(path))
+
+
+def recorded_predictions(store: tracking.Store, run_id: str,
+                         onnx_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(indices, classes) that the run recorded for this very file; None when it recorded
+    none, or recorded them for another file."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = store.client.download_artifacts(run_id, PREDICTIONS_FILE, tmp)
+            with np.load(local) as z:
+                if str(z["onnx_sha256"]) != _sha256(onnx_path):
+                    return None
+                return z["val_idx"], z["pred"]
+    except Exception:  # noqa: BLE001 - no usable record: the file is run instead
+        return None
+
+
+def _look_up(known: tuple[np.ndarray, np.ndarray] | None, shared: np.ndarray) -> np.ndarray | None:
+    """The classes of `known` = (indices, classes) on the images `shared`, if it has them all."""
+    if known is None:
+        return None
+    idx, pred = (np.asarray(a) for a in known)
+    if not len(idx):
+        return None
+    order = np.argsort(idx)
+    hit = order[np.minimum(np.searchsorted(idx, shared, sorter=order), len(idx) - 1)]
+    return pred[hit] if np.array_equal(idx[hit], shared) else None
+
+
+def _classes(store: tracking.Store, run_id: str, onnx_path: Path, images: torch.Tensor,
+             shared: np.ndarray, known: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """A model's classes on the shared images: from `known` or the run's record of this very
+    file where they hold them all, else by running the file."""
+    found = _look_up(known, shared)
+    if found is None:
+        found = _look_up(recorded_predictions(store, run_id, onnx_path), shared)
+    return found if found is not None else _predict(onnx_path, images)
 
 
 def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, data: Cifar10,
@@ -145,13 +196,13 @@ def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, 
         with tempfile.TemporaryDirectory() as tmp:
             champion_onnx = tracking.download_onnx(store, tracking.version_uri(store, champion),
                                                    Path(tmp))
-            champion_pred = _predict(champion_onnx, images)
+            champion_pred = _classes(store, champion.run_id, champion_onnx, images, shared)
     except Exception as exc:  # noqa: BLE001 - a broken champion must not block every new run
         return Verdict(False, f"not compared: champion v{champion.version}'s model could not be "
                        f"fetched or run ({type(exc).__name__}: {exc})"[:2000], champion.version,
                        shared_idx=shared)
-    comparison = cmp.compare(truth, champion_pred, _challenger_pred(challenger_onnx, images,
-                                                                    shared, known),
+    challenger_pred = _classes(store, challenger_run_id, challenger_onnx, images, shared, known)
+    comparison = cmp.compare(truth, champion_pred, challenger_pred,
                              f"v{champion.version} (champion)", "this model (challenger)")
     t = comparison.test
     stats = (f"{100 * t.challenger_correct / t.n:.2f} % vs {100 * t.champion_correct / t.n:.2f} % "

@@ -167,6 +167,7 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
 
     from cifarlab.constants import MEAN, STD
     from cifarlab.experiment import evaluate_run, summarise, write_results
+    from flows import champion
     from cifarlab.export import onnx_latency_ms
     from cifarlab.tensors import normalize
 
@@ -188,6 +189,9 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
     # links them to it and records them on the run too.
     tracking.log_metrics(store, run_id, {k: v for k, v in metrics.items() if "." in k})
     tracking.log_files(store, run_id, {k: run.files[k] for k in ("confusion_matrix", "results")})
+    # What this file answers on the validation images: a later champion comparison with this
+    # model reads them instead of running it again.
+    champion.record_predictions(store, run_id, ex.path, run.split.val_idx, ev.val.predictions)
     weights = run.run_dir / "weights.pt"
     torch.save(run.trained.model.state_dict(), weights)
     tracking.log_files(store, run_id, {"weights": weights})

@@ -127,6 +127,54 @@ def test_better_with_tta_but_worse_as_served_loses_and_wins_once_tta_is_served(w
     assert client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version == mv.version
 
 
+def _count_runs_of_models(monkeypatch) -> list:
+    """The ONNX files the champion rule runs from here on (it reads records instead where it can)."""
+    ran, real = [], champion._predict
+    monkeypatch.setattr(champion, "_predict", lambda path, images: ran.append(path) or
+                        real(path, images))
+    return ran
+
+
+def _register_recorded_champion(world, recorded_for=None, recorded_classes=None):
+    """A champion (90 %) whose run recorded its classes on its validation images, for its own
+    file or for `recorded_for`."""
+    run_id, logged, path = _logged_run(world, BarReader(confuse_truck=True))
+    images, _ = _val(world)
+    split = stratified_split(world["data"].train_labels.numpy(), 240, 60, 0)
+    champion.record_predictions(
+        world["store"], run_id, recorded_for or path, split.val_idx,
+        champion._predict(path, images) if recorded_classes is None else recorded_classes)
+    done = champion.register(world["store"], run_id, logged.model_uri, path, world["data"],
+                             tags={}, model_id=logged.model_id, min_shared_images=50)
+    assert done.registration.alias == "champion"
+
+
+def test_the_champion_recorded_on_the_shared_images_is_not_run_again(world, monkeypatch):
+    _register_recorded_champion(world)
+    ran = _count_runs_of_models(monkeypatch)
+
+    baked = _register(world, BarReader(antisymmetric=1e4), tta="flip", min_shared_images=50)
+
+    t = baked.verdict.comparison.test
+    assert (t.n, t.challenger_correct, t.champion_correct) == (60, 60, 54)
+    # Only the challenger (no record of its own here) was run; the champion's classes were read.
+    assert [p.parent for p in ran] == [world["tmp"]]
+
+
+def test_a_record_made_for_another_file_is_not_believed(world, monkeypatch):
+    other = export_onnx(BarReader(), world["tmp"] / "other.onnx")
+    # The record claims the champion is always right, but it was made for another file.
+    _register_recorded_champion(world, recorded_for=other,
+                                recorded_classes=_val(world)[1].numpy())
+    ran = _count_runs_of_models(monkeypatch)
+
+    baked = _register(world, BarReader(antisymmetric=1e4), tta="flip", min_shared_images=50)
+
+    t = baked.verdict.comparison.test
+    assert (t.n, t.challenger_correct, t.champion_correct) == (60, 60, 54)
+    assert len(ran) == 2  # the champion's own file was run
+
+
 def test_min_significance_holds_back_a_win_without_evidence(world):
     _register(world, BarReader(confuse_truck=True), min_shared_images=50)
     # 6 disagreements all one way: p = 0.03125, not below 0.01.

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -134,6 +135,13 @@ def _assert_val_accuracy_is_the_served_files(client, run, uri):
         onnx_file = download_onnx(store, version_uri(store, mv), Path(tmp))
         served = evaluate_onnx(onnx_file, data.train_images[split.val_idx],
                                data.train_labels[split.val_idx])
+        # The run's record of those classes (what a later champion comparison reads) is this
+        # file's, on these images.
+        from flows.champion import recorded_predictions
+        recorded = recorded_predictions(store, run.info.run_id, onnx_file)
+    assert recorded is not None
+    np.testing.assert_array_equal(recorded[0], split.val_idx)
+    np.testing.assert_array_equal(recorded[1], served.predictions)
     assert run.data.metrics["final_val_accuracy"] == pytest.approx(served.accuracy, abs=1e-9)
     assert float(mv.tags["val_accuracy"]) == pytest.approx(served.accuracy, abs=1e-6)
 

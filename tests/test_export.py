@@ -1,0 +1,52 @@
+"""The exported ONNX file: one self-contained file, a dynamic batch axis, and the same logits
+as PyTorch, from either torch exporter and with TTA in the graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cifarlab.export import (EXPORTERS, INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_session,
+                             servable)
+from models import build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model("seed-baseline")
+    # Non-trivial BatchNorm statistics, so that a graph that dropped them would be caught.
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(64, 3, 32, 32) * 2 + 0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("tta", ["none", "flip_translate"])
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_export_answers_any_batch_size_like_pytorch(model, tmp_path, exporter, tta):
+    path = export_onnx(model, tmp_path / "model.onnx", tta=tta, exporter=exporter)
+
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no side file of weights
+    graph = onnx.load(str(path)).graph
+    (inp,), (out,) = graph.input, graph.output
+    assert (inp.name, out.name) == (INPUT_NAME, OUTPUT_NAME)
+    batch_dim = inp.type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    session = onnx_session(path)
+    reference = servable(model, tta)
+    x = torch.randn(300, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for n in (1, 3, 300):
+        (logits,) = session.run(None, {INPUT_NAME: x[:n].numpy()})
+        with torch.no_grad():
+            expected = reference(x[:n]).numpy()
+        assert logits.shape == (n, 10)
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+def test_an_unknown_exporter_is_named(model, tmp_path):
+    with pytest.raises(ValueError, match="exporter='onnxmltools'"):
+        export_onnx(model, tmp_path / "model.onnx", exporter="onnxmltools")
