@@ -463,6 +463,7 @@ def test_uploads_over_the_budget_get_503_with_retry_after(served):
     each of the two workers can hold one body, the others are refused as soon as their bytes
     would pass the budget (503, Retry-After, JSON); once the held ones finish, the server takes
     uploads again. Clients that only *announce* big bodies hold nothing."""
+    import select
     import socket
     import time
 
@@ -482,7 +483,11 @@ def test_uploads_over_the_budget_get_503_with_retry_after(served):
             c.sendall(f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
                       f"Content-Length: {size}\r\n\r\n".encode() + b"\0" * (size - 10))
             conns.append(c)
-        time.sleep(2.0)
+        # Wait for the refusals (an answer to read) rather than for a fixed time.
+        deadline = time.monotonic() + 30
+        answered = []
+        while len(answered) < 4 and time.monotonic() < deadline:
+            answered, _, _ = select.select(conns, [], [], 0.2)
         refused, held = [], []
         for c in conns:
             c.settimeout(0.5)
@@ -609,7 +614,14 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(2)
+
+        def until(answered, what: str) -> None:
+            deadline = time.monotonic() + 60
+            while not all(answered(versions) for versions in seen):
+                assert time.monotonic() < deadline, f"the clients never {what}: {seen}"
+                time.sleep(0.1)
+
+        until(lambda versions: versions.count("1") >= 5, "had answers from version 1")
         client_ = MlflowClient(uri, uri)
         old = client_.get_model_version_by_alias("cifar10-classifier", "champion")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the registry resolves models:/ URIs
@@ -622,10 +634,8 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
             env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True,
             timeout=120)
         assert imported.returncode == 0, imported.stderr
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(s_ and s_[-1] == "2" for s_ in seen):
-            time.sleep(0.5)
-        time.sleep(1)
+        # Each client sees the switch, then keeps being answered by version 2.
+        until(lambda versions: versions.count("2") >= 5, "had answers from version 2")
         stop.set()
         for t in threads:
             t.join(timeout=60)
