@@ -50,6 +50,7 @@ class EpochMetrics:
     images_per_second: float
     train_seconds: float  # cumulative training time so far
     val_images: int = 0  # how many validation images val_* are measured on (0: not recorded)
+    val_seconds: float = 0.0  # how long that validation took (0: not recorded)
 
     def val_subset_note(self, val_size: int) -> str:
         """' (2000 images)' when this epoch was validated on fewer than all `val_size`."""
@@ -374,14 +375,16 @@ def _validate(s: _Session, val_x: torch.Tensor, val_y: torch.Tensor,
     """Evaluate the weights that would be kept (the average, where one is kept) on validation;
     record the epoch and the early-stopping count."""
     cfg = s.config.train
+    started = time.perf_counter()
     with _averaged(s):
         val = evaluate(s.model, val_x, val_y, device=s.device, channels_last=cfg.channels_last,
                        amp_dtype=s.amp)
+    val_seconds = time.perf_counter() - started
     metrics = EpochMetrics(
         epoch=s.epoch, train_loss=t.loss, train_accuracy=t.accuracy, val_loss=val.loss,
         val_accuracy=val.accuracy, lr=cfg.lr * t.lr_factor, epoch_seconds=t.seconds,
         images_per_second=t.images / t.seconds, train_seconds=s.train_seconds,
-        val_images=len(val_x))
+        val_images=len(val_x), val_seconds=val_seconds)
     s.history.append(metrics)
     if val.loss < s.best_val:
         s.best_val, s.bad_epochs = val.loss, 0

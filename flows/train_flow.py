@@ -115,7 +115,8 @@ def train_model(config: RunConfig, root: str, run_dir: str, store: tracking.Stor
             "train_loss": m.train_loss, "train_accuracy": m.train_accuracy,
             "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr,
             "epoch_seconds": m.epoch_seconds, "images_per_second": m.images_per_second,
-            "val_images": m.val_images or None,  # (not recorded in checkpoints before it)
+            # (neither is recorded in checkpoints from before them)
+            "val_images": m.val_images or None, "val_seconds": m.val_seconds or None,
         }, step=m.epoch)
         logged.add(m.epoch)
         left = (total - m.epoch) * m.train_seconds / m.epoch

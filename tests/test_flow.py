@@ -85,6 +85,8 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
     assert run.data.params["train.lr"] == "0.0004" and run.data.params["preset"] == "seed-baseline"
     client = _client(tmp_path)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    val_seconds = client.get_metric_history(run.info.run_id, "val_seconds")
+    assert [m.step for m in val_seconds] == [1, 2] and all(m.value > 0 for m in val_seconds)
     for tag in ("prefect.flow_run_id", "code_version", "split_sha256", "data_fingerprint", "device"):
         assert run.data.tags[tag]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
