@@ -9,10 +9,11 @@ model beats the champion's exported model on images that neither of them trained
 3. Promotion: higher accuracy on those images; with `min_significance` also McNemar's exact
    p-value below it. The test set plays no part.
 
-Each run records the classes its ONNX file gives its validation images, with the file's
+Each run records the classes its ONNX file gives its validation images, with the model's
 SHA-256 (`val_predictions.npz`, written where the flow evaluates that file). A comparison reads
-a model's classes from that record when it was made for the very file it compares, and runs
-the file only when there is no such record (a run from before it, or other images).
+a model's classes from that record when it was made for the very model it compares, covers the
+shared images and agrees with the file on a random sample of them; otherwise (a run from before
+records, other images, a record that disagrees) it runs the file. The version's tags say which.
 
 Every verdict is written on the new version (tags) and, with a comparison, as a report (markdown,
 confusion-difference heat map, gallery of disagreements) in the challenger's MLflow run.
@@ -21,6 +22,7 @@ confusion-difference heat map, gallery of disagreements) in the challenger's MLf
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from cifarlab import compare as cmp
+from cifarlab.constants import CLASS_NAMES
 from cifarlab.data import Cifar10
 from cifarlab.export import onnx_logits
 from cifarlab.split import stratified_split
@@ -38,6 +41,9 @@ from flows import locks, tracking
 MIN_SHARED_IMAGES = 2000
 REPORT_FOLDER = "champion_comparison"
 PREDICTIONS_FILE = "val_predictions.npz"
+SPOT_CHECK_IMAGES = 256  # a record is believed only if its file gives the same classes on these
+
+log = logging.getLogger(__name__)
 
 
 class SplitUnknown(RuntimeError):
@@ -53,6 +59,7 @@ class Verdict:
     champion_version: str | None = None
     comparison: cmp.Comparison | None = None
     shared_idx: np.ndarray | None = field(default=None, repr=False)
+    classes_from: dict[str, str] = field(default_factory=dict)  # per side: record or run here
 
     def tags(self) -> dict[str, str]:
         """The verdict as registry version tags."""
@@ -62,6 +69,8 @@ class Verdict:
             out["compared_with_version"] = self.champion_version
         if self.shared_idx is not None:
             out["shared_images"] = str(len(self.shared_idx))
+        out.update({f"{side}_classes_from": source[:500]
+                    for side, source in self.classes_from.items()})
         if self.comparison is not None:
             t = self.comparison.test
             out.update({
@@ -109,39 +118,44 @@ def _predict(onnx_path: Path, images: torch.Tensor) -> np.ndarray:
     return onnx_logits(onnx_path, images).argmax(axis=1)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _model_digest(onnx_path: Path) -> str:
+    """SHA-256 of the ONNX model's content (its protobuf as onnx re-serialises it), so the
+    registry's copy, which MLflow saves again, matches the file it was made from."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
 def record_predictions(store: tracking.Store, run_id: str, onnx_path: Path,
                        val_idx: np.ndarray, pred: np.ndarray) -> None:
     """Save the classes `onnx_path` gives the validation images `val_idx` (indices into the
-    training set) as the run's artifact PREDICTIONS_FILE, with the file's SHA-256."""
+    training set) as the run's artifact PREDICTIONS_FILE, with the model's digest."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / PREDICTIONS_FILE
         np.savez_compressed(path, val_idx=np.asarray(val_idx, dtype=np.int64),
                             pred=np.asarray(pred, dtype=np.int16),
-                            onnx_sha256=np.array(_sha256(onnx_path)))
+                            onnx_digest=np.array(_model_digest(onnx_path)))
         store.client.log_artifact(run_id, str(path))
 
 
-def recorded_predictions(store: tracking.Store, run_id: str,
-                         onnx_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(indices, classes) that the run recorded for this very file; None when it recorded
-    none, or recorded them for another file."""
+def recorded_predictions(store: tracking.Store, run_id: str, onnx_path: Path,
+                         num_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray] | None:
+    """(indices, classes) that the run recorded for this very model; None when it recorded
+    none, recorded them for another model, or the record is not two matching integer arrays."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = store.client.download_artifacts(run_id, PREDICTIONS_FILE, tmp)
             with np.load(local) as z:
-                if str(z["onnx_sha256"]) != _sha256(onnx_path):
-                    return None
-                return z["val_idx"], z["pred"]
+                digest, idx, pred = str(z["onnx_digest"]), z["val_idx"], z["pred"]
     except Exception:  # noqa: BLE001 - no usable record: the file is run instead
         return None
+    well_formed = (idx.ndim == pred.ndim == 1 and len(idx) == len(pred) > 0
+                   and idx.dtype.kind in "iu" and pred.dtype.kind in "iu"
+                   and idx.min() >= 0 and 0 <= pred.min() and pred.max() < num_classes)
+    if not well_formed or digest != _model_digest(onnx_path):
+        return None
+    return idx, pred
 
 
 def _look_up(known: tuple[np.ndarray, np.ndarray] | None, shared: np.ndarray) -> np.ndarray | None:
@@ -156,14 +170,32 @@ def _look_up(known: tuple[np.ndarray, np.ndarray] | None, shared: np.ndarray) ->
     return pred[hit] if np.array_equal(idx[hit], shared) else None
 
 
+def _agrees(onnx_path: Path, images: torch.Tensor, classes: np.ndarray) -> bool:
+    """Whether the file gives `classes` on a random sample of SPOT_CHECK_IMAGES of the images."""
+    pick = np.sort(np.random.default_rng().choice(len(images), replace=False,
+                                                  size=min(SPOT_CHECK_IMAGES, len(images))))
+    return bool(np.array_equal(_predict(onnx_path, images[pick]), classes[pick]))
+
+
 def _classes(store: tracking.Store, run_id: str, onnx_path: Path, images: torch.Tensor,
-             shared: np.ndarray, known: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """A model's classes on the shared images: from `known` or the run's record of this very
-    file where they hold them all, else by running the file."""
+             shared: np.ndarray, known: tuple[np.ndarray, np.ndarray] | None = None,
+             ) -> tuple[np.ndarray, str]:
+    """A model's classes on the shared images, and where they came from: `known` (this flow
+    run's own evaluation of the file), else the run's record of this very model if it holds
+    them all and the file agrees with it on a sample, else the file run here."""
     found = _look_up(known, shared)
+    if found is not None:
+        return found, "this run's evaluation of the file"
+    found = _look_up(recorded_predictions(store, run_id, onnx_path), shared)
     if found is None:
-        found = _look_up(recorded_predictions(store, run_id, onnx_path), shared)
-    return found if found is not None else _predict(onnx_path, images)
+        return _predict(onnx_path, images), "the file, run here"
+    if not _agrees(onnx_path, images, found):
+        log.warning("run %s's %s disagrees with its model on a sample: the model is run",
+                    run_id, PREDICTIONS_FILE)
+        return _predict(onnx_path, images), (f"the file, run here (run {run_id}'s "
+                                             f"{PREDICTIONS_FILE} disagreed with it)")
+    return found, (f"run {run_id}'s {PREDICTIONS_FILE} (the file agreed on "
+                   f"{min(SPOT_CHECK_IMAGES, len(images))} sampled images)")
 
 
 def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, data: Cifar10,
@@ -196,14 +228,17 @@ def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, 
         with tempfile.TemporaryDirectory() as tmp:
             champion_onnx = tracking.download_onnx(store, tracking.version_uri(store, champion),
                                                    Path(tmp))
-            champion_pred = _classes(store, champion.run_id, champion_onnx, images, shared)
+            champion_pred, champion_from = _classes(store, champion.run_id, champion_onnx,
+                                                    images, shared)
     except Exception as exc:  # noqa: BLE001 - a broken champion must not block every new run
         return Verdict(False, f"not compared: champion v{champion.version}'s model could not be "
                        f"fetched or run ({type(exc).__name__}: {exc})"[:2000], champion.version,
                        shared_idx=shared)
-    challenger_pred = _classes(store, challenger_run_id, challenger_onnx, images, shared, known)
+    challenger_pred, challenger_from = _classes(store, challenger_run_id, challenger_onnx,
+                                                images, shared, known)
     comparison = cmp.compare(truth, champion_pred, challenger_pred,
                              f"v{champion.version} (champion)", "this model (challenger)")
+    classes_from = {"champion": champion_from, "challenger": challenger_from}
     t = comparison.test
     stats = (f"{100 * t.challenger_correct / t.n:.2f} % vs {100 * t.champion_correct / t.n:.2f} % "
              f"on {t.n} shared validation images (difference {100 * t.accuracy_diff:+.2f} points, "
@@ -211,12 +246,13 @@ def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, 
              f"{t.p_value:.3g})")
     if t.challenger_correct <= t.champion_correct:
         return Verdict(False, f"not better than champion v{champion.version}: {stats}",
-                       champion.version, comparison, shared)
+                       champion.version, comparison, shared, classes_from)
     if min_significance is not None and not t.p_value < min_significance:
         return Verdict(False, f"better than champion v{champion.version} but not significant "
-                       f"at p < {min_significance}: {stats}", champion.version, comparison, shared)
+                       f"at p < {min_significance}: {stats}", champion.version, comparison, shared,
+                       classes_from)
     return Verdict(True, f"beats champion v{champion.version}: {stats}", champion.version,
-                   comparison, shared)
+                   comparison, shared, classes_from)
 
 
 def log_report(store: tracking.Store, run_id: str, verdict: Verdict, data: Cifar10,
@@ -238,6 +274,8 @@ def log_report(store: tracking.Store, run_id: str, verdict: Verdict, data: Cifar
             ("images in the gallery", f"{shown} of {c.test.only_champion + c.test.only_challenger}"
                                       " disagreements"),
             ("models compared", "the exported ONNX files, run by onnxruntime"),
+            *((f"{side}'s classes from", source)
+              for side, source in verdict.classes_from.items()),
         ], images={"Confusion matrix difference": diff.name, "Disagreements": gallery.name})
         (folder / "report.md").write_text(markdown)
         for path in (folder / "report.md", diff, gallery):

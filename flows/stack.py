@@ -112,8 +112,8 @@ class LocalStack:
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
-            # Poll every second (default 10 s): a run should not sit in the queue. Each poll is one
-            # small query per pool, cheap even for a team server with a worker per GPU host.
+            # Poll every second (default 10 s): a run should not sit in the queue. Each poll is
+            # one small query per worker (the team tests and benchmark still poll every 2 s).
             "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
             "CIFAR_ROOT": str(self.root),
             "CIFAR_PROJECT_DIR": str(PROJECT_ROOT),

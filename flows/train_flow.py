@@ -168,9 +168,9 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
 
     from cifarlab.constants import MEAN, STD
     from cifarlab.experiment import evaluate_run, summarise, write_results
-    from flows import champion
     from cifarlab.export import onnx_latency_ms
     from cifarlab.tensors import normalize
+    from flows import champion
 
     run, ex = trained.value, exported.value
     ev = evaluate_run(run, ex)

@@ -11,6 +11,8 @@ whole width, so a left-right flip never changes the class. That lets us build:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -86,9 +88,13 @@ def _logged_run(world, model: nn.Module, *, tta: str = "none", split_seed: int =
     return run_id, logged, path
 
 
+def _split(world, split_seed: int = 0, val_size: int = 60):
+    return stratified_split(world["data"].train_labels.numpy(), 300 - val_size, val_size,
+                            split_seed)
+
+
 def _val(world, split_seed: int = 0, val_size: int = 60):
-    split = stratified_split(world["data"].train_labels.numpy(), 300 - val_size, val_size,
-                             split_seed)
+    split = _split(world, split_seed, val_size)
     d = world["data"]
     return d.train_images[split.val_idx], d.train_labels[split.val_idx]
 
@@ -128,51 +134,95 @@ def test_better_with_tta_but_worse_as_served_loses_and_wins_once_tta_is_served(w
 
 
 def _count_runs_of_models(monkeypatch) -> list:
-    """The ONNX files the champion rule runs from here on (it reads records instead where it can)."""
+    """(file, images) for each ONNX run the champion rule makes from here on (it reads records
+    instead where it can, after checking a sample of them against the file)."""
     ran, real = [], champion._predict
-    monkeypatch.setattr(champion, "_predict", lambda path, images: ran.append(path) or
-                        real(path, images))
+    monkeypatch.setattr(champion, "_predict", lambda path, images: ran.append(
+        (path, len(images))) or real(path, images))
     return ran
 
 
-def _register_recorded_champion(world, recorded_for=None, recorded_classes=None):
-    """A champion (90 %) whose run recorded its classes on its validation images, for its own
-    file or for `recorded_for`."""
+def _register_recorded_champion(world, record) -> str:
+    """A champion (90 %) whose run recorded something about its validation classes:
+    `record(store, run_id, onnx_path, val_idx, classes)` writes it. Returns the run id."""
     run_id, logged, path = _logged_run(world, BarReader(confuse_truck=True))
     images, _ = _val(world)
-    split = stratified_split(world["data"].train_labels.numpy(), 240, 60, 0)
-    champion.record_predictions(
-        world["store"], run_id, recorded_for or path, split.val_idx,
-        champion._predict(path, images) if recorded_classes is None else recorded_classes)
+    record(world["store"], run_id, path, _split(world).val_idx, champion._predict(path, images))
     done = champion.register(world["store"], run_id, logged.model_uri, path, world["data"],
                              tags={}, model_id=logged.model_id, min_shared_images=50)
+    tracking.end_run(world["store"], run_id, "FINISHED")
     assert done.registration.alias == "champion"
+    return run_id
 
 
-def test_the_champion_recorded_on_the_shared_images_is_not_run_again(world, monkeypatch):
-    _register_recorded_champion(world)
-    ran = _count_runs_of_models(monkeypatch)
-
+def _challenge(world) -> champion.Registered:
+    """The flip-TTA challenger of the first test: 60 of 60 against the champion's 54."""
     baked = _register(world, BarReader(antisymmetric=1e4), tta="flip", min_shared_images=50)
-
     t = baked.verdict.comparison.test
     assert (t.n, t.challenger_correct, t.champion_correct) == (60, 60, 54)
-    # Only the challenger (no record of its own here) was run; the champion's classes were read.
-    assert [p.parent for p in ran] == [world["tmp"]]
+    assert baked.registration.alias == "champion"
+    return baked
 
 
-def test_a_record_made_for_another_file_is_not_believed(world, monkeypatch):
-    other = export_onnx(BarReader(), world["tmp"] / "other.onnx")
-    # The record claims the champion is always right, but it was made for another file.
-    _register_recorded_champion(world, recorded_for=other,
-                                recorded_classes=_val(world)[1].numpy())
+def test_the_champion_recorded_on_the_shared_images_is_checked_not_run_again(world, monkeypatch):
+    champion_run = _register_recorded_champion(world, champion.record_predictions)
+    monkeypatch.setattr(champion, "SPOT_CHECK_IMAGES", 8)
     ran = _count_runs_of_models(monkeypatch)
 
-    baked = _register(world, BarReader(antisymmetric=1e4), tta="flip", min_shared_images=50)
+    baked = _challenge(world)
 
-    t = baked.verdict.comparison.test
-    assert (t.n, t.challenger_correct, t.champion_correct) == (60, 60, 54)
-    assert len(ran) == 2  # the champion's own file was run
+    # The challenger (no record of its own here) ran on all 60 images; the champion's classes
+    # were read from its record, after its file agreed on 8 of them.
+    assert sorted(n for _, n in ran) == [8, 60]
+    assert [path.parent for path, n in ran if n == 60] == [world["tmp"]]
+    tags = baked.verdict.tags()
+    assert tags["champion_classes_from"].startswith(f"run {champion_run}'s val_predictions.npz")
+    assert tags["challenger_classes_from"] == "the file, run here"
+
+
+def _record_for(other_file):
+    def record(store, run_id, _path, val_idx, classes):
+        champion.record_predictions(store, run_id, other_file, val_idx, classes)
+    return record
+
+
+def _record_raw(**arrays):
+    """Write val_predictions.npz as given, with the right model digest unless one is given."""
+    def record(store, run_id, path, val_idx, classes):
+        contents = {"val_idx": val_idx, "pred": classes,
+                    "onnx_digest": np.array(champion._model_digest(path)), **arrays}
+        folder = Path(path).parent / f"record-{run_id}"
+        folder.mkdir()
+        np.savez(folder / champion.PREDICTIONS_FILE, **contents)
+        store.client.log_artifact(run_id, str(folder / champion.PREDICTIONS_FILE))
+    return record
+
+
+@pytest.mark.parametrize("case", ["another model", "altered classes", "too few classes",
+                                  "a class out of range", "part of the images"])
+def test_a_record_that_does_not_hold_is_not_believed(world, monkeypatch, case):
+    truth = _val(world)[1].numpy()  # a record claiming the champion is always right
+    val_idx = _split(world).val_idx
+    def altered(store, run_id, path, val_idx, classes):  # wrong on every image
+        _record_raw(pred=(classes + 1) % 10)(store, run_id, path, val_idx, classes)
+
+    record = {
+        "another model": _record_for(export_onnx(BarReader(), world["tmp"] / "other.onnx")),
+        "altered classes": altered,
+        "too few classes": _record_raw(pred=truth[:-1]),
+        "a class out of range": _record_raw(pred=np.full_like(truth, 10)),
+        "part of the images": _record_raw(val_idx=val_idx[:30], pred=truth[:30]),
+    }[case]
+    _register_recorded_champion(world, record)
+    monkeypatch.setattr(champion, "SPOT_CHECK_IMAGES", 8)  # a check is not a run on all 60
+    ran = _count_runs_of_models(monkeypatch)
+
+    baked = _challenge(world)  # the true verdict: the record was not used
+
+    # The champion's own file (downloaded from the registry, not the challenger's in tmp) ran
+    # on all the shared images.
+    assert any(n == 60 and path.parent != world["tmp"] for path, n in ran), ran
+    assert baked.verdict.tags()["champion_classes_from"].startswith("the file, run here")
 
 
 def test_min_significance_holds_back_a_win_without_evidence(world):

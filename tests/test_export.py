@@ -8,16 +8,14 @@ import onnx
 import pytest
 import torch
 
-from cifarlab.export import (EXPORTERS, INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_session,
-                             servable)
+from cifarlab.export import (EXPORTERS, INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx,
+                             onnx_session, servable)
 from models import build_model
 
 
-@pytest.fixture(scope="module")
-def model():
+def _with_statistics(m: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics, so that a graph that dropped them would be caught."""
     torch.manual_seed(0)
-    m = build_model("seed-baseline")
-    # Non-trivial BatchNorm statistics, so that a graph that dropped them would be caught.
     m.train()
     with torch.no_grad():
         for _ in range(3):
@@ -25,17 +23,33 @@ def model():
     return m.eval()
 
 
-@pytest.mark.parametrize("tta", ["none", "flip_translate"])
+@pytest.fixture(scope="module")
+def model():
+    return _with_statistics(build_model("seed-baseline"))
+
+
+@pytest.fixture(scope="module")
+def models(model):
+    """The report's net and the fast recipe's (narrow, to stay quick; the same layers)."""
+    return {"seed-baseline": model,
+            "fast": _with_statistics(build_model("fast", widths=(16, 32, 32)))}
+
+
+@pytest.mark.parametrize("name,tta", [("seed-baseline", "none"), ("seed-baseline", "flip_translate"),
+                                      ("fast", "none")])
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_export_answers_any_batch_size_like_pytorch(model, tmp_path, exporter, tta):
+def test_export_answers_any_batch_size_like_pytorch(models, tmp_path, exporter, name, tta):
+    model = models[name]
     path = export_onnx(model, tmp_path / "model.onnx", tta=tta, exporter=exporter)
 
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no side file of weights
-    graph = onnx.load(str(path)).graph
-    (inp,), (out,) = graph.input, graph.output
+    proto = onnx.load(str(path))
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
+    (inp,), (out,) = proto.graph.input, proto.graph.output
     assert (inp.name, out.name) == (INPUT_NAME, OUTPUT_NAME)
-    batch_dim = inp.type.tensor_type.shape.dim[0]
-    assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
+    for value in (inp, out):  # the batch axis is named, not fixed
+        batch_dim = value.type.tensor_type.shape.dim[0]
+        assert batch_dim.dim_param and not batch_dim.HasField("dim_value"), value
     session = onnx_session(path)
     reference = servable(model, tta)
     x = torch.randn(300, 3, 32, 32, generator=torch.Generator().manual_seed(1))

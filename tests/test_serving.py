@@ -609,36 +609,37 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
                 except Exception as exc:  # noqa: BLE001 - counted
                     failures.append(repr(exc))
 
+    def until(answered, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not all(answered(versions) for versions in seen):
+            assert time.monotonic() < deadline, f"the clients never {what}: {seen}"
+            time.sleep(0.1)
+
     env = {"CIFAR_MODEL_POLL_SECONDS": "1", "CIFAR_ACCESS_LOG": "false"}
     with BentoServer(home, tmp_path / "serve.log", env) as url:
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-
-        def until(answered, what: str) -> None:
-            deadline = time.monotonic() + 60
-            while not all(answered(versions) for versions in seen):
-                assert time.monotonic() < deadline, f"the clients never {what}: {seen}"
-                time.sleep(0.1)
-
-        until(lambda versions: versions.count("1") >= 5, "had answers from version 1")
-        client_ = MlflowClient(uri, uri)
-        old = client_.get_model_version_by_alias("cifar10-classifier", "champion")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the registry resolves models:/ URIs
-        new = client_.create_model_version("cifar10-classifier", old.source, run_id=old.run_id,
-                                           tags=old.tags, description=old.description,
-                                           model_id=old.model_id)
-        client_.set_registered_model_alias("cifar10-classifier", "champion", new.version)
-        imported = subprocess.run(
-            [sys.executable, "-m", "flows.publish", "--tracking-uri", uri], cwd=ROOT,
-            env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True,
-            timeout=120)
-        assert imported.returncode == 0, imported.stderr
-        # Each client sees the switch, then keeps being answered by version 2.
-        until(lambda versions: versions.count("2") >= 5, "had answers from version 2")
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+        try:
+            until(lambda versions: versions.count("1") >= 5, "had answers from version 1")
+            client_ = MlflowClient(uri, uri)
+            old = client_.get_model_version_by_alias("cifar10-classifier", "champion")
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the registry resolves models:/ URIs
+            new = client_.create_model_version(
+                "cifar10-classifier", old.source, run_id=old.run_id, tags=old.tags,
+                description=old.description, model_id=old.model_id)
+            client_.set_registered_model_alias("cifar10-classifier", "champion", new.version)
+            imported = subprocess.run(
+                [sys.executable, "-m", "flows.publish", "--tracking-uri", uri], cwd=ROOT,
+                env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True,
+                timeout=120)
+            assert imported.returncode == 0, imported.stderr
+            # Each client sees the switch, then keeps being answered by version 2.
+            until(lambda versions: versions.count("2") >= 5, "had answers from version 2")
+        finally:  # a failed step above must not leave the clients asking for ever
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
         card = requests.get(url + "/model", timeout=10).json()
     assert failures == [], failures[:5]
     for versions in seen:
