@@ -31,7 +31,7 @@ from pathlib import Path
 
 from machine_info import cpu_flags, cpu_model  # beside this script
 
-from flows import tracking
+from flows import forkserver, tracking
 from flows.processes import free_port
 from flows.stack import LocalStack
 
@@ -62,33 +62,54 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--source", default=os.environ.get("CIFAR10_SOURCE", str(DEFAULT_SOURCE)))
+    parser.add_argument("--starts", nargs="+", choices=("warm", "cold"), default=["warm", "cold"],
+                        help="flow runs forked from the fork server (warm, the default) or "
+                             "started as new processes (cold, CIFAR_WARM_START=0); each in a "
+                             "stack of its own, in this order")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "flow-overhead.json")
     args = parser.parse_args()
 
-    measured = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        stack = LocalStack(root=root, port=free_port(), extra_env={
-            "CIFAR10_SOURCE": args.source, "PREFECT_UI_ENABLED": "false"})
-        t0 = time.perf_counter()
-        with stack.running():
-            stack_start = time.perf_counter() - t0
-            deployment = args.preset if args.preset in ("seed-baseline", "fast-gpu") else "default"
-            # Several runs: the first also pays the fresh MLflow database's migrations (~6 s).
-            for seed in range(args.runs):
-                measured.append(measure_run(stack, root, deployment, args.preset, args.epochs,
-                                            seed))
-            tracking_cost = tracking_cost_per_epoch(root / "probe")
+    by_start = {}
+    for start in args.starts:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            stack = LocalStack(root=root, port=free_port(), extra_env={
+                "CIFAR10_SOURCE": args.source, "PREFECT_UI_ENABLED": "false",
+                "CIFAR_WARM_START": "1" if start == "warm" else "0"})
+            t0 = time.perf_counter()
+            with stack.running():
+                stack_start = time.perf_counter() - t0
+                if start == "warm" and not forkserver.wait_ready(
+                        stack.warm_env[forkserver.ENV_VAR], 120):
+                    raise SystemExit(f"the fork server never got ready; see {stack.logs}")
+                deployment = (args.preset if args.preset in ("seed-baseline", "fast-gpu")
+                              else "default")
+                # Several runs: the first also pays the fresh MLflow database's migrations.
+                measured = [measure_run(stack, root, deployment, args.preset, args.epochs, seed)
+                            for seed in range(args.runs)]
+                tracking_cost = tracking_cost_per_epoch(root / "probe")
+        fixed = [r["fixed_cost_seconds"] for r in measured]
+        by_start[start] = {
+            "stack_start_seconds": round(stack_start, 2),
+            "fixed_cost_seconds_median": round(statistics.median(fixed), 2),
+            "fixed_cost_seconds_range": [min(fixed), max(fixed)],
+            "runs": measured,
+            "tracking_seconds_per_epoch": tracking_cost,
+        }
+        print(f"{start}: fixed cost per run {by_start[start]['fixed_cost_seconds_median']} s "
+              f"(median of {len(fixed)}: {fixed})", flush=True)
 
     results = {
         "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
         "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
         "preset": args.preset, "epochs": args.epochs,
-        "stack_start_seconds": round(stack_start, 2),
-        "runs": measured,
-        "tracking_seconds_per_epoch": tracking_cost,
+        "starts": by_start,
     }
+    if {"warm", "cold"} <= by_start.keys():
+        results["fixed_cost_warm_over_cold"] = round(
+            by_start["warm"]["fixed_cost_seconds_median"] /
+            by_start["cold"]["fixed_cost_seconds_median"], 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

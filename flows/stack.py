@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from flows import forkserver
 from flows.processes import (Services, StackError, _exe, handle_stop_signals,
                              signals_deferred, wait_for_signal, wait_http)
 
@@ -56,7 +57,7 @@ ZOMBIE_AUTOMATION = "cifar-crash-silent-flow-runs"
 REAP_EVERY_SECONDS = 30
 # A stopped worker gives its flow runs Prefect's own 30 s of grace (`grace_seconds` of its
 # kill) before it kills them: wait that long and a little more before SIGKILL.
-WORKER_GRACES = {"worker": 35.0, "control": 35.0}
+WORKER_GRACES = {"worker": 35.0, "control": 35.0, "forkserver": 35.0}
 # What a host needs to join a team stack; the join file holds exactly these.
 JOIN_KEYS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI",
              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -123,6 +124,7 @@ class LocalStack:
             **(extra_env or {}),
         }
         self.services = Services(self.logs, self.env)
+        self.warm_env: dict[str, str] | None = None
 
     @property
     def procs(self) -> dict[str, subprocess.Popen]:
@@ -174,18 +176,26 @@ class LocalStack:
         if float(have["trigger"]["within"]) != want["trigger"]["within"]:  # setting changed
             self.cli("automation", "update", "--id", have["id"], "--from-json", json.dumps(want))
 
+    def start_forkserver(self) -> None:
+        """The process that starts this host's flow runs warm (flows/forkserver.py); started
+        first, so that its imports overlap the servers' start-up."""
+        self.warm_env = forkserver.spawn(self.services, self.env)
+
     def start_worker(self, name: str, pool: str, limit: int, env: Mapping[str, str] | None = None):
+        if self.warm_env is None:  # one fork server for this host's workers
+            self.start_forkserver()
         self.services.spawn(name, [_exe("prefect"), "worker", "start", "--pool", pool,
                                    "--type", "process", "--limit", str(limit),
                                    "--name", f"{tracking_host()}-{name}"],
                             env={**self.env, "CIFAR_WORKER_NAME": f"{tracking_host()}-{name}",
-                                 **(env or {})})
+                                 **self.warm_env, **(env or {})})
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Server, pools, deployments, the GPU worker (one run per device) and the control
         worker (sweeps)."""
+        self.start_forkserver()
         self.start_prefect_server()
         self.setup_pools()
         self.start_worker("worker", self.pool, self.gpus)
@@ -398,6 +408,7 @@ class TeamStack(LocalStack):
         from flows.postgres import DATABASES
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.start_forkserver()
         self.db = db = self._database()
         self.start_prefect_server(self.bind, env={
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": db.url(DATABASES["prefect"], "asyncpg"),
@@ -499,8 +510,10 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
            "CIFAR_PUBLISH_BENTOML": "true" if serving_host else "false",
            "PREFECT_HOME": str(root / ".prefect-worker")}
     services = Services(logs, env)
+    warm_env = forkserver.spawn(services, env)
     services.spawn("worker", [_exe("prefect"), "worker", "start", "--pool", POOL,
-                                     "--type", "process", "--limit", str(gpus), "--name", name])
+                              "--type", "process", "--limit", str(gpus), "--name", name],
+                   env={**env, **warm_env})
     from flows.tracking import display_uri
 
     print(f"worker {name}: pool '{POOL}', {gpus} run(s) at a time, tracking on "

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from flows import forkserver
 from flows.processes import free_port
 from flows.stack import ZOMBIE_AUTOMATION, LocalStack
 from flows.tracking import REGISTERED_MODEL
@@ -92,6 +93,9 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     assert run.data.params["preset"] == "seed-baseline" and run.data.params["train.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert _progress(stack, run.data.tags["prefect.flow_run_id"]) == [100.0]
+    # It started warm: forked by the host's fork server, not a new interpreter.
+    assert f"flow run {run.data.tags['prefect.flow_run_id']} in process" in \
+        (stack.logs / "forkserver.log").read_text()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"learning_curves.png", "confusion_matrix.png", "model_card.md", "weights.pt"} <= artifacts
 
@@ -118,9 +122,17 @@ def _flow_run_processes(marker: str) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"prefect.engine" in cmd or b"flow_run" in cmd:
+        # A cold start is `python -m prefect.engine`; a warm one a child of the fork server.
+        if b"prefect.engine" in cmd or _comm(pid) == forkserver.PROCESS_NAME:
             pids.append(pid)
     return pids
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _flow_run_state(stack: LocalStack, flow_run_id: str) -> str:
