@@ -26,6 +26,8 @@ print("pid", os.getpid(), "cwd", os.getcwd(), "X", os.environ.get("X"), "argv", 
 print("stdin", sys.stdin.readline().strip(), flush=True)
 from prefect.settings import get_current_settings
 print("prefect api", get_current_settings().api.url, flush=True)
+from mlflow.utils import requirements_utils  # filled ahead by the server (warm_caches)
+print("mlflow package map", requirements_utils._MODULES_TO_PACKAGES is not None, flush=True)
 graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])])
@@ -101,6 +103,7 @@ def test_a_child_runs_with_the_clients_streams_environment_folder_and_exit_statu
     assert f"cwd {probe_dir} X from-the-client argv ['3']" in out
     assert "stdin hello" in out and "relu [[0.0, 2.0]] mm 262144.0" in out
     assert "prefect api http://127.0.0.1:9/api" in out
+    assert "mlflow package map True" in out  # the server's warmed cache came with the fork
     assert "starting cold" not in err  # it was forked
 
 
@@ -150,6 +153,7 @@ def test_without_a_server_the_client_starts_cold(probe_dir):
     assert proc.returncode == 4, proc.stderr
     assert "no fork server at" in proc.stderr and "starting cold" in proc.stderr
     assert "X cold" in proc.stdout and "stdin hi" in proc.stdout
+    assert "mlflow package map False" in proc.stdout  # a new process fills it when it logs
 
 
 def test_a_run_whose_thread_settings_differ_from_the_servers_starts_cold(server, probe_dir):
