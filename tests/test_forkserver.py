@@ -38,6 +38,7 @@ print("relu", y.tolist(), "mm", float(torch.ones(64, 64).mm(torch.ones(64, 64)).
       flush=True)
 if sys.argv[1] == "wait":
     signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(7)))
+    signal.signal(signal.SIGINT, lambda *_: (print("got SIGINT", flush=True), sys.exit(8)))
     print("waiting", flush=True)
     time.sleep(120)
 if sys.argv[1] == "kill":
@@ -107,15 +108,17 @@ def test_a_child_runs_with_the_clients_streams_environment_folder_and_exit_statu
     assert "starting cold" not in err  # it was forked
 
 
-def test_a_signal_to_the_client_reaches_the_child(server, probe_dir):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 7), (signal.SIGINT, 8)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_client_reaches_the_child(server, probe_dir, sig, code):
     _, path, _ = server
     proc = _client(path, probe_dir, "wait")
     proc.stdin.write("\n")
     proc.stdin.flush()
     _read_until(proc, "waiting")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 7
-    assert "got SIGTERM" in proc.stdout.read()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == code
+    assert f"got {sig.name}" in proc.stdout.read()
     assert "starting cold" not in proc.stderr.read()  # it went through the server
 
 
