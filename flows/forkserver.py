@@ -414,7 +414,7 @@ def serve(path: Path) -> int:
     missing = warm_up() + warm_caches()
     import threading
 
-    print(f"forkserver: imported in {time.perf_counter() - started:.1f} s, "
+    print(f"forkserver: imported and warmed in {time.perf_counter() - started:.1f} s, "
           f"{native_threads()} native threads (OpenBLAS, jemalloc: they re-create theirs in "
           "a forked child)" + (f"; not warmed: {', '.join(missing)}" if missing else ""),
           flush=True)
