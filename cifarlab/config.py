@@ -62,9 +62,15 @@ class TrainConfig(_Strict):
 
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 32
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "sgd", "muon"] = Field(
+        "adam", description="muon: Muon for the conv filters (muon_lr, muon_momentum), Nesterov "
+        "SGD for the other parameters (lr, momentum, weight_decay)")
     lr: float = Field(4e-4, gt=0, description="peak learning rate (mean loss over the batch)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Nesterov) / Adam beta1")
+    muon_lr: float = Field(0.24, gt=0, le=1, description="optimizer muon: peak fraction of the "
+                           "conv filters' norm each step moves them by")
+    muon_momentum: float = Field(0.6, ge=0, lt=1, description="optimizer muon: the filters' "
+                                 "Nesterov momentum")
     weight_decay: float = Field(0.0, ge=0, description="coupled L2, as torch optimizers apply it")
     bias_lr_scale: float = Field(1.0, gt=0, description="BatchNorm shifts learn this much faster "
                                  "(and decay this much less)")
@@ -123,6 +129,14 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_muon(self) -> RunConfig:
+        # Muon rescales the filters every step, which only a BatchNorm after each conv ignores.
+        if self.train.optimizer == "muon" and self.model.name != "fast":
+            raise ValueError(f"optimizer 'muon' needs a BatchNorm after every conv (model "
+                             f"'fast'); model {self.model.name!r} has none: use 'sgd' or 'adam'")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

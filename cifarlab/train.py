@@ -27,6 +27,7 @@ from torch import nn
 
 from cifarlab.config import MEASUREMENT_ONLY, RunConfig, TrainConfig
 from cifarlab.evaluate import evaluate
+from cifarlab.optim import MuonSGD, is_filter
 from cifarlab.tensors import (autocast, flip_where, normalize, resolve_device, resolve_precision,
                               translate)
 from models import build_model
@@ -96,16 +97,24 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or Nesterov SGD; BatchNorm shifts get lr * bias_lr_scale and wd / bias_lr_scale."""
+    """Adam, Nesterov SGD, or Muon for the conv filters with Nesterov SGD for the rest.
+    BatchNorm shifts get lr * bias_lr_scale and wd / bias_lr_scale. Each group's `lr_scale` is
+    its peak lr over `cfg.lr`, which the schedule multiplies."""
     norm_biases = [m.bias for m in model.modules()
                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
     norm_ids = {id(p) for p in norm_biases}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in norm_ids]
+    filters = [p for p in model.parameters() if is_filter(p)] if cfg.optimizer == "muon" else []
+    taken = norm_ids | {id(p) for p in filters}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     groups = [{"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
     if norm_biases:
         groups.append({"params": norm_biases, "lr": cfg.lr * cfg.bias_lr_scale,
                        "weight_decay": cfg.weight_decay / cfg.bias_lr_scale,
                        "lr_scale": cfg.bias_lr_scale})
+    if cfg.optimizer == "muon":
+        groups.append({"params": filters, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
+                       "muon": True, "lr_scale": cfg.muon_lr / cfg.lr})
+        return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))

@@ -97,6 +97,24 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.allclose(pa, pb, atol=1e-5)
 
 
+def test_muon_learns_and_resumes_exactly(tmp_path):
+    # Muon's state (a momentum buffer per filter bank) goes through the checkpoint like SGD's.
+    cfg = _config("fast", epochs=3, optimizer="muon", muon_lr=0.2)
+    full = train(cfg, *TRAIN, *VAL, tmp_path / "full")
+    assert full.history[-1].val_accuracy > 0.6, full.history
+
+    def kill_after_second(metrics, _model):
+        if metrics.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, *TRAIN, *VAL, tmp_path / "cut", hooks=[kill_after_second])
+    resumed = train(cfg, *TRAIN, *VAL, tmp_path / "cut")
+    assert resumed.resumed_from_epoch == 2
+    for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
 def test_checkpoint_of_other_config_is_refused(tmp_path):
     train(_config("seed-baseline", epochs=1), *TRAIN, *VAL, tmp_path)
     assert (tmp_path / CHECKPOINT_NAME).exists()
