@@ -123,6 +123,9 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("fast-width", DEFAULT_PRESET,
           {"model.options.widths": [[32, 64, 64], [64, 128, 128], [64, 256, 256]]},
           "width of the fast net (its depth study: the block widths)"),
+    Study("fast-optimizer", DEFAULT_PRESET,
+          {"train.optimizer": ["sgd", "muon"], "train.epochs": [2, 6, 10]},
+          "SGD against Muon for the filters (muon_lr 0.24), short and long schedules"),
     Study("fast-split", DEFAULT_PRESET, {"data": _SPLITS}, "split sizes with the fast recipe"),
 ]}
 
