@@ -11,7 +11,7 @@ seconds at which test accuracy first passed the lab report's best (75.86 %). Tes
 measured here only to report it; nothing is chosen by it.
 
 Speed in terms that hold on any machine: training FLOPs per image (one forward and backward
-pass, counted by `torch.utils.flop_counter`), the FLOP/s training achieved, this machine's fp32
+pass and the optimizer step, counted by `torch.utils.flop_counter`), the FLOP/s training achieved, this machine's fp32
 GEMM FLOP/s measured in the same run (same threads), their ratio (utilisation), and the epochs
 and total training FLOPs until the test accuracy first reached 75.86 % and 92 %. The CPU model
 and its instruction-set flags go into the JSON.

@@ -120,6 +120,17 @@ class TrainConfig(_Strict):
 # Settings that change what is measured while training, not what is trained: a run with another
 # value has the same config hash and resumes the same checkpoint.
 MEASUREMENT_ONLY: dict[str, Any] = {"train": {"val_images_per_epoch"}}
+# Settings that only one optimizer reads: left out of a config's identity under the others, so
+# adding them changed no existing config's hash and refused no existing checkpoint.
+_MUON_ONLY = {"muon_lr", "muon_momentum"}
+
+
+def identity_exclude(config: RunConfig) -> dict[str, Any]:
+    """What `model_dump(exclude=...)` leaves out of a config's identity (hash, checkpoint)."""
+    train = set(MEASUREMENT_ONLY["train"])
+    if config.train.optimizer != "muon":
+        train |= _MUON_ONLY
+    return {"train": train}
 
 
 class RunConfig(_Strict):
@@ -181,7 +192,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                             "lr": 0.75}),
     # A short schedule of a small net, past the report's best test accuracy (75.86 %) in a
     # fraction of fast-cpu's time. Muon moves its filters: over 2 epochs it scored 6.5 points
-    # above the same recipe with SGD, at the same speed (benchmarks/results/muon-tuning/, where
+    # above the same recipe with SGD, at about the same speed (benchmarks/results/muon-tuning/, where
     # 0.24 beat 0.12 and 0.35). Over 6 epochs of fast-cpu's net it was no better than SGD, so
     # fast-cpu keeps SGD.
     "fast-cpu-quick": dict(model=dict(name="fast", options={"widths": (32, 64, 64)}),

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarlab.config import MEASUREMENT_ONLY, DataConfig, RunConfig
+from cifarlab.config import DataConfig, RunConfig, identity_exclude
 from cifarlab.data import OFFICIAL_FILE_MD5, Cifar10, data_fingerprint, load_cifar10, prepare_cifar10
 from cifarlab.evaluate import EvalResult, evaluate
 from cifarlab.export import (ParityReport, check_parity, evaluate_onnx, export_onnx,
@@ -148,7 +148,8 @@ def summarise(run: TrainedRun, exported: Exported, ev: Evaluation) -> dict[str, 
 
 def config_hash(config: RunConfig) -> str:
     """Short stable hash of a resolved config."""
-    text = json.dumps(config.model_dump(mode="json", exclude=MEASUREMENT_ONLY), sort_keys=True)
+    text = json.dumps(config.model_dump(mode="json", exclude=identity_exclude(config)),
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

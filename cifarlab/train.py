@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab.config import MEASUREMENT_ONLY, RunConfig, TrainConfig
+from cifarlab.config import RunConfig, TrainConfig, identity_exclude
 from cifarlab.evaluate import evaluate
 from cifarlab.optim import MuonSGD, is_filter
 from cifarlab.tensors import (autocast, flip_where, normalize, resolve_device, resolve_precision,
@@ -184,7 +184,7 @@ def _save_atomic(obj: dict[str, Any], path: Path) -> None:
 def _identity(config: RunConfig) -> dict[str, Any]:
     """The parts of the config a checkpoint must agree with to be resumed."""
     return config.model_dump(mode="json", include={"data", "model", "train"},
-                             exclude=MEASUREMENT_ONLY)
+                             exclude=identity_exclude(config))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from models import build_model
 
 @pytest.mark.parametrize("shape", [(64, 216), (128, 1152), (300, 40)])
 def test_orthogonalize_flattens_the_spectrum(shape):
-    g = torch.randn(*shape) @ torch.diag(torch.logspace(0, 2, shape[1]))  # condition 100
+    # Columns scaled over two decades: a spread-out spectrum (most for the tall shape).
+    g = torch.randn(*shape) @ torch.diag(torch.logspace(0, 2, shape[1]))
     s = torch.linalg.svdvals(orthogonalize(g))
     assert orthogonalize(g).shape == g.shape
-    # The input's singular values span two decades; the output's lie near 1.
+    assert torch.linalg.svdvals(g).max() > 4 * torch.linalg.svdvals(g).min()
+    # Whatever the input's spread, the output's singular values lie near 1.
     assert 0.5 < s.min() and s.max() < 1.3, s
 
 
@@ -29,6 +31,11 @@ def test_muon_groups_filters_and_leaves_the_rest_to_sgd():
     opt = make_optimizer(model, cfg)
     muon = [g for g in opt.param_groups if g["muon"]]
     assert len(muon) == 1 and muon[0]["lr"] == pytest.approx(0.1)
+    assert muon[0]["momentum"] == cfg.muon_momentum and muon[0]["weight_decay"] == 0
+    sgd = [g for g in opt.param_groups if not g["muon"]]
+    assert all(g["momentum"] == cfg.momentum for g in sgd)
+    assert sorted(g["weight_decay"] for g in sgd) == pytest.approx(
+        sorted([cfg.weight_decay, cfg.weight_decay / cfg.bias_lr_scale]))
     assert muon[0]["lr_scale"] * cfg.lr == pytest.approx(0.1)  # what the schedule multiplies
     filters = {id(p) for p in muon[0]["params"]}
     convs = [m.weight for m in model.modules()
@@ -54,6 +61,34 @@ def test_muon_step_keeps_filter_norm_and_moves_by_lr():
     assert 0.5 * 0.05 < s.min() and s.max() < 1.3 * 0.05
     direction = -moved.flatten() @ w.grad.reshape(-1)
     assert direction > 0  # it descends
+
+
+def test_muon_steps_follow_nesterov_momentum():
+    # Three steps against the update written out: buf = m*buf + g, d = g + m*buf,
+    # w <- w * sqrt(out) / |w| - lr * orthogonalize(d).
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(16, 8, 3, 3))
+    ref, buf = w.detach().clone(), torch.zeros(16, 8 * 9)
+    opt = MuonSGD([{"params": [w], "muon": True}], lr=0.1, momentum=0.6)
+    for _ in range(3):
+        grad = torch.randn_like(w)
+        w.grad = grad.clone()
+        opt.step()
+        g = grad.reshape(16, -1)
+        buf = 0.6 * buf + g
+        ref = ref * math.sqrt(16) / ref.norm()
+        ref = ref - 0.1 * orthogonalize(g + 0.6 * buf).view_as(ref)
+    assert torch.allclose(w, ref, atol=1e-5)
+
+
+def test_muon_settings_are_part_of_a_muon_config_only():
+    from cifarlab.experiment import config_hash
+
+    sgd = preset("fast-cpu")
+    assert config_hash(sgd) == config_hash(preset("fast-cpu", train={"muon_lr": 0.1}))
+    muon = preset("fast-cpu", train={"optimizer": "muon"})
+    assert config_hash(muon) != config_hash(preset("fast-cpu", train={"optimizer": "muon",
+                                                                      "muon_lr": 0.1}))
 
 
 def test_sgd_groups_match_torch_sgd_with_nesterov():
