@@ -82,17 +82,22 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert done.resumed_from_epoch == 4 and len(done.history) == 4
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    cfg = _config("fast", epochs=2)
-    full = train(cfg, *TRAIN, *VAL, tmp_path / "full")
+def _killed_after_epoch_2_then_resumed(cfg: RunConfig, folder):
+    """Train until a hook 'kills' the run after epoch 2's checkpoint, then run it again."""
 
-    def kill_after_first(metrics, _model):
+    def kill_after_second(metrics, _model):
         if metrics.epoch == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, *TRAIN, *VAL, tmp_path / "cut", hooks=[kill_after_first])
-    resumed = train(cfg, *TRAIN, *VAL, tmp_path / "cut")
+        train(cfg, *TRAIN, *VAL, folder, hooks=[kill_after_second])
+    return train(cfg, *TRAIN, *VAL, folder)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg = _config("fast", epochs=2)
+    full = train(cfg, *TRAIN, *VAL, tmp_path / "full")
+    resumed = _killed_after_epoch_2_then_resumed(cfg, tmp_path / "cut")
     for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-5)
 
@@ -102,14 +107,7 @@ def test_muon_learns_and_resumes_exactly(tmp_path):
     cfg = _config("fast", epochs=3, optimizer="muon", muon_lr=0.2)
     full = train(cfg, *TRAIN, *VAL, tmp_path / "full")
     assert full.history[-1].val_accuracy > 0.6, full.history
-
-    def kill_after_second(metrics, _model):
-        if metrics.epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, *TRAIN, *VAL, tmp_path / "cut", hooks=[kill_after_second])
-    resumed = train(cfg, *TRAIN, *VAL, tmp_path / "cut")
+    resumed = _killed_after_epoch_2_then_resumed(cfg, tmp_path / "cut")
     assert resumed.resumed_from_epoch == 2
     for pa, pb in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-5)
