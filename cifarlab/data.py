@@ -400,6 +400,15 @@ _LOADED: dict[tuple[str, str], Cifar10] = {}
 _ALL_FILES = (*TRAIN_FILES, TEST_FILE, META_FILE)
 
 
+def _cache_key(folder: Path) -> tuple[str, str] | None:
+    """What `load_cifar10` keeps its arrays under: the folder and each file's size, inode and
+    times; None when a file is missing."""
+    try:
+        return str(folder.resolve()), json.dumps(_file_keys(folder, _ALL_FILES))
+    except OSError:
+        return None
+
+
 def load_cifar10(folder: Path) -> Cifar10:
     """Read the pickled batches of a (verified) folder into tensors, in about a second.
 
@@ -408,10 +417,7 @@ def load_cifar10(folder: Path) -> Cifar10:
     write into it.
     """
     folder = Path(folder)
-    try:
-        key = (str(folder.resolve()), json.dumps(_file_keys(folder, _ALL_FILES)))
-    except OSError:
-        key = None  # a missing file: _read_batch names it below
+    key = _cache_key(folder)
     cached = _LOADED.get(key) if key is not None else None
     if cached is not None:
         return cached
@@ -420,6 +426,26 @@ def load_cifar10(folder: Path) -> Cifar10:
         _LOADED.clear()
         _LOADED[key] = data
     return data
+
+
+def loaded_arrays() -> dict[str, object] | None:
+    """What this process holds from `load_cifar10`, as plain values (its key and arrays) that
+    another copy of this module can `adopt_arrays`: the fork server hands them to each run."""
+    for key, data in _LOADED.items():
+        return {"key": key, "fields": {name: getattr(data, name)
+                                       for name in Cifar10.__dataclass_fields__}}
+    return None
+
+
+def adopt_arrays(held: dict[str, object]) -> bool:
+    """Take `loaded_arrays()` of another process (or module copy) as this one's, if the folder's
+    files still have the size, inode and times they had when read; whether it did."""
+    folder = Path(held["key"][0])
+    if _cache_key(folder) != tuple(held["key"]):
+        return False
+    _LOADED.clear()
+    _LOADED[tuple(held["key"])] = Cifar10(**held["fields"])
+    return True
 
 
 def _read_cifar10(folder: Path) -> Cifar10:

@@ -4,6 +4,7 @@ Unix socket in a temporary folder, and real clients, as Prefect's worker starts 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,13 +49,16 @@ sys.exit(int(sys.argv[1]))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, synthetic_cifar):
     folder = tmp_path_factory.mktemp("fs")
     path = Path(f"/tmp/cifar-test-{os.getpid()}.sock")  # socket paths are short
+    # The data the server reads ahead for its runs: a copy of our own (a test touches it).
+    data = folder / "cifar-10-batches-py"
+    shutil.copytree(synthetic_cifar[0], data)
     log = open(folder / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "flows.forkserver", "serve", "--socket",
                              str(path)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "CIFAR10_SOURCE": str(data)})
     try:
         assert forkserver.wait_ready(path, 180), (folder / "server.log").read_text()
         yield proc, path, folder
@@ -106,6 +110,51 @@ def test_a_child_runs_with_the_clients_streams_environment_folder_and_exit_statu
     assert "prefect api http://127.0.0.1:9/api" in out
     assert "mlflow package map True" in out  # the server's warmed cache came with the fork
     assert "starting cold" not in err  # it was forked
+
+
+# Reports which `cifarlab` a child imports and the data its loader holds before reading any.
+DATA_PROBE = '''
+import cifarlab, cifarlab.data as data
+print("cifarlab from", cifarlab.__file__, flush=True)
+print("held", [key[0] for key in getattr(data, "_LOADED", {})], flush=True)
+'''
+
+
+def _run_module(path, cwd, module: str) -> str:
+    env = {**os.environ, forkserver.ENV_VAR: str(path)}
+    done = subprocess.run([sys.executable, "-m", "flows.forkserver", "run", module], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and "starting cold" not in done.stderr, done.stderr
+    return done.stdout
+
+
+def test_a_child_gets_the_servers_data_arrays_while_the_files_are_unchanged(server, tmp_path):
+    _, path, folder = server
+    data = (folder / "cifar-10-batches-py").resolve()
+    (tmp_path / "data_probe.py").write_text(DATA_PROBE)
+    out = _run_module(path, tmp_path, "data_probe")
+    assert f"held ['{data}']" in out  # read by the server, adopted by the child's loader
+    assert f"cifarlab from {Path(forkserver.__file__).parents[1] / 'cifarlab'}" in out
+    os.utime(data / "test_batch")  # a file changed since the server read it: not adopted
+    assert "held []" in _run_module(path, tmp_path, "data_probe")
+
+
+def test_a_child_imports_the_project_from_its_checkout_not_the_servers_copy(server, tmp_path):
+    """The server imported cifarlab to read the data; a run must still get its checkout's."""
+    _, path, folder = server
+    (tmp_path / "data_probe.py").write_text(DATA_PROBE)
+    checkout = tmp_path / "cifarlab"  # a checkout whose loader differs from the server's
+    checkout.mkdir()
+    (checkout / "__init__.py").write_text("")
+    (checkout / "data.py").write_text(
+        "_LOADED = {}\n"
+        "def adopt_arrays(held):\n"
+        "    _LOADED[held['key']] = held['fields']\n"
+        "    print('adopted', tuple(held['fields']['train_images'].shape), flush=True)\n"
+        "    return True\n")
+    out = _run_module(path, tmp_path, "data_probe")
+    assert f"cifarlab from {checkout / '__init__.py'}" in out
+    assert "adopted (300, 3, 32, 32)" in out
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 7), (signal.SIGINT, 8)],
