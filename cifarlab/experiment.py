@@ -28,7 +28,7 @@ from cifarlab.config import DataConfig, RunConfig, identity_exclude
 from cifarlab.data import OFFICIAL_FILE_MD5, Cifar10, data_fingerprint, load_cifar10, prepare_cifar10
 from cifarlab.evaluate import EvalResult, evaluate
 from cifarlab.export import (ParityReport, check_parity, evaluate_onnx, export_onnx,
-                             require_parity)
+                             model_input, require_parity)
 from cifarlab.plots import plot_confusion, plot_learning_curves
 from cifarlab.split import Split, save_split, stratified_split
 from cifarlab.tensors import resolve_device, resolve_precision
@@ -219,12 +219,28 @@ def export_run(run: TrainedRun, *, require: bool = True) -> Exported:
     return Exported(path, tta, report)
 
 
-def evaluate_run(run: TrainedRun, exported: Exported) -> Evaluation:
+@dataclass
+class EvalInputs:
+    """The validation and test images as the exported file takes them, made once for every
+    file run on them (the served one, its int8 twin)."""
+
+    val: np.ndarray
+    test: np.ndarray
+
+
+def eval_inputs(run: TrainedRun) -> EvalInputs:
+    """The run's validation and test images, normalised (float32, 123 MB per 10,000)."""
+    return EvalInputs(model_input(run.val_images), model_input(run.data.data.test_images))
+
+
+def evaluate_run(run: TrainedRun, exported: Exported,
+                 inputs: EvalInputs | None = None) -> Evaluation:
     """Validation and test accuracy of the exported file; a TTA that is not served is measured
-    on the PyTorch model and kept apart."""
+    on the PyTorch model and kept apart. `inputs`: the sets already normalised, if at hand."""
     d = run.data.data
-    val = evaluate_onnx(exported.path, run.val_images, run.val_labels)
-    test = evaluate_onnx(exported.path, d.test_images, d.test_labels)
+    inputs = inputs or eval_inputs(run)
+    val = evaluate_onnx(exported.path, inputs.val, run.val_labels)
+    test = evaluate_onnx(exported.path, inputs.test, d.test_labels)
     ev = Evaluation(val, test, tta="none")
     cfg = run.config.train
     if cfg.tta != "none" and not cfg.serve_tta:

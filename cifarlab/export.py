@@ -168,15 +168,33 @@ def onnx_latency_ms(onnx_path: Path, batch_sizes: tuple[int, ...] = (1, 256),
     return out
 
 
-def onnx_logits(onnx_path: Path, images: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
-    """onnxruntime logits (N, 10) float32 of an exported file for uint8 images (N, 3, 32, 32)."""
+def model_input(images: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """uint8 images (N, 3, 32, 32) as the exported file takes them (normalised float32): made
+    once for a set that several files are run on (the served file and its int8 twin)."""
+    out = np.empty(tuple(images.shape), np.float32)
+    for start in range(0, len(images), batch_size):
+        out[start : start + batch_size] = normalize(images[start : start + batch_size],
+                                                    torch.device("cpu")).numpy()
+    return out
+
+
+def onnx_logits(onnx_path: Path, images: torch.Tensor | np.ndarray,
+                batch_size: int = 1000) -> np.ndarray:
+    """onnxruntime logits (N, 10) float32 of an exported file for uint8 images (N, 3, 32, 32),
+    or for images already made its input (`model_input`)."""
     session = onnx_session(onnx_path)
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: normalize(
-        images[start : start + batch_size], torch.device("cpu")).numpy()})[0]
-        for start in range(0, len(images), batch_size)]
+    if isinstance(images, np.ndarray):
+        batches = (images[start : start + batch_size]
+                   for start in range(0, len(images), batch_size))
+    else:
+        batches = (normalize(images[start : start + batch_size], torch.device("cpu")).numpy()
+                   for start in range(0, len(images), batch_size))
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: x})[0] for x in batches]
     return np.concatenate(out) if out else np.empty((0, 10), np.float32)
 
 
-def evaluate_onnx(onnx_path: Path, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
-    """Loss, accuracy, per-class accuracy and confusion of the exported file itself."""
+def evaluate_onnx(onnx_path: Path, images: torch.Tensor | np.ndarray,
+                  labels: torch.Tensor) -> EvalResult:
+    """Loss, accuracy, per-class accuracy and confusion of the exported file itself (images
+    uint8, or already its input: `model_input`)."""
     return score(torch.from_numpy(onnx_logits(onnx_path, images)), labels)

@@ -74,11 +74,12 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, out_path: Path) -> P
 
 
 def build_int8(fp32_path: Path, fp32_val: EvalResult, calibration: np.ndarray,
-               val_images: torch.Tensor, val_labels: torch.Tensor, test_images: torch.Tensor,
-               test_labels: torch.Tensor, out_path: Path,
+               val_images: torch.Tensor | np.ndarray, val_labels: torch.Tensor,
+               test_images: torch.Tensor | np.ndarray, test_labels: torch.Tensor, out_path: Path,
                fp32_latency_ms: dict[int, float] | None = None) -> Int8Report:
-    """Quantise, evaluate on validation and test, time both files (the fp32 one only if its
-    timing is not given)."""
+    """Quantise, evaluate on validation and test (images uint8, or already the model's input:
+    `cifarlab.export.model_input`), time both files (the fp32 one only if its timing is not
+    given)."""
     path = quantize_int8(fp32_path, calibration, out_path)
     val = evaluate_onnx(path, val_images, val_labels)
     test = evaluate_onnx(path, test_images, test_labels)

@@ -167,13 +167,14 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
     import torch
 
     from cifarlab.constants import MEAN, STD
-    from cifarlab.experiment import evaluate_run, summarise, write_results
+    from cifarlab.experiment import eval_inputs, evaluate_run, summarise, write_results
     from cifarlab.export import onnx_latency_ms
     from cifarlab.tensors import normalize
     from flows import champion
 
     run, ex = trained.value, exported.value
-    ev = evaluate_run(run, ex)
+    inputs = eval_inputs(run)  # normalised once for the served file and its int8 twin
+    ev = evaluate_run(run, ex, inputs)
     write_results(run, ex, ev)
     s = summarise(run, ex, ev)
     latency = onnx_latency_ms(ex.path)
@@ -212,12 +213,12 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
            f"{100 * ev.tta_test.accuracy:.2f}%" if ev.tta_val else "")
     get_run_logger().info("served ONNX model: validation %.2f%%, test %.2f%%%s",
                           100 * ev.val.accuracy, 100 * ev.test.accuracy, tta)
-    int8 = _int8_twin(run, ex, ev, store, run_id, latency)
+    int8 = _int8_twin(run, ex, ev, inputs, store, run_id, latency)
     return InMemory({"evaluation": ev, "summary": s, "latency_ms": latency, "logged": logged,
                      "int8": int8})
 
 
-def _int8_twin(run: Any, ex: Any, ev: Any, store: tracking.Store, run_id: str,
+def _int8_twin(run: Any, ex: Any, ev: Any, inputs: Any, store: tracking.Store, run_id: str,
                fp32_latency_ms: dict[int, float]) -> Any:
     """The statically quantised copy of the served file (cifarlab/quantize.py), evaluated and
     timed beside it and logged as `int8/model_int8.onnx`; None (with a warning) if onnxruntime
@@ -227,7 +228,7 @@ def _int8_twin(run: Any, ex: Any, ev: Any, store: tracking.Store, run_id: str,
     d = run.data.data
     try:
         report = build_int8(ex.path, ev.val, calibration_set(d.train_images, run.split.train_idx),
-                            run.val_images, run.val_labels, d.test_images, d.test_labels,
+                            inputs.val, run.val_labels, inputs.test, d.test_labels,
                             run.run_dir / "model_int8.onnx", fp32_latency_ms)
     except Exception as exc:  # noqa: BLE001 - reported, the run goes on
         get_run_logger().warning("no int8 model: onnxruntime could not quantise it (%s: %s)",

@@ -64,3 +64,23 @@ def test_export_answers_any_batch_size_like_pytorch(models, tmp_path, exporter, 
 def test_an_unknown_exporter_is_named(model, tmp_path):
     with pytest.raises(ValueError, match="exporter='onnxmltools'"):
         export_onnx(model, tmp_path / "model.onnx", exporter="onnxmltools")
+
+
+def test_a_set_normalised_once_scores_as_its_uint8_images(model, tmp_path):
+    """The served file and its int8 twin are run on the same sets, normalised once
+    (`model_input`): the file must score them exactly as it scores the uint8 images."""
+    from cifarlab.export import evaluate_onnx, model_input
+    from cifarlab.tensors import normalize
+
+    path = export_onnx(model, tmp_path / "model.onnx")
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2500, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (2500,), generator=g)
+    x = model_input(images)
+    assert x.dtype == np.float32 and x.shape == (2500, 3, 32, 32)
+    np.testing.assert_array_equal(x[1000:1010], normalize(images[1000:1010],
+                                                          torch.device("cpu")).numpy())
+    direct, once = evaluate_onnx(path, images, labels), evaluate_onnx(path, x, labels)
+    np.testing.assert_array_equal(once.predictions, direct.predictions)
+    np.testing.assert_array_equal(once.confusion, direct.confusion)
+    assert once.loss == pytest.approx(direct.loss, abs=1e-6)
