@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from pathlib import Path
 from machine_info import cpu_flags, cpu_model  # beside this script
 
 from flows import forkserver, tracking
-from flows.processes import free_port
+from flows.processes import free_port, handle_stop_signals
 from flows.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +56,15 @@ def tracking_cost_per_epoch(root: Path, epochs: int = 30) -> dict[str, float]:
     return {"median_s": statistics.median(times), "max_s": max(times), "epochs": epochs}
 
 
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM or SIGHUP (a timeout, a closed terminal) like Ctrl-C: the stack is stopped."""
+    handle_stop_signals(signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> None:
     """Run deployments through the local stack and report the overhead."""
+    handle_stop_signals(_stop)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="seed-baseline")
     parser.add_argument("--epochs", type=int, default=2)

@@ -28,6 +28,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -398,6 +399,11 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 # The last data set loaded in this process, by folder and its files' sizes and mtimes.
 _LOADED: dict[tuple[str, str], Cifar10] = {}
 _ALL_FILES = (*TRAIN_FILES, TEST_FILE, META_FILE)
+# Arrays another process read for this one: the fork server (flows/forkserver.py) registers a
+# module of this name in sys.modules, its `held` being what `loaded_arrays()` gave there. A
+# forked run's `load_cifar10` takes them instead of reading the files (see `_handed_over`).
+HANDOVER_MODULE = "_cifar10_arrays_handed_over"
+_FROM_HANDOVER: set[tuple[str, str]] = set()  # keys whose arrays came that way (for tests)
 
 
 def _cache_key(folder: Path) -> tuple[str, str] | None:
@@ -409,16 +415,24 @@ def _cache_key(folder: Path) -> tuple[str, str] | None:
         return None
 
 
+def _loader_version() -> str:
+    """The code that turns the files into arrays (this module's source): arrays another copy
+    of it read are taken only if it is the same code."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def load_cifar10(folder: Path) -> Cifar10:
     """Read the pickled batches of a (verified) folder into tensors, in about a second.
 
     The result is kept for the process (one data set at a time) and returned again while the
     files keep their size, inode and times (as for the stamps): callers index it, they never
-    write into it.
+    write into it. A forked flow run takes the fork server's arrays the same way.
     """
     folder = Path(folder)
     key = _cache_key(folder)
     cached = _LOADED.get(key) if key is not None else None
+    if cached is None and key is not None:
+        cached = _handed_over(key)
     if cached is not None:
         return cached
     data = _read_cifar10(folder)
@@ -429,23 +443,29 @@ def load_cifar10(folder: Path) -> Cifar10:
 
 
 def loaded_arrays() -> dict[str, object] | None:
-    """What this process holds from `load_cifar10`, as plain values (its key and arrays) that
-    another copy of this module can `adopt_arrays`: the fork server hands them to each run."""
+    """What this process holds from `load_cifar10`, as plain values (the key, the loader's
+    version, the arrays) for a forked process's copy of this module; None when nothing is
+    held, or when a file changed since (or so recently that a write may still be under way)."""
     for key, data in _LOADED.items():
-        return {"key": key, "fields": {name: getattr(data, name)
-                                       for name in Cifar10.__dataclass_fields__}}
+        folder = Path(key[0])
+        if _cache_key(folder) != key or _recent({"files": json.loads(key[1])}):
+            return None
+        return {"key": key, "loader": _loader_version(),
+                "fields": {name: getattr(data, name) for name in Cifar10.__dataclass_fields__}}
     return None
 
 
-def adopt_arrays(held: dict[str, object]) -> bool:
-    """Take `loaded_arrays()` of another process (or module copy) as this one's, if the folder's
-    files still have the size, inode and times they had when read; whether it did."""
-    folder = Path(held["key"][0])
-    if _cache_key(folder) != tuple(held["key"]):
-        return False
+def _handed_over(key: tuple[str, str]) -> Cifar10 | None:
+    """The arrays handed over under HANDOVER_MODULE, if they were read from these very files
+    (same key) by this very loader; kept as this process's then."""
+    held = getattr(sys.modules.get(HANDOVER_MODULE), "held", None)
+    if not held or tuple(held["key"]) != key or held.get("loader") != _loader_version():
+        return None
+    data = Cifar10(**held["fields"])
     _LOADED.clear()
-    _LOADED[tuple(held["key"])] = Cifar10(**held["fields"])
-    return True
+    _LOADED[key] = data
+    _FROM_HANDOVER.add(key)
+    return data
 
 
 def _read_cifar10(folder: Path) -> Cifar10:

@@ -184,6 +184,9 @@ def onnx_logits(onnx_path: Path, images: torch.Tensor | np.ndarray,
     or for images already made its input (`model_input`)."""
     session = onnx_session(onnx_path)
     if isinstance(images, np.ndarray):
+        if images.dtype != np.float32 or images.shape[1:] != (3, 32, 32):
+            raise ValueError(f"expected the model's input, float32 (N, 3, 32, 32) from "
+                             f"model_input(), got {images.dtype} {images.shape}")
         batches = (images[start : start + batch_size]
                    for start in range(0, len(images), batch_size))
     else:

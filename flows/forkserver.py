@@ -15,11 +15,12 @@ the client's, and a client that dies takes its child with it. Where no server an
 ($CIFAR_FORK_SERVER unset, nothing listening), the client becomes `python -m prefect.engine`
 itself: a warm start saves time, it is never needed.
 
-Only third-party modules are kept from the server: the project's own (flows, cifarlab, serving)
-are imported by each run from its checkout, so an edited checkout takes effect on the next
-run. (The server reads the CIFAR-10 arrays once with the project's loader and hands them to
-each child, which drops that loader and imports its own.) A package upgraded in the
-environment takes effect when the stack (or worker) restarts.
+Only third-party modules are kept from the server: the project's own (flows, cifarlab, models,
+serving) are dropped in each child and imported by the run from its checkout, so an edited
+checkout takes effect on the next run. (The server reads the CIFAR-10 arrays once with the
+project's loader; a run's own loader takes them if it is the same code and the files are
+unchanged.) A package upgraded in the environment takes effect when the stack (or worker)
+restarts.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ WARM_MODULES = (
     "mlflow", "mlflow.onnx", "mlflow.pytorch", "prefect.engine", "prefect.flow_engine",
     "prefect.deployments.steps", "psutil", "PIL.Image",
     # Imported when a run opens its MLflow store (SQLAlchemy, alembic: 1.3 s measured in a
-    # warm child's profile) and when it fills the BentoML store (0.3 s). Neither reads a
-    # setting at import: the store URI and BentoML's home are passed explicitly.
+    # warm child's profile) and when it fills the BentoML store (0.3 s). The store URI and
+    # BentoML's home are passed explicitly; BentoML's configuration files are read at import
+    # (READ_AT_IMPORT).
     "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
     "mlflow.pyfunc", "bentoml.models", "bentoml._internal.models",
 )
@@ -62,14 +64,13 @@ SERVER_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # Read by a library when it is imported: a run whose environment sets them otherwise than the
 # server's would not get what it asked for, so it starts cold.
 READ_AT_IMPORT = ("PYTHONPATH", "PYTHONHASHSEED", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                  "OPENBLAS_NUM_THREADS", "MPLBACKEND")
+                  "OPENBLAS_NUM_THREADS", "MPLBACKEND", "BENTOML_CONFIG",
+                  "BENTOML_CONFIG_OPTIONS", "BENTOML_CONFIG_OVERRIDES")
 MAX_REQUEST = 1 << 20
 STOP_GRACE_S = 30.0  # as long as Prefect's own graceful kill of a flow run
 HANDSHAKE_TIMEOUT_S = 120.0  # then the run starts cold (the server stuck in its imports)
 # The project's packages: imported by each run from its checkout, never kept from the server.
 PROJECT_PACKAGES = ("cifarlab", "flows", "models", "serving")
-PROJECT_MODULES: set[str] = set()  # those the server's warm-up imported (dropped in a child)
-HELD_DATA: dict[str, object] = {}  # cifarlab.data.loaded_arrays() of the server's warm-up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,8 +93,9 @@ def warm_up(modules=WARM_MODULES) -> list[str]:
 
 
 def warm_caches() -> list[str]:
-    """Fill the per-process caches that every run would fill again at the same cost; returns
-    what was not filled (the runs then fill it themselves, as they would cold).
+    """Fill the per-process caches that every run would fill again at the same cost: MLflow's
+    package map (below), the CIFAR-10 arrays (`warm_data`), matplotlib's first figure
+    (`warm_plots`); returns what was not filled (the runs then fill it themselves, as cold).
 
     - MLflow's map of installed packages: logging a model checks its pip requirements against
       this environment, and building the map reads every installed package's file list (1.6 s
@@ -118,14 +120,14 @@ def warm_caches() -> list[str]:
 
 
 def data_folder_to_warm(env: Mapping[str, str] = os.environ) -> Path | None:
-    """The CIFAR-10 folder a run of this host reads, if it is on disk: $CIFAR10_SOURCE when
-    that is a folder, else the download folder under the run root ($CIFAR_ROOT or the
-    project)."""
+    """The CIFAR-10 folder a run of this host reads, if it is on disk when the server starts:
+    $CIFAR10_SOURCE when that is a folder, else the folder runs extract or download into under
+    the run root ($CIFAR_ROOT or the project)."""
     from cifarlab.data import FOLDER_NAME, SOURCE_ENV, TEST_FILE
 
-    source = env.get(SOURCE_ENV, "").removeprefix("file://")
-    if source and not source.startswith(("http://", "https://")):
-        folder = Path(source).expanduser()
+    source = Path(env.get(SOURCE_ENV, "").removeprefix("file://")).expanduser()
+    if env.get(SOURCE_ENV) and source.is_dir():
+        folder = source
     else:
         root = env.get("CIFAR_ROOT") or Path(__file__).resolve().parents[1]
         folder = Path(root) / "data" / FOLDER_NAME
@@ -136,12 +138,14 @@ def warm_data() -> list[str]:
     """Read the CIFAR-10 arrays once, here: every forked run then shares them (copy on write;
     nothing writes into them) instead of reading 180 MB again, about a second per run.
 
-    Nothing is trusted by this: each run still verifies the folder first (its stamps), and
-    takes the arrays only while the files keep the size, inode and times they had when read
-    here (`cifarlab.data.adopt_arrays`), else reads them itself. The read goes through the
-    project's own loader (its restricted unpickler); the project modules that imports are
-    dropped again in each child (`PROJECT_MODULES`), which imports them from its checkout."""
-    before = set(sys.modules)
+    Nothing is trusted by this: each run still verifies the folder first (its stamps), and its
+    `cifarlab.data.load_cifar10` takes these arrays (left under `HANDOVER_MODULE` in
+    sys.modules) only while every file keeps the size, inode and times it had when read here
+    and its loader is the code that read them; otherwise it reads the files itself. The read
+    goes through the project's own loader (its restricted unpickler); the project modules that
+    imports are dropped again in each child (`drop_project_modules`)."""
+    import types
+
     try:
         from cifarlab import data
 
@@ -149,33 +153,28 @@ def warm_data() -> list[str]:
         if folder is None:
             return []
         data.load_cifar10(folder)
-        HELD_DATA.update(data.loaded_arrays() or {})
+        held = data.loaded_arrays()
+        if held is None:
+            return [f"CIFAR-10 arrays of {folder} (its files changed while being read)"]
+        handover = types.ModuleType(data.HANDOVER_MODULE)
+        handover.held = held
+        sys.modules[data.HANDOVER_MODULE] = handover
     except Exception as exc:  # noqa: BLE001 - a bad folder is for the run to report
         return [f"CIFAR-10 arrays ({type(exc).__name__}: {exc})"]
-    finally:
-        PROJECT_MODULES.update(name for name in set(sys.modules) - before
-                               if name.partition(".")[0] in PROJECT_PACKAGES)
     return []
 
 
-def hand_over_data() -> None:
-    """In a child: forget the project modules the server imported (the run imports its
-    checkout's), then give the checkout's `cifarlab.data` the arrays the server read."""
-    for name in PROJECT_MODULES:
-        sys.modules.pop(name, None)
-    if not HELD_DATA:
-        return
-    try:
-        from cifarlab import data
-
-        data.adopt_arrays(HELD_DATA)
-    except Exception:  # noqa: BLE001 - another checkout's loader: the run reads the files
-        pass
+def drop_project_modules() -> None:
+    """In a child: forget every project module the server holds (`flows` itself, which
+    `python -m flows.forkserver` imported, and what `warm_data` imported), so that the run
+    imports its checkout's, wherever Prefect's pull step puts it on sys.path."""
+    for name in [n for n in sys.modules if n.partition(".")[0] in PROJECT_PACKAGES]:
+        del sys.modules[name]
 
 
 def warm_plots() -> list[str]:
-    """Draw one small figure with text: matplotlib's first drawing in a process loads the
-    font and fills its caches (a run's learning curves and confusion plots)."""
+    """Draw one small figure with text: matplotlib's first drawing in a process imports its
+    backend and fills its font lookup cache (a forked child opens the font file again)."""
     try:
         import io
 
@@ -482,7 +481,7 @@ def run_child(job: dict) -> None:
     os.environ.update(job["env"])
     sys.argv = [sys.argv[0], *job["argv"]]
     sys.path[0] = job["cwd"]  # as for `python -m`: the folder it started in
-    hand_over_data()
+    drop_project_modules()
     # A fork copies the random generators: reseed them as a new process would start.
     random.seed()
     if "numpy" in sys.modules:

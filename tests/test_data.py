@@ -317,3 +317,48 @@ def test_real_files_need_only_numpy_array_globals(real_cifar):
     assert _globals_of(real_cifar / "batches.meta") == set()
     batch = load_pickle(real_cifar / "test_batch")  # Python 2 pickles, encoding="bytes"
     assert batch[b"data"].shape == (10_000, 3072) and batch[b"batch_label"].startswith(b"testing")
+
+
+def test_arrays_handed_over_are_taken_only_for_the_same_files_read_by_the_same_loader(
+        synthetic_cifar, tmp_path, monkeypatch):
+    """What the fork server hands its runs (flows/forkserver.py): a forked process's loader
+    takes the arrays instead of reading, unless a file or the loader's code changed."""
+    import sys
+    import types
+
+    import torch
+
+    from cifarlab import data
+
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(synthetic_cifar[0], folder)
+    past = time.time() - 60
+    for f in folder.iterdir():
+        os.utime(f, (past, past))
+    time.sleep(1.1)  # their change times are now: a second later they count as settled
+    monkeypatch.setattr(data, "_LOADED", {})
+    first = data.load_cifar10(folder)
+    held = data.loaded_arrays()
+    assert held is not None and held["key"][0] == str(folder.resolve())
+    handover = types.ModuleType(data.HANDOVER_MODULE)
+    handover.held = held
+    monkeypatch.setitem(sys.modules, data.HANDOVER_MODULE, handover)
+
+    monkeypatch.setattr(data, "_LOADED", {})  # a forked process's fresh loader holds nothing
+    assert data.load_cifar10(folder).train_images is first.train_images  # taken, not read
+
+    monkeypatch.setattr(data, "_LOADED", {})
+    handover.held = {**held, "loader": "another version of cifarlab/data.py"}
+    other = data.load_cifar10(folder)  # read from the files
+    assert other.train_images is not first.train_images
+    assert torch.equal(other.train_images, first.train_images)
+
+    handover.held = held
+    monkeypatch.setattr(data, "_LOADED", {})
+    os.utime(folder / "data_batch_3", (past, past + 1))  # changed since it was read
+    changed = data.load_cifar10(folder)
+    assert changed.train_images is not first.train_images
+    # Files written a moment ago may still be being written: nothing is handed over then.
+    os.utime(folder / "data_batch_3")
+    data.load_cifar10(folder)
+    assert data.loaded_arrays() is None

@@ -84,3 +84,12 @@ def test_a_set_normalised_once_scores_as_its_uint8_images(model, tmp_path):
     np.testing.assert_array_equal(once.predictions, direct.predictions)
     np.testing.assert_array_equal(once.confusion, direct.confusion)
     assert once.loss == pytest.approx(direct.loss, abs=1e-6)
+
+
+def test_an_array_that_is_not_the_models_input_is_refused(model, tmp_path):
+    from cifarlab.export import evaluate_onnx
+
+    path = export_onnx(model, tmp_path / "model.onnx")
+    uint8 = np.zeros((4, 3, 32, 32), np.uint8)  # pixels, not normalised: would score wrong
+    with pytest.raises(ValueError, match=r"float32 \(N, 3, 32, 32\).*got uint8"):
+        evaluate_onnx(path, uint8, torch.zeros(4, dtype=torch.long))

@@ -112,49 +112,68 @@ def test_a_child_runs_with_the_clients_streams_environment_folder_and_exit_statu
     assert "starting cold" not in err  # it was forked
 
 
-# Reports which `cifarlab` a child imports and the data its loader holds before reading any.
+# Started in an empty folder, as Prefect's worker starts a run: puts the checkout on sys.path
+# (Prefect's pull step does), then loads the data and says where the arrays came from.
 DATA_PROBE = '''
+import sys
+sys.path.insert(0, sys.argv[1])
 import cifarlab, cifarlab.data as data
 print("cifarlab from", cifarlab.__file__, flush=True)
-print("held", [key[0] for key in getattr(data, "_LOADED", {})], flush=True)
+d = data.load_cifar10(sys.argv[2])
+print("handed over", bool(getattr(data, "_FROM_HANDOVER", None)),
+      "class", type(d) is data.Cifar10, "images", tuple(d.train_images.shape), flush=True)
 '''
 
 
-def _run_module(path, cwd, module: str) -> str:
+def _run_module(path, cwd, module: str, *args: str) -> str:
     env = {**os.environ, forkserver.ENV_VAR: str(path)}
-    done = subprocess.run([sys.executable, "-m", "flows.forkserver", "run", module], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-m", "flows.forkserver", "run", module, *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
     assert done.returncode == 0 and "starting cold" not in done.stderr, done.stderr
     return done.stdout
 
 
-def test_a_child_gets_the_servers_data_arrays_while_the_files_are_unchanged(server, tmp_path):
+def test_a_child_takes_the_servers_data_arrays_while_the_files_are_unchanged(server, tmp_path):
     _, path, folder = server
-    data = (folder / "cifar-10-batches-py").resolve()
+    data = folder / "cifar-10-batches-py"
     (tmp_path / "data_probe.py").write_text(DATA_PROBE)
-    out = _run_module(path, tmp_path, "data_probe")
-    assert f"held ['{data}']" in out  # read by the server, adopted by the child's loader
-    assert f"cifarlab from {Path(forkserver.__file__).parents[1] / 'cifarlab'}" in out
-    os.utime(data / "test_batch")  # a file changed since the server read it: not adopted
-    assert "held []" in _run_module(path, tmp_path, "data_probe")
+    checkout = Path(forkserver.__file__).resolve().parents[1]
+    out = _run_module(path, tmp_path, "data_probe", str(checkout), str(data))
+    assert f"cifarlab from {checkout / 'cifarlab' / '__init__.py'}" in out
+    # read by the server, taken by the child's own loader as its own class
+    assert "handed over True class True images (300, 3, 32, 32)" in out
+    os.utime(data / "test_batch")  # a file changed since the server read it: read again
+    out = _run_module(path, tmp_path, "data_probe", str(checkout), str(data))
+    assert "handed over False class True images (300, 3, 32, 32)" in out
 
 
 def test_a_child_imports_the_project_from_its_checkout_not_the_servers_copy(server, tmp_path):
-    """The server imported cifarlab to read the data; a run must still get its checkout's."""
+    """The server imported cifarlab (and flows) from its own folder; a run that puts another
+    checkout on sys.path, as Prefect's pull step does, must get that checkout's code."""
     _, path, folder = server
     (tmp_path / "data_probe.py").write_text(DATA_PROBE)
-    checkout = tmp_path / "cifarlab"  # a checkout whose loader differs from the server's
-    checkout.mkdir()
-    (checkout / "__init__.py").write_text("")
-    (checkout / "data.py").write_text(
-        "_LOADED = {}\n"
-        "def adopt_arrays(held):\n"
-        "    _LOADED[held['key']] = held['fields']\n"
-        "    print('adopted', tuple(held['fields']['train_images'].shape), flush=True)\n"
-        "    return True\n")
-    out = _run_module(path, tmp_path, "data_probe")
-    assert f"cifarlab from {checkout / '__init__.py'}" in out
-    assert "adopted (300, 3, 32, 32)" in out
+    checkout = tmp_path / "checkout"
+    (checkout / "cifarlab").mkdir(parents=True)
+    (checkout / "cifarlab" / "__init__.py").write_text("")
+    (checkout / "cifarlab" / "data.py").write_text(  # a loader that differs from the server's
+        "import sys\n"
+        "_FROM_HANDOVER = set()\n"
+        "class Cifar10:\n"
+        "    def __init__(self, **fields): self.__dict__.update(fields)\n"
+        "def load_cifar10(folder):\n"
+        "    held = sys.modules['_cifar10_arrays_handed_over'].held\n"
+        "    return Cifar10(**held['fields'])\n")
+    (checkout / "flows").mkdir()
+    (checkout / "flows" / "__init__.py").write_text("CHECKOUT = True\n")
+    (tmp_path / "flows_probe.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(checkout)!r})\nimport flows\n"
+        "print('flows from', flows.__file__, flush=True)\n")
+    out = _run_module(path, tmp_path, "data_probe", str(checkout), "unused")
+    assert f"cifarlab from {checkout / 'cifarlab' / '__init__.py'}" in out
+    assert "class True images (300, 3, 32, 32)" in out  # the server's arrays, this loader
+    out = _run_module(path, tmp_path, "flows_probe")
+    assert f"flows from {checkout / 'flows' / '__init__.py'}" in out
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 7), (signal.SIGINT, 8)],
