@@ -78,6 +78,7 @@ def main() -> None:
                         "flow-overhead.json")
     args = parser.parse_args()
 
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     by_start = {}
     for start in args.starts:
         with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +116,7 @@ def main() -> None:
 
     results = {
         "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+        "started": started, "code_version": tracking.code_version(ROOT),
         "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
         "preset": args.preset, "epochs": args.epochs,
         "starts": by_start,

@@ -143,9 +143,10 @@ def _stamp(folder: Path, checksums: Mapping[str, str]) -> dict[str, object]:
             "files": _file_keys(folder, checksums)}
 
 
-def _recent(stamp: dict[str, object], seconds: float = 1.0) -> bool:
-    """Whether a file of the stamp was modified or changed less than `seconds` ago."""
-    now = time.time_ns()
+def _recent(stamp: dict[str, object], seconds: float = 1.0, now_ns: int | None = None) -> bool:
+    """Whether a file of the stamp was modified or changed less than `seconds` before `now_ns`
+    (default: now)."""
+    now = time.time_ns() if now_ns is None else now_ns
     return any(now - max(key[2], key[3]) < seconds * 1e9
                for key in stamp["files"].values())  # type: ignore[union-attr]
 
@@ -404,6 +405,7 @@ _ALL_FILES = (*TRAIN_FILES, TEST_FILE, META_FILE)
 # forked run's `load_cifar10` takes them instead of reading the files (see `_handed_over`).
 HANDOVER_MODULE = "_cifar10_arrays_handed_over"
 _FROM_HANDOVER: set[tuple[str, str]] = set()  # keys whose arrays came that way (for tests)
+_KEYED_AT: dict[tuple[str, str], int] = {}  # when each key's file times were taken (ns)
 
 
 def _cache_key(folder: Path) -> tuple[str, str] | None:
@@ -415,10 +417,18 @@ def _cache_key(folder: Path) -> tuple[str, str] | None:
         return None
 
 
-def _loader_version() -> str:
-    """The code that turns the files into arrays (this module's source): arrays another copy
-    of it read are taken only if it is the same code."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+def _source_digest(*modules: str) -> str:
+    """SHA-256 of the named modules' source files, as they were when this module was imported
+    (sibling modules of this package)."""
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update((Path(__file__).with_name(f"{name}.py")).read_bytes())
+    return digest.hexdigest()
+
+
+# The code that turns the files into arrays (this module, and the class names it checks the
+# labels against): arrays another copy of it read are taken only if it was the same code.
+_LOADER_VERSION = _source_digest("data", "constants")
 
 
 def load_cifar10(folder: Path) -> Cifar10:
@@ -435,10 +445,12 @@ def load_cifar10(folder: Path) -> Cifar10:
         cached = _handed_over(key)
     if cached is not None:
         return cached
+    keyed_at = time.time_ns()
     data = _read_cifar10(folder)
     if key is not None:
         _LOADED.clear()
         _LOADED[key] = data
+        _KEYED_AT[key] = keyed_at
     return data
 
 
@@ -448,9 +460,12 @@ def loaded_arrays() -> dict[str, object] | None:
     held, or when a file changed since (or so recently that a write may still be under way)."""
     for key, data in _LOADED.items():
         folder = Path(key[0])
-        if _cache_key(folder) != key or _recent({"files": json.loads(key[1])}):
+        # A file written within a second of the moment its times were taken may have been
+        # mid-write then: its arrays are not handed on.
+        if _cache_key(folder) != key or _recent({"files": json.loads(key[1])},
+                                                 now_ns=_KEYED_AT.get(key)):
             return None
-        return {"key": key, "loader": _loader_version(),
+        return {"key": key, "loader": _LOADER_VERSION,
                 "fields": {name: getattr(data, name) for name in Cifar10.__dataclass_fields__}}
     return None
 
@@ -459,7 +474,7 @@ def _handed_over(key: tuple[str, str]) -> Cifar10 | None:
     """The arrays handed over under HANDOVER_MODULE, if they were read from these very files
     (same key) by this very loader; kept as this process's then."""
     held = getattr(sys.modules.get(HANDOVER_MODULE), "held", None)
-    if not held or tuple(held["key"]) != key or held.get("loader") != _loader_version():
+    if not held or tuple(held["key"]) != key or held.get("loader") != _LOADER_VERSION:
         return None
     data = Cifar10(**held["fields"])
     _LOADED.clear()

@@ -155,7 +155,8 @@ def warm_data() -> list[str]:
         data.load_cifar10(folder)
         held = data.loaded_arrays()
         if held is None:
-            return [f"CIFAR-10 arrays of {folder} (its files changed while being read)"]
+            return [f"CIFAR-10 arrays of {folder} (its files changed while being read or "
+                    "within a second before)"]
         handover = types.ModuleType(data.HANDOVER_MODULE)
         handover.held = held
         sys.modules[data.HANDOVER_MODULE] = handover
@@ -168,8 +169,11 @@ def drop_project_modules() -> None:
     """In a child: forget every project module the server holds (`flows` itself, which
     `python -m flows.forkserver` imported, and what `warm_data` imported), so that the run
     imports its checkout's, wherever Prefect's pull step puts it on sys.path."""
+    import importlib
+
     for name in [n for n in sys.modules if n.partition(".")[0] in PROJECT_PACKAGES]:
         del sys.modules[name]
+    importlib.invalidate_caches()  # the checkout's folders may have changed since the server
 
 
 def warm_plots() -> list[str]:
@@ -495,6 +499,12 @@ def run_child(job: dict) -> None:
 
     prefect.context.refresh_global_settings_context()
     prefect.logging.configuration.setup_logging(incremental=False)
+    # runpy warns that the engine's module is already imported (the server imported it ahead):
+    # that is the point of a warm start, not a problem for the run.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r".*found in sys\.modules after import of package.*")
     runpy.run_module(job.get("module", ENGINE), run_name="__main__", alter_sys=True)
 
 

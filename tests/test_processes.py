@@ -90,8 +90,21 @@ def test_a_service_that_may_die_is_not_reported(tmp_path):
 
 def test_signals_are_ignored_while_stopping():
     """A second Ctrl-C during a stop must not cut it short (PostgreSQL would be left)."""
-    with signals_deferred():
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(0.1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Known handlers first: a test run started in the background has SIGINT ignored already.
+    def on_hup(*_):
+        raise AssertionError("SIGHUP got through")
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+        # and the handlers from before the stop are back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGHUP) is on_hup
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
