@@ -273,7 +273,7 @@ def prepare_cifar10(data_dir: Path, source: str | None = None, *,
     """
     sums = dict(checksums or OFFICIAL_FILE_MD5)
     src = resolve_source(source)
-    local = Path(src.removeprefix("file://")).expanduser() if not src.startswith("http") else None
+    local = _local_path(src)
     stamps = Path(data_dir) / ".verified"
     if local is not None and local.is_dir():
         verify_folder(local, sums, stamps=stamps)
@@ -285,6 +285,18 @@ def prepare_cifar10(data_dir: Path, source: str | None = None, *,
     # second waits, then finds the verified copy the first left.
     with _folder_lock(target.parent / ".cifar10.lock"):
         return _fetch_into(target, src, local, sums, retries, backoff_s, timeout_s, stamps)
+
+
+def _local_path(src: str) -> Path | None:
+    """The file or folder a source names on this machine; None for an http(s) URL."""
+    return Path(src.removeprefix("file://")).expanduser() if not src.startswith("http") else None
+
+
+def data_folder(data_dir: Path, source: str | None = None) -> Path:
+    """The folder `prepare_cifar10` reads for this source (nothing checked): a local source
+    folder in place, else the one it extracts or downloads into under `data_dir`."""
+    local = _local_path(resolve_source(source))
+    return local if local is not None and local.is_dir() else Path(data_dir) / FOLDER_NAME
 
 
 @contextlib.contextmanager
@@ -449,6 +461,7 @@ def load_cifar10(folder: Path) -> Cifar10:
     data = _read_cifar10(folder)
     if key is not None:
         _LOADED.clear()
+        _KEYED_AT.clear()
         _LOADED[key] = data
         _KEYED_AT[key] = keyed_at
     return data
@@ -478,6 +491,7 @@ def _handed_over(key: tuple[str, str]) -> Cifar10 | None:
         return None
     data = Cifar10(**held["fields"])
     _LOADED.clear()
+    _KEYED_AT.clear()
     _LOADED[key] = data
     _FROM_HANDOVER.add(key)
     return data

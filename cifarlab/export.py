@@ -168,14 +168,10 @@ def onnx_latency_ms(onnx_path: Path, batch_sizes: tuple[int, ...] = (1, 256),
     return out
 
 
-def model_input(images: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+def model_input(images: torch.Tensor) -> np.ndarray:
     """uint8 images (N, 3, 32, 32) as the exported file takes them (normalised float32): made
     once for a set that several files are run on (the served file and its int8 twin)."""
-    out = np.empty(tuple(images.shape), np.float32)
-    for start in range(0, len(images), batch_size):
-        out[start : start + batch_size] = normalize(images[start : start + batch_size],
-                                                    torch.device("cpu")).numpy()
-    return out
+    return normalize(images, torch.device("cpu")).numpy()
 
 
 def onnx_logits(onnx_path: Path, images: torch.Tensor | np.ndarray,
@@ -187,12 +183,12 @@ def onnx_logits(onnx_path: Path, images: torch.Tensor | np.ndarray,
         if images.dtype != np.float32 or images.shape[1:] != (3, 32, 32):
             raise ValueError(f"expected the model's input, float32 (N, 3, 32, 32) from "
                              f"model_input(), got {images.dtype} {images.shape}")
-        batches = (images[start : start + batch_size]
-                   for start in range(0, len(images), batch_size))
+        prepare = np.asarray
     else:
-        batches = (normalize(images[start : start + batch_size], torch.device("cpu")).numpy()
-                   for start in range(0, len(images), batch_size))
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: x})[0] for x in batches]
+        def prepare(x: torch.Tensor) -> np.ndarray:
+            return normalize(x, torch.device("cpu")).numpy()
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: prepare(images[start : start + batch_size])})[0]
+           for start in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.empty((0, 10), np.float32)
 
 

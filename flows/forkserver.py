@@ -120,17 +120,13 @@ def warm_caches() -> list[str]:
 
 
 def data_folder_to_warm(env: Mapping[str, str] = os.environ) -> Path | None:
-    """The CIFAR-10 folder a run of this host reads, if it is on disk when the server starts:
-    $CIFAR10_SOURCE when that is a folder, else the folder runs extract or download into under
-    the run root ($CIFAR_ROOT or the project)."""
-    from cifarlab.data import FOLDER_NAME, SOURCE_ENV, TEST_FILE
+    """The CIFAR-10 folder a run of this host reads (`cifarlab.data.data_folder` under the run
+    root: $CIFAR_ROOT, else the project, as `flows.train_flow.project_root`), if it is on disk
+    when the server starts."""
+    from cifarlab.data import OFFICIAL_URL, SOURCE_ENV, TEST_FILE, data_folder
 
-    source = Path(env.get(SOURCE_ENV, "").removeprefix("file://")).expanduser()
-    if env.get(SOURCE_ENV) and source.is_dir():
-        folder = source
-    else:
-        root = env.get("CIFAR_ROOT") or Path(__file__).resolve().parents[1]
-        folder = Path(root) / "data" / FOLDER_NAME
+    root = env.get("CIFAR_ROOT") or Path(__file__).resolve().parents[1]
+    folder = data_folder(Path(root) / "data", env.get(SOURCE_ENV) or OFFICIAL_URL)
     return folder if (folder / TEST_FILE).is_file() else None
 
 

@@ -169,7 +169,6 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
     from cifarlab.constants import MEAN, STD
     from cifarlab.experiment import eval_inputs, evaluate_run, summarise, write_results
     from cifarlab.export import onnx_latency_ms
-    from cifarlab.tensors import normalize
     from flows import champion
 
     run, ex = trained.value, exported.value
@@ -197,7 +196,7 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
     weights = run.run_dir / "weights.pt"
     torch.save(run.trained.model.state_dict(), weights)
     tracking.log_files(store, run_id, {"weights": weights})
-    example = normalize(run.val_images[:2], torch.device("cpu")).numpy()  # batch 2: axis stays free
+    example = inputs.val[:2]  # batch 2: the axis stays free
     logged = tracking.log_onnx_model(store, run_id, ex.path, example, metadata={
         "class_names": list(run.data.data.class_names), "mean": list(MEAN), "std": list(STD),
         "input": "normalised float32 (N, 3, 32, 32): (pixel/255 - mean) / std",
