@@ -38,6 +38,7 @@ from cifarlab.constants import REPORT_BEST_TEST_ACC
 from cifarlab.evaluate import evaluate
 from cifarlab.experiment import load_data, run_experiment
 from cifarlab.tensors import resolve_device, resolve_precision
+from cifarlab.train import training_flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
@@ -73,28 +74,6 @@ def gemm_flops_per_second(device: torch.device, dtype: torch.dtype = torch.float
         if i:  # the first call warms up
             times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times)
-
-
-def training_flops_per_image(config, device: torch.device) -> float:
-    """FLOPs of one training step (forward, loss, backward, optimizer step) per image, counted
-    by torch's FlopCounterMode on a batch of the preset's size (convolutions and matrix
-    products, Muon's Newton-Schulz iterations among them; the elementwise work is not counted)."""
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from cifarlab.train import make_optimizer
-    from models import build_model
-
-    model = build_model(config.model.name, **config.model.options).to(device)
-    optimizer = make_optimizer(model, config.train)
-    batch = config.train.batch_size
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return counter.get_total_flops() / batch
 
 
 def to_threshold(curve: list[dict[str, float]], flops_per_epoch: float) -> dict[str, object]:

@@ -9,8 +9,10 @@ augmentation is part of the graph, so the served model computes what was evaluat
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,12 +98,14 @@ def export_onnx(model: nn.Module, path: Path, tta: str = "none",
     return path
 
 
-def onnx_session(path: Path):
-    """An onnxruntime CPU session (the Azure provider that is also listed is never wanted)."""
+def onnx_session(path: Path, threads: int = 0):
+    """An onnxruntime CPU session (the Azure provider that is also listed is never wanted);
+    `threads`: its intra-op threads (0: onnxruntime's default, one per core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -174,19 +178,26 @@ def model_input(images: torch.Tensor) -> np.ndarray:
     return normalize(images, torch.device("cpu")).numpy()
 
 
-def onnx_logits(onnx_path: Path, images: torch.Tensor | np.ndarray,
-                batch_size: int = 1000) -> np.ndarray:
-    """onnxruntime logits (N, 10) float32 of an exported file for uint8 images (N, 3, 32, 32),
-    or for images already made its input (`model_input`)."""
-    session = onnx_session(onnx_path)
+def _as_model_input(images: torch.Tensor | np.ndarray):
+    """A function giving the exported file's input for a slice of `images`: uint8 images are
+    normalised per slice; an ndarray must already be the input (`model_input`)."""
     if isinstance(images, np.ndarray):
         if images.dtype != np.float32 or images.shape[1:] != (3, 32, 32):
             raise ValueError(f"expected the model's input, float32 (N, 3, 32, 32) from "
                              f"model_input(), got {images.dtype} {images.shape}")
-        prepare = np.asarray
-    else:
-        def prepare(x: torch.Tensor) -> np.ndarray:
-            return normalize(x, torch.device("cpu")).numpy()
+        return np.asarray
+
+    def prepare(x: torch.Tensor) -> np.ndarray:
+        return normalize(x, torch.device("cpu")).numpy()
+    return prepare
+
+
+def onnx_logits(onnx_path: Path, images: torch.Tensor | np.ndarray,
+                batch_size: int = 1000) -> np.ndarray:
+    """onnxruntime logits (N, 10) float32 of an exported file for uint8 images (N, 3, 32, 32),
+    or for images already made its input (`model_input`)."""
+    prepare = _as_model_input(images)
+    session = onnx_session(onnx_path)
     out = [session.run([OUTPUT_NAME], {INPUT_NAME: prepare(images[start : start + batch_size])})[0]
            for start in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.empty((0, 10), np.float32)
@@ -197,3 +208,45 @@ def evaluate_onnx(onnx_path: Path, images: torch.Tensor | np.ndarray,
     """Loss, accuracy, per-class accuracy and confusion of the exported file itself (images
     uint8, or already its input: `model_input`)."""
     return score(torch.from_numpy(onnx_logits(onnx_path, images)), labels)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def evaluate_onnx_sets(onnx_path: Path, sets: Sequence[tuple[torch.Tensor | np.ndarray,
+                                                             torch.Tensor]],
+                       batch_size: int = 1000) -> list[EvalResult]:
+    """`evaluate_onnx` of each (images, labels) set, with one single-threaded session per core
+    taking the sets' batches in turn, instead of one session spreading each batch over the
+    cores. For a graph whose kernels spread over the cores poorly, as the int8 twin's do on a
+    CPU without int8 dot-product instructions: benchmarks/int8_bench.py times both ways
+    (`set_evaluation_seconds`)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepares = [_as_model_input(images) for images, _ in sets]  # refuse a bad set up front
+    jobs = [(i, start) for i, (images, _) in enumerate(sets)
+            for start in range(0, len(images), batch_size)]
+    local = threading.local()
+
+    def run(job: tuple[int, int]) -> np.ndarray:
+        if not hasattr(local, "session"):
+            local.session = onnx_session(onnx_path, threads=1)
+        i, start = job
+        x = prepares[i](sets[i][0][start : start + batch_size])
+        return local.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+    # onnxruntime releases the GIL while it computes: the sessions really run side by side.
+    with ThreadPoolExecutor(max_workers=max(1, min(usable_cores(), len(jobs)))) as pool:
+        outs = list(pool.map(run, jobs))  # in the order of `jobs`
+    results = []
+    for i, (_, labels) in enumerate(sets):
+        mine = [out for (j, _), out in zip(jobs, outs) if j == i]
+        logits = np.concatenate(mine) if mine else np.empty((0, 10), np.float32)
+        results.append(score(torch.from_numpy(logits), labels))
+    return results

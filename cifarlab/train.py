@@ -445,6 +445,26 @@ def _averaged(s: _Session):
             s.average.swap(s.model)
 
 
+def training_flops_per_image(config: RunConfig, device: torch.device | None = None) -> float:
+    """FLOPs of one training step (forward, loss, backward, optimizer step) per image, counted
+    by torch's FlopCounterMode on a batch of the config's size: convolutions and matrix
+    products, Muon's Newton-Schulz iterations among them; elementwise work is not counted.
+    Times the images per epoch and the epochs, it is a run's training FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = device or torch.device("cpu")
+    model = build_model(config.model.name, **config.model.options).to(device)
+    optimizer = make_optimizer(model, config.train)
+    batch = config.train.batch_size
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return counter.get_total_flops() / batch
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

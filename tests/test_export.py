@@ -93,3 +93,26 @@ def test_an_array_that_is_not_the_models_input_is_refused(model, tmp_path):
     uint8 = np.zeros((4, 3, 32, 32), np.uint8)  # pixels, not normalised: would score wrong
     with pytest.raises(ValueError, match=r"float32 \(N, 3, 32, 32\).*got uint8"):
         evaluate_onnx(path, uint8, torch.zeros(4, dtype=torch.long))
+
+
+def test_sets_evaluated_at_once_score_as_one_after_the_other(model, tmp_path):
+    """The int8 twin's validation and test sets run on a session per core taking their
+    batches in turn: each set must get exactly its own result, in the order given, and a set
+    that is not the model's input is refused."""
+    from cifarlab.export import evaluate_onnx, evaluate_onnx_sets, model_input
+
+    path = export_onnx(model, tmp_path / "model.onnx")
+    g = torch.Generator().manual_seed(3)
+    sets = []
+    for n in (2500, 700, 1):  # unequal sizes, several batches: a mix-up would show
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+        sets.append((model_input(images), torch.randint(0, 10, (n,), generator=g)))
+    at_once = evaluate_onnx_sets(path, sets)
+    assert [len(r.predictions) for r in at_once] == [2500, 700, 1]
+    for (x, y), got in zip(sets, at_once):
+        alone = evaluate_onnx(path, x, y)
+        np.testing.assert_array_equal(got.predictions, alone.predictions)
+        np.testing.assert_array_equal(got.confusion, alone.confusion)
+        assert got.loss == pytest.approx(alone.loss, abs=1e-6)
+    with pytest.raises(ValueError, match="got uint8"):
+        evaluate_onnx_sets(path, [sets[0], (np.zeros((2, 3, 32, 32), np.uint8), sets[0][1][:2])])
