@@ -17,12 +17,15 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-# Instruction-set flags that decide how fast a CPU trains (AVX2 vs AVX-512, bf16, AMX).
-_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+# Instruction-set flags that decide how fast a CPU trains (AVX2 vs AVX-512, bf16, AMX) and how
+# it runs int8 (the VNNI and AMX int8 dot products).
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16",
+          "amx_tile", "amx_int8")
 
 
 def cpu_flags() -> list[str]:
-    """The training-relevant instruction-set flags of this CPU (from /proc/cpuinfo)."""
+    """The instruction-set flags of this CPU that matter to training and int8 (`_FLAGS`, from
+    /proc/cpuinfo)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):

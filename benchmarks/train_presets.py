@@ -38,7 +38,7 @@ from cifarlab.constants import REPORT_BEST_TEST_ACC
 from cifarlab.evaluate import evaluate
 from cifarlab.experiment import load_data, run_experiment
 from cifarlab.tensors import resolve_device, resolve_precision
-from cifarlab.train import training_flops_per_image
+from cifarlab.train import training_flops, training_flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
@@ -117,8 +117,8 @@ def bench_preset(name: str, source: str, root: Path, train: dict[str, object],
               if 100 * c["test_accuracy"] > REPORT_BEST_TEST_ACC]
     ips = statistics.median(h.images_per_second for h in outcome.trained.history)
     per_image = training_flops_per_image(config, device)
-    steps = max(len(outcome.split.train_idx) // config.train.batch_size, 1)
-    flops_per_epoch = per_image * steps * config.train.batch_size
+    # (the split has config.data.train_size images, the count training_flops assumes)
+    flops_per_epoch = training_flops(config, per_image) / config.train.epochs
     return {
         "preset": name,
         "model": config.model.name,

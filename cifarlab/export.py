@@ -218,14 +218,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def evaluate_onnx_sets(onnx_path: Path, sets: Sequence[tuple[torch.Tensor | np.ndarray,
-                                                             torch.Tensor]],
-                       batch_size: int = 1000) -> list[EvalResult]:
-    """`evaluate_onnx` of each (images, labels) set, with one single-threaded session per core
-    taking the sets' batches in turn, instead of one session spreading each batch over the
-    cores. For a graph whose kernels spread over the cores poorly, as the int8 twin's do on a
-    CPU without int8 dot-product instructions: benchmarks/int8_bench.py times both ways
-    (`set_evaluation_seconds`)."""
+def evaluate_onnx_per_core(onnx_path: Path, sets: Sequence[tuple[torch.Tensor | np.ndarray,
+                                                                 torch.Tensor]],
+                           batch_size: int = 1000, workers: int | None = None) -> list[EvalResult]:
+    """`evaluate_onnx` of each (images, labels) set, on a single-threaded session per core
+    (`workers`: default `usable_cores()`) taking the sets' batches in turn, instead of one
+    session spreading each batch over the cores. For a graph whose kernels spread over the
+    cores poorly, as the int8 twin's do on a CPU without int8 dot-product instructions:
+    benchmarks/int8_bench.py times both ways (`val_test_evaluation_seconds`)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -242,7 +242,7 @@ def evaluate_onnx_sets(onnx_path: Path, sets: Sequence[tuple[torch.Tensor | np.n
         return local.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
     # onnxruntime releases the GIL while it computes: the sessions really run side by side.
-    with ThreadPoolExecutor(max_workers=max(1, min(usable_cores(), len(jobs)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(workers or usable_cores(), len(jobs)))) as pool:
         outs = list(pool.map(run, jobs))  # in the order of `jobs`
     results = []
     for i, (_, labels) in enumerate(sets):

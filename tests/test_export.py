@@ -95,24 +95,46 @@ def test_an_array_that_is_not_the_models_input_is_refused(model, tmp_path):
         evaluate_onnx(path, uint8, torch.zeros(4, dtype=torch.long))
 
 
-def test_sets_evaluated_at_once_score_as_one_after_the_other(model, tmp_path):
-    """The int8 twin's validation and test sets run on a session per core taking their
-    batches in turn: each set must get exactly its own result, in the order given, and a set
-    that is not the model's input is refused."""
-    from cifarlab.export import evaluate_onnx, evaluate_onnx_sets, model_input
+def test_a_session_per_core_scores_each_set_as_one_session_does(model, tmp_path):
+    """The int8 twin's validation and test sets may run on a single-threaded session per core
+    taking their batches in turn: each set must get exactly its own result, in the order given
+    (here with 3 workers, whatever this machine's cores), and a set that is not the model's
+    input is refused."""
+    from cifarlab.export import evaluate_onnx, evaluate_onnx_per_core, model_input
 
     path = export_onnx(model, tmp_path / "model.onnx")
     g = torch.Generator().manual_seed(3)
     sets = []
-    for n in (2500, 700, 1):  # unequal sizes, several batches: a mix-up would show
+    for n in (2500, 700, 0, 1):  # unequal sizes, several batches, an empty set
         images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
         sets.append((model_input(images), torch.randint(0, 10, (n,), generator=g)))
-    at_once = evaluate_onnx_sets(path, sets)
-    assert [len(r.predictions) for r in at_once] == [2500, 700, 1]
-    for (x, y), got in zip(sets, at_once):
+    per_core = evaluate_onnx_per_core(path, sets, workers=3)
+    assert [len(r.predictions) for r in per_core] == [2500, 700, 0, 1]
+    for (x, y), got in zip(sets, per_core):
+        if not len(y):
+            continue
         alone = evaluate_onnx(path, x, y)
         np.testing.assert_array_equal(got.predictions, alone.predictions)
         np.testing.assert_array_equal(got.confusion, alone.confusion)
         assert got.loss == pytest.approx(alone.loss, abs=1e-6)
     with pytest.raises(ValueError, match="got uint8"):
-        evaluate_onnx_sets(path, [sets[0], (np.zeros((2, 3, 32, 32), np.uint8), sets[0][1][:2])])
+        evaluate_onnx_per_core(path, [sets[0], (np.zeros((2, 3, 32, 32), np.uint8),
+                                                sets[0][1][:2])])
+
+
+def test_int8_dot_product_is_read_from_the_cpu_flags(tmp_path):
+    """Which way the int8 twin is evaluated follows the CPU's flags: a session per core only
+    where there is no int8 dot product (measured there); one session where it cannot tell."""
+    from cifarlab.quantize import has_int8_dot_product
+
+    def cpuinfo(text: str):
+        path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"
+        path.write_text(text)
+        return path
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n"
+    assert not has_int8_dot_product(cpuinfo(avx2))
+    assert has_int8_dot_product(cpuinfo(avx2.replace("fma", "fma avx512_vnni")))
+    assert has_int8_dot_product(cpuinfo("processor\t: 0\nFeatures\t: fp asimd asimddp\n"))
+    assert has_int8_dot_product(cpuinfo("processor\t: 0\n"))  # no flags line: cannot tell
+    assert has_int8_dot_product(tmp_path / "missing")

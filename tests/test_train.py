@@ -242,14 +242,10 @@ def test_the_lean_cpu_preset_trains_on_at_most_90_tflop():
     """fast-cpu-lean is the recipe for 92 % test in at most 90 TFLOP of training: its config as
     committed must stay within that budget (FLOPs per image, counted as the benchmark counts
     them, x the images of an epoch x its epochs); fast-cpu's is over it."""
-    from cifarlab.train import training_flops_per_image
+    from cifarlab.train import training_flops
 
-    def tflop(cfg: RunConfig) -> float:
-        images = cfg.data.train_size // cfg.train.batch_size * cfg.train.batch_size
-        return training_flops_per_image(cfg) * images * cfg.train.epochs / 1e12
-
-    lean, full = tflop(preset("fast-cpu-lean")), tflop(preset("fast-cpu"))
-    assert 80 < lean <= 90 < full, (lean, full)
+    lean, full = training_flops(preset("fast-cpu-lean")), training_flops(preset("fast-cpu"))
+    assert 80e12 < lean <= 90e12 < full, (lean, full)
 
 
 def test_run_experiment_writes_results_and_plots(synthetic_cifar, tmp_path):
