@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifarlab.cpu import has_int8_dot_product
 from cifarlab.evaluate import EvalResult
 from cifarlab.export import INPUT_NAME, evaluate_onnx, evaluate_onnx_per_core, onnx_latency_ms
 from cifarlab.tensors import normalize
@@ -32,6 +33,9 @@ class Int8Report:
     test: EvalResult
     val_drop: float  # fp32 minus int8 validation accuracy (positive: int8 worse)
     servable: bool  # val_drop <= MAX_DROP
+    # Judged on a CPU with int8 dot-product instructions (cifarlab.cpu): the verdict holds for
+    # CPUs of the same kind only.
+    judged_with_dot_product: bool
     latency_ms: dict[int, float]
     fp32_latency_ms: dict[int, float]
     calibration_images: int
@@ -82,32 +86,15 @@ def build_int8(fp32_path: Path, fp32_val: EvalResult, calibration: np.ndarray,
     given)."""
     path = quantize_int8(fp32_path, calibration, out_path)
     sets = [(val_images, val_labels), (test_images, test_labels)]
-    if has_int8_dot_product():
+    dot_product = has_int8_dot_product()
+    if dot_product:
         val, test = (evaluate_onnx(path, x, y) for x, y in sets)
     else:  # the int8 kernels spread over the cores poorly (measured on an AVX2 CPU)
         val, test = evaluate_onnx_per_core(path, sets)
     drop = fp32_val.accuracy - val.accuracy
     servable = within_allowed_drop(fp32_val.predictions, val.predictions, val_labels.numpy())
-    return Int8Report(path, val, test, drop, servable, onnx_latency_ms(path),
+    return Int8Report(path, val, test, drop, servable, dot_product, onnx_latency_ms(path),
                       fp32_latency_ms or onnx_latency_ms(fp32_path), len(calibration))
-
-
-# CPU flags (/proc/cpuinfo) of int8 dot-product instructions: x86 VNNI and AMX, Arm's dot product.
-INT8_DOT_PRODUCT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
-
-
-def has_int8_dot_product(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU has int8 dot-product instructions; True where it cannot tell (the
-    evaluation then keeps onnxruntime's own threading)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return True
-    flags = set()
-    for line in text.splitlines():
-        if line.lower().startswith(("flags", "features")):
-            flags |= set(line.split(":", 1)[-1].split())
-    return not flags or bool(flags & INT8_DOT_PRODUCT_FLAGS)
 
 
 def within_allowed_drop(fp32_pred: np.ndarray, int8_pred: np.ndarray, labels: np.ndarray,

@@ -372,7 +372,9 @@ def _int8_tags(run: Any) -> dict[str, str]:
         return {}
     return {"int8_val_accuracy": f"{metrics['int8_val_accuracy']:.6f}",
             "int8_test_accuracy": f"{metrics['int8_test_accuracy']:.6f}",
-            "int8_servable": tags["int8_servable"]}
+            "int8_servable": tags["int8_servable"],
+            **({"int8_judged_with_dot_product": tags["int8_judged_with_dot_product"]}
+               if "int8_judged_with_dot_product" in tags else {})}
 
 
 if __name__ == "__main__":

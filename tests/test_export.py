@@ -125,7 +125,7 @@ def test_a_session_per_core_scores_each_set_as_one_session_does(model, tmp_path)
 def test_int8_dot_product_is_read_from_the_cpu_flags(tmp_path):
     """Which way the int8 twin is evaluated follows the CPU's flags: a session per core only
     where there is no int8 dot product (measured there); one session where it cannot tell."""
-    from cifarlab.quantize import has_int8_dot_product
+    from cifarlab.cpu import has_int8_dot_product
 
     def cpuinfo(text: str):
         path = tmp_path / f"cpuinfo-{len(list(tmp_path.iterdir()))}"

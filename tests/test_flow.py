@@ -115,6 +115,11 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
         run.data.metrics["int8_val_accuracy"], abs=1e-6)
     assert meta["int8_file"] == "model_int8.onnx"
     assert meta["int8_servable"] == (mv.tags["int8_servable"] == "true")
+    # Where the twin was judged: a CPU with or without int8 dot products (this one's).
+    from cifarlab.cpu import has_int8_dot_product
+
+    assert mv.tags["int8_judged_with_dot_product"] == str(has_int8_dot_product()).lower()
+    assert meta["int8_judged_with_dot_product"] is has_int8_dot_product()
     assert Path(bento_model.path_of("model_int8.onnx")).stat().st_size > 0
 
 

@@ -99,7 +99,9 @@ def served(tmp_path_factory, synthetic_cifar, prefect_api):
                       tags={"val_accuracy": f"{outcome.val.accuracy:.6f}", "served_tta": "none",
                             "int8_val_accuracy": f"{int8.val.accuracy:.6f}",
                             "int8_test_accuracy": f"{int8.test.accuracy:.6f}",
-                            "int8_servable": str(int8.servable).lower()},
+                            "int8_servable": str(int8.servable).lower(),
+                            "int8_judged_with_dot_product":
+                                str(int8.judged_with_dot_product).lower()},
                       model_id=logged.model_id)
     tracking.end_run(store, run_id, "FINISHED")
 
@@ -688,3 +690,11 @@ def test_int8_further_than_half_a_point_is_not_served():
     assert (file, precision) == ("model.onnx", "fp32") and "0.70 points behind" in note
     meta.update(int8_val_accuracy=0.897, int8_servable=True)
     assert choose_file(meta, "int8") == ("model_int8.onnx", "int8", None)
+    # Judged on a CPU with int8 dot products (VNNI): not served where there are none.
+    meta.update(int8_judged_with_dot_product=True)
+    assert choose_file(meta, "int8", dot_product=True) == ("model_int8.onnx", "int8", None)
+    file, precision, note = choose_file(meta, "int8", dot_product=False)
+    assert (file, precision) == ("model.onnx", "fp32") and "dot-product" in note
+    meta.update(int8_judged_with_dot_product=False)  # judged without: fine with or without
+    for here in (True, False):
+        assert choose_file(meta, "int8", dot_product=here) == ("model_int8.onnx", "int8", None)

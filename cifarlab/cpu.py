@@ -1,0 +1,24 @@
+"""What this CPU can do, where it matters to more than speed (no heavy imports: the service
+reads it too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# CPU flags (/proc/cpuinfo) of int8 dot-product instructions: x86 VNNI and AMX, Arm's dot
+# product. Without them onnxruntime's uint8 x int8 kernels sum pairs of products in 16 bits,
+# which can saturate: the same int8 file can score differently on CPUs with and without them.
+INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+
+
+def has_int8_dot_product(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has int8 dot-product instructions; True where it cannot tell."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return True
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.lower().startswith(("flags", "features")):
+            flags |= set(line.split(":", 1)[-1].split())
+    return not flags or bool(flags & INT8_DOT_PRODUCT_FLAGS)
