@@ -11,14 +11,15 @@ from pathlib import Path
 INT8_DOT_PRODUCT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
 
 
-def has_int8_dot_product(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU has int8 dot-product instructions; True where it cannot tell."""
+def has_int8_dot_product(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU has int8 dot-product instructions; None where it cannot tell (no
+    /proc/cpuinfo, or no flags in it)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return True
+        return None
     flags: set[str] = set()
     for line in text.splitlines():
         if line.lower().startswith(("flags", "features")):
             flags |= set(line.split(":", 1)[-1].split())
-    return not flags or bool(flags & INT8_DOT_PRODUCT_FLAGS)
+    return bool(flags & INT8_DOT_PRODUCT_FLAGS) if flags else None

@@ -33,9 +33,9 @@ class Int8Report:
     test: EvalResult
     val_drop: float  # fp32 minus int8 validation accuracy (positive: int8 worse)
     servable: bool  # val_drop <= MAX_DROP
-    # Judged on a CPU with int8 dot-product instructions (cifarlab.cpu): the verdict holds for
-    # CPUs of the same kind only.
-    judged_with_dot_product: bool
+    # Judged on a CPU with int8 dot-product instructions (cifarlab.cpu; None: unknown): the
+    # verdict holds for CPUs of the same kind only.
+    judged_with_dot_product: bool | None
     latency_ms: dict[int, float]
     fp32_latency_ms: dict[int, float]
     calibration_images: int
@@ -87,10 +87,10 @@ def build_int8(fp32_path: Path, fp32_val: EvalResult, calibration: np.ndarray,
     path = quantize_int8(fp32_path, calibration, out_path)
     sets = [(val_images, val_labels), (test_images, test_labels)]
     dot_product = has_int8_dot_product()
-    if dot_product:
-        val, test = (evaluate_onnx(path, x, y) for x, y in sets)
-    else:  # the int8 kernels spread over the cores poorly (measured on an AVX2 CPU)
+    if dot_product is False:  # the int8 kernels spread over the cores poorly (measured: AVX2)
         val, test = evaluate_onnx_per_core(path, sets)
+    else:  # onnxruntime's own threading, also where the CPU cannot tell
+        val, test = [evaluate_onnx(path, x, y) for x, y in sets]
     drop = fp32_val.accuracy - val.accuracy
     servable = within_allowed_drop(fp32_val.predictions, val.predictions, val_labels.numpy())
     return Int8Report(path, val, test, drop, servable, dot_product, onnx_latency_ms(path),

@@ -79,7 +79,7 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from flows.tracking import CHAMPION, REGISTERED_MODEL, display_uri
+    from flows.tracking import CHAMPION, REGISTERED_MODEL, display_uri, tag_bool
     from serving.engine import Engine
 
     registered_model = registered_model or REGISTERED_MODEL
@@ -141,8 +141,8 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
                 "int8_val_accuracy": _float(mv.tags.get("int8_val_accuracy")),
                 "int8_test_accuracy": _float(mv.tags.get("int8_test_accuracy")),
                 "int8_servable": mv.tags.get("int8_servable") == "true",
-                # (absent for versions registered before it was recorded: None is dropped)
-                "int8_judged_with_dot_product": _bool_tag(
+                # (None, dropped below: unknown, or a version from before it was recorded)
+                "int8_judged_with_dot_product": tag_bool(
                     mv.tags.get("int8_judged_with_dot_product"))} if int8_file else {}),
         }
         metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
@@ -159,11 +159,6 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
                 Path(bm.path_of("model_card.md")).write_text(mv.description)
     return Imported(str(bm.tag), registered_model, version, mv.run_id,
                     metadata.get("val_accuracy"), metadata.get("test_accuracy"), created=True)
-
-
-def _bool_tag(value: str | None) -> bool | None:
-    """A "true"/"false" registry tag as a bool; None when absent."""
-    return None if value is None else value == "true"
 
 
 def _int8_file(client: Any, mv: Any, dest: Path, class_names: list[str]) -> Path | None:

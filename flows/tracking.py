@@ -153,6 +153,16 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
 # Runs
 # ---------------------------------------------------------------------------------------------
 
+def bool_tag(value: bool | None) -> str:
+    """A yes/no/unknown as a tag value: "true", "false" or "unknown"."""
+    return {True: "true", False: "false"}.get(value, "unknown")
+
+
+def tag_bool(tag: str | None) -> bool | None:
+    """`bool_tag`'s value back; None for "unknown", an absent tag or anything else."""
+    return {"true": True, "false": False}.get(tag or "")
+
+
 def host_name() -> str:
     """This host's name on runs: $CIFAR_HOST (a stable name for a GPU box, or several "hosts"
     on one machine), else the machine's hostname."""

@@ -240,7 +240,7 @@ def _int8_twin(run: Any, ex: Any, ev: Any, inputs: Any, store: tracking.Store, r
     tracking.log_files(store, run_id, {"model_int8": report.path}, folder="int8")
     store.client.set_tag(run_id, "int8_servable", str(report.servable).lower())
     store.client.set_tag(run_id, "int8_judged_with_dot_product",
-                         str(report.judged_with_dot_product).lower())
+                         tracking.bool_tag(report.judged_with_dot_product))
     get_run_logger().info(
         "int8 model: validation %.2f%% (%+.2f points vs fp32; servable if within %.1f: %s), "
         "test %.2f%%, %.3f ms vs %.3f ms at batch 1", 100 * report.val.accuracy,
@@ -269,7 +269,7 @@ def register_model(trained: InMemory, exported: InMemory, evaluated: InMemory,
             **({"int8_val_accuracy": f"{ev['int8'].val.accuracy:.6f}",
                 "int8_test_accuracy": f"{ev['int8'].test.accuracy:.6f}",
                 "int8_servable": str(ev["int8"].servable).lower(),
-                "int8_judged_with_dot_product": str(ev["int8"].judged_with_dot_product).lower()}
+                "int8_judged_with_dot_product": tracking.bool_tag(ev["int8"].judged_with_dot_product)}
                if ev.get("int8") else {}),
         }, min_shared_images=min_shared_images, min_significance=min_significance,
         model_id=logged.model_id,

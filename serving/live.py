@@ -65,12 +65,15 @@ class Loaded:
 PRECISIONS = ("fp32", "int8")
 
 
+_READ = object()  # choose_file's default: read this CPU's flags
+
+
 def choose_file(meta: dict[str, Any], precision: str,
-                dot_product: bool | None = None) -> tuple[str, str, str | None]:
+                dot_product: Any = _READ) -> tuple[str, str, str | None]:
     """(ONNX file, precision served, why int8 was not served) for the asked precision: int8
     only when the model has an int8 twin within 0.5 points of fp32 on validation, judged on a
     CPU like this one. `dot_product`: whether this CPU has int8 dot-product instructions
-    (default: read from it, cifarlab.cpu)."""
+    (default: read from it, cifarlab.cpu; None: it cannot tell)."""
     fp32 = meta.get("onnx_file", "model.onnx")
     if precision != "int8":
         return fp32, "fp32", None
@@ -80,12 +83,13 @@ def choose_file(meta: dict[str, Any], precision: str,
         drop = (meta.get("val_accuracy") or 0) - (meta.get("int8_val_accuracy") or 0)
         return fp32, "fp32", (f"int8 asked for, but its int8 twin is {100 * drop:.2f} points "
                               "behind on validation (allowed: 0.5): serving fp32")
-    here = has_int8_dot_product() if dot_product is None else dot_product
-    if meta.get("int8_judged_with_dot_product") is True and not here:
+    here = has_int8_dot_product() if dot_product is _READ else dot_product
+    if meta.get("int8_judged_with_dot_product") is True and here is not True:
         # Without those instructions the int8 sums can saturate: its accuracy here is unknown.
         return fp32, "fp32", ("int8 asked for, but its int8 twin was judged on a CPU with int8 "
-                              "dot-product instructions (VNNI/AMX) and this one has none, where "
-                              "its accuracy may drop: serving fp32")
+                              "dot-product instructions (VNNI/AMX) and this one "
+                              f"{'has none' if here is False else 'does not say'}, where its "
+                              "accuracy may drop: serving fp32")
     return meta["int8_file"], "int8", None
 
 

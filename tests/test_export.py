@@ -123,8 +123,8 @@ def test_a_session_per_core_scores_each_set_as_one_session_does(model, tmp_path)
 
 
 def test_int8_dot_product_is_read_from_the_cpu_flags(tmp_path):
-    """Which way the int8 twin is evaluated follows the CPU's flags: a session per core only
-    where there is no int8 dot product (measured there); one session where it cannot tell."""
+    """The CPU's int8 dot-product instructions, read from its flags (the int8 twin's
+    evaluation and the service's int8 rule follow them); None where the CPU does not say."""
     from cifarlab.cpu import has_int8_dot_product
 
     def cpuinfo(text: str):
@@ -136,5 +136,5 @@ def test_int8_dot_product_is_read_from_the_cpu_flags(tmp_path):
     assert not has_int8_dot_product(cpuinfo(avx2))
     assert has_int8_dot_product(cpuinfo(avx2.replace("fma", "fma avx512_vnni")))
     assert has_int8_dot_product(cpuinfo("processor\t: 0\nFeatures\t: fp asimd asimddp\n"))
-    assert has_int8_dot_product(cpuinfo("processor\t: 0\n"))  # no flags line: cannot tell
-    assert has_int8_dot_product(tmp_path / "missing")
+    assert has_int8_dot_product(cpuinfo("processor\t: 0\n")) is None  # no flags: cannot tell
+    assert has_int8_dot_product(tmp_path / "missing") is None

@@ -244,8 +244,10 @@ def test_the_lean_cpu_preset_trains_on_at_most_90_tflop():
     them, x the images of an epoch x its epochs); fast-cpu's is over it."""
     from cifarlab.train import training_flops
 
+    rng = torch.get_rng_state()
     lean, full = training_flops(preset("fast-cpu-lean")), training_flops(preset("fast-cpu"))
     assert 80e12 < lean <= 90e12 < full, (lean, full)
+    assert torch.equal(torch.get_rng_state(), rng)  # counting draws nothing from a run's seed
 
 
 def test_run_experiment_writes_results_and_plots(synthetic_cifar, tmp_path):
