@@ -124,7 +124,8 @@ def main() -> None:
         "int8_build_and_evaluate_seconds": round(int8_s, 1),
         "fp32": {"val_accuracy": outcome.val.accuracy, "test_accuracy": outcome.test.accuracy},
         "int8": {"val_accuracy": report.val.accuracy, "test_accuracy": report.test.accuracy,
-                 "calibration_images": report.calibration_images},
+                 "calibration_images": report.calibration_images,
+                 "weight_bits": report.weight_bits},
         # How often the two files name the same class, and how many test images each gets right.
         "test_same_class_fraction": float((outcome.test.predictions ==
                                            report.test.predictions).mean()),

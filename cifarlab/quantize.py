@@ -36,6 +36,7 @@ class Int8Report:
     # Judged on a CPU with int8 dot-product instructions (cifarlab.cpu; None: unknown): the
     # verdict holds for CPUs of the same kind only.
     judged_with_dot_product: bool | None
+    weight_bits: int  # 8, or 7 where the CPU's int8 sums could saturate (`build_int8`)
     latency_ms: dict[int, float]
     fp32_latency_ms: dict[int, float]
     calibration_images: int
@@ -61,8 +62,11 @@ class _Batches:
         return None if chunk is None else {INPUT_NAME: np.ascontiguousarray(chunk)}
 
 
-def quantize_int8(onnx_path: Path, calibration: np.ndarray, out_path: Path) -> Path:
-    """Statically quantised copy of `onnx_path` (QDQ format) calibrated on `calibration`."""
+def quantize_int8(onnx_path: Path, calibration: np.ndarray, out_path: Path,
+                  weight_bits: int = 8) -> Path:
+    """Statically quantised copy of `onnx_path` (QDQ format) calibrated on `calibration`;
+    `weight_bits` 7 keeps the weights within +-64 (onnxruntime's `reduce_range`), so that the
+    16-bit sums of CPUs without int8 dot-product instructions cannot saturate."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -73,7 +77,8 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, out_path: Path) -> P
         quantize_static(str(prepared), str(out_path), _Batches(calibration),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax,
+                        reduce_range={8: False, 7: True}[weight_bits])
     return out_path
 
 
@@ -83,18 +88,22 @@ def build_int8(fp32_path: Path, fp32_val: EvalResult, calibration: np.ndarray,
                fp32_latency_ms: dict[int, float] | None = None) -> Int8Report:
     """Quantise, evaluate on validation and test (images uint8, or already the model's input:
     `cifarlab.export.model_input`), time both files (the fp32 one only if its timing is not
-    given)."""
-    path = quantize_int8(fp32_path, calibration, out_path)
-    sets = [(val_images, val_labels), (test_images, test_labels)]
+    given). On a CPU without int8 dot-product instructions, or one that does not say, the
+    weights get 7 bits: with 8, an AVX2 CPU's saturating sums cost seed-baseline's twin 4.4
+    validation points, with 7 it was 0.2 (benchmarks/results/int8-seed-baseline.json)."""
     dot_product = has_int8_dot_product()
+    weight_bits = 8 if dot_product else 7
+    path = quantize_int8(fp32_path, calibration, out_path, weight_bits)
+    sets = [(val_images, val_labels), (test_images, test_labels)]
     if dot_product is False:  # the int8 kernels spread over the cores poorly (measured: AVX2)
         val, test = evaluate_onnx_per_core(path, sets)
     else:  # onnxruntime's own threading, also where the CPU cannot tell
         val, test = [evaluate_onnx(path, x, y) for x, y in sets]
     drop = fp32_val.accuracy - val.accuracy
     servable = within_allowed_drop(fp32_val.predictions, val.predictions, val_labels.numpy())
-    return Int8Report(path, val, test, drop, servable, dot_product, onnx_latency_ms(path),
-                      fp32_latency_ms or onnx_latency_ms(fp32_path), len(calibration))
+    return Int8Report(path, val, test, drop, servable, dot_product, weight_bits,
+                      onnx_latency_ms(path), fp32_latency_ms or onnx_latency_ms(fp32_path),
+                      len(calibration))
 
 
 def within_allowed_drop(fp32_pred: np.ndarray, int8_pred: np.ndarray, labels: np.ndarray,

@@ -241,6 +241,7 @@ def _int8_twin(run: Any, ex: Any, ev: Any, inputs: Any, store: tracking.Store, r
     store.client.set_tag(run_id, "int8_servable", str(report.servable).lower())
     store.client.set_tag(run_id, "int8_judged_with_dot_product",
                          tracking.bool_tag(report.judged_with_dot_product))
+    store.client.set_tag(run_id, "int8_weight_bits", str(report.weight_bits))
     get_run_logger().info(
         "int8 model: validation %.2f%% (%+.2f points vs fp32; servable if within %.1f: %s), "
         "test %.2f%%, %.3f ms vs %.3f ms at batch 1", 100 * report.val.accuracy,

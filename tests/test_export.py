@@ -138,3 +138,32 @@ def test_int8_dot_product_is_read_from_the_cpu_flags(tmp_path):
     assert has_int8_dot_product(cpuinfo("processor\t: 0\nFeatures\t: fp asimd asimddp\n"))
     assert has_int8_dot_product(cpuinfo("processor\t: 0\n")) is None  # no flags: cannot tell
     assert has_int8_dot_product(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("dot_product,bits", [(True, 8), (False, 7), (None, 7)])
+def test_the_int8_twin_gets_7_bit_weights_where_int8_sums_could_saturate(
+        model, tmp_path, monkeypatch, dot_product, bits):
+    """Without int8 dot-product instructions (or where the CPU does not say) the twin's
+    weights stay within +-64, so onnxruntime's 16-bit sums of pairs cannot saturate; with
+    them the full 8 bits are used."""
+    from onnx import numpy_helper
+
+    from cifarlab import quantize
+    from cifarlab.evaluate import score
+    from cifarlab.export import model_input, onnx_logits
+
+    monkeypatch.setattr(quantize, "has_int8_dot_product", lambda: dot_product)
+    path = export_onnx(model, tmp_path / "model.onnx")
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (300,), generator=g)
+    x = model_input(images)
+    fp32_val = score(torch.from_numpy(onnx_logits(path, x)), labels)
+    report = quantize.build_int8(path, fp32_val, x[:128], x, labels, x, labels,
+                                 tmp_path / "model_int8.onnx")
+    assert (report.weight_bits, report.judged_with_dot_product) == (bits, dot_product)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(report.path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 100]
+    assert weights  # the conv and dense weights
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert largest <= 64 if bits == 7 else largest > 64, largest

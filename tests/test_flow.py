@@ -121,6 +121,7 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
     here = has_int8_dot_product()
     assert mv.tags["int8_judged_with_dot_product"] == bool_tag(here)
     assert meta.get("int8_judged_with_dot_product") is here  # (absent where it cannot tell)
+    assert run.data.tags["int8_weight_bits"] == ("8" if here else "7")  # 7: no saturation
     assert Path(bento_model.path_of("model_int8.onnx")).stat().st_size > 0
 
 
