@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from cifarlab.cpu import cpu_flags as read_flags
+
 
 def cpu_model() -> str:
     """The processor's model name, from /proc/cpuinfo where there is one."""
@@ -24,13 +26,6 @@ _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "a
 
 
 def cpu_flags() -> list[str]:
-    """The instruction-set flags of this CPU that matter to training and int8 (`_FLAGS`, from
-    /proc/cpuinfo)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in _FLAGS if f in have]
-    except OSError:
-        pass
-    return []
+    """The instruction-set flags of this CPU that matter to training and int8 (`_FLAGS`)."""
+    have = read_flags() or set()
+    return [f for f in _FLAGS if f in have]

@@ -9,7 +9,6 @@ augmentation is part of the graph, so the served model computes what was evaluat
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab.cpu import usable_cores
 from cifarlab.evaluate import EvalResult, score, tta_logits
 from cifarlab.tensors import normalize
 
@@ -208,14 +208,6 @@ def evaluate_onnx(onnx_path: Path, images: torch.Tensor | np.ndarray,
     """Loss, accuracy, per-class accuracy and confusion of the exported file itself (images
     uint8, or already its input: `model_input`)."""
     return score(torch.from_numpy(onnx_logits(onnx_path, images)), labels)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, where the OS tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def evaluate_onnx_per_core(onnx_path: Path, sets: Sequence[tuple[torch.Tensor | np.ndarray,

@@ -18,13 +18,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from cifarlab.constants import CLASS_NAMES, IMAGE_SIZE
+from cifarlab.cpu import usable_cores
 
 
 def default_threads() -> int:
     """Every core this process may use (the service sets its own count: CIFAR_ORT_THREADS)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    return usable_cores()
 
 
 @dataclass
