@@ -74,6 +74,9 @@ def main() -> None:
                         help="flow runs forked from the fork server (warm, the default) or "
                              "started as new processes (cold, CIFAR_WARM_START=0); each in a "
                              "stack of its own, in this order")
+    parser.add_argument("--int8", choices=("champion", "always", "never"), default="champion",
+                        help="train-cifar's `int8`: which runs build the int8 twin (always: as "
+                             "every run did before 2026-12-06)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "flow-overhead.json")
     args = parser.parse_args()
@@ -95,16 +98,24 @@ def main() -> None:
                 deployment = (args.preset if args.preset in ("seed-baseline", "fast-gpu")
                               else "default")
                 # Several runs: the first also pays the fresh MLflow database's migrations.
-                measured = [measure_run(stack, root, deployment, args.preset, args.epochs, seed)
-                            for seed in range(args.runs)]
+                measured = [measure_run(stack, root, deployment, args.preset, args.epochs, seed,
+                                        args.int8) for seed in range(args.runs)]
                 tracking_cost = tracking_cost_per_epoch(root / "probe")
         fixed = [r["fixed_cost_seconds"] for r in measured]
         no_cli = [r["fixed_cost_without_cli_seconds"] for r in measured]
+        to_final = [r["fixed_cost_to_final_state_seconds"] for r in measured]
+        by_alias = {alias: round(statistics.median(
+            r["fixed_cost_to_final_state_seconds"] for r in measured if r["alias"] == alias), 2)
+            for alias in sorted({r["alias"] for r in measured})}
         by_start[start] = {
             "stack_start_seconds": round(stack_start, 2),
             "fixed_cost_seconds_median": round(statistics.median(fixed), 2),
             "fixed_cost_seconds_range": [min(fixed), max(fixed)],
             "fixed_cost_without_cli_seconds_median": round(statistics.median(no_cli), 2),
+            "fixed_cost_to_final_state_seconds_median": round(statistics.median(to_final), 2),
+            "fixed_cost_to_final_state_seconds_range": [min(to_final), max(to_final)],
+            # Only a version promoted to champion gets the int8 twin (train-cifar's `int8`).
+            "fixed_cost_to_final_state_seconds_median_by_alias": by_alias,
             "stage_medians_seconds": {key: round(statistics.median(
                 r["stages"][key] for r in measured if key in r["stages"]), 2)
                 for key in measured[0]["stages"]},
@@ -112,13 +123,15 @@ def main() -> None:
             "tracking_seconds_per_epoch": tracking_cost,
         }
         print(f"{start}: fixed cost per run {by_start[start]['fixed_cost_seconds_median']} s "
-              f"(median of {len(fixed)}: {fixed})", flush=True)
+              f"(median of {len(fixed)}: {fixed}); to the run's final state "
+              f"{by_start[start]['fixed_cost_to_final_state_seconds_median']} s ({to_final})",
+              flush=True)
 
     results = {
         "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
         "started": started, "code_version": tracking.code_version(ROOT),
         "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
-        "preset": args.preset, "epochs": args.epochs,
+        "preset": args.preset, "epochs": args.epochs, "int8": args.int8,
         "starts": by_start,
     }
     if {"warm", "cold"} <= by_start.keys():
@@ -165,10 +178,18 @@ def stages(stack: LocalStack, flow_run_id: str, train_s: float) -> dict[str, flo
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def _alias(store: tracking.Store, run_id: str) -> str:
+    """The registry alias the run's version got (champion or challenger), or "none"."""
+    versions = store.client.search_model_versions(f"run_id = '{run_id}'")
+    aliases = [a for mv in versions for a in mv.aliases]
+    return aliases[0] if aliases else "none"
+
+
 def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epochs: int,
-                seed: int) -> dict[str, object]:
+                seed: int, int8: str = "champion") -> dict[str, object]:
     """One `prefect deployment run --watch`: wall time against the training time inside it."""
-    params = [f"preset={preset}", f'train={{"epochs": {epochs}, "seed": {seed}}}']
+    params = [f"preset={preset}", f'train={{"epochs": {epochs}, "seed": {seed}}}', f"int8={int8}"]
+    started_at = datetime.now().astimezone()
     t1 = time.perf_counter()
     result = stack.run_deployment(deployment, params, timeout=3600)
     wall = time.perf_counter() - t1
@@ -187,7 +208,12 @@ def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epo
     # (Prefect's `--watch` waits 3 s after the final state for late logs): wall time minus the
     # flow run's life from creation to its end.
     cli_s = wall - (_at(fr["end_time"]) - _at(fr["created"])).total_seconds()
+    # ... of which before the flow run exists (the CLI's start-up and its API call) and after it
+    # ended (noticing the end, then the wait for late logs): the run is finished, registered and
+    # published before the latter begins.
+    submit_s = (_at(fr["created"]) - started_at).total_seconds()
     return {
+        "alias": _alias(store, run.info.run_id),
         "val_accuracy": run.data.metrics.get("final_val_accuracy"),
         "test_accuracy": run.data.metrics.get("test_accuracy"),
         "deployment_run_wall_seconds": round(wall, 2),
@@ -201,7 +227,11 @@ def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epo
         "flow_run_seconds_running_to_completed": round(in_run, 2),
         "overhead_inside_flow_run_seconds": round(in_run - train_s, 2),
         "queue_and_startup_seconds": round(wall - in_run, 2),
+        # From the command to the finished run: what the run costs before the CLI's wait.
+        "fixed_cost_to_final_state_seconds": round(wall - train_s - val_s - (cli_s - submit_s), 2),
         "stages": {"cli start-up and --watch_s": round(cli_s, 2),
+                   "cli start-up to flow run created_s": round(submit_s, 2),
+                   "cli after the final state (--watch)_s": round(cli_s - submit_s, 2),
                    **stages(stack, flow_run_id, train_s)},
     }
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,28 +299,35 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
              min_significance: float | None = None, model_id: str | None = None,
              card_extra: tuple[tuple[str, str], ...] = (),
              name: str = tracking.REGISTERED_MODEL,
-             known: tuple[np.ndarray, np.ndarray] | None = None) -> Registered:
+             known: tuple[np.ndarray, np.ndarray] | None = None,
+             champion_tags: Callable[[], dict[str, str]] | None = None) -> Registered:
     """Judge the run's exported model against the champion, add it to the registry as
     `champion` or `challenger` with the verdict on its tags, log the comparison report and the
-    model card (also the version's description)."""
+    model card (also the version's description). `champion_tags`: called (under the lock,
+    before the version exists) only when the verdict promotes it; what it returns goes on the
+    version's tags with the others, so that no host ever sees the champion without them."""
     # One registration at a time for this model name, across every host: two runs finishing
     # together are judged one after the other, the second against the first's verdict.
     with locks.exclusive("registry", name):
         tracking.drop_unfinished_versions(store, run_id, name)
         return _register(store, run_id, model_uri, onnx_path, data, tags=tags,
                          min_shared_images=min_shared_images, min_significance=min_significance,
-                         model_id=model_id, card_extra=card_extra, name=name, known=known)
+                         model_id=model_id, card_extra=card_extra, name=name, known=known,
+                         champion_tags=champion_tags)
 
 
 def _register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path,
               data: Cifar10, *, tags: dict[str, str], min_shared_images: int,
               min_significance: float | None, model_id: str | None,
               card_extra: tuple[tuple[str, str], ...], name: str,
-              known: tuple[np.ndarray, np.ndarray] | None) -> Registered:
+              known: tuple[np.ndarray, np.ndarray] | None,
+              champion_tags: Callable[[], dict[str, str]] | None) -> Registered:
     from flows.modelcard import CARD_FILE, model_card, registry_description
 
     verdict = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name,
                     known)
+    if verdict.promote and champion_tags is not None:
+        tags = {**tags, **champion_tags()}
     settings = {"min_shared_images": str(min_shared_images),
                 "min_significance": str(min_significance) if min_significance else "none"}
     version = tracking.create_version(store, run_id, model_uri, {**tags, **verdict.tags(),

@@ -279,6 +279,9 @@ def _jobs(points: list[sw.Point], seed_list: list[int], preset_name: str, parent
                 **{s: v for s, v in overrides.items() if v and s != "train"},
                 "train": {**overrides.get("train", {}), "seed": seed},
                 "skip_registry": True, "mlflow_parent_run_id": parent,
+                # The sweep registers its best run later, from that run's figures: each child
+                # builds its int8 twin, as any of them may be the one promoted.
+                "int8": "always",
                 "mlflow_tags": {"sweep_id": sid, "sweep_point": point.label,
                                 "sweep_point_key": point.key, "sweep_seed": str(seed),
                                 "sweep_role": "child"},

@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
@@ -31,6 +31,10 @@ from flows.champion import MIN_SHARED_IMAGES
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides, resolve_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Which runs get an int8 twin (cifarlab/quantize.py): "champion", a run whose version becomes
+# the champion (the one model that is served), built before the alias moves; "always", every
+# run (its int8 figures on the run, and on its version if it is registered); "never".
+Int8Twin = Literal["champion", "always", "never"]
 
 
 def project_root(root: str | None) -> Path:
@@ -161,9 +165,10 @@ def export_model(trained: InMemory, store: tracking.Store, run_id: str) -> InMem
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
-                   run_id: str) -> InMemory:
+                   run_id: str, int8: bool = True) -> InMemory:
     """Validation and test accuracy of the exported file (onnxruntime), latency, plots; the
-    unserved TTA figure apart. Logs the ONNX model (with its metrics) to MLflow."""
+    unserved TTA figure apart. Logs the ONNX model (with its metrics) to MLflow. `int8`: build
+    the int8 twin here (else registration builds it if the version becomes champion)."""
     import torch
 
     from cifarlab.constants import MEAN, STD
@@ -212,7 +217,7 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
            f"{100 * ev.tta_test.accuracy:.2f}%" if ev.tta_val else "")
     get_run_logger().info("served ONNX model: validation %.2f%%, test %.2f%%%s",
                           100 * ev.val.accuracy, 100 * ev.test.accuracy, tta)
-    int8 = _int8_twin(run, ex, ev, inputs, store, run_id, latency)
+    int8 = _int8_twin(run, ex, ev, inputs, store, run_id, latency) if int8 else None
     return InMemory({"evaluation": ev, "summary": s, "latency_ms": latency, "logged": logged,
                      "int8": int8})
 
@@ -221,9 +226,12 @@ def _int8_twin(run: Any, ex: Any, ev: Any, inputs: Any, store: tracking.Store, r
                fp32_latency_ms: dict[int, float]) -> Any:
     """The statically quantised copy of the served file (cifarlab/quantize.py), evaluated and
     timed beside it and logged as `int8/model_int8.onnx`; None (with a warning) if onnxruntime
-    cannot quantise this graph: the fp32 model is what counts."""
+    cannot quantise this graph: the fp32 model is what counts. `inputs`: the sets normalised
+    (`eval_inputs`), or None to normalise them here."""
+    from cifarlab.experiment import eval_inputs
     from cifarlab.quantize import MAX_DROP, build_int8, calibration_set
 
+    inputs = inputs or eval_inputs(run)
     d = run.data.data
     try:
         report = build_int8(ex.path, ev.val, calibration_set(d.train_images, run.split.train_idx),
@@ -250,35 +258,49 @@ def _int8_twin(run: Any, ex: Any, ev: Any, inputs: Any, store: tracking.Store, r
     return report
 
 
+def _int8_version_tags(report: Any) -> dict[str, str]:
+    """An int8 twin's figures as registry version tags (none without a twin)."""
+    if report is None:
+        return {}
+    return {"int8_val_accuracy": f"{report.val.accuracy:.6f}",
+            "int8_test_accuracy": f"{report.test.accuracy:.6f}",
+            "int8_servable": str(report.servable).lower(),
+            "int8_judged_with_dot_product": tracking.bool_tag(report.judged_with_dot_product)}
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
 def register_model(trained: InMemory, exported: InMemory, evaluated: InMemory,
                    store: tracking.Store, run_id: str, min_shared_images: int,
-                   min_significance: float | None) -> Any:
+                   min_significance: float | None, int8: Int8Twin = "champion") -> Any:
     """A new registry version; `champion` only if its ONNX model beats the champion's on their
-    shared validation images (flows/champion.py). Publishes the comparison and model card."""
+    shared validation images (flows/champion.py). Publishes the comparison and model card.
+    With `int8` "champion", a version that is promoted gets its int8 twin first."""
     from flows import champion
 
     run, ex, ev = trained.value, exported.value, evaluated.value
     logged = ev["logged"]
+
+    def champion_twin() -> dict[str, str]:
+        ev["int8"] = _int8_twin(run, ex, ev["evaluation"], None, store, run_id, ev["latency_ms"])
+        return _int8_version_tags(ev["int8"])
     done = champion.register(
         store, run_id, logged.model_uri, ex.path, run.data.data, tags={
             "val_accuracy": f"{ev['evaluation'].val.accuracy:.6f}",
             "test_accuracy": f"{ev['evaluation'].test.accuracy:.6f}",
             "preset": run.config.preset, "served_tta": ex.tta,
             "onnx_max_abs_diff": f"{ex.parity.max_abs_diff:.3e}",
-            "parity_passed": str(ex.parity.passed).lower(),
-            **({"int8_val_accuracy": f"{ev['int8'].val.accuracy:.6f}",
-                "int8_test_accuracy": f"{ev['int8'].test.accuracy:.6f}",
-                "int8_servable": str(ev["int8"].servable).lower(),
-                "int8_judged_with_dot_product": tracking.bool_tag(ev["int8"].judged_with_dot_product)}
-               if ev.get("int8") else {}),
+            "parity_passed": str(ex.parity.passed).lower(), **_int8_version_tags(ev["int8"]),
         }, min_shared_images=min_shared_images, min_significance=min_significance,
         model_id=logged.model_id,
         # evaluate_model has run this file over its validation split: reuse those classes.
-        known=(run.split.val_idx, ev["evaluation"].val.predictions))
+        known=(run.split.val_idx, ev["evaluation"].val.predictions),
+        champion_tags=champion_twin if int8 == "champion" else None)
     reg = done.registration
-    get_run_logger().info("registered %s version %s as %s: %s", reg.name, reg.version,
-                          reg.alias, reg.reason)
+    logger = get_run_logger()
+    logger.info("registered %s version %s as %s: %s", reg.name, reg.version, reg.alias,
+                reg.reason)
+    if int8 == "champion" and reg.alias != tracking.CHAMPION:
+        logger.info("no int8 twin: only a champion gets one (int8=always builds it for every run)")
     if done.report_markdown:
         create_markdown_artifact(
             key="champion-vs-challenger", markdown=done.report_markdown + (
@@ -470,11 +492,14 @@ def train_cifar(preset: PresetName = DEFAULT_PRESET, data: DataOverrides | None 
                 mlflow_tags: dict[str, str] | None = None,
                 min_shared_images: Annotated[int, Field(ge=1)] = MIN_SHARED_IMAGES,
                 min_significance: Annotated[float, Field(gt=0, lt=1)] | None = None,
+                int8: Int8Twin = "champion",
                 ) -> dict[str, Any]:
     """Train a preset (with overrides), export it to ONNX, evaluate the exported file, register
     it (champion only if it beats the champion on their shared validation images, with McNemar's
     p below `min_significance` when set) and put the champion in the BentoML store. A sweep
-    passes its MLflow run as `mlflow_parent_run_id` (the run is nested under it) and its tags."""
+    passes its MLflow run as `mlflow_parent_run_id` (the run is nested under it) and its tags.
+    `int8`: which runs get an int8 twin (the service's int8 precision serves it): "champion"
+    (the version promoted to champion, before the alias moves), "always" or "never"."""
     config = resolve_config(preset, data, model, train)
     # Pin the data source now, so the cache key and the MLflow params name the real source.
     config.data.source = resolve_source(config.data.source)
@@ -498,10 +523,11 @@ def train_cifar(preset: PresetName = DEFAULT_PRESET, data: DataOverrides | None 
         with tracking.system_metrics(store, run_id):
             trained = train_model(config, str(root_dir), str(run_dir), store, run_id)
             exported = export_model(trained, store, run_id)
-            evaluated = evaluate_model(trained, exported, store, run_id)
+            evaluated = evaluate_model(trained, exported, store, run_id,
+                                       int8=int8 == "always")
         if not skip_registry:
             done = register_model(trained, exported, evaluated, store, run_id,
-                                  min_shared_images, min_significance)
+                                  min_shared_images, min_significance, int8)
     except BaseException as exc:
         store.client.set_tag(run_id, "failure", f"{type(exc).__name__}: {exc}"[:5000])
         tracking.end_run(store, run_id, "FAILED")

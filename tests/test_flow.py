@@ -57,6 +57,7 @@ def _runs(root):
     ({"preset": "no-such-preset"}, "preset"),
     ({"train": {"optimizer": "rmsprop"}}, "optimizer"),
     ({"model": {"name": "vgg"}}, "name"),
+    ({"int8": "sometimes"}, "int8"),
 ])
 def test_bad_parameters_are_rejected_naming_the_field(kwargs, field, tmp_path):
     with pytest.raises(ParameterTypeError, match=field):
@@ -197,10 +198,22 @@ def test_worse_model_does_not_take_the_alias(data, tmp_path):
     report = {a.path for a in client.list_artifacts(worse["mlflow_run_id"], "champion_comparison")}
     assert {"champion_comparison/report.md", "champion_comparison/confusion_diff.png",
             "champion_comparison/disagreements.png"} <= report
+    # Only a champion gets an int8 twin by default: none for the challenger, on its run or
+    # its version.
+    worse_run = client.get_run(worse["mlflow_run_id"])
+    assert "int8_val_accuracy" not in worse_run.data.metrics
+    assert "int8_servable" not in worse_run.data.tags and "int8_servable" not in mv.tags
+    assert not client.list_artifacts(worse["mlflow_run_id"], "int8")
     # With the default minimum (2,000 shared images) 60 images are no evidence: no verdict.
+    # int8=always: a twin for this challenger too, on its run and its version.
     third = train_cifar(preset="seed-baseline", data=data, root=str(tmp_path),
-                        train={**FAST_TRAIN, "seed": 2})
+                        train={**FAST_TRAIN, "seed": 2}, int8="always")
     assert third["alias"] == "challenger" and "only 60 validation images" in third["promotion_reason"]
+    third_run = client.get_run(third["mlflow_run_id"])
+    third_mv = client.get_model_version(REGISTERED_MODEL, third["registered_version"])
+    assert third_mv.tags["int8_servable"] == third_run.data.tags["int8_servable"]
+    assert float(third_mv.tags["int8_val_accuracy"]) == pytest.approx(
+        third_run.data.metrics["int8_val_accuracy"], abs=1e-6)
     # The challenger did not replace the champion in the BentoML store.
     assert worse["bento_tag"] == first["bento_tag"]
     assert _bento_store().get("cifar10-classifier:latest").tag == _bento_store().get(first["bento_tag"]).tag
