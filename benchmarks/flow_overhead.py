@@ -178,13 +178,6 @@ def stages(stack: LocalStack, flow_run_id: str, train_s: float) -> dict[str, flo
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def _alias(store: tracking.Store, run_id: str) -> str:
-    """The registry alias the run's version got (champion or challenger), or "none"."""
-    versions = store.client.search_model_versions(f"run_id = '{run_id}'")
-    aliases = [a for mv in versions for a in mv.aliases]
-    return aliases[0] if aliases else "none"
-
-
 def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epochs: int,
                 seed: int, int8: str = "champion") -> dict[str, object]:
     """One `prefect deployment run --watch`: wall time against the training time inside it."""
@@ -213,7 +206,7 @@ def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epo
     # published before the latter begins.
     submit_s = (_at(fr["created"]) - started_at).total_seconds()
     return {
-        "alias": _alias(store, run.info.run_id),
+        "alias": run.data.tags.get("registry.alias", "none"),  # set with the alias
         "val_accuracy": run.data.metrics.get("final_val_accuracy"),
         "test_accuracy": run.data.metrics.get("test_accuracy"),
         "deployment_run_wall_seconds": round(wall, 2),

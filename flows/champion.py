@@ -303,9 +303,17 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
              champion_tags: Callable[[], dict[str, str]] | None = None) -> Registered:
     """Judge the run's exported model against the champion, add it to the registry as
     `champion` or `challenger` with the verdict on its tags, log the comparison report and the
-    model card (also the version's description). `champion_tags`: called (under the lock,
-    before the version exists) only when the verdict promotes it; what it returns goes on the
-    version's tags with the others, so that no host ever sees the champion without them."""
+    model card (also the version's description).
+
+    `champion_tags`: work only a champion needs (its int8 twin), whose tags go on the version
+    with the others, so that no host ever sees the champion without them. It is done before
+    the lock when a first verdict, outside it, promotes (the lock is held for the
+    registration's seconds, not that work's), and under it only if the verdict under the lock
+    promotes where the first did not (the champion changed in between)."""
+    prepared = None
+    if champion_tags is not None and judge(store, run_id, onnx_path, data, min_shared_images,
+                                           min_significance, name, known).promote:
+        prepared = champion_tags()
     # One registration at a time for this model name, across every host: two runs finishing
     # together are judged one after the other, the second against the first's verdict.
     with locks.exclusive("registry", name):
@@ -313,7 +321,7 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
         return _register(store, run_id, model_uri, onnx_path, data, tags=tags,
                          min_shared_images=min_shared_images, min_significance=min_significance,
                          model_id=model_id, card_extra=card_extra, name=name, known=known,
-                         champion_tags=champion_tags)
+                         champion_tags=champion_tags, prepared=prepared)
 
 
 def _register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path,
@@ -321,13 +329,14 @@ def _register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Pat
               min_significance: float | None, model_id: str | None,
               card_extra: tuple[tuple[str, str], ...], name: str,
               known: tuple[np.ndarray, np.ndarray] | None,
-              champion_tags: Callable[[], dict[str, str]] | None) -> Registered:
+              champion_tags: Callable[[], dict[str, str]] | None,
+              prepared: dict[str, str] | None) -> Registered:
     from flows.modelcard import CARD_FILE, model_card, registry_description
 
     verdict = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name,
                     known)
     if verdict.promote and champion_tags is not None:
-        tags = {**tags, **champion_tags()}
+        tags = {**tags, **(prepared if prepared is not None else champion_tags())}
     settings = {"min_shared_images": str(min_shared_images),
                 "min_significance": str(min_significance) if min_significance else "none"}
     version = tracking.create_version(store, run_id, model_uri, {**tags, **verdict.tags(),

@@ -168,7 +168,7 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
                    run_id: str, int8: bool = True) -> InMemory:
     """Validation and test accuracy of the exported file (onnxruntime), latency, plots; the
     unserved TTA figure apart. Logs the ONNX model (with its metrics) to MLflow. `int8`: build
-    the int8 twin here (else registration builds it if the version becomes champion)."""
+    the int8 twin here (train_cifar's int8="always")."""
     import torch
 
     from cifarlab.constants import MEAN, STD

@@ -11,6 +11,7 @@ whole width, so a left-right flip never changes the class. That lets us build:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +411,51 @@ def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone
     version = store.client.get_model_version(version.name, version.version)
     assert version.tags["registration"] == "complete" and version.aliases == ["champion"]
     assert done.registration.previous_champion == old.version
+
+
+def test_champion_only_work_is_done_for_a_promotion_outside_the_lock(world, monkeypatch):
+    """`champion_tags` (the int8 twin in the flow) runs only for a version that is promoted,
+    before the registry lock is taken; its tags are on the champion version. If it fails,
+    nothing is registered and the next registration goes through."""
+    from flows import locks
+
+    held = []
+    real = locks.exclusive
+
+    @contextlib.contextmanager
+    def tracked(kind, key, *args, **kwargs):
+        with real(kind, key, *args, **kwargs):
+            held.append(kind)
+            try:
+                yield
+            finally:
+                held.remove(kind)
+
+    monkeypatch.setattr(locks, "exclusive", tracked)
+    calls = []
+
+    def twin_tags():
+        calls.append(list(held))
+        return {"int8_servable": "true"}
+
+    first = _register(world, BarReader(confuse_truck=True), min_shared_images=50,
+                      champion_tags=twin_tags)
+    assert first.registration.alias == "champion" and calls == [[]]  # once, lock not held
+    client = world["store"].client
+    mv = client.get_model_version(first.registration.name, first.registration.version)
+    assert mv.tags["int8_servable"] == "true"
+    worse = _register(world, BarReader(confuse_truck=True), min_shared_images=50,
+                      champion_tags=twin_tags)
+    assert worse.registration.alias == "challenger" and len(calls) == 1  # not called
+    mv = client.get_model_version(worse.registration.name, worse.registration.version)
+    assert "int8_servable" not in mv.tags
+
+    def broken():
+        raise RuntimeError("quantisation blew up")
+
+    versions = len(client.search_model_versions(f"name = '{first.registration.name}'"))
+    with pytest.raises(RuntimeError, match="blew up"):
+        _register(world, BarReader(), min_shared_images=50, champion_tags=broken)
+    assert len(client.search_model_versions(f"name = '{first.registration.name}'")) == versions
+    better = _register(world, BarReader(), min_shared_images=50, champion_tags=twin_tags)
+    assert better.registration.alias == "champion" and len(calls) == 2
