@@ -86,8 +86,13 @@ class Verdict:
 
 
 def validation_indices(run: Any, labels: np.ndarray) -> np.ndarray:
-    """A run's validation indices into the training images, rebuilt from its params (sizes,
-    seed) and checked against its recorded split hash."""
+    """A run's validation indices into the training images (`run_split`)."""
+    return np.asarray(run_split(run, labels).val_idx)
+
+
+def run_split(run: Any, labels: np.ndarray) -> Any:
+    """A run's split (cifarlab.split.Split), rebuilt from its params (sizes, seed) and checked
+    against its recorded split hash; SplitUnknown where it cannot be."""
     p, recorded = run.data.params, run.data.tags.get("split_sha256")
     if not recorded:
         raise SplitUnknown(f"run {run.info.run_id} recorded no split hash")
@@ -99,7 +104,7 @@ def validation_indices(run: Any, labels: np.ndarray) -> np.ndarray:
     if split.digest != recorded:
         raise SplitUnknown(f"run {run.info.run_id}: its split rebuilt here hashes to "
                            f"{split.digest[:12]}, but it recorded {recorded[:12]} (other data?)")
-    return np.asarray(split.val_idx)
+    return split
 
 
 def shared_validation(champion: Any, challenger: Any, labels: np.ndarray) -> np.ndarray:

@@ -124,7 +124,8 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
                    sid: str, data: Any, min_shared_images: int,
                    min_significance: float | None) -> tuple[Any, str]:
     """The best point's best seed goes through the parity check and the same champion rule as
-    a single run; its tags and model card carry the point's mean ± sd, not just the seed's."""
+    a single run; its tags and model card carry the point's mean ± sd, not just the seed's.
+    Promoted, it gets its int8 twin first, as a single run's champion does."""
     from flows import champion
 
     candidates = [o for o in outcomes if o.status == "ok" and o.point.label == best_row["point"]]
@@ -144,6 +145,11 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
                    f"(mean ± sd over {n} seeds)")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = tracking.download_onnx(store, model_uri, Path(tmp))
+        built = _int8_tags(run)  # a run that built its twin itself (int8=always)
+
+        def champion_twin() -> dict[str, str]:
+            return _build_int8_twin(store, run, onnx_path, data, Path(tmp))
+
         done = champion.register(
             store, cand.run_id, model_uri, onnx_path, data, tags={
                 "val_accuracy": f"{cand.val_accuracy:.6f}",
@@ -154,16 +160,41 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
                 "sweep_point_val_sd": f"{best_row['val_acc_std']:.6f}",
                 "sweep_point_test_mean": f"{best_row['test_acc_mean']:.6f}",
                 "served_tta": run.data.tags.get("served_tta", "none"),
-                "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true",
-                **_int8_tags(run)},
+                "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true", **built},
             min_shared_images=min_shared_images, min_significance=min_significance,
             model_id=model_id, card_extra=(
                 ("sweep", f"`{sid}`, point {best_row['point']}: {point_stats}; this version is "
                           f"its seed with the best validation accuracy (seed {cand.seed}). "
                           "Point and seed were chosen on the validation images that the "
                           "comparison with the champion also uses, which favours this model "
-                          "(selection bias); `min_significance` asks for a margin."),))
+                          "(selection bias); `min_significance` asks for a margin."),),
+            champion_tags=None if built else champion_twin)
     return done, cand.run_id
+
+
+def _build_int8_twin(store: tracking.Store, run: Any, onnx_path: Path, data: Any,
+                     folder: Path) -> dict[str, str]:
+    """The int8 twin of a sweep's run (its downloaded ONNX file), on the run's own split
+    (rebuilt from its params and checked against its split hash), logged to the run and
+    judged on this host's CPU; its version tags (none, with a warning, where the split cannot
+    be rebuilt from `data`)."""
+    from cifarlab.experiment import EvalInputs
+    from cifarlab.export import evaluate_onnx, model_input
+    from flows.champion import SplitUnknown, run_split
+    from flows.train_flow import int8_twin, int8_version_tags
+
+    try:
+        split = run_split(run, data.train_labels.numpy())
+    except SplitUnknown as exc:
+        get_run_logger().warning("no int8 twin for run %s: %s", run.info.run_id, exc)
+        return {}
+    inputs = EvalInputs(model_input(data.train_images[split.val_idx]),
+                        model_input(data.test_images))
+    fp32_val = evaluate_onnx(onnx_path, inputs.val, data.train_labels[split.val_idx])
+    # (both files timed here, on the host that judges the twin)
+    return int8_version_tags(int8_twin(onnx_path, fp32_val, data, split,
+                                       folder / "model_int8.onnx", store, run.info.run_id,
+                                       inputs=inputs))
 
 
 @flow(name="sweep-cifar", log_prints=True)
@@ -279,9 +310,9 @@ def _jobs(points: list[sw.Point], seed_list: list[int], preset_name: str, parent
                 **{s: v for s, v in overrides.items() if v and s != "train"},
                 "train": {**overrides.get("train", {}), "seed": seed},
                 "skip_registry": True, "mlflow_parent_run_id": parent,
-                # The sweep registers its best run later, from that run's figures: each child
-                # builds its int8 twin, as any of them may be the one promoted.
-                "int8": "always",
+                # No int8 twin per run: the sweep builds one for the run it registers, if that
+                # run's version is promoted (`_register_best`).
+                "int8": "never",
                 "mlflow_tags": {"sweep_id": sid, "sweep_point": point.label,
                                 "sweep_point_key": point.key, "sweep_seed": str(seed),
                                 "sweep_role": "child"},

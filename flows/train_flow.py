@@ -224,19 +224,30 @@ def evaluate_model(trained: InMemory, exported: InMemory, store: tracking.Store,
 
 def _int8_twin(run: Any, ex: Any, ev: Any, inputs: Any, store: tracking.Store, run_id: str,
                fp32_latency_ms: dict[int, float]) -> Any:
-    """The statically quantised copy of the served file (cifarlab/quantize.py), evaluated and
-    timed beside it and logged as `int8/model_int8.onnx`; None (with a warning) if onnxruntime
-    cannot quantise this graph: the fp32 model is what counts. `inputs`: the sets normalised
-    (`eval_inputs`), or None to normalise them here."""
-    from cifarlab.experiment import eval_inputs
+    """`int8_twin` of a run trained in this flow run (`inputs`: its sets normalised, or None)."""
+    return int8_twin(ex.path, ev.val, run.data.data, run.split, run.run_dir / "model_int8.onnx",
+                     store, run_id, fp32_latency_ms, inputs)
+
+
+def int8_twin(onnx_path: Path, fp32_val: Any, data: Any, split: Any, out_path: Path,
+              store: tracking.Store, run_id: str,
+              fp32_latency_ms: dict[int, float] | None = None, inputs: Any = None) -> Any:
+    """The statically quantised copy of the served file `onnx_path` (cifarlab/quantize.py),
+    calibrated on the split's training images, evaluated on its validation images and the test
+    set (`inputs`: both normalised, cifarlab.experiment.EvalInputs, or None to make them) and
+    timed beside it (`fp32_val`: the file's own validation result), logged to MLflow run
+    `run_id` as `int8/model_int8.onnx` with its figures; None (with a warning) if onnxruntime
+    cannot quantise this graph: the fp32 model is what counts."""
+    from cifarlab.experiment import EvalInputs
+    from cifarlab.export import model_input
     from cifarlab.quantize import MAX_DROP, build_int8, calibration_set
 
-    inputs = inputs or eval_inputs(run)
-    d = run.data.data
+    inputs = inputs or EvalInputs(model_input(data.train_images[split.val_idx]),
+                                  model_input(data.test_images))
     try:
-        report = build_int8(ex.path, ev.val, calibration_set(d.train_images, run.split.train_idx),
-                            inputs.val, run.val_labels, inputs.test, d.test_labels,
-                            run.run_dir / "model_int8.onnx", fp32_latency_ms)
+        report = build_int8(onnx_path, fp32_val, calibration_set(data.train_images, split.train_idx),
+                            inputs.val, data.train_labels[split.val_idx], inputs.test,
+                            data.test_labels, out_path, fp32_latency_ms)
     except Exception as exc:  # noqa: BLE001 - reported, the run goes on
         get_run_logger().warning("no int8 model: onnxruntime could not quantise it (%s: %s)",
                                  type(exc).__name__, exc)
@@ -258,7 +269,7 @@ def _int8_twin(run: Any, ex: Any, ev: Any, inputs: Any, store: tracking.Store, r
     return report
 
 
-def _int8_version_tags(report: Any) -> dict[str, str]:
+def int8_version_tags(report: Any) -> dict[str, str]:
     """An int8 twin's figures as registry version tags (none without a twin)."""
     if report is None:
         return {}
@@ -282,14 +293,14 @@ def register_model(trained: InMemory, exported: InMemory, evaluated: InMemory,
 
     def champion_twin() -> dict[str, str]:
         ev["int8"] = _int8_twin(run, ex, ev["evaluation"], None, store, run_id, ev["latency_ms"])
-        return _int8_version_tags(ev["int8"])
+        return int8_version_tags(ev["int8"])
     done = champion.register(
         store, run_id, logged.model_uri, ex.path, run.data.data, tags={
             "val_accuracy": f"{ev['evaluation'].val.accuracy:.6f}",
             "test_accuracy": f"{ev['evaluation'].test.accuracy:.6f}",
             "preset": run.config.preset, "served_tta": ex.tta,
             "onnx_max_abs_diff": f"{ex.parity.max_abs_diff:.3e}",
-            "parity_passed": str(ex.parity.passed).lower(), **_int8_version_tags(ev["int8"]),
+            "parity_passed": str(ex.parity.passed).lower(), **int8_version_tags(ev["int8"]),
         }, min_shared_images=min_shared_images, min_significance=min_significance,
         model_id=logged.model_id,
         # evaluate_model has run this file over its validation split: reuse those classes.

@@ -219,6 +219,47 @@ def test_worse_model_does_not_take_the_alias(data, tmp_path):
     assert _bento_store().get("cifar10-classifier:latest").tag == _bento_store().get(first["bento_tag"]).tag
 
 
+def test_a_sweep_builds_the_int8_twin_of_the_run_it_promotes(data, synthetic_cifar, tmp_path):
+    """A sweep's runs build no twin (int8=never); the one it promotes gets it at registration,
+    on the run's own split: logged to that run, its figures as version tags. Data on which the
+    run's split does not rebuild gets none."""
+    import dataclasses
+
+    from prefect import flow
+
+    from cifarlab.data import load_cifar10
+    from flows import tracking
+    from flows.sweep_flow import _build_int8_twin
+
+    result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path),
+                         skip_registry=True, int8="never")
+    client = _client(tmp_path)
+    run = client.get_run(result["mlflow_run_id"])
+    assert "int8_val_accuracy" not in run.data.metrics
+
+    @flow
+    def register_side(other_labels: bool) -> dict:
+        store = tracking.open_store(tmp_path)
+        folder = tmp_path / f"twin-{other_labels}"
+        folder.mkdir()
+        onnx_path = tracking.download_onnx(store, run.data.tags["onnx_model_uri"], folder)
+        cifar = load_cifar10(synthetic_cifar[0])
+        if other_labels:  # other data: the run's split does not rebuild on it
+            cifar = dataclasses.replace(cifar, train_labels=cifar.train_labels.flip(0))
+        return _build_int8_twin(store, run, onnx_path, cifar, folder)
+
+    assert register_side(True) == {}
+    assert "int8_val_accuracy" not in client.get_run(run.info.run_id).data.metrics
+    tags = register_side(False)
+    after = client.get_run(run.info.run_id)
+    assert tags["int8_servable"] == after.data.tags["int8_servable"]
+    assert float(tags["int8_val_accuracy"]) == pytest.approx(
+        after.data.metrics["int8_val_accuracy"], abs=1e-6)
+    assert after.data.metrics["int8_latency_ms_batch1"] > 0
+    assert "int8/model_int8.onnx" in {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                           "int8")}
+
+
 def test_broken_export_fails_the_run_and_registers_nothing(data, tmp_path, monkeypatch):
     import cifarlab.experiment as experiment
 

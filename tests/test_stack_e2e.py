@@ -259,6 +259,11 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
         assert version.tags["shared_images"] == "60"
         assert alias == ("champion" if shared > float(version.tags["champion_shared_accuracy"])
                          else "challenger"), version.tags["promotion_reason"]
+    # The sweep's runs build no int8 twin; the version it promotes gets one (on its run).
+    others = [c for c in finished if c.info.run_id != candidate]
+    assert all("int8_val_accuracy" not in c.data.metrics for c in others)
+    has_twin = "int8_val_accuracy" in client.get_run(candidate).data.metrics
+    assert has_twin == (alias == "champion") == ("int8_servable" in version.tags)
     # The registry version carries the point's statistics, not just its best seed's.
     assert float(version.tags["sweep_point_val_mean"]) == pytest.approx(np.mean(vals), abs=1e-6)
     assert float(version.tags["sweep_point_val_sd"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
