@@ -78,7 +78,9 @@ def choose_file(meta: dict[str, Any], precision: str,
     if precision != "int8":
         return fp32, "fp32", None
     if not meta.get("int8_file"):
-        return fp32, "fp32", "int8 asked for, but this model has no int8 twin: serving fp32"
+        return fp32, "fp32", ("int8 asked for, but this model has no int8 twin (train-cifar builds "
+                              "one for a version it promotes to champion, or with int8=always): "
+                              "serving fp32")
     if not meta.get("int8_servable"):
         drop = (meta.get("val_accuracy") or 0) - (meta.get("int8_val_accuracy") or 0)
         return fp32, "fp32", (f"int8 asked for, but its int8 twin is {100 * drop:.2f} points "
