@@ -310,36 +310,40 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
     `champion` or `challenger` with the verdict on its tags, log the comparison report and the
     model card (also the version's description).
 
+    The model is judged before the registry lock is taken; under it, the verdict stands if
+    the champion is still the one it was judged against, else it is judged again.
+
     `champion_tags`: work only a champion needs (its int8 twin), whose tags go on the version
     with the others, so that no host ever sees the champion without them. It is done before
-    the lock when a first verdict, outside it, promotes (the lock is held for the
-    registration's seconds, not that work's), and under it only if the verdict under the lock
-    promotes where the first did not (the champion changed in between)."""
-    prepared = None
-    if champion_tags is not None and judge(store, run_id, onnx_path, data, min_shared_images,
-                                           min_significance, name, known).promote:
-        prepared = champion_tags()
+    the lock when the first verdict promotes (the lock is held for the registration's seconds,
+    not that work's), and under it only if a verdict given again there promotes where the
+    first did not."""
+    first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name,
+                  known)
+    prepared = champion_tags() if champion_tags is not None and first.promote else None
     # One registration at a time for this model name, across every host: two runs finishing
-    # together are judged one after the other, the second against the first's verdict.
+    # together are registered one after the other, the second against the first's verdict.
     with locks.exclusive("registry", name):
         tracking.drop_unfinished_versions(store, run_id, name)
-        return _register(store, run_id, model_uri, onnx_path, data, tags=tags,
+        current = tracking.champion_version(store, name)
+        judged_against = None if first.champion_version is None else str(first.champion_version)
+        if judged_against != (None if current is None else str(current.version)):
+            first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance,
+                          name, known)  # the champion moved since: judged against the new one
+        return _register(store, run_id, model_uri, first, tags=tags,
                          min_shared_images=min_shared_images, min_significance=min_significance,
-                         model_id=model_id, card_extra=card_extra, name=name, known=known,
-                         champion_tags=champion_tags, prepared=prepared)
+                         model_id=model_id, card_extra=card_extra, name=name,
+                         champion_tags=champion_tags, prepared=prepared, data=data)
 
 
-def _register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path,
-              data: Cifar10, *, tags: dict[str, str], min_shared_images: int,
+def _register(store: tracking.Store, run_id: str, model_uri: str, verdict: Verdict, *,
+              data: Cifar10, tags: dict[str, str], min_shared_images: int,
               min_significance: float | None, model_id: str | None,
               card_extra: tuple[tuple[str, str], ...], name: str,
-              known: tuple[np.ndarray, np.ndarray] | None,
               champion_tags: Callable[[], dict[str, str]] | None,
               prepared: dict[str, str] | None) -> Registered:
     from flows.modelcard import CARD_FILE, model_card, registry_description
 
-    verdict = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name,
-                    known)
     if verdict.promote and champion_tags is not None:
         tags = {**tags, **(prepared if prepared is not None else champion_tags())}
     settings = {"min_shared_images": str(min_shared_images),

@@ -459,3 +459,40 @@ def test_champion_only_work_is_done_for_a_promotion_outside_the_lock(world, monk
     assert len(client.search_model_versions(f"name = '{first.registration.name}'")) == versions
     better = _register(world, BarReader(), min_shared_images=50, champion_tags=twin_tags)
     assert better.registration.alias == "champion" and len(calls) == 2
+
+
+def test_the_verdict_is_given_once_unless_the_champion_moved_meanwhile(world, monkeypatch):
+    """A model is judged before the registry lock; under it the verdict stands while the
+    champion is the one it was judged against. A champion promoted in between (here by a
+    registration made while the first prepares its champion-only work) means judging again,
+    and the first's prepared tags are dropped when it no longer wins."""
+    judged = []
+    real_judge = champion.judge
+
+    def counting_judge(*args, **kwargs):
+        judged.append(1)
+        return real_judge(*args, **kwargs)
+
+    monkeypatch.setattr(champion, "judge", counting_judge)
+    first = _register(world, BarReader(confuse_truck=True), min_shared_images=50,
+                      champion_tags=dict)
+    assert first.registration.alias == "champion"
+    assert len(judged) == 1  # no champion yet, none appeared: judged once
+
+    inner = []
+
+    def promote_an_equal_model_first():
+        inner.append(_register(world, BarReader(), min_shared_images=50))
+        return {"int8_servable": "true"}
+
+    judged.clear()
+    outer = _register(world, BarReader(), min_shared_images=50,
+                      champion_tags=promote_an_equal_model_first)
+    # outer judged (promotes), inner judged once (nothing moved for it), outer judged again.
+    assert len(judged) == 3
+    assert inner[0].registration.alias == "champion"
+    assert outer.registration.alias == "challenger"  # not better than the equal new champion
+    assert f"champion v{inner[0].registration.version}" in outer.registration.reason
+    mv = world["store"].client.get_model_version(outer.registration.name,
+                                                 outer.registration.version)
+    assert "int8_servable" not in mv.tags
