@@ -531,14 +531,15 @@ def train_cifar(preset: PresetName = DEFAULT_PRESET, data: DataOverrides | None 
     run_id, run_dir = _begin_run(store, config, root_dir, split, data_folder, extra_tags)
     done = None
     try:
+        # (registration included: a champion's int8 twin is built in it)
         with tracking.system_metrics(store, run_id):
             trained = train_model(config, str(root_dir), str(run_dir), store, run_id)
             exported = export_model(trained, store, run_id)
             evaluated = evaluate_model(trained, exported, store, run_id,
                                        int8=int8 == "always")
-        if not skip_registry:
-            done = register_model(trained, exported, evaluated, store, run_id,
-                                  min_shared_images, min_significance, int8)
+            if not skip_registry:
+                done = register_model(trained, exported, evaluated, store, run_id,
+                                      min_shared_images, min_significance, int8)
     except BaseException as exc:
         store.client.set_tag(run_id, "failure", f"{type(exc).__name__}: {exc}"[:5000])
         tracking.end_run(store, run_id, "FAILED")
