@@ -121,11 +121,12 @@ def _outcomes(store: tracking.Store, sid: str, jobs, done, retries: int) -> list
 
 
 def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: list[sw.Outcome],
-                   sid: str, data: Any, min_shared_images: int,
+                   sid: str, bundle: Any, min_shared_images: int,
                    min_significance: float | None) -> tuple[Any, str]:
     """The best point's best seed goes through the parity check and the same champion rule as
     a single run; its tags and model card carry the point's mean ± sd, not just the seed's.
-    Promoted, it gets its int8 twin first, as a single run's champion does."""
+    Promoted, it gets its int8 twin first, as a single run's champion does. `bundle`: the data
+    this host loaded (cifarlab.experiment.DataBundle), the run's own by fingerprint."""
     from flows import champion
 
     candidates = [o for o in outcomes if o.status == "ok" and o.point.label == best_row["point"]]
@@ -139,6 +140,12 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
     model_id, model_uri = run.data.tags.get("onnx_model_id"), run.data.tags.get("onnx_model_uri")
     if not model_uri:
         raise PointFailed(f"candidate run {cand.run_id} logged no ONNX model")
+    # The champion rule and the twin read this host's images at the run's indices.
+    trained_on = run.data.tags.get("data_fingerprint")
+    if trained_on != bundle.fingerprint:
+        raise PointFailed(f"candidate run {cand.run_id} was trained on data {trained_on}, but "
+                          f"this host loaded data {bundle.fingerprint}: not registered")
+    data = bundle.data
     n = best_row["seeds_ok"]
     point_stats = (f"{sw.pct(best_row['val_acc_mean'], best_row['val_acc_std'])} % validation, "
                    f"{sw.pct(best_row['test_acc_mean'], best_row['test_acc_std'])} % test "
@@ -367,7 +374,7 @@ def _register_best_point(store: tracking.Store, parent: str, sid: str, best: dic
     data_cfg = make_config(preset_name, **best_point.overrides).data
     data_cfg.source = resolve_source(data_cfg.source)
     bundle = load_data(data_cfg, root_dir)
-    done, candidate = _register_best(store, best, outcomes, sid, bundle.data,
+    done, candidate = _register_best(store, best, outcomes, sid, bundle,
                                      min_shared_images, min_significance)
     reg = done.registration
     store.client.set_tag(parent, "candidate_run_id", candidate)

@@ -139,8 +139,9 @@ class Front:
     async def model_card(self, _request: Request) -> JSONResponse:
         served = self.live.current
         keys = ("registered_model", "mlflow_version", "mlflow_run_id", "val_accuracy",
-                "test_accuracy", "int8_val_accuracy", "int8_test_accuracy", "served_tta",
-                "preset", "promotion_reason", "class_names")
+                "test_accuracy", "int8_val_accuracy", "int8_test_accuracy", "int8_servable",
+                "int8_judged_with_dot_product", "served_tta", "preset", "promotion_reason",
+                "class_names")
         return JSONResponse({"bento_tag": served.tag,
                              **{k: served.metadata.get(k) for k in keys},
                              "precision": served.precision,

@@ -260,6 +260,39 @@ def test_a_sweep_builds_the_int8_twin_of_the_run_it_promotes(data, synthetic_cif
                                                                            "int8")}
 
 
+def test_a_sweep_registers_nothing_trained_on_other_data(data, synthetic_cifar, tmp_path):
+    """The sweep's host judges the candidate (and builds its twin) on the images it loaded: a
+    run whose data fingerprint is not theirs is refused, naming both, and nothing registered."""
+    from prefect import flow
+
+    from cifarlab.data import load_cifar10
+    from cifarlab.experiment import DataBundle
+    from flows import sweep as sw
+    from flows import tracking
+    from flows.sweep_flow import PointFailed, _register_best
+
+    result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path),
+                         skip_registry=True, int8="never")
+    client = _client(tmp_path)
+    run = client.get_run(result["mlflow_run_id"])
+    point = sw.Point(0, "p", {}, {})
+    outcome = sw.Outcome(point, 0, "ok", run.info.run_id, run.data.metrics["final_val_accuracy"],
+                         run.data.metrics["test_accuracy"])
+    best = {"point": "p", "seeds_ok": 1, "val_acc_mean": 0.5, "val_acc_std": 0.0,
+            "test_acc_mean": 0.5, "test_acc_std": 0.0}
+
+    @flow
+    def register_on(fingerprint: str) -> None:
+        bundle = DataBundle(synthetic_cifar[0], load_cifar10(synthetic_cifar[0]), fingerprint)
+        _register_best(tracking.open_store(tmp_path), best, [outcome], "s1", bundle, 1, None)
+
+    with pytest.raises(PointFailed, match=f"trained on data {run.data.tags['data_fingerprint']}"
+                                          ", but this host loaded data 0123456789abcdef"):
+        register_on("0123456789abcdef")
+    with pytest.raises(MlflowException):
+        client.get_registered_model(REGISTERED_MODEL)
+
+
 def test_broken_export_fails_the_run_and_registers_nothing(data, tmp_path, monkeypatch):
     import cifarlab.experiment as experiment
 

@@ -399,6 +399,11 @@ def test_model_card_is_served_and_answers_point_at_it(served):
     assert r.status_code == 200, (r.status_code, r.headers)
     body = r.json()
     assert body["mlflow_version"] == "1" and body["served_tta"] == "none"
+    # Why int8 would or would not be served here: the twin's verdict and the CPU it was judged on.
+    from cifarlab.cpu import has_int8_dot_product
+
+    assert isinstance(body["int8_servable"], bool)
+    assert body["int8_judged_with_dot_product"] is has_int8_dot_product()
     card = body["model_card_markdown"]
     assert "Intended use and limits" in card and "out of domain" in card
     answer = served.classify(_png(served.images[0].permute(1, 2, 0).numpy())).json()["model"]
