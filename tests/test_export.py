@@ -3,6 +3,8 @@ as PyTorch, from either torch exporter and with TTA in the graph."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -59,6 +61,31 @@ def test_export_answers_any_batch_size_like_pytorch(models, tmp_path, exporter, 
             expected = reference(x[:n]).numpy()
         assert logits.shape == (n, 10)
         np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,tta", [("seed-baseline", "flip_translate"), ("fast", "none")])
+def test_the_parity_check_passes_the_export_and_names_a_wrong_file(models, tmp_path, name, tta):
+    """check_parity (PyTorch channels-last against onnxruntime) passes a faithful file with its
+    TTA, and a file of other weights fails it, the numbers named."""
+    from cifarlab.export import ParityError, check_parity, require_parity
+
+    model = models[name]
+    images = torch.randint(0, 256, (600, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(2))
+    good = export_onnx(model, tmp_path / "good.onnx", tta=tta)
+    report = check_parity(model, good, images, tta=tta)
+    assert report.images == 600 and report.passed, report
+    require_parity(report)
+    assert next(model.parameters()).is_contiguous()  # the model itself is left as it was
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # other weights, the same graph
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    wrong = export_onnx(other, tmp_path / "wrong.onnx", tta=tta)
+    report = check_parity(model, wrong, images, tta=tta)
+    assert not report.passed and report.max_abs_diff > 1e-2
+    with pytest.raises(ParityError, match="differs from PyTorch on 600 images"):
+        require_parity(report)
 
 
 def test_an_unknown_exporter_is_named(model, tmp_path):
