@@ -213,7 +213,8 @@ def export_run(run: TrainedRun, *, require: bool = True) -> Exported:
     with PyTorch on validation images; with `require`, a mismatch raises ParityError."""
     tta = run.config.train.tta if run.config.train.serve_tta else "none"
     path = export_onnx(run.trained.model, run.run_dir / "model.onnx", tta=tta)
-    report = check_parity(run.trained.model, path, run.val_images[:PARITY_IMAGES], tta=tta)
+    report = check_parity(run.trained.model, path, run.val_images[:PARITY_IMAGES], tta=tta,
+                          channels_last=run.config.train.channels_last)
     if require:
         require_parity(report)
     return Exported(path, tta, report)

@@ -130,18 +130,21 @@ class ParityReport:
 
 @torch.no_grad()
 def check_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor,
-                 atol: float = PARITY_ATOL, batch_size: int = 500, tta: str = "none") -> ParityReport:
+                 atol: float = PARITY_ATOL, batch_size: int = 500, tta: str = "none",
+                 channels_last: bool = True) -> ParityReport:
     """Compare PyTorch (fp32, CPU, with the same `tta` as the export) and onnxruntime logits on
-    uint8 images (N, 3, 32, 32). PyTorch runs channels-last, as the nets train: the same logits
-    (to ~1e-7), sooner (1,000 images: 0.42-0.46 s against 0.60-0.76 s for the seed net, 2.8
-    against 3.4 s for the fast net, on a 2-core AMD EPYC; most of the export stage)."""
-    cpu_model = servable(model, tta).to(memory_format=torch.channels_last)
+    uint8 images (N, 3, 32, 32). PyTorch runs channels-last where the net trained so (the
+    default, `train.channels_last`): the same logits (to ~1e-7), sooner (1,000 images: 0.42-0.46
+    s against 0.60-0.76 s for the seed net, 2.8 against 3.4 s for the fast net, on a 2-core AMD
+    EPYC; most of the export stage)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    cpu_model = servable(model, tta).to(memory_format=layout)
     session = onnx_session(onnx_path)
     max_diff, agree = 0.0, 0
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size], torch.device("cpu"))
         with torch.inference_mode():
-            expected = cpu_model(x.contiguous(memory_format=torch.channels_last)).numpy()
+            expected = cpu_model(x.contiguous(memory_format=layout)).numpy()
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
         max_diff = max(max_diff, float(np.abs(expected - got).max()))
         agree += int((expected.argmax(1) == got.argmax(1)).sum())

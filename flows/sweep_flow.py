@@ -141,7 +141,7 @@ def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: li
     if not model_uri:
         raise PointFailed(f"candidate run {cand.run_id} logged no ONNX model")
     # The champion rule and the twin read this host's images at the run's indices.
-    trained_on = run.data.tags.get("data_fingerprint")
+    trained_on = run.data.tags.get("data_fingerprint", "(no data_fingerprint tag)")
     if trained_on != bundle.fingerprint:
         raise PointFailed(f"candidate run {cand.run_id} was trained on data {trained_on}, but "
                           f"this host loaded data {bundle.fingerprint}: not registered")

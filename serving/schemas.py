@@ -69,6 +69,11 @@ class ModelCard(BaseModel):
     test_accuracy: float | None = None
     int8_val_accuracy: float | None = None
     int8_test_accuracy: float | None = None
+    int8_servable: bool | None = Field(
+        None, description="whether the int8 twin passed its 0.5-point rule (null: no twin)")
+    int8_judged_with_dot_product: bool | None = Field(
+        None, description="whether the CPU that judged the twin has int8 dot-product "
+                          "instructions (null: no twin, or the CPU did not say)")
     precision: str = "fp32"
     precision_note: str | None = Field(None, description="why int8 was asked for and not served")
     served_tta: str | None = None

@@ -63,17 +63,19 @@ def test_export_answers_any_batch_size_like_pytorch(models, tmp_path, exporter, 
         np.testing.assert_allclose(logits, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("name,tta", [("seed-baseline", "flip_translate"), ("fast", "none")])
-def test_the_parity_check_passes_the_export_and_names_a_wrong_file(models, tmp_path, name, tta):
-    """check_parity (PyTorch channels-last against onnxruntime) passes a faithful file with its
-    TTA, and a file of other weights fails it, the numbers named."""
+def test_the_parity_check_passes_the_export_and_names_a_wrong_file(models, tmp_path, name, tta,
+                                                                   channels_last):
+    """check_parity (PyTorch in the run's layout against onnxruntime) passes a faithful file
+    with its TTA, and a file of other weights fails it, the numbers named."""
     from cifarlab.export import ParityError, check_parity, require_parity
 
     model = models[name]
     images = torch.randint(0, 256, (600, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(2))
     good = export_onnx(model, tmp_path / "good.onnx", tta=tta)
-    report = check_parity(model, good, images, tta=tta)
+    report = check_parity(model, good, images, tta=tta, channels_last=channels_last)
     assert report.images == 600 and report.passed, report
     require_parity(report)
     assert next(model.parameters()).is_contiguous()  # the model itself is left as it was
@@ -82,7 +84,7 @@ def test_the_parity_check_passes_the_export_and_names_a_wrong_file(models, tmp_p
         for p in other.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
     wrong = export_onnx(other, tmp_path / "wrong.onnx", tta=tta)
-    report = check_parity(model, wrong, images, tta=tta)
+    report = check_parity(model, wrong, images, tta=tta, channels_last=channels_last)
     assert not report.passed and report.max_abs_diff > 1e-2
     with pytest.raises(ParityError, match="differs from PyTorch on 600 images"):
         require_parity(report)

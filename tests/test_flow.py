@@ -291,6 +291,9 @@ def test_a_sweep_registers_nothing_trained_on_other_data(data, synthetic_cifar, 
         register_on("0123456789abcdef")
     with pytest.raises(MlflowException):
         client.get_registered_model(REGISTERED_MODEL)
+    register_on(run.data.tags["data_fingerprint"])  # its own data: judged and registered
+    (version,) = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    assert version.run_id == run.info.run_id
 
 
 def test_broken_export_fails_the_run_and_registers_nothing(data, tmp_path, monkeypatch):

@@ -402,8 +402,14 @@ def test_model_card_is_served_and_answers_point_at_it(served):
     # Why int8 would or would not be served here: the twin's verdict and the CPU it was judged on.
     from cifarlab.cpu import has_int8_dot_product
 
-    assert isinstance(body["int8_servable"], bool)
+    from flows.publish import model_store
+    from serving.schemas import ModelCard
+
+    meta = model_store(served.home).get("cifar10-classifier:latest").info.metadata
+    assert body["int8_servable"] is meta["int8_servable"] and isinstance(meta["int8_servable"], bool)
     assert body["int8_judged_with_dot_product"] is has_int8_dot_product()
+    assert set(body) <= set(ModelCard.model_fields), set(body) - set(ModelCard.model_fields)
+    ModelCard.model_validate(body)  # the documented schema (/docs.json) says what is sent
     card = body["model_card_markdown"]
     assert "Intended use and limits" in card and "out of domain" in card
     answer = served.classify(_png(served.images[0].permute(1, 2, 0).numpy())).json()["model"]
