@@ -442,6 +442,24 @@ def _one_bit_png(side: int = 6000) -> bytes:
     return buf.getvalue()
 
 
+def _until_in_progress(url: str, endpoint: str, n: int, timeout_s: float = 30.0) -> None:
+    """Wait until the server counts `n` requests to `endpoint` in progress (BentoML's
+    `request_in_progress` gauge at /metrics)."""
+    import re
+    import time
+
+    pattern = re.compile(r'request_in_progress\{[^}]*endpoint="' + re.escape(endpoint)
+                         + r'"[^}]*\} (\d+(?:\.\d+)?)')
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = requests.get(url + "/metrics", timeout=10).text
+        if sum(float(v) for v in pattern.findall(text)) >= n:
+            return
+        assert time.monotonic() < deadline, f"not {n} requests to {endpoint} in progress: " + (
+            "\n".join(line for line in text.splitlines() if "in_progress" in line) or text[:500])
+        time.sleep(0.05)
+
+
 def test_heavy_small_files_do_not_stall_other_clients(served, tmp_path):
     """On a one-worker server (so the ordinary client cannot dodge to an idle worker), two
     batches of twelve 36-megapixel 1-bit PNGs (11 KB each) decode while an ordinary client
@@ -457,7 +475,7 @@ def test_heavy_small_files_do_not_stall_other_clients(served, tmp_path):
             concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         batches = [pool.submit(requests.post, url + "/classify_batch", files=files, timeout=120)
                    for _ in range(2)]
-        time.sleep(1.0)  # both batches are decoding now
+        _until_in_progress(url, "/classify_batch", 2)  # both batches are being decoded now
         waits = []
         for _ in range(3):
             started = time.perf_counter()
