@@ -229,11 +229,16 @@ class EvalInputs:
     test: np.ndarray
 
 
+def split_inputs(data: Cifar10, split: Split) -> EvalInputs:
+    """The split's validation images and the test set, normalised (float32, 123 MB per 10,000
+    images, held while they are in use, against 12 MB per 1,000-image batch when each file
+    normalises its own)."""
+    return EvalInputs(model_input(data.train_images[split.val_idx]), model_input(data.test_images))
+
+
 def eval_inputs(run: TrainedRun) -> EvalInputs:
-    """The run's validation and test images, normalised (float32, 123 MB per 10,000 images,
-    held while they are in use, against 12 MB per 1,000-image batch when each file normalises
-    its own)."""
-    return EvalInputs(model_input(run.val_images), model_input(run.data.data.test_images))
+    """`split_inputs` of a trained run's data and split."""
+    return split_inputs(run.data.data, run.split)
 
 
 def evaluate_run(run: TrainedRun, exported: Exported,

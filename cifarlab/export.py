@@ -128,7 +128,7 @@ class ParityReport:
         return {**asdict(self), "passed": self.passed}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def check_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor,
                  atol: float = PARITY_ATOL, batch_size: int = 500, tta: str = "none",
                  channels_last: bool = True) -> ParityReport:
@@ -143,8 +143,7 @@ def check_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor,
     max_diff, agree = 0.0, 0
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size], torch.device("cpu"))
-        with torch.inference_mode():
-            expected = cpu_model(x.contiguous(memory_format=layout)).numpy()
+        expected = cpu_model(x.contiguous(memory_format=layout)).numpy()
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
         max_diff = max(max_diff, float(np.abs(expected - got).max()))
         agree += int((expected.argmax(1) == got.argmax(1)).sum())

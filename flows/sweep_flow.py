@@ -185,8 +185,8 @@ def _build_int8_twin(store: tracking.Store, run: Any, onnx_path: Path, data: Any
     (rebuilt from its params and checked against its split hash), logged to the run and
     judged on this host's CPU; its version tags (none, with a warning, where the split cannot
     be rebuilt from `data`)."""
-    from cifarlab.experiment import EvalInputs
-    from cifarlab.export import evaluate_onnx, model_input
+    from cifarlab.experiment import split_inputs
+    from cifarlab.export import evaluate_onnx
     from flows.champion import SplitUnknown, run_split
     from flows.train_flow import int8_twin, int8_version_tags
 
@@ -195,8 +195,7 @@ def _build_int8_twin(store: tracking.Store, run: Any, onnx_path: Path, data: Any
     except SplitUnknown as exc:
         get_run_logger().warning("no int8 twin for run %s: %s", run.info.run_id, exc)
         return {}
-    inputs = EvalInputs(model_input(data.train_images[split.val_idx]),
-                        model_input(data.test_images))
+    inputs = split_inputs(data, split)
     fp32_val = evaluate_onnx(onnx_path, inputs.val, data.train_labels[split.val_idx])
     # (both files timed here, on the host that judges the twin)
     return int8_version_tags(int8_twin(onnx_path, fp32_val, data, split,

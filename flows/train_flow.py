@@ -238,12 +238,10 @@ def int8_twin(onnx_path: Path, fp32_val: Any, data: Any, split: Any, out_path: P
     timed beside it (`fp32_val`: the file's own validation result), logged to MLflow run
     `run_id` as `int8/model_int8.onnx` with its figures; None (with a warning) if onnxruntime
     cannot quantise this graph: the fp32 model is what counts."""
-    from cifarlab.experiment import EvalInputs
-    from cifarlab.export import model_input
+    from cifarlab.experiment import split_inputs
     from cifarlab.quantize import MAX_DROP, build_int8, calibration_set
 
-    inputs = inputs or EvalInputs(model_input(data.train_images[split.val_idx]),
-                                  model_input(data.test_images))
+    inputs = inputs or split_inputs(data, split)
     try:
         report = build_int8(onnx_path, fp32_val, calibration_set(data.train_images, split.train_idx),
                             inputs.val, data.train_labels[split.val_idx], inputs.test,
