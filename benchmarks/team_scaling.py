@@ -69,8 +69,8 @@ def run_sweep(stack: TeamStack, client, lrs: list[float], data: dict, epochs: in
         f"data={json.dumps(data)}", f'train={json.dumps({"epochs": epochs})}',
         f"max_parallel={parallel}", "retries=0", "min_shared_images=100"], timeout=None)
     wall = time.perf_counter() - t0
-    if result.returncode != 0:
-        raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    if not result.ok:
+        raise RuntimeError(result.log_text())
     exp = client.get_experiment_by_name("train-cifar")
     parent = client.search_runs([exp.experiment_id], "tags.sweep_role = 'parent'",
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]

@@ -36,12 +36,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flows import forkserver
 from flows.processes import (Services, StackError, _exe, handle_stop_signals,
                              signals_deferred, wait_for_signal, wait_http)
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 POOL = "gpu"  # train-cifar runs; one worker per GPU host
@@ -69,13 +74,14 @@ def default_gpus() -> int:
     return 1
 
 
-def zombie_automation(after_s: int) -> dict:
+def zombie_automation(after_s: int, description: str | None = None) -> dict:
     """A Prefect automation: a flow run that sent heartbeats and then fell silent for `after_s`
     seconds without ending (its host lost power, its container was evicted) becomes Crashed.
     The reaper (`python -m flows.stack reap`) then fails its MLflow run."""
     return {
         "name": ZOMBIE_AUTOMATION,
-        "description": f"Crash flow runs with no heartbeat for {after_s} s (flows/stack.py)",
+        "description": description or
+        f"Crash flow runs with no heartbeat for {after_s} s (flows/stack.py)",
         "enabled": True,
         "trigger": {
             "type": "event", "posture": "Proactive", "threshold": 1, "within": after_s,
@@ -97,8 +103,10 @@ class LocalStack:
 
     def __init__(self, root: Path = PROJECT_ROOT, port: int = 4200, pool: str = POOL,
                  prefect_home: Path | None = None, extra_env: dict[str, str] | None = None,
-                 gpus: int | None = None):
+                 gpus: int | None = None, prefect_file: Path | None = None):
         self.root = Path(root).resolve()
+        # The deployments: prefect.yaml of this checkout (their entrypoints are relative to it).
+        self.prefect_file = Path(prefect_file or PROJECT_ROOT / "prefect.yaml").resolve()
         self.port = port
         self.pool = pool
         self.gpus = gpus or default_gpus()
@@ -158,23 +166,65 @@ class LocalStack:
             **(env or {})})
         self.wait_healthy()
 
+    @contextlib.contextmanager
+    def client(self) -> Iterator[SyncPrefectClient]:
+        """Prefect's own Python client, pointed at this stack's server (and its auth string)."""
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+        settings: dict = {PREFECT_API_URL: self.api_url}
+        if self.env.get("PREFECT_API_AUTH_STRING"):
+            settings[PREFECT_API_AUTH_STRING] = self.env["PREFECT_API_AUTH_STRING"]
+        with temporary_settings(updates=settings), get_client(sync_client=True) as client:
+            yield client
+
     def setup_pools(self) -> None:
         """The two work pools, every deployment of prefect.yaml and the automation that ends
-        flow runs whose host went silent."""
-        for pool in (self.pool, CONTROL_POOL):
-            if self.cli("work-pool", "inspect", pool, check=False).returncode != 0:
-                self.cli("work-pool", "create", pool, "--type", "process")
-        self.cli("deploy", "--all", "--no-prompt")
-        want = zombie_automation(int(self.env.get("CIFAR_ZOMBIE_AFTER_S", ZOMBIE_AFTER_SECONDS)))
-        found = self.cli("automation", "inspect", ZOMBIE_AUTOMATION, "--output", "json",
-                         check=False)
-        if found.returncode != 0:
-            self.cli("automation", "create", "--from-json", json.dumps(want))
-            return
-        have = json.loads(found.stdout)
-        have = have[0] if isinstance(have, list) else have
-        if float(have["trigger"]["within"]) != want["trigger"]["within"]:  # setting changed
-            self.cli("automation", "update", "--id", have["id"], "--from-json", json.dumps(want))
+        flow runs whose host went silent; each left as it is when it is already right."""
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.exceptions import ObjectNotFound
+        from prefect.workers.process import ProcessWorker
+
+        with self.client() as client:
+            for pool in (self.pool, CONTROL_POOL):
+                try:
+                    client.read_work_pool(pool)
+                except ObjectNotFound:
+                    client.create_work_pool(WorkPoolCreate(
+                        name=pool, type="process",
+                        base_job_template=ProcessWorker.get_default_base_job_template()))
+
+    def deploy(self) -> None:
+        """`prefect deploy --all` from prefect.yaml (Prefect's own reading of the file)."""
+        result = self.cli("deploy", "--all", "--no-prompt", "--prefect-file",
+                          str(self.prefect_file), check=False, timeout=300)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / "deploy.log"
+        log.write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            lines = [ln.strip() for ln in (result.stdout + result.stderr).splitlines() if ln.strip()]
+            raise StackError(f"prefect deploy --all --prefect-file {self.prefect_file} exited "
+                             f"with {result.returncode}: {lines[-1] if lines else 'no output'} "
+                             f"(see {log})")
+
+    def ensure_automation(self) -> None:
+        """Create the zombie automation, or update it where it differs from what we want."""
+        from prefect.events.schemas.automations import AutomationCore
+
+        want = AutomationCore.model_validate(zombie_automation(
+            int(self.env.get("CIFAR_ZOMBIE_AFTER_S", ZOMBIE_AFTER_SECONDS)),
+            self.env.get("CIFAR_ZOMBIE_DESCRIPTION")))
+        with self.client() as client:
+            found = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+            if not found:
+                client.create_automation(want)
+                return
+            for extra in found[1:]:  # one of a name: duplicates from an older stack go
+                client.delete_automation(extra.id)
+            have = AutomationCore.model_validate(found[0].model_dump(
+                include=set(AutomationCore.model_fields)))
+            if have.model_dump(mode="json") != want.model_dump(mode="json"):
+                client.update_automation(found[0].id, want)
 
     def start_forkserver(self) -> None:
         """The process that starts this host's flow runs warm (flows/forkserver.py); started
@@ -192,14 +242,34 @@ class LocalStack:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def start_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        """What starting the stack does, step by step, each with the name a failure gives."""
+        return [
+            ("fork server", self.start_forkserver),
+            ("Prefect server", self.start_prefect_server),
+            ("work pools", self.setup_pools),
+            ("deployments", self.deploy),
+            ("automation", self.ensure_automation),
+            ("GPU worker", lambda: self.start_worker("worker", self.pool, self.gpus)),
+            ("control worker", lambda: self.start_worker("control", CONTROL_POOL, 8)),
+        ]
+
     def start(self) -> None:
         """Server, pools, deployments, the GPU worker (one run per device) and the control
-        worker (sweeps)."""
-        self.start_forkserver()
-        self.start_prefect_server()
-        self.setup_pools()
-        self.start_worker("worker", self.pool, self.gpus)
-        self.start_worker("control", CONTROL_POOL, 8)
+        worker (sweeps). A step that fails stops whatever the earlier ones started and raises
+        StackError naming the step."""
+        step = "start"
+        try:
+            for step, action in self.start_steps():
+                action()
+        except Exception as exc:
+            self.stop()
+            detail = str(exc) if isinstance(exc, StackError) else f"{type(exc).__name__}: {exc}"
+            raise StackError(f"stack start failed at step '{step}': {detail}; every process "
+                             "it had started is stopped") from exc
+        except BaseException:  # Ctrl-C or SIGTERM while starting: nothing stays behind
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Workers first (they cancel their flow runs), then the servers."""
@@ -207,9 +277,10 @@ class LocalStack:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[LocalStack]:
-        """Start the stack for the duration of a `with` block."""
+        """Start the stack for the duration of a `with` block (a start that fails has stopped
+        what it started already)."""
+        self.start()
         try:
-            self.start()
             yield self
         finally:
             self.stop()
@@ -229,60 +300,132 @@ class LocalStack:
         with urllib.request.urlopen(request, timeout=30) as resp:
             return json.load(resp)
 
+    def start_deployment(self, deployment: str, params: Sequence[str] = ()) -> str:
+        """Create a flow run of a deployment (params as KEY=VALUE, JSON values, as `prefect
+        deployment run --param` takes them); returns its id. A bare deployment name means a
+        `train-cifar` one. Unknown parameters and values the flow refuses raise StackError."""
+        from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+        name = deployment if "/" in deployment else f"train-cifar/{deployment}"
+        parameters = parse_params(params)
+        with self.client() as client:
+            try:
+                found = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                raise StackError(f"no deployment {name!r} on {self.api_url} (prefect.yaml "
+                                 "declares the deployments)") from None
+            known = set((found.parameter_openapi_schema or {}).get("properties", {}))
+            unknown = sorted(set(parameters) - known)
+            if unknown:
+                raise StackError(f"{name} has no parameter {', '.join(map(repr, unknown))}; "
+                                 f"it takes {', '.join(sorted(known)) or 'none'}")
+            try:
+                flow_run = client.create_flow_run_from_deployment(found.id, parameters=parameters)
+            except PrefectHTTPStatusError as exc:
+                raise StackError(f"{name}: {_http_detail(exc)}") from None
+        return str(flow_run.id)
+
+    def flow_run_state(self, flow_run_id: str) -> str:
+        """The state's name of a flow run (Completed, Failed, Running, ...)."""
+        with self.client() as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state.name if state is not None else "Pending"
+
+    def flow_run_logs(self, flow_run_id: str, offset: int = 0, limit: int = 200) -> list[Any]:
+        """A flow run's log records (its tasks' included), oldest first, from `offset`."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+
+        with self.client() as client:
+            return client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    sort=LogSort.TIMESTAMP_ASC, offset=offset, limit=limit)
+
     def follow_deployment(self, deployment: str, params: Sequence[str] = (),
                           out=sys.stdout, poll_s: float = 1.0) -> str:
         """Start a deployment run and print its log lines (epochs, time left, the closing
         summary) as they arrive, until it ends; returns its final state's name."""
-        import re
-
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-        from prefect.client.schemas.sorting import LogSort
-        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
         name = deployment if "/" in deployment else f"train-cifar/{deployment}"
-        args = ["deployment", "run", name]
-        for p in params:
-            args += ["--param", p]
-        started = self.cli(*args).stdout
-        match = re.search(r"UUID:\s*([0-9a-f-]{36})", started)
-        if match is None:
-            raise StackError(f"prefect deployment run printed no flow run id:\n{started}")
-        flow_run_id = match.group(1)
+        flow_run_id = self.start_deployment(deployment, params)
         print(f"flow run {flow_run_id} of {name}: Prefect UI "
               f"{self.api_url.removesuffix('/api')}/runs/flow-run/{flow_run_id}", file=out,
               flush=True)
-        settings = {PREFECT_API_URL: self.api_url}
-        if self.env.get("PREFECT_API_AUTH_STRING"):
-            settings[PREFECT_API_AUTH_STRING] = self.env["PREFECT_API_AUTH_STRING"]
         seen, quiet_polls = 0, 0
-        with temporary_settings(updates=settings), get_client(sync_client=True) as client:
-            while True:
-                state = client.read_flow_run(flow_run_id).state
-                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(
-                    any_=[flow_run_id])), sort=LogSort.TIMESTAMP_ASC, offset=seen, limit=200)
-                for log in logs:
-                    print(f"{log.timestamp:%H:%M:%S} {log.message}", file=out, flush=True)
-                seen += len(logs)
-                if state is not None and state.is_final() and not logs:
-                    if quiet_polls >= 2:  # the last lines are shipped a moment after the end
-                        print(f"flow run {flow_run_id}: {state.name}", file=out, flush=True)
-                        return state.name
-                    quiet_polls += 1
-                else:
-                    quiet_polls = 0
-                if not logs:
-                    time.sleep(poll_s)
+        while True:
+            state = self.flow_run_state(flow_run_id)
+            logs = self.flow_run_logs(flow_run_id, offset=seen)
+            for log in logs:
+                print(f"{log.timestamp:%H:%M:%S} {log.message}", file=out, flush=True)
+            seen += len(logs)
+            if state in FINAL_STATES and not logs:
+                if quiet_polls >= 2:  # the last lines are shipped a moment after the end
+                    print(f"flow run {flow_run_id}: {state}", file=out, flush=True)
+                    return state
+                quiet_polls += 1
+            else:
+                quiet_polls = 0
+            if not logs:
+                time.sleep(poll_s)
 
     def run_deployment(self, deployment: str, params: Sequence[str] = (),
-                       timeout: float | None = 3600) -> subprocess.CompletedProcess:
-        """`prefect deployment run <flow>/<deployment> --watch` (params as key=value); a bare
-        deployment name means a `train-cifar` one."""
-        name = deployment if "/" in deployment else f"train-cifar/{deployment}"
-        args = ["deployment", "run", name, "--watch"]
-        for p in params:
-            args += ["--param", p]
-        return self.cli(*args, check=False, timeout=timeout)
+                       timeout: float | None = 3600) -> DeploymentRun:
+        """Start a deployment run and wait for its final state (params as KEY=VALUE); a bare
+        deployment name means a `train-cifar` one. Raises TimeoutError after `timeout` s."""
+        flow_run_id = self.start_deployment(deployment, params)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (state := self.flow_run_state(flow_run_id)) not in FINAL_STATES:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {flow_run_id} of {deployment} still {state} "
+                                   f"after {timeout:.0f} s")
+            time.sleep(0.5)
+        return DeploymentRun(flow_run_id, state, self)
+
+
+# The names of the states a flow run ends in (StateType's final ones, as their names say them).
+FINAL_STATES = frozenset({"Completed", "Failed", "Crashed", "Cancelled"})
+
+
+@dataclass(frozen=True)
+class DeploymentRun:
+    """A flow run of a deployment that has ended: its id and final state's name."""
+
+    flow_run_id: str
+    state: str
+    stack: LocalStack
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "Completed"
+
+    def log_text(self, last: int = 60) -> str:
+        """Its last `last` log lines, for a failure's message."""
+        lines = [f"{r.timestamp:%H:%M:%S} {r.level} {r.message}"
+                 for r in self.stack.flow_run_logs(self.flow_run_id, limit=10_000)]
+        return f"flow run {self.flow_run_id}: {self.state}\n" + "\n".join(lines[-last:])
+
+
+def parse_params(params: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE strings as `prefect deployment run --param` reads them: the value as JSON,
+    else as a plain string when it holds no quote; otherwise an error naming it."""
+    out: dict[str, Any] = {}
+    for spec in params:
+        key, sep, value = spec.partition("=")
+        if not sep or not key:
+            raise StackError(f"parameter {spec!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            if '"' in value:
+                raise StackError(f"parameter {key}: {value!r} is not valid JSON") from None
+            out[key] = value
+    return out
+
+
+def _http_detail(exc: Exception) -> str:
+    """The server's `detail` of an HTTP error, else the error itself."""
+    try:
+        return str(exc.response.json().get("detail") or exc)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - no JSON body: the error's own text
+        return str(exc)
 
 
 def tracking_host() -> str:
@@ -326,7 +469,8 @@ class TeamStack(LocalStack):
     def __init__(self, root: Path = PROJECT_ROOT, *, bind: str = "127.0.0.1",
                  advertise: str | None = None, prefect_port: int = 4200, mlflow_port: int = 5000,
                  pg_port: int = 5433, database_url: str | None = None, local_gpu_worker: bool = False,
-                 extra_env: dict[str, str] | None = None, folder: Path | None = None):
+                 extra_env: dict[str, str] | None = None, folder: Path | None = None,
+                 prefect_file: Path | None = None):
         self.folder = Path(folder or Path(root).resolve() / ".team")
         self.bind = bind
         host = advertise or (bind if bind not in ("0.0.0.0", "::") else socket.getfqdn())
@@ -343,6 +487,7 @@ class TeamStack(LocalStack):
             "MLFLOW_TRACKING_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
         }
         super().__init__(root, port=prefect_port, prefect_home=self.folder / "prefect",
+                         prefect_file=prefect_file,
                          extra_env={**self.join,
                                     # the control worker's sweeps leave serving to serving hosts
                                     "CIFAR_PUBLISH_BENTOML": "false", **(extra_env or {})})
@@ -404,29 +549,40 @@ class TeamStack(LocalStack):
         wait_http(f"http://127.0.0.1:{self.mlflow_port}/health", 120, self.procs["mlflow"],
                   self.logs / "mlflow.log")
 
-    def start(self) -> None:
+    def start_prefect_on_database(self) -> None:
         from flows.postgres import DATABASES
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.start_forkserver()
-        self.db = db = self._database()
         self.start_prefect_server(self.bind, env={
-            "PREFECT_SERVER_DATABASE_CONNECTION_URL": db.url(DATABASES["prefect"], "asyncpg"),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.db.url(DATABASES["prefect"], "asyncpg"),
             "PREFECT_SERVER_API_AUTH_STRING": self.join["PREFECT_API_AUTH_STRING"],
             "PREFECT_SERVER_API_HOST": self.bind})
-        self.start_mlflow_server(db)
-        self.setup_pools()
+
+    def write_join_file(self) -> None:
         write_private(self.join_file, self.join,
                       "# join file of a cifar10-mlops team stack: give it to worker and serving "
                       "hosts over a safe channel\n")
-        self.start_worker("control", CONTROL_POOL, 8)
-        if self.local_gpu_worker:
-            self.start_worker("worker", self.pool, self.gpus)
+
+    def start_reaper(self) -> None:
         # Fails the MLflow runs of flow runs that ended without them (a host that never came
         # back: the automation crashed its flow run), so none stays RUNNING for ever.
         self.services.spawn("reaper", [sys.executable, "-m", "flows.stack", "reap", "--every",
                                        str(REAP_EVERY_SECONDS), "--root", str(self.root)],
                             essential=False)  # (it survives server errors; see its log)
+
+    def start_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        def database() -> None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.db = self._database()
+
+        steps = [("fork server", self.start_forkserver), ("PostgreSQL", database),
+                 ("Prefect server", self.start_prefect_on_database),
+                 ("MLflow server", lambda: self.start_mlflow_server(self.db)),
+                 ("work pools", self.setup_pools), ("deployments", self.deploy),
+                 ("automation", self.ensure_automation), ("join file", self.write_join_file),
+                 ("control worker", lambda: self.start_worker("control", CONTROL_POOL, 8))]
+        if self.local_gpu_worker:
+            steps.append(("GPU worker", lambda: self.start_worker("worker", self.pool, self.gpus)))
+        return [*steps, ("reaper", self.start_reaper)]
 
     def stop(self) -> None:
         with signals_deferred():
@@ -565,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
                              "first visible GPU: one worker per GPU with CUDA_VISIBLE_DEVICES)")
     worker.add_argument("--serving-host", action="store_true",
                         help="also copy each new champion into this host's BentoML store")
+    for p in (up, run, team):
+        p.add_argument("--prefect-file", type=Path, default=None,
+                       help="the deployments' prefect.yaml (default: this checkout's)")
     for p in (up, run, team, worker, reaper):
         p.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)),
                        help="Prefect server port (up, run, team)")
@@ -587,9 +746,10 @@ def main(argv: list[str] | None = None) -> int:
             stack: LocalStack = TeamStack(args.root, bind=args.bind, advertise=args.advertise,
                                           prefect_port=args.port, mlflow_port=args.mlflow_port,
                                           pg_port=args.pg_port, database_url=args.database_url,
-                                          local_gpu_worker=args.with_worker)
+                                          local_gpu_worker=args.with_worker,
+                                          prefect_file=args.prefect_file)
         else:
-            stack = LocalStack(root=args.root, port=args.port)
+            stack = LocalStack(root=args.root, port=args.port, prefect_file=args.prefect_file)
         return _run_stack(stack, args)
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -108,3 +108,55 @@ def test_signals_are_ignored_while_stopping():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_start_that_fails_at_a_step_stops_what_the_earlier_steps_started(tmp_path):
+    """LocalStack.start: the step that fails is named, and what earlier steps started is
+    stopped before the error reaches the caller (no server needed: the steps are replaced)."""
+    import pytest
+
+    from flows.processes import StackError
+    from flows.stack import LocalStack
+
+    stack = LocalStack(root=tmp_path, prefect_home=tmp_path / "home")
+    started = []
+
+    def server() -> None:
+        started.append(stack.services.spawn("server", [sys.executable, "-c",
+                                                       "import time; time.sleep(600)"]))
+
+    def pools() -> None:
+        raise ValueError("Invalid control character at: line 4 column 65")
+
+    stack.start_steps = lambda: [("Prefect server", server), ("work pools", pools),
+                                 ("never reached", lambda: started.append("no"))]
+    with pytest.raises(StackError, match=r"step 'work pools': ValueError: Invalid control"):
+        stack.start()
+    (proc,) = started
+    assert proc.poll() is not None and stack.procs == {}
+
+
+def test_deployment_parameters_are_read_as_prefect_reads_them():
+    """KEY=VALUE with JSON values, else plain strings, as `prefect deployment run --param`."""
+    import pytest
+
+    from flows.processes import StackError
+    from flows.stack import parse_params
+
+    assert parse_params(["preset=seed-baseline", 'train={"epochs": 2}', "seeds=3",
+                         "x=a b", "flag=true"]) == {
+        "preset": "seed-baseline", "train": {"epochs": 2}, "seeds": 3, "x": "a b", "flag": True}
+    with pytest.raises(StackError, match="parameter 'seeds'"):
+        parse_params(["seeds"])
+    with pytest.raises(StackError, match=r"parameter train: .* is not valid JSON"):
+        parse_params(['train={"epochs": 2'])
+
+
+def test_the_zombie_automation_is_a_valid_prefect_automation_with_a_long_description():
+    from prefect.events.schemas.automations import AutomationCore
+
+    from flows.stack import zombie_automation
+
+    text = "x" * 200
+    automation = AutomationCore.model_validate(zombie_automation(90, text))
+    assert automation.description == text and automation.trigger.within.total_seconds() == 90

@@ -35,14 +35,29 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+# Longer than the 80 columns a CLI without a terminal wraps its output at (a second start once
+# failed on such a description, split by a raw newline in what `prefect automation inspect` printed).
+LONG_DESCRIPTION = ("Crash flow runs whose host stopped sending heartbeats: a description much "
+                    "longer than eighty columns, on purpose, {n}")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    """The local stack, started, stopped and started again in the same folder (as a user's
+    second `make run` does); every test of this module runs through the second start."""
     root = tmp_path_factory.mktemp("stack-root")
     home = root / ".prefect-home"
-    s = LocalStack(root=root, port=free_port(), prefect_home=home,
-                   extra_env={"PREFECT_UI_ENABLED": "false",
-                              "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"})
-    with s.running():
+    port = free_port()
+
+    def make(n: int) -> LocalStack:
+        return LocalStack(root=root, port=port, prefect_home=home, extra_env={
+            "PREFECT_UI_ENABLED": "false", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+            "CIFAR_ZOMBIE_DESCRIPTION": LONG_DESCRIPTION.format(n=n)})
+
+    with make(1).running():
+        pass
+    assert _processes_with(str(home)) == [], "the first stack left processes behind"
+    with make(2).running() as s:
         yield s
     deadline = time.monotonic() + 10
     while _processes_with(str(home)) and time.monotonic() < deadline:
@@ -81,10 +96,14 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     assert "validation" in text and "MLflow run: http://127.0.0.1:5000/#/experiments/" in text
     assert "is champion" in text and "serve it: make serve" in text, text
     # Two pools: training on `gpu`, sweeps on `control`.
-    pools = {p["name"] for p in json.loads(stack.cli("work-pool", "ls", "--output", "json").stdout)}
+    with stack.client() as prefect:
+        pools = {p.name for p in prefect.read_work_pools()}
+        # Flow runs whose host falls silent are crashed by an automation (flows/stack.py).
+        (automation,) = prefect.read_automations_by_name(ZOMBIE_AUTOMATION)
     assert {"gpu", "control"} <= pools
-    # Flow runs whose host falls silent are crashed by an automation (flows/stack.py).
-    assert stack.cli("automation", "inspect", ZOMBIE_AUTOMATION, check=False).returncode == 0
+    # The second start found the first's automation and brought its description up to date.
+    assert automation.description == LONG_DESCRIPTION.format(n=2)
+    assert automation.trigger.within.total_seconds() == 300
 
     client = _client(stack.root)
     exp = client.get_experiment_by_name("train-cifar")
@@ -141,9 +160,7 @@ def _flow_run_state(stack: LocalStack, flow_run_id: str) -> str:
 
 def test_killed_training_is_resumed_by_the_next_run(stack, params):
     run_params = [*params, 'train={"epochs": 25, "seed": 7}']
-    started = stack.cli("deployment", "run", "train-cifar/seed-baseline",
-                        *sum((["--param", p] for p in run_params), []))
-    assert started.returncode == 0
+    stack.start_deployment("seed-baseline", run_params)
 
     # Wait for the first epoch's checkpoint, then kill the flow-run process outright.
     deadline = time.monotonic() + 240
@@ -175,7 +192,7 @@ def test_killed_training_is_resumed_by_the_next_run(stack, params):
         time.sleep(0.5)
     assert _flow_run_state(stack, flow_run_id) in ("CRASHED", "FAILED")
     result = stack.run_deployment("seed-baseline", run_params, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.ok, result.log_text()
     runs = [r for r in client.search_runs([exp.experiment_id])
             if r.data.params.get("train.seed") == "7"]
     (resumed,) = runs  # resumed, not duplicated
@@ -206,7 +223,7 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
         "max_parallel=2",
     ]
     result = stack.run_deployment("sweep-cifar/default", params, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.ok, result.log_text()
 
     exp = client.get_experiment_by_name("train-cifar")
     (parent,) = client.search_runs([exp.experiment_id], "tags.sweep_role = 'parent'")
@@ -238,10 +255,16 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     assert bad["seeds_ok"] == "0" and bad["seeds_failed"] == "2"
     assert "exceeds the 300 training images" in bad["errors"]
     # The failed point was retried: two attempts of each of its two seeds.
-    flow_runs = json.loads(stack.cli("flow-run", "ls", "--flow-name", "train-cifar",
-                                     "--state-type", "FAILED", "--limit", "50",
-                                     "--output", "json", check=False).stdout or "[]")
-    assert sum("train_size\": 1000" in json.dumps(f.get("parameters", {})) for f in flow_runs) == 4
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    with stack.client() as prefect:
+        flow_runs = prefect.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["train-cifar"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.FAILED]))), limit=50)
+    assert sum('"train_size": 1000' in json.dumps(f.parameters) for f in flow_runs) == 4
     # The best point went through the champion rule.
     assert parent.data.tags["best_point"] == "data.train_size=240"
     candidate = parent.data.tags["candidate_run_id"]
@@ -302,3 +325,29 @@ def test_sigterm_to_a_stack_run_leaves_nothing_behind(tmp_path, synthetic_cifar)
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM and "the stack is down" in rest, rest
     assert _processes_with(str(root)) == [], "the stack left processes behind"
+
+
+def test_a_start_that_fails_half_way_stops_what_it_started(tmp_path):
+    """`python -m flows.stack up` whose deploy step fails (an entrypoint that does not exist)
+    exits non-zero naming the step, after the Prefect server and the fork server had started:
+    no process of its root is left and its port is free again."""
+    import socket
+    import subprocess
+    import sys
+
+    project = Path(__file__).resolve().parents[1]
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text((project / "prefect.yaml").read_text().replace(
+        "flows/train_flow.py:train_cifar", "flows/no_such_flow.py:train_cifar", 1))
+    root, port = tmp_path / "root", free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.stack", "up", "--root", str(root), "--port", str(port),
+         "--prefect-file", str(bad)], capture_output=True, text=True, timeout=300,
+        cwd=project, env={**os.environ, "PREFECT_UI_ENABLED": "false"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "step 'deployments'" in error and "no_such_flow.py" in done.stderr, done.stderr
+    assert (root / ".prefect" / "logs" / "server.log").is_file()  # the server had started
+    assert _processes_with(str(root)) == [], "the failed start left processes behind"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", port))  # nobody listens there any more

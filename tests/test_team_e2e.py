@@ -102,6 +102,22 @@ class Host:
                 self.kill()
 
 
+def _processes_of(folder: Path) -> list[int]:
+    """PIDs whose environment or command line names `folder` (a stack's own processes)."""
+    import psutil
+
+    marker, found = str(folder), []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if marker in " ".join(proc.cmdline()) or marker in str(proc.environ()):
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
 def _descendants(pid: int) -> list[int]:
     import psutil
 
@@ -117,11 +133,23 @@ def team(tmp_path_factory):
     server_data = base / "server-data" / "cifar-10-batches-py"
     sums = write_synthetic_cifar(server_data)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    stack = TeamStack(base / "server", prefect_port=free_port(), mlflow_port=free_port(),
-                      pg_port=free_port(), extra_env={"PREFECT_UI_ENABLED": "false",
-                                                      "CIFAR10_SOURCE": str(server_data),
-                                                      # 3 heartbeats (30 s) missed, not 10
-                                                      "CIFAR_ZOMBIE_AFTER_S": "90"})
+    ports = {"prefect_port": free_port(), "mlflow_port": free_port(), "pg_port": free_port()}
+
+    def make() -> TeamStack:
+        return TeamStack(base / "server", **ports, extra_env={
+            "PREFECT_UI_ENABLED": "false", "CIFAR10_SOURCE": str(server_data),
+            # 3 heartbeats (30 s) missed, not 10
+            "CIFAR_ZOMBIE_AFTER_S": "90"})
+
+    # Started, stopped and started again in the same folder (its database, secrets and
+    # automation already there), as a team's second `make team-stack` does: every test of this
+    # module runs through the second start.
+    first = make()
+    with first.running():
+        pass
+    assert _processes_of(base / "server") == [], "the first team stack left processes behind"
+    stack = make()
+    assert stack.secrets == first.secrets
     hosts = []
     try:
         stack.start()
@@ -158,7 +186,7 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
         "preset=seed-baseline", 'grid={"train.lr": [0.0004, 0.0008, 0.0016, 0.0032]}', "seeds=1",
         f"data={json.dumps(data)}", 'train={"epochs": 1}', "max_parallel=2",
         "min_shared_images=50", "retries=0"], timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.ok, result.log_text()
 
     client = _client(team)
     (parent,) = _runs(client, "tags.sweep_role = 'parent'")
@@ -261,14 +289,10 @@ LONG_TRAIN = 30  # epochs: long enough to stop a server in the middle
 
 def _start_run(team, seed: int) -> str:
     """Start train-cifar/seed-baseline (no waiting); returns the flow run id."""
-    import re
-
     data = {"checksums": team["sums"], "train_size": 240, "val_size": 60}
-    args = ["deployment", "run", "train-cifar/seed-baseline",
-            "--param", f"data={json.dumps(data)}", "--param", "min_shared_images=50",
-            "--param", json.dumps({"epochs": LONG_TRAIN, "seed": seed}).join(["train=", ""])]
-    out = team["stack"].cli(*args).stdout
-    return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+    return team["stack"].start_deployment("seed-baseline", [
+        f"data={json.dumps(data)}", "min_shared_images=50",
+        f"train={json.dumps({'epochs': LONG_TRAIN, 'seed': seed})}"])
 
 
 def _flow_state(team, flow_run_id: str) -> str:
