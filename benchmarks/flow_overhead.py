@@ -32,7 +32,7 @@ from pathlib import Path
 
 from machine_info import cpu_flags, cpu_model  # beside this script
 
-from flows import forkserver, tracking
+from flows import tracking
 from flows.processes import free_port, handle_stop_signals
 from flows.stack import LocalStack
 
@@ -70,10 +70,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--source", default=os.environ.get("CIFAR10_SOURCE", str(DEFAULT_SOURCE)))
-    parser.add_argument("--starts", nargs="+", choices=("warm", "cold"), default=["warm", "cold"],
-                        help="flow runs forked from the fork server (warm, the default) or "
-                             "started as new processes (cold, CIFAR_WARM_START=0); each in a "
-                             "stack of its own, in this order")
     parser.add_argument("--int8", choices=("champion", "always", "never"), default="champion",
                         help="train-cifar's `int8`: which runs build the int8 twin (always: as "
                              "every run did before 2026-12-06)")
@@ -82,62 +78,45 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    by_start = {}
-    for start in args.starts:
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            stack = LocalStack(root=root, port=free_port(), extra_env={
-                "CIFAR10_SOURCE": args.source, "PREFECT_UI_ENABLED": "false",
-                "CIFAR_WARM_START": "1" if start == "warm" else "0"})
-            t0 = time.perf_counter()
-            with stack.running():
-                stack_start = time.perf_counter() - t0
-                if start == "warm" and not forkserver.wait_ready(
-                        stack.warm_env[forkserver.ENV_VAR], 120):
-                    raise SystemExit(f"the fork server never got ready; see {stack.logs}")
-                deployment = (args.preset if args.preset in ("seed-baseline", "fast-gpu")
-                              else "default")
-                # Several runs: the first also pays the fresh MLflow database's migrations.
-                measured = [measure_run(stack, root, deployment, args.preset, args.epochs, seed,
-                                        args.int8) for seed in range(args.runs)]
-                tracking_cost = tracking_cost_per_epoch(root / "probe")
-        fixed = [r["fixed_cost_seconds"] for r in measured]
-        no_cli = [r["fixed_cost_without_cli_seconds"] for r in measured]
-        to_final = [r["fixed_cost_to_final_state_seconds"] for r in measured]
-        by_alias = {alias: round(statistics.median(
-            r["fixed_cost_to_final_state_seconds"] for r in measured if r["alias"] == alias), 2)
-            for alias in sorted({r["alias"] for r in measured})}
-        by_start[start] = {
-            "stack_start_seconds": round(stack_start, 2),
-            "fixed_cost_seconds_median": round(statistics.median(fixed), 2),
-            "fixed_cost_seconds_range": [min(fixed), max(fixed)],
-            "fixed_cost_without_cli_seconds_median": round(statistics.median(no_cli), 2),
-            "fixed_cost_to_final_state_seconds_median": round(statistics.median(to_final), 2),
-            "fixed_cost_to_final_state_seconds_range": [min(to_final), max(to_final)],
-            # Only a version promoted to champion gets the int8 twin (train-cifar's `int8`).
-            "fixed_cost_to_final_state_seconds_median_by_alias": by_alias,
-            "stage_medians_seconds": {key: round(statistics.median(
-                r["stages"][key] for r in measured if key in r["stages"]), 2)
-                for key in measured[0]["stages"]},
-            "runs": measured,
-            "tracking_seconds_per_epoch": tracking_cost,
-        }
-        print(f"{start}: fixed cost per run {by_start[start]['fixed_cost_seconds_median']} s "
-              f"(median of {len(fixed)}: {fixed}); to the run's final state "
-              f"{by_start[start]['fixed_cost_to_final_state_seconds_median']} s ({to_final})",
-              flush=True)
-
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        stack = LocalStack(root=root, port=free_port(), extra_env={
+            "CIFAR10_SOURCE": args.source, "PREFECT_UI_ENABLED": "false"})
+        t0 = time.perf_counter()
+        with stack.running():
+            stack_start = time.perf_counter() - t0
+            deployment = args.preset if args.preset in ("seed-baseline", "fast-gpu") else "default"
+            # The first run also pays the fresh MLflow database's migrations and writes the
+            # root's memory-mapped copy of the arrays (once per root): the median absorbs it.
+            measured = [measure_run(stack, root, deployment, args.preset, args.epochs, seed,
+                                    args.int8) for seed in range(args.runs)]
+            tracking_cost = tracking_cost_per_epoch(root / "probe")
+    fixed = [r["fixed_cost_seconds"] for r in measured]
+    to_final = [r["fixed_cost_to_final_state_seconds"] for r in measured]
+    by_alias = {alias: round(statistics.median(
+        r["fixed_cost_to_final_state_seconds"] for r in measured if r["alias"] == alias), 2)
+        for alias in sorted({r["alias"] for r in measured})}
     results = {
         "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
         "started": started, "code_version": tracking.code_version(ROOT),
         "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
         "preset": args.preset, "epochs": args.epochs, "int8": args.int8,
-        "starts": by_start,
+        "stack_start_seconds": round(stack_start, 2),
+        "fixed_cost_seconds_median": round(statistics.median(fixed), 2),
+        "fixed_cost_seconds_range": [min(fixed), max(fixed)],
+        "fixed_cost_to_final_state_seconds_median": round(statistics.median(to_final), 2),
+        "fixed_cost_to_final_state_seconds_range": [min(to_final), max(to_final)],
+        # Only a version promoted to champion gets the int8 twin (train-cifar's `int8`).
+        "fixed_cost_to_final_state_seconds_median_by_alias": by_alias,
+        "stage_medians_seconds": {key: round(statistics.median(
+            r["stages"][key] for r in measured if key in r["stages"]), 2)
+            for key in measured[0]["stages"]},
+        "runs": measured,
+        "tracking_seconds_per_epoch": tracking_cost,
     }
-    if {"warm", "cold"} <= by_start.keys():
-        results["fixed_cost_warm_over_cold"] = round(
-            by_start["warm"]["fixed_cost_seconds_median"] /
-            by_start["cold"]["fixed_cost_seconds_median"], 3)
+    print(f"fixed cost per run {results['fixed_cost_seconds_median']} s (median of {len(fixed)}: "
+          f"{fixed}); to the run's final state "
+          f"{results['fixed_cost_to_final_state_seconds_median']} s ({to_final})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from models import model_names
@@ -224,6 +223,8 @@ def preset_names() -> list[str]:
 def resolve_preset_name(name: str) -> str:
     """Map the `fast` alias to the variant for this machine; reject unknown names."""
     if name == DEFAULT_PRESET:
+        import torch  # here, not at the top: the flows import this module for its types only
+
         return "fast-gpu" if torch.cuda.is_available() else "fast-cpu"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")

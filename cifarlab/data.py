@@ -16,7 +16,8 @@ Reading once: a folder that verified is remembered in a stamp file (under the ca
 folder, never in a mirror) keyed by each file's size, inode, modification and change times, so
 the next run only `stat`s it; a file written, replaced or touched since is hashed again (the
 change time cannot be set back by a user). Loaded data is kept in memory for the process, under
-the same key, so the tasks of one flow run read the files once.
+the same key, so the tasks of one flow run read the files once, and written once as `.npy`
+files that later runs memory-map (their pages shared through the operating system's cache).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import logging
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -409,15 +409,10 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-# The last data set loaded in this process, by folder and its files' sizes and mtimes.
+# The last data set loaded in this process, by folder and its files' sizes and times.
 _LOADED: dict[tuple[str, str], Cifar10] = {}
 _ALL_FILES = (*TRAIN_FILES, TEST_FILE, META_FILE)
-# Arrays another process read for this one: the fork server (flows/forkserver.py) registers a
-# module of this name in sys.modules, its `held` being what `loaded_arrays()` gave there. A
-# forked run's `load_cifar10` takes them instead of reading the files (see `_handed_over`).
-HANDOVER_MODULE = "_cifar10_arrays_handed_over"
-_FROM_HANDOVER: set[tuple[str, str]] = set()  # keys whose arrays came that way (for tests)
-_KEYED_AT: dict[tuple[str, str], int] = {}  # when each key's file times were taken (ns)
+_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def _cache_key(folder: Path) -> tuple[str, str] | None:
@@ -429,72 +424,70 @@ def _cache_key(folder: Path) -> tuple[str, str] | None:
         return None
 
 
-def _source_digest(*modules: str) -> str:
-    """SHA-256 of the named modules' source files, as they were when this module was imported
-    (sibling modules of this package)."""
-    digest = hashlib.sha256()
-    for name in modules:
-        digest.update((Path(__file__).with_name(f"{name}.py")).read_bytes())
-    return digest.hexdigest()
-
-
-# The code that turns the files into arrays (this module, and the class names it checks the
-# labels against): arrays another copy of it read are taken only if it was the same code.
-_LOADER_VERSION = _source_digest("data", "constants")
-
-
-def load_cifar10(folder: Path) -> Cifar10:
-    """Read the pickled batches of a (verified) folder into tensors, in about a second.
+def load_cifar10(folder: Path, cache: Path | None = None) -> Cifar10:
+    """Read the pickled batches of a (verified) folder into tensors.
 
     The result is kept for the process (one data set at a time) and returned again while the
     files keep their size, inode and times (as for the stamps): callers index it, they never
-    write into it. A forked flow run takes the fork server's arrays the same way.
+    write into it. With `cache` (a folder of ours), the arrays are also written there once as
+    `.npy` files and memory-mapped by every later process: reading them costs page faults on
+    pages the operating system already holds, instead of a second of unpickling per run.
     """
     folder = Path(folder)
     key = _cache_key(folder)
     cached = _LOADED.get(key) if key is not None else None
-    if cached is None and key is not None:
-        cached = _handed_over(key)
     if cached is not None:
         return cached
-    keyed_at = time.time_ns()
-    data = _read_cifar10(folder)
+    data = None
+    if cache is not None and key is not None:
+        data = _mapped(Path(cache), key) or _write_mapped(folder, Path(cache), key)
+    if data is None:
+        data = _read_cifar10(folder)
     if key is not None:
         _LOADED.clear()
-        _KEYED_AT.clear()
         _LOADED[key] = data
-        _KEYED_AT[key] = keyed_at
     return data
 
 
-def loaded_arrays() -> dict[str, object] | None:
-    """What this process holds from `load_cifar10`, as plain values (the key, the loader's
-    version, the arrays) for a forked process's copy of this module; None when nothing is
-    held, or when a file changed since (or so recently that a write may still be under way)."""
-    for key, data in _LOADED.items():
-        folder = Path(key[0])
-        # A file written within a second of the moment its times were taken may have been
-        # mid-write then: its arrays are not handed on.
-        if _cache_key(folder) != key or _recent({"files": json.loads(key[1])},
-                                                 now_ns=_KEYED_AT.get(key)):
+def _cache_dir(cache: Path, key: tuple[str, str]) -> Path:
+    return cache / hashlib.sha256(key[0].encode()).hexdigest()[:16]
+
+
+def _mapped(cache: Path, key: tuple[str, str]) -> Cifar10 | None:
+    """The arrays cached for exactly these files (same key), memory-mapped; None otherwise."""
+    where = _cache_dir(cache, key)
+    try:
+        meta = json.loads((where / "key.json").read_text())
+        if meta["key"] != list(key):
             return None
-        return {"key": key, "loader": _LOADER_VERSION,
-                "fields": {name: getattr(data, name) for name in Cifar10.__dataclass_fields__}}
-    return None
-
-
-def _handed_over(key: tuple[str, str]) -> Cifar10 | None:
-    """The arrays handed over under HANDOVER_MODULE, if they were read from these very files
-    (same key) by this very loader; kept as this process's then."""
-    held = getattr(sys.modules.get(HANDOVER_MODULE), "held", None)
-    if not held or tuple(held["key"]) != key or held.get("loader") != _LOADER_VERSION:
+        # Copy-on-write pages: shared with every process that maps them until one writes
+        # (nobody does), and writable as torch.from_numpy wants.
+        arrays = {n: torch.from_numpy(np.load(where / f"{n}.npy", mmap_mode="c")) for n in _ARRAYS}
+    except (OSError, ValueError, KeyError):
         return None
-    data = Cifar10(**held["fields"])
-    _LOADED.clear()
-    _KEYED_AT.clear()
-    _LOADED[key] = data
-    _FROM_HANDOVER.add(key)
-    return data
+    return Cifar10(**arrays, class_names=tuple(meta["class_names"]))
+
+
+def _write_mapped(folder: Path, cache: Path, key: tuple[str, str]) -> Cifar10 | None:
+    """Read the files, write the arrays into the cache (a new folder renamed into place, so a
+    reader sees all of it or nothing) and map them; None when the cache cannot be written
+    (the caller reads the files instead)."""
+    data = _read_cifar10(folder)
+    where = _cache_dir(cache, key)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(cache / ".lock"):
+            tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".writing-"))
+            for name in _ARRAYS:
+                np.save(tmp / f"{name}.npy", getattr(data, name).numpy())
+            (tmp / "key.json").write_text(json.dumps(
+                {"key": list(key), "class_names": list(data.class_names)}))
+            shutil.rmtree(where, ignore_errors=True)  # an older copy (mapped ones stay valid)
+            os.replace(tmp, where)
+    except OSError as exc:
+        log.warning("could not cache the CIFAR-10 arrays in %s (%s)", cache, exc)
+        return data
+    return _mapped(cache, key) or data
 
 
 def _read_cifar10(folder: Path) -> Cifar10:

@@ -160,13 +160,20 @@ def checksums_of(cfg: DataConfig) -> dict[str, str]:
 
 def load_data(cfg: DataConfig, root: Path, *, retries: int | None = None) -> DataBundle:
     """Fetch (or find) and verify the files, then load them: after the first time, one `stat`
-    per file and the arrays this process already holds (cifarlab.data). A failed download is
-    retried `retries` times (default: the config's `download_retries`)."""
+    per file and the arrays this process holds or the root's memory-mapped copy of them
+    (cifarlab.data). A failed download is retried `retries` times (default: the config's
+    `download_retries`)."""
     sums = checksums_of(cfg)
     folder = prepare_cifar10(Path(root) / "data", cfg.source, checksums=sums,
                              retries=cfg.download_retries if retries is None else retries,
                              backoff_s=cfg.download_backoff_s)
-    return DataBundle(folder=folder, data=load_cifar10(folder), fingerprint=data_fingerprint(sums))
+    return DataBundle(folder=folder, data=load_cifar10(folder, array_cache(root)),
+                      fingerprint=data_fingerprint(sums))
+
+
+def array_cache(root: Path) -> Path:
+    """Where a root keeps the verified CIFAR-10 arrays as memory-mapped `.npy` files."""
+    return Path(root) / "data" / ".arrays"
 
 
 def make_split(cfg: DataConfig, bundle: DataBundle, root: Path) -> tuple[Split, Path]:

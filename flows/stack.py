@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flows import forkserver
 from flows.processes import (Services, StackError, _exe, handle_stop_signals,
                              signals_deferred, wait_for_signal, wait_http)
 
@@ -62,7 +61,7 @@ ZOMBIE_AUTOMATION = "cifar-crash-silent-flow-runs"
 REAP_EVERY_SECONDS = 30
 # A stopped worker gives its flow runs Prefect's own 30 s of grace (`grace_seconds` of its
 # kill) before it kills them: wait that long and a little more before SIGKILL.
-WORKER_GRACES = {"worker": 35.0, "control": 35.0, "forkserver": 35.0}
+WORKER_GRACES = {"worker": 35.0, "control": 35.0}
 # What a host needs to join a team stack; the join file holds exactly these.
 JOIN_KEYS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI",
              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -132,7 +131,6 @@ class LocalStack:
             **(extra_env or {}),
         }
         self.services = Services(self.logs, self.env)
-        self.warm_env: dict[str, str] | None = None
 
     @property
     def procs(self) -> dict[str, subprocess.Popen]:
@@ -226,26 +224,18 @@ class LocalStack:
             if have.model_dump(mode="json") != want.model_dump(mode="json"):
                 client.update_automation(found[0].id, want)
 
-    def start_forkserver(self) -> None:
-        """The process that starts this host's flow runs warm (flows/forkserver.py); started
-        first, so that its imports overlap the servers' start-up."""
-        self.warm_env = forkserver.spawn(self.services, self.env)
-
     def start_worker(self, name: str, pool: str, limit: int, env: Mapping[str, str] | None = None):
-        if self.warm_env is None:  # one fork server for this host's workers
-            self.start_forkserver()
         self.services.spawn(name, [_exe("prefect"), "worker", "start", "--pool", pool,
                                    "--type", "process", "--limit", str(limit),
                                    "--name", f"{tracking_host()}-{name}"],
                             env={**self.env, "CIFAR_WORKER_NAME": f"{tracking_host()}-{name}",
-                                 **self.warm_env, **(env or {})})
+                                 **(env or {})})
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start_steps(self) -> list[tuple[str, Callable[[], object]]]:
         """What starting the stack does, step by step, each with the name a failure gives."""
         return [
-            ("fork server", self.start_forkserver),
             ("Prefect server", self.start_prefect_server),
             ("work pools", self.setup_pools),
             ("deployments", self.deploy),
@@ -574,7 +564,7 @@ class TeamStack(LocalStack):
             self.folder.mkdir(parents=True, exist_ok=True)
             self.db = self._database()
 
-        steps = [("fork server", self.start_forkserver), ("PostgreSQL", database),
+        steps = [("PostgreSQL", database),
                  ("Prefect server", self.start_prefect_on_database),
                  ("MLflow server", lambda: self.start_mlflow_server(self.db)),
                  ("work pools", self.setup_pools), ("deployments", self.deploy),
@@ -666,10 +656,9 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
            "CIFAR_PUBLISH_BENTOML": "true" if serving_host else "false",
            "PREFECT_HOME": str(root / ".prefect-worker")}
     services = Services(logs, env)
-    warm_env = forkserver.spawn(services, env)
     services.spawn("worker", [_exe("prefect"), "worker", "start", "--pool", POOL,
                               "--type", "process", "--limit", str(gpus), "--name", name],
-                   env={**env, **warm_env})
+                   env=env)
     from flows.tracking import display_uri
 
     print(f"worker {name}: pool '{POOL}', {gpus} run(s) at a time, tracking on "

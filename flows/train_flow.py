@@ -73,11 +73,12 @@ def fetch_data(data: DataConfig, root: str) -> str:
 def split_data(data: DataConfig, root: str, data_folder: str) -> dict[str, str]:
     """The seeded stratified split (milliseconds), written as index files."""
     from cifarlab.data import data_fingerprint, load_cifar10
-    from cifarlab.experiment import DataBundle, checksums_of, make_split
+    from cifarlab.experiment import DataBundle, array_cache, checksums_of, make_split
 
-    # fetch_data has just verified this folder; the arrays loaded here stay in memory for the
-    # training task of this flow run.
-    bundle = DataBundle(folder=Path(data_folder), data=load_cifar10(Path(data_folder)),
+    # fetch_data has just verified this folder; the arrays (memory-mapped from the root's
+    # cache after the first run) stay with the process for the training task of this flow run.
+    bundle = DataBundle(folder=Path(data_folder),
+                        data=load_cifar10(Path(data_folder), array_cache(Path(root))),
                         fingerprint=data_fingerprint(checksums_of(data)))
     split, split_dir = make_split(data, bundle, Path(root))
     get_run_logger().info("split %s: %d train / %d validation images", split.digest[:12],

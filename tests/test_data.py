@@ -319,46 +319,42 @@ def test_real_files_need_only_numpy_array_globals(real_cifar):
     assert batch[b"data"].shape == (10_000, 3072) and batch[b"batch_label"].startswith(b"testing")
 
 
-def test_arrays_handed_over_are_taken_only_for_the_same_files_read_by_the_same_loader(
+def test_arrays_are_cached_once_and_mapped_by_later_processes_while_the_files_are_unchanged(
         synthetic_cifar, tmp_path, monkeypatch):
-    """What the fork server hands its runs (flows/forkserver.py): a forked process's loader
-    takes the arrays instead of reading, unless a file or the loader's code changed."""
-    import sys
-    import types
-
+    """load_cifar10 with a cache writes the arrays as .npy once; a later process maps them
+    instead of unpickling, until a file changes (size, inode or times)."""
     import torch
 
     from cifarlab import data
 
     folder = tmp_path / "cifar-10-batches-py"
     shutil.copytree(synthetic_cifar[0], folder)
-    past = time.time() - 60
-    for f in folder.iterdir():
-        os.utime(f, (past, past))
-    time.sleep(1.1)  # their change times are now: a second later they count as settled
+    cache = tmp_path / "arrays"
     monkeypatch.setattr(data, "_LOADED", {})
-    first = data.load_cifar10(folder)
-    held = data.loaded_arrays()
-    assert held is not None and held["key"][0] == str(folder.resolve())
-    handover = types.ModuleType(data.HANDOVER_MODULE)
-    handover.held = held
-    monkeypatch.setitem(sys.modules, data.HANDOVER_MODULE, handover)
+    first = data.load_cifar10(folder, cache)
+    assert len(list(cache.glob("*/*.npy"))) == 4
 
-    monkeypatch.setattr(data, "_LOADED", {})  # a forked process's fresh loader holds nothing
-    assert data.load_cifar10(folder).train_images is first.train_images  # taken, not read
+    def unpickling(_folder):
+        raise AssertionError("read the pickles although the cache holds these files' arrays")
 
+    read = data._read_cifar10
+    monkeypatch.setattr(data, "_read_cifar10", unpickling)
+    monkeypatch.setattr(data, "_LOADED", {})  # a new process
+    mapped = data.load_cifar10(folder, cache)
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(mapped, name), getattr(first, name))
+    assert mapped.class_names == first.class_names
+
+    os.utime(folder / "data_batch_3")  # touched: the cached arrays no longer vouch for it
     monkeypatch.setattr(data, "_LOADED", {})
-    handover.held = {**held, "loader": "another version of cifarlab/data.py"}
-    other = data.load_cifar10(folder)  # read from the files
-    assert other.train_images is not first.train_images
-    assert torch.equal(other.train_images, first.train_images)
+    with pytest.raises(AssertionError, match="read the pickles"):
+        data.load_cifar10(folder, cache)
+    monkeypatch.setattr(data, "_read_cifar10", read)
+    again = data.load_cifar10(folder, cache)
+    assert torch.equal(again.train_images, first.train_images)
+    assert len(list(cache.glob("*/key.json"))) == 1  # the old copy replaced, not kept beside
 
-    handover.held = held
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
     monkeypatch.setattr(data, "_LOADED", {})
-    os.utime(folder / "data_batch_3", (past, past + 1))  # changed since it was read
-    changed = data.load_cifar10(folder)
-    assert changed.train_images is not first.train_images
-    # Files written a moment ago may still be being written: nothing is handed over then.
-    os.utime(folder / "data_batch_3")
-    data.load_cifar10(folder)
-    assert data.loaded_arrays() is None
+    assert torch.equal(data.load_cifar10(folder, blocked).test_labels, first.test_labels)

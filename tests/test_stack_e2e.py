@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows import forkserver
 from flows.processes import free_port
 from flows.stack import ZOMBIE_AUTOMATION, LocalStack
 from flows.tracking import REGISTERED_MODEL
@@ -112,9 +111,6 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     assert run.data.params["preset"] == "seed-baseline" and run.data.params["train.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert _progress(stack, run.data.tags["prefect.flow_run_id"]) == [100.0]
-    # It started warm: forked by the host's fork server, not a new interpreter.
-    assert f"flow run {run.data.tags['prefect.flow_run_id']} in process" in \
-        (stack.logs / "forkserver.log").read_text()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"learning_curves.png", "confusion_matrix.png", "model_card.md", "weights.pt"} <= artifacts
 
@@ -141,17 +137,9 @@ def _flow_run_processes(marker: str) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        # A cold start is `python -m prefect.engine`; a warm one a child of the fork server.
-        if b"prefect.engine" in cmd or _comm(pid) == forkserver.PROCESS_NAME:
+        if b"prefect.engine" in cmd:  # how Prefect's process worker starts a flow run
             pids.append(pid)
     return pids
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _flow_run_state(stack: LocalStack, flow_run_id: str) -> str:
@@ -345,9 +333,11 @@ def test_a_start_that_fails_half_way_stops_what_it_started(tmp_path):
          "--prefect-file", str(bad)], capture_output=True, text=True, timeout=300,
         cwd=project, env={**os.environ, "PREFECT_UI_ENABLED": "false"})
     assert done.returncode == 2, done.stdout + done.stderr
-    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert "step 'deployments'" in error and "no_such_flow.py" in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert "step 'deployments'" in errors[0] and "no_such_flow.py" in errors[0], done.stderr
     assert (root / ".prefect" / "logs" / "server.log").is_file()  # the server had started
-    assert _processes_with(str(root)) == [], "the failed start left processes behind"
+    left = _processes_with(str(root))
+    assert left == [], f"the failed start left processes behind: {left}; {done.stderr}"
     with socket.socket() as free:
         free.bind(("127.0.0.1", port))  # nobody listens there any more
