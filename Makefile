@@ -28,21 +28,21 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup  ## the main job: local Prefect stack, one run of train-cifar/default, stack stopped
-	$(PY) -m flows.stack run --deployment default $(if $(filter-out fast,$(PRESET)),-p preset=$(PRESET),)
+	$(PY) -m stacks run --deployment default $(if $(filter-out fast,$(PRESET)),-p preset=$(PRESET),)
 
 sweep: setup  ## a study through the local stack: make sweep STUDY=report-lr SEEDS=3 EPOCH_SCALE=0.2
-	$(PY) -m flows.stack run --deployment sweep-cifar/default -p study=$(STUDY) -p seeds=$(SEEDS) \
+	$(PY) -m stacks run --deployment sweep-cifar/default -p study=$(STUDY) -p seeds=$(SEEDS) \
 	  -p epoch_scale=$(EPOCH_SCALE) -p data_scale=$(DATA_SCALE)
 
 stack: setup  ## Prefect server + pools (gpu, control) + workers + deployments; Ctrl-C stops
-	$(PY) -m flows.stack up
+	$(PY) -m stacks up
 
 team-stack: setup  ## PostgreSQL + Prefect server + MLflow tracking server (auth on) + pools; Ctrl-C stops
-	$(PY) -m flows.stack team $(ARGS)
+	$(PY) -m stacks team $(ARGS)
 
 JOIN ?= .team/team.env
 worker: setup  ## join a team stack as a GPU host: make worker JOIN=team.env [ARGS="--gpus 2"]
-	$(PY) -m flows.stack worker --join $(JOIN) $(ARGS)
+	$(PY) -m stacks worker --join $(JOIN) $(ARGS)
 
 mlflow-ui: setup  ## the MLflow UI on the default store, http://127.0.0.1:5000
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (the runs view, not GenAI)"

@@ -7,7 +7,7 @@ Takes the newest FINISHED `sweep-cifar` parent run of the study and writes `<nam
 `<name>.csv`, `<name>.png` and `<name>-runs.json` (every child run: point, seed, validation and
 test accuracy of its served model, training seconds), plus the CPU it ran on in the markdown.
 With `--resummarise` the table, notes and plot are rebuilt from the child runs in MLflow with
-this checkout's `flows/sweep.py` (for a sweep that ran with older summary code).
+this checkout's `cifarlab/sweep.py` (for a sweep that ran with older summary code).
 The sweep itself is `make sweep STUDY=... SEEDS=...` (or `prefect deployment run sweep-cifar/...`).
 """
 
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows import tracking
+from registry import tracking
 from machine_info import cpu_model  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +31,11 @@ FILES = {"sweep_summary.md": ".md", "sweep_summary.csv": ".csv", "sweep_accuracy
 
 def resummarise(store: tracking.Store, experiment_id: str, parent, out: Path, name: str) -> None:
     """Rebuild the summary of a finished sweep from its child runs with the current code."""
-    from flows import sweep as sw
+    from cifarlab import studies
+    from cifarlab import sweep as sw
 
     p = parent.data.params
-    study = sw.STUDIES.get(p["study"])
+    study = studies.STUDIES.get(p["study"])
     epoch_scale, data_scale = float(p["epoch_scale"]), float(p["data_scale"])
     grid = json.loads(p["grid"])
     points, scale_notes = sw.scale_points(

@@ -32,9 +32,9 @@ from pathlib import Path
 
 from machine_info import cpu_flags, cpu_model  # beside this script
 
-from flows import tracking
-from flows.processes import free_port, handle_stop_signals
-from flows.stack import LocalStack
+from registry import tracking
+from stacks.processes import free_port, handle_stop_signals
+from stacks.local import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"

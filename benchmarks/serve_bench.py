@@ -40,12 +40,19 @@ from PIL import Image
 
 from machine_info import cpu_model  # beside this script
 from serving.engine import Engine
-from flows.processes import BentoServer
+from stacks.processes import BentoServer
 from serving.preprocess import decode_image, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 
+
+
+def model_store(home: Path):
+    """The BentoML model store under `home` (a benchmark may reach into BentoML: any home)."""
+    from bentoml._internal.models import ModelStore
+
+    return ModelStore(Path(home) / "models")
 
 def load_pngs(source: Path, n: int) -> list[bytes]:
     if (source / "test_batch").is_file():
@@ -71,7 +78,6 @@ def default_model(home: Path) -> str:
     from cifarlab.constants import CLASS_NAMES, MEAN, STD
     from cifarlab.export import export_onnx
     from models import build_model
-    from flows.publish import model_store
 
     config = preset("fast")
     torch.manual_seed(0)
@@ -330,7 +336,6 @@ def main() -> None:
         else:
             home = Path(tmp) / "bentoml"
             model_desc = f"preset {default_model(home)} architecture, untrained weights"
-        from flows.publish import model_store
 
         stored = model_store(home).get("cifar10-classifier:latest")
         # The in-process limit, in onnxruntime's best setting for a lone loop: all cores, and

@@ -3,8 +3,8 @@ SQLite file against the tracking server (PostgreSQL + proxied artifacts).
 
     python benchmarks/team_scaling.py [--runs 8] [--epochs 2] [--train-size 4000]
 
-1. Starts the team stack (`flows.stack.TeamStack`) in a temporary folder, joins worker hosts
-   with `python -m flows.stack worker` (separate root folders, same checkout), and runs the
+1. Starts the team stack (`stacks.team.TeamStack`) in a temporary folder, joins worker hosts
+   with `python -m stacks worker` (separate root folders, same checkout), and runs the
    same sweep (`--runs` learning rates x 1 seed, `seed-baseline`, real data where present)
    with 1 worker and `max_parallel=1`, then with 2 workers and `max_parallel=2`. Wall time of
    each `prefect deployment run sweep-cifar/default --watch`, and of each child run.
@@ -30,8 +30,8 @@ from pathlib import Path
 
 from machine_info import cpu_model  # beside this script
 
-from flows.processes import free_port
-from flows.stack import TeamStack, read_env_file
+from stacks.processes import free_port
+from stacks.team import TeamStack, read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
@@ -40,7 +40,7 @@ DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
 def start_worker(join_file: Path, name: str, base: Path, env: dict[str, str]) -> subprocess.Popen:
     root = base / name
     root.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.stack", "worker", "--join", str(join_file),
+    proc = subprocess.Popen([sys.executable, "-m", "stacks", "worker", "--join", str(join_file),
                              "--name", name, "--root", str(root), "--gpus", "1"],
                             cwd=ROOT, env={**env, "HOME": str(root)}, start_new_session=True,
                             stdout=open(root / "worker.out", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
@@ -92,7 +92,7 @@ def tracking_probe(uri: str, onnx: Path, files: dict[str, Path], probes: int, ep
     """Seconds per step of the tracking calls one run makes (no training), median of probes."""
     import numpy as np
 
-    from flows import tracking
+    from registry import tracking, versions
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     store = tracking.open_store(Path(tempfile.mkdtemp()), experiment="tracking-probe")
@@ -116,7 +116,7 @@ def tracking_probe(uri: str, onnx: Path, files: dict[str, Path], probes: int, ep
         timed("artifacts", lambda: tracking.log_files(store, run_id, files))
         logged = timed("onnx_model", lambda: tracking.log_onnx_model(
             store, run_id, onnx, example, metadata={"probe": True}))
-        timed("registry_version", lambda: tracking.create_version(
+        timed("registry_version", lambda: versions.create_version(
             store, run_id, logged.model_uri, {}, name="tracking-probe", model_id=logged.model_id))
         timed("end_run", lambda: tracking.end_run(store, run_id, "FINISHED"))
     med = {k: round(statistics.median(v), 4) for k, v in steps.items()}
@@ -195,7 +195,7 @@ def main() -> None:
                 stop(w)
         import psycopg
 
-        from flows.postgres import DATABASES
+        from stacks.postgres import DATABASES
 
         def db_bytes():
             with psycopg.connect(stack.db.url(DATABASES["mlflow"])) as conn:

@@ -38,7 +38,7 @@ from cifarlab.constants import REPORT_BEST_TEST_ACC
 from cifarlab.evaluate import evaluate
 from cifarlab.experiment import load_data, run_experiment
 from cifarlab.tensors import resolve_device, resolve_precision
-from cifarlab.train import training_flops, training_flops_per_image
+from cifarlab.flops import training_flops, training_flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"

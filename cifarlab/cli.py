@@ -45,8 +45,7 @@ def _one_line(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `cifar-train`."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar-train", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=DEFAULT_PRESET,
                         help=f"one of {', '.join(preset_names())} (default {DEFAULT_PRESET})")
@@ -59,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show-config", action="store_true", help="print the resolved config "
                         "and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `cifar-train`."""
+    args = _parser().parse_args(argv)
 
     try:
         overrides = parse_overrides(args.overrides)
@@ -105,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bar is not None:
             bar.close()
-    s = outcome.summary()
+    _print_summary(outcome.summary())
+    print(f"results, plots, model.onnx and checkpoint: {outcome.run_dir}")
+    return 0
+
+
+def _print_summary(s: dict) -> None:
     print(f"preset {s['preset']} ({s['model']}) on {s['device']}: "
           f"{s['epochs_completed']} epochs in {s['train_seconds']:.1f} s of training")
     print(f"validation accuracy {100 * s['val_accuracy']:.2f}%   "
@@ -116,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * s['tta_val_accuracy']:.2f}%, test {100 * s['tta_test_accuracy']:.2f}%")
     print("per-class test accuracy: " + ", ".join(
         f"{k} {100 * v:.1f}%" for k, v in s["test_per_class_accuracy"].items()))
-    print(f"results, plots, model.onnx and checkpoint: {outcome.run_dir}")
-    return 0
 
 
 if __name__ == "__main__":

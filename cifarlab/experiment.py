@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from cifarlab.config import DataConfig, RunConfig, identity_exclude
-from cifarlab.data import OFFICIAL_FILE_MD5, Cifar10, data_fingerprint, load_cifar10, prepare_cifar10
+from cifarlab.data import OFFICIAL_FILE_MD5, data_fingerprint, prepare_cifar10
+from cifarlab.arrays import Cifar10, load_cifar10
 from cifarlab.evaluate import EvalResult, evaluate
 from cifarlab.export import (ParityReport, check_parity, evaluate_onnx, export_onnx,
                              model_input, require_parity)

@@ -18,6 +18,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
+
+from cifarlab.config import TrainConfig
 
 # Coefficients of the quintic iteration X <- aX + (bA + cA^2)X, A = XX^T: chosen to push every
 # singular value of a norm-1 matrix towards 1 fast (to roughly 0.7-1.2 in a few steps; exactly 1
@@ -83,3 +86,83 @@ class MuonSGD(torch.optim.Optimizer):
                     direction = orthogonalize(flat, group["ns_steps"]).view_as(p).to(p.dtype)
                 p.add_(direction, alpha=-lr)
         return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and optimisers of a training config
+# ---------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step` (0-based) of `total` steps."""
+    if cfg.schedule == "constant" or total <= 1:
+        return 1.0
+    t = step / (total - 1)
+    w = cfg.warmup_frac
+    if cfg.schedule == "warmup_linear":
+        if t < w:
+            return cfg.start_lr_frac + (1 - cfg.start_lr_frac) * t / w
+        return 1.0 + (cfg.end_lr_frac - 1.0) * (t - w) / max(1 - w, 1e-12)
+    # onecycle: cosine from lr/25 up to lr, then cosine down to lr/1e4 (torch's OneCycleLR shape).
+    lo, end = 1 / 25, 1 / 1e4
+    if t < w:
+        return lo + (1 - lo) * (1 - math.cos(math.pi * t / w)) / 2
+    return end + (1 - end) * (1 + math.cos(math.pi * (t - w) / max(1 - w, 1e-12))) / 2
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, Nesterov SGD, or Muon for the conv filters with Nesterov SGD for the rest.
+    BatchNorm shifts get lr * bias_lr_scale and wd / bias_lr_scale. Each group's `lr_scale` is
+    its peak lr over `cfg.lr`, which the schedule multiplies."""
+    norm_biases = [m.bias for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+    norm_ids = {id(p) for p in norm_biases}
+    filters = [p for p in model.parameters() if is_filter(p)] if cfg.optimizer == "muon" else []
+    taken = norm_ids | {id(p) for p in filters}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    groups = [{"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+    if norm_biases:
+        groups.append({"params": norm_biases, "lr": cfg.lr * cfg.bias_lr_scale,
+                       "weight_decay": cfg.weight_decay / cfg.bias_lr_scale,
+                       "lr_scale": cfg.bias_lr_scale})
+    if cfg.optimizer == "muon":
+        groups.append({"params": filters, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
+                       "muon": True, "lr_scale": cfg.muon_lr / cfg.lr})
+        return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+class WeightAverage:
+    """EMA of a model's state (weights and BatchNorm statistics); lookahead also pulls the model
+    back onto the average. The decay ramps up as (progress)^3, so early steps average little."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.started = False  # the first update copies the model: no pull towards the init
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                      if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int, total: int) -> None:
+        """Blend the model into the average (every `average_every` steps)."""
+        decay = self.cfg.average_decay ** self.cfg.average_every * (step / max(total, 1)) ** 3
+        if not self.started:
+            decay, self.started = 0.0, True
+        current = model.state_dict()
+        for k, avg in self.state.items():
+            avg.lerp_(current[k], 1 - decay)
+            if self.cfg.averaging == "lookahead":
+                current[k].copy_(avg)
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module) -> None:
+        """Exchange the model's state with the average (call twice to undo); a no-op until the
+        averaging has started, when the model is its own average."""
+        if not self.started:
+            return
+        current = model.state_dict()
+        for k, avg in self.state.items():
+            tmp = current[k].clone()
+            current[k].copy_(avg)
+            avg.copy_(tmp)

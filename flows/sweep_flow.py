@@ -28,18 +28,15 @@ from prefect.futures import as_completed
 from pydantic import Field
 
 from cifarlab.config import DEFAULT_PRESET
-from cifarlab.export import PARITY_ATOL
-from flows import sweep as sw
-from flows import tracking
-from flows.champion import MIN_SHARED_IMAGES
+from cifarlab import studies
+from cifarlab import sweep as sw
+from registry import hosts, tracking
+from registry.champion import MIN_SHARED_IMAGES
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides
-from flows.train_flow import project_root, publish_champion, serves_here
+from flows.common import project_root
+from flows.sweep_registration import PointFailed, register_best_point
 
-StudyName = Literal[tuple(sw.STUDIES)]  # type: ignore[valid-type]
-
-
-class PointFailed(RuntimeError):
-    """A child run that did not complete."""
+StudyName = Literal[tuple(studies.STUDIES)]  # type: ignore[valid-type]
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, log_prints=True)
@@ -120,89 +117,6 @@ def _outcomes(store: tracking.Store, sid: str, jobs, done, retries: int) -> list
     return outcomes
 
 
-def _register_best(store: tracking.Store, best_row: dict[str, Any], outcomes: list[sw.Outcome],
-                   sid: str, bundle: Any, min_shared_images: int,
-                   min_significance: float | None) -> tuple[Any, str]:
-    """The best point's best seed goes through the parity check and the same champion rule as
-    a single run; its tags and model card carry the point's mean ± sd, not just the seed's.
-    Promoted, it gets its int8 twin first, as a single run's champion does. `bundle`: the data
-    this host loaded (cifarlab.experiment.DataBundle), the run's own by fingerprint."""
-    from flows import champion
-
-    candidates = [o for o in outcomes if o.status == "ok" and o.point.label == best_row["point"]]
-    cand = max(candidates, key=lambda o: o.val_accuracy or -1)
-    run = store.client.get_run(cand.run_id)
-    diff = run.data.metrics.get("onnx_max_abs_diff")
-    agree = run.data.metrics.get("onnx_argmax_agreement")
-    if diff is None or agree is None or diff > PARITY_ATOL or agree < 1.0:
-        raise PointFailed(f"candidate run {cand.run_id} has no passing ONNX parity check "
-                          f"(max |diff| {diff}, argmax agreement {agree}): not registered")
-    model_id, model_uri = run.data.tags.get("onnx_model_id"), run.data.tags.get("onnx_model_uri")
-    if not model_uri:
-        raise PointFailed(f"candidate run {cand.run_id} logged no ONNX model")
-    # The champion rule and the twin read this host's images at the run's indices.
-    trained_on = run.data.tags.get("data_fingerprint", "(no data_fingerprint tag)")
-    if trained_on != bundle.fingerprint:
-        raise PointFailed(f"candidate run {cand.run_id} was trained on data {trained_on}, but "
-                          f"this host loaded data {bundle.fingerprint}: not registered")
-    data = bundle.data
-    n = best_row["seeds_ok"]
-    point_stats = (f"{sw.pct(best_row['val_acc_mean'], best_row['val_acc_std'])} % validation, "
-                   f"{sw.pct(best_row['test_acc_mean'], best_row['test_acc_std'])} % test "
-                   f"(mean ± sd over {n} seeds)")
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = tracking.download_onnx(store, model_uri, Path(tmp))
-        built = _int8_tags(run)  # a run that built its twin itself (int8=always)
-
-        def champion_twin() -> dict[str, str]:
-            return _build_int8_twin(store, run, onnx_path, data, Path(tmp))
-
-        done = champion.register(
-            store, cand.run_id, model_uri, onnx_path, data, tags={
-                "val_accuracy": f"{cand.val_accuracy:.6f}",
-                "test_accuracy": f"{cand.test_accuracy:.6f}",
-                "preset": run.data.params.get("preset", ""), "sweep_id": sid,
-                "sweep_point": best_row["point"], "sweep_seeds": str(n),
-                "sweep_point_val_mean": f"{best_row['val_acc_mean']:.6f}",
-                "sweep_point_val_sd": f"{best_row['val_acc_std']:.6f}",
-                "sweep_point_test_mean": f"{best_row['test_acc_mean']:.6f}",
-                "served_tta": run.data.tags.get("served_tta", "none"),
-                "onnx_max_abs_diff": f"{diff:.3e}", "parity_passed": "true", **built},
-            min_shared_images=min_shared_images, min_significance=min_significance,
-            model_id=model_id, card_extra=(
-                ("sweep", f"`{sid}`, point {best_row['point']}: {point_stats}; this version is "
-                          f"its seed with the best validation accuracy (seed {cand.seed}). "
-                          "Point and seed were chosen on the validation images that the "
-                          "comparison with the champion also uses, which favours this model "
-                          "(selection bias); `min_significance` asks for a margin."),),
-            champion_tags=None if built else champion_twin)
-    return done, cand.run_id
-
-
-def _build_int8_twin(store: tracking.Store, run: Any, onnx_path: Path, data: Any,
-                     folder: Path) -> dict[str, str]:
-    """The int8 twin of a sweep's run (its downloaded ONNX file), on the run's own split
-    (rebuilt from its params and checked against its split hash), logged to the run and
-    judged on this host's CPU; its version tags (none, with a warning, where the split cannot
-    be rebuilt from `data`)."""
-    from cifarlab.experiment import split_inputs
-    from cifarlab.export import evaluate_onnx
-    from flows.champion import SplitUnknown, run_split
-    from flows.train_flow import int8_twin, int8_version_tags
-
-    try:
-        split = run_split(run, data.train_labels.numpy())
-    except SplitUnknown as exc:
-        get_run_logger().warning("no int8 twin for run %s: %s", run.info.run_id, exc)
-        return {}
-    inputs = split_inputs(data, split)
-    fp32_val = evaluate_onnx(onnx_path, inputs.val, data.train_labels[split.val_idx])
-    # (both files timed here, on the host that judges the twin)
-    return int8_version_tags(int8_twin(onnx_path, fp32_val, data, split,
-                                       folder / "model_int8.onnx", store, run.info.run_id,
-                                       inputs=inputs))
-
-
 @flow(name="sweep-cifar", log_prints=True)
 def sweep_cifar(
     study: StudyName | None = None,  # type: ignore[valid-type]
@@ -227,44 +141,28 @@ def sweep_cifar(
 ) -> dict[str, Any]:
     """Run a study (`study`) or any grid (`preset` + `grid`) over seeds; summarise; register the
     best point by mean validation accuracy under the champion rule."""
-    logger = get_run_logger()
-    chosen = sw.STUDIES[study] if study else None
-    if grid is None and chosen is None:
-        raise sw.SweepError("give a study (one of " + ", ".join(sw.STUDIES) + ") or a grid")
-    grid = grid if grid is not None else chosen.grid
-    preset_name = preset or (chosen.preset if chosen else DEFAULT_PRESET)
+    chosen, grid, preset_name = _study_grid(study, preset, grid)
     common = {s: part.model_dump(exclude_none=True)
               for s, part in (("data", data), ("model", model), ("train", train)) if part is not None}
-    grid_points = sw.expand(preset_name, grid, common)
-    points, scale_notes = sw.scale_points(grid_points, preset_name, epoch_scale, data_scale)
-    seed_list = list(range(first_seed, first_seed + seeds))
-    name = study or "custom"
-    sid = sw.sweep_id(name, preset_name, grid, seed_list, {
-        "common": common, "epoch_scale": epoch_scale, "data_scale": data_scale,
-        "time": time.time()})
+    name, seed_list = study or "custom", list(range(first_seed, first_seed + seeds))
+    grid_points, points, scale_notes, sid = _points(name, preset_name, grid, common, seed_list,
+                                                    epoch_scale, data_scale)
     root_dir = project_root(root)
     store = tracking.open_store(root_dir)
     parent = _start_parent_run(store, sid, name, preset_name, grid, seeds, first_seed,
                                epoch_scale, data_scale, common, deployment, max_parallel,
                                retries, len(points), len(grid_points), min_shared_images,
                                min_significance)
-    logger.info("sweep %s: %d points x %d seeds = %d runs via %s (MLflow parent run %s)", sid,
-                len(points), seeds, len(points) * seeds, deployment, parent)
     jobs = _jobs(points, seed_list, preset_name, parent, sid, root)
     try:
         done = _run_all(jobs, deployment, max_parallel, retries, retry_delay_s)
         outcomes = _outcomes(store, sid, jobs, done, retries)
-        rows = sw.summarise(outcomes, chosen.report if chosen else None)
-        best = sw.best_point(rows)
         notes = sw.summary_notes(name, preset_name, chosen, len(points), seed_list,
                                  epoch_scale, data_scale, parent, sid, scale_notes)
-        markdown = sw.to_markdown(f"sweep-cifar: {name}", rows, best, notes)
-        _log_summary(store, parent, grid, rows, best, outcomes, markdown)
-        reg = candidate = bento = None
-        if best is not None and register_best:
-            reg, candidate, bento = _register_best_point(
-                store, parent, sid, best, points, outcomes, preset_name, root_dir,
-                min_shared_images, min_significance, publish=not skip_bentoml)
+        rows, best, markdown = _summarise(store, parent, name, grid, chosen, outcomes, notes)
+        reg, candidate, bento = register_best_point(
+            store, parent, sid, best if register_best else None, points, outcomes, preset_name,
+            root_dir, min_shared_images, min_significance, import_here=not skip_bentoml)
         ok = [o for o in outcomes if o.status == "ok"]
         _publish_artifacts(name, sid, rows, markdown, reg, candidate, len(ok), len(outcomes))
     except BaseException as exc:
@@ -275,10 +173,45 @@ def sweep_cifar(
     if not ok:
         raise PointFailed(f"sweep {sid}: every run failed; see the summary in MLflow run {parent}")
     return {"sweep_id": sid, "mlflow_parent_run_id": parent, "rows": rows,
-            "best_point": best["point"] if best else None,
-            "candidate_run_id": candidate, "registered_version": reg.version if reg else None,
-            "alias": reg.alias if reg else None, "bento_tag": bento["tag"] if bento else None,
-            "runs_ok": len(ok), "runs_failed": len(outcomes) - len(ok)}
+            "best_point": best["point"] if best else None, "candidate_run_id": candidate,
+            "registered_version": reg.version if reg else None, "alias": reg.alias if reg else None,
+            "bento_tag": bento["tag"] if bento else None, "runs_ok": len(ok),
+            "runs_failed": len(outcomes) - len(ok)}
+
+
+def _summarise(store: tracking.Store, parent: str, name: str, grid: dict[str, list[Any]],
+               chosen: studies.Study | None, outcomes: list[sw.Outcome], notes: list[str],
+               ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str]:
+    """Rows per point (mean and sd over seeds, the report's figure beside), the best point and
+    the markdown table, logged on the parent run."""
+    rows = sw.summarise(outcomes, chosen.report if chosen else None)
+    best = sw.best_point(rows)
+    markdown = sw.to_markdown(f"sweep-cifar: {name}", rows, best, notes)
+    _log_summary(store, parent, grid, rows, best, outcomes, markdown)
+    return rows, best, markdown
+
+
+def _points(name: str, preset_name: str, grid: dict[str, list[Any]], common: dict[str, Any],
+            seed_list: list[int], epoch_scale: float, data_scale: float,
+            ) -> tuple[list[sw.Point], list[sw.Point], list[str], str]:
+    """The grid's points, the same scaled (with notes on what scaling changed) and the sweep's
+    id (unique per start)."""
+    grid_points = sw.expand(preset_name, grid, common)
+    points, scale_notes = sw.scale_points(grid_points, preset_name, epoch_scale, data_scale)
+    sid = sw.sweep_id(name, preset_name, grid, seed_list, {
+        "common": common, "epoch_scale": epoch_scale, "data_scale": data_scale,
+        "time": time.time()})
+    return grid_points, points, scale_notes, sid
+
+
+def _study_grid(study: str | None, preset: str | None, grid: dict[str, list[Any]] | None,
+                ) -> tuple[studies.Study | None, dict[str, list[Any]], str]:
+    """The ready-made study (if named), the grid and the base preset a sweep runs."""
+    chosen = studies.STUDIES[study] if study else None
+    if grid is None and chosen is None:
+        raise studies.SweepError("give a study (one of " + ", ".join(studies.STUDIES) + ") or a grid")
+    grid = grid if grid is not None else chosen.grid  # type: ignore[union-attr]  # one is set
+    return chosen, grid, preset or (chosen.preset if chosen else DEFAULT_PRESET)
 
 
 def _start_parent_run(store: tracking.Store, sid: str, name: str, preset_name: str,
@@ -298,8 +231,10 @@ def _start_parent_run(store: tracking.Store, sid: str, name: str, preset_name: s
         "points": str(n_points), "grid_points": str(n_grid_points),
         "min_shared_images": str(min_shared_images),
         "min_significance": str(min_significance)},
-        {"sweep_id": sid, "sweep_role": "parent", "study": name, **tracking.process_tags()})
+        {"sweep_id": sid, "sweep_role": "parent", "study": name, **hosts.process_tags()})
     store.client.set_tag(parent, "prefect.flow_run_id", str(flow_run.id))
+    get_run_logger().info("sweep %s: %d points x %d seeds = %d runs via %s (MLflow parent run "
+                          "%s)", sid, n_points, seeds, n_points * seeds, deployment, parent)
     return parent
 
 
@@ -317,7 +252,7 @@ def _jobs(points: list[sw.Point], seed_list: list[int], preset_name: str, parent
                 "train": {**overrides.get("train", {}), "seed": seed},
                 "skip_registry": True, "mlflow_parent_run_id": parent,
                 # No int8 twin per run: the sweep builds one for the run it registers, if that
-                # run's version is promoted (`_register_best`).
+                # run's version is promoted (`register_candidate`).
                 "int8": "never",
                 "mlflow_tags": {"sweep_id": sid, "sweep_point": point.label,
                                 "sweep_point_key": point.key, "sweep_seed": str(seed),
@@ -356,41 +291,6 @@ def _log_summary(store: tracking.Store, parent: str, grid: dict[str, list[Any]],
         store.client.set_tag(parent, "best_point", best["point"])
 
 
-def _register_best_point(store: tracking.Store, parent: str, sid: str, best: dict[str, Any],
-                         points: list[sw.Point], outcomes: list[sw.Outcome], preset_name: str,
-                         root_dir: Path, min_shared_images: int,
-                         min_significance: float | None, publish: bool,
-                         ) -> tuple[Any, str, dict[str, Any] | None]:
-    """The best point's best seed through the champion rule; the champion into the BentoML
-    store where this host serves. Returns (registration, candidate run id, BentoML result)."""
-    from cifarlab.config import preset as make_config
-    from cifarlab.data import resolve_source
-    from cifarlab.experiment import load_data
-
-    logger = get_run_logger()
-    # The champion rule compares on images: this host loads (and verifies) the data.
-    best_point = next(p for p in points if p.label == best["point"])
-    data_cfg = make_config(preset_name, **best_point.overrides).data
-    data_cfg.source = resolve_source(data_cfg.source)
-    bundle = load_data(data_cfg, root_dir)
-    done, candidate = _register_best(store, best, outcomes, sid, bundle,
-                                     min_shared_images, min_significance)
-    reg = done.registration
-    store.client.set_tag(parent, "candidate_run_id", candidate)
-    store.client.set_tag(parent, "registry.version", str(reg.version))
-    store.client.set_tag(parent, "registry.alias", reg.alias)
-    logger.info("best point %s (val %.2f %% mean): run %s registered as v%s -> %s: %s",
-                best["point"], 100 * best["val_acc_mean"], candidate, reg.version,
-                reg.alias, reg.reason)
-    if done.report_markdown:
-        create_markdown_artifact(key="champion-vs-challenger", markdown=done.report_markdown,
-                                 description=f"sweep {sid} candidate vs the champion")
-    bento = None
-    if reg.alias == tracking.CHAMPION and publish and serves_here(store):
-        bento = publish_champion(store, str(root_dir))
-    return reg, candidate, bento
-
-
 def _publish_artifacts(name: str, sid: str, rows: list[dict[str, Any]], markdown: str, reg: Any,
                        candidate: str | None, n_ok: int, n_runs: int) -> None:
     """The summary and per-point table as Prefect artifacts."""
@@ -403,18 +303,6 @@ def _publish_artifacts(name: str, sid: str, rows: list[dict[str, Any]], markdown
     create_table_artifact(key="sweep-table", table=[
         {k: v for k, v in r.items() if k != "errors"} for r in rows],
         description=f"sweep {sid} per-point statistics")
-
-
-def _int8_tags(run: Any) -> dict[str, str]:
-    """The child run's int8 figures as registry version tags (none if it built no int8 model)."""
-    tags, metrics = run.data.tags, run.data.metrics
-    if "int8_servable" not in tags:
-        return {}
-    return {"int8_val_accuracy": f"{metrics['int8_val_accuracy']:.6f}",
-            "int8_test_accuracy": f"{metrics['int8_test_accuracy']:.6f}",
-            "int8_servable": tags["int8_servable"],
-            **({"int8_judged_with_dot_product": tags["int8_judged_with_dot_product"]}
-               if "int8_judged_with_dot_product" in tags else {})}
 
 
 if __name__ == "__main__":

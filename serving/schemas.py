@@ -89,75 +89,78 @@ class Problem(BaseModel):
     reason: str = Field(description="a stable code for programs", examples=["unsupported_format"])
 
 
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _problems(*codes: int) -> dict[str, Any]:
+    words = {400: "bad input", 413: "too large", 415: "not an accepted type",
+             503: "busy or not ready: retry after the Retry-After header's seconds"}
+    return {str(c): {"description": words[c], "content": {"application/json": {
+        "schema": _ref(Problem)}}} for c in codes}
+
+
+def _ok(description: str, model: type[BaseModel]) -> dict[str, Any]:
+    version_header = {"X-Model-Version": {"description": "registry version that answered",
+                                          "schema": {"type": "string"}}}
+    return {"200": {"description": description, "headers": version_header,
+                    "content": {"application/json": {"schema": _ref(model)}}}}
+
+
+_TOP_K = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 3,
+          "description": "how many classes to list"}
+_BINARY = {"type": "string", "format": "binary"}
+
+
 def openapi(max_upload_bytes: int, max_batch_images: int, max_pixels: int) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the classification endpoints (served at /docs.json)."""
-    models = (Classification, BatchClassification, ModelCard, Problem)
     schemas: dict[str, Any] = {}
-    for model in models:
+    for model in (Classification, BatchClassification, ModelCard, Problem):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-
-    def ref(model: type[BaseModel]) -> dict[str, Any]:
-        return {"$ref": f"#/components/schemas/{model.__name__}"}
-
-    def problems(*codes: int) -> dict[str, Any]:
-        words = {400: "bad input", 413: "too large", 415: "not an accepted type",
-                 503: "busy or not ready: retry after the Retry-After header's seconds"}
-        return {str(c): {"description": words[c], "content": {"application/json": {
-            "schema": ref(Problem)}}} for c in codes}
-
-    version_header = {"X-Model-Version": {"description": "registry version that answered",
-                                          "schema": {"type": "string"}}}
-
-    def ok(description: str, model: type[BaseModel]) -> dict[str, Any]:
-        return {"200": {"description": description, "headers": version_header,
-                        "content": {"application/json": {"schema": ref(model)}}}}
-    top_k = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 3,
-             "description": "how many classes to list"}
     image_rules = (f"PNG, JPEG, WebP, BMP or GIF; at most {max_pixels / 1e6:.0f} megapixels and "
                    f"{max_upload_bytes / 2**20:.0f} MiB per request; the central square is "
                    "resized to 32x32")
-    binary = {"type": "string", "format": "binary"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "cifar10-classifier", "version": "1",
                  "description": "CIFAR-10 image classification: `curl -F image=@cat.png "
                                 "http://127.0.0.1:3000/classify`. The page at / does the same "
                                 "in a browser."},
-        "paths": {
-            "/classify": {"post": {
-                "summary": "Classify one image",
-                "description": "curl -F image=@cat.png http://127.0.0.1:3000/classify, or the "
-                               "raw image as the body: curl --data-binary @cat.png -H "
-                               "'Content-Type: image/png' http://127.0.0.1:3000/classify. "
-                               + image_rules,
-                "parameters": [{"name": "top_k", "in": "query", "required": False,
-                                "schema": top_k}],
-                "requestBody": {"required": True, "content": {
-                    "multipart/form-data": {"schema": {
-                        "type": "object", "required": ["image"],
-                        "properties": {"image": {**binary, "description": "exactly one file"},
-                                       "top_k": top_k}}},
-                    "image/*": {"schema": binary},
-                    "application/octet-stream": {"schema": binary}}},
-                "responses": {**ok("the class and class probabilities", Classification),
-                              **problems(400, 413, 415, 503)}}},
-            "/classify_batch": {"post": {
-                "summary": "Classify several images",
-                "description": f"curl -F images=@a.png -F images=@b.png ... (up to "
-                               f"{max_batch_images}); one bad image fails the request, naming "
-                               "it. " + image_rules,
-                "requestBody": {"required": True, "content": {"multipart/form-data": {
-                    "schema": {"type": "object", "required": ["images"], "properties": {
-                        "images": {"type": "array", "items": binary},
-                        "top_k": top_k}}}}},
-                "responses": {**ok("one result per image, in upload order",
-                                   BatchClassification),
-                              **problems(400, 413, 415, 503)}}},
-            "/model": {"get": {
-                "summary": "What is served, with its model card",
-                "responses": ok("the served model", ModelCard)}},
-        },
+        "paths": {"/classify": _classify_path(image_rules),
+                  "/classify_batch": _batch_path(image_rules, max_batch_images),
+                  "/model": {"get": {"summary": "What is served, with its model card",
+                                     "responses": _ok("the served model", ModelCard)}}},
         "components": {"schemas": schemas},
     }
+
+
+def _classify_path(image_rules: str) -> dict[str, Any]:
+    return {"post": {
+        "summary": "Classify one image",
+        "description": "curl -F image=@cat.png http://127.0.0.1:3000/classify, or the "
+                       "raw image as the body: curl --data-binary @cat.png -H "
+                       "'Content-Type: image/png' http://127.0.0.1:3000/classify. " + image_rules,
+        "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": _TOP_K}],
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {"image": {**_BINARY, "description": "exactly one file"},
+                               "top_k": _TOP_K}}},
+            "image/*": {"schema": _BINARY},
+            "application/octet-stream": {"schema": _BINARY}}},
+        "responses": {**_ok("the class and class probabilities", Classification),
+                      **_problems(400, 413, 415, 503)}}}
+
+
+def _batch_path(image_rules: str, max_batch_images: int) -> dict[str, Any]:
+    return {"post": {
+        "summary": "Classify several images",
+        "description": f"curl -F images=@a.png -F images=@b.png ... (up to {max_batch_images}); "
+                       "one bad image fails the request, naming it. " + image_rules,
+        "requestBody": {"required": True, "content": {"multipart/form-data": {
+            "schema": {"type": "object", "required": ["images"], "properties": {
+                "images": {"type": "array", "items": _BINARY}, "top_k": _TOP_K}}}}},
+        "responses": {**_ok("one result per image, in upload order", BatchClassification),
+                      **_problems(400, 413, 415, 503)}}}

@@ -4,7 +4,7 @@
                                                         --host/--port say otherwise)
 
 Serves the newest `cifar10-classifier` in the BentoML model store (`$CIFAR_BENTO_MODEL` pins
-another tag), imported from the MLflow champion by `cifar-import-champion` (flows/publish.py),
+another tag), imported from the MLflow champion by `cifar-import-champion` (registry/import_champion.py),
 and swaps in a newer one when the store gets it (serving/live.py). Imports numpy, Pillow,
 onnxruntime and BentoML only: no torch, no Prefect, no MLflow.
 
@@ -101,7 +101,7 @@ class CifarClassifier:
             raise RuntimeError(
                 f"no model {MODEL_TAG} in the BentoML store "
                 f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): import the MLflow champion "
-                "first with `make import-champion` (python -m flows.publish)")
+                "first with `make import-champion` (python -m registry.import_champion)")
         self.batch_sizes = prometheus_client.Histogram(
             "cifar_inference_batch_size", "Images per onnxruntime call (adaptive batching)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))

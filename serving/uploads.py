@@ -171,7 +171,28 @@ async def read_upload(headers: dict[str, str], query: str, stream: AsyncIterator
                       budget: Budget) -> Upload:
     """Read and check one request for `/classify` (`many=False`) or `/classify_batch`."""
     ctype, options = parse_options_header(headers.get("content-type", ""))
-    ctype_s = ctype.decode("latin-1").lower()
+    query_top_k = _query_top_k(query)
+    raw = _check_type(ctype.decode("latin-1").lower(), many, file_field)
+    _check_length(headers.get("content-length"), max_bytes)
+    held = [0]  # bytes taken from the budget so far (given back if the request fails)
+    try:
+        collector = None if raw else _FormCollector(max_parts=max_files + 16)
+        parser = None if collector is None else _multipart_parser(options, collector)
+        body = await _receive(stream, parser, max_bytes, budget, held)
+        if collector is None:
+            return Upload([bytes(body)], parse_top_k(query_top_k), held[0])
+        if not collector.complete:
+            raise BadRequest("the multipart body ends before its closing boundary "
+                             "(truncated upload)", reason="bad_multipart")
+        images, top_k = _form_fields(collector.parts, file_field, many, max_files, query_top_k)
+        return Upload(images, top_k, held[0])
+    except BaseException:
+        budget.give(held[0])
+        raise
+
+
+def _query_top_k(query: str) -> str | None:
+    """The query string's top_k (the only parameter it may carry), unparsed."""
     query_args = parse_qs(query, keep_blank_values=True)
     unknown = sorted(set(query_args) - {"top_k"})
     if unknown:
@@ -179,77 +200,75 @@ async def read_upload(headers: dict[str, str], query: str, stream: AsyncIterator
                          reason="unknown_field")
     if len(query_args.get("top_k", [])) > 1:
         raise BadRequest("top_k given more than once", reason="bad_top_k")
-    query_top_k = query_args.get("top_k", [None])[0]
+    return query_args.get("top_k", [None])[0]
 
-    raw = ctype_s.startswith("image/") or ctype_s in RAW_TYPES
-    if not raw and ctype_s != "multipart/form-data":
+
+def _check_type(ctype: str, many: bool, file_field: str) -> bool:
+    """Whether the body is a raw image (else multipart); 415 for any other content type."""
+    raw = ctype.startswith("image/") or ctype in RAW_TYPES
+    if not raw and ctype != "multipart/form-data":
         how = (f"multipart/form-data (curl -F {file_field}=@cat.png)" if many else
                "multipart/form-data (curl -F image=@cat.png) or the raw image with Content-Type "
                "image/* or application/octet-stream")
-        raise BadRequest(f"Content-Type {ctype_s or '(none)'!r} is not accepted; send {how}",
+        raise BadRequest(f"Content-Type {ctype or '(none)'!r} is not accepted; send {how}",
                          status=415, reason="unsupported_content_type")
     if raw and many:
         raise BadRequest("/classify_batch takes multipart/form-data with one `images` field per "
                          "file; a raw body is one image: POST it to /classify",
                          status=415, reason="unsupported_content_type")
+    return raw
 
-    declared = headers.get("content-length")
-    if declared is not None:
-        if not (declared.isascii() and declared.isdigit()):
-            raise BadRequest(f"invalid Content-Length header {declared[:40]!r}")
-        if int(declared) > max_bytes:
-            raise BadRequest(f"request body of {declared} bytes is over the limit of {max_bytes} "
-                             f"bytes ({max_bytes / 2**20:.1f} MiB); send a smaller image",
-                             status=413, reason="body_too_large")
-    held = 0
+
+def _check_length(declared: str | None, max_bytes: int) -> None:
+    """A declared Content-Length must be a number within the limit (413 over it)."""
+    if declared is None:
+        return
+    if not (declared.isascii() and declared.isdigit()):
+        raise BadRequest(f"invalid Content-Length header {declared[:40]!r}")
+    if int(declared) > max_bytes:
+        raise BadRequest(f"request body of {declared} bytes is over the limit of {max_bytes} "
+                         f"bytes ({max_bytes / 2**20:.1f} MiB); send a smaller image",
+                         status=413, reason="body_too_large")
+
+
+def _multipart_parser(options: dict[bytes, bytes], collector: _FormCollector) -> MultipartParser:
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadRequest("multipart/form-data without a boundary", reason="bad_multipart")
     try:
-        collector = None
-        parser = None
-        body = bytearray()
-        if not raw:
-            boundary = options.get(b"boundary")
-            if not boundary:
-                raise BadRequest("multipart/form-data without a boundary", reason="bad_multipart")
-            collector = _FormCollector(max_parts=max_files + 16)
-            try:
-                parser = MultipartParser(boundary, collector.callbacks())
-            except Exception as exc:  # noqa: BLE001 - e.g. a boundary over 256 characters
-                raise BadRequest(f"malformed multipart header: {exc}",
-                                 reason="bad_multipart") from None
-        received = 0
-        async for chunk in stream:
-            received += len(chunk)
-            if received > max_bytes:
-                raise BadRequest(f"request body of more than {max_bytes} bytes is over the limit "
-                                 f"({max_bytes / 2**20:.1f} MiB); send a smaller image",
-                                 status=413, reason="body_too_large")
-            budget.take(len(chunk))  # what arrived, not what was announced
-            held += len(chunk)
-            if parser is None:
-                body.extend(chunk)
-            else:
-                try:
-                    parser.write(chunk)
-                except BadRequest:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - python-multipart's own errors
-                    raise BadRequest(f"malformed multipart body: {exc}",
-                                     reason="bad_multipart") from None
-        if parser is not None:
-            try:
-                parser.finalize()
-            except Exception as exc:  # noqa: BLE001
-                raise BadRequest(f"malformed multipart body: {exc}", reason="bad_multipart") from None
-            if not collector.complete:
-                raise BadRequest("the multipart body ends before its closing boundary "
-                                 "(truncated upload)", reason="bad_multipart")
-            images, top_k = _form_fields(collector.parts, file_field, many, max_files, query_top_k)
-        else:
-            images, top_k = [bytes(body)], parse_top_k(query_top_k)
-        return Upload(images, top_k, held)
-    except BaseException:
-        budget.give(held)
-        raise
+        return MultipartParser(boundary, collector.callbacks())
+    except Exception as exc:  # noqa: BLE001 - e.g. a boundary over 256 characters
+        raise BadRequest(f"malformed multipart header: {exc}", reason="bad_multipart") from None
+
+
+async def _receive(stream: AsyncIterator[bytes], parser: MultipartParser | None, max_bytes: int,
+                   budget: Budget, held: list[int]) -> bytearray:
+    """Read the body chunk by chunk, each taken from the budget (counted in `held[0]`): into
+    the multipart parser, or (raw) into the bytes returned; 413 past `max_bytes`."""
+    body, received = bytearray(), 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > max_bytes:
+            raise BadRequest(f"request body of more than {max_bytes} bytes is over the limit "
+                             f"({max_bytes / 2**20:.1f} MiB); send a smaller image",
+                             status=413, reason="body_too_large")
+        budget.take(len(chunk))  # what arrived, not what was announced
+        held[0] += len(chunk)
+        if parser is None:
+            body.extend(chunk)
+            continue
+        try:
+            parser.write(chunk)
+        except BadRequest:
+            raise
+        except Exception as exc:  # noqa: BLE001 - python-multipart's own errors
+            raise BadRequest(f"malformed multipart body: {exc}", reason="bad_multipart") from None
+    if parser is not None:
+        try:
+            parser.finalize()
+        except Exception as exc:  # noqa: BLE001
+            raise BadRequest(f"malformed multipart body: {exc}", reason="bad_multipart") from None
+    return body
 
 
 def _form_fields(parts: list[Part], file_field: str, many: bool, max_files: int,

@@ -1,4 +1,4 @@
-"""The champion rule (flows/champion.py) on hand-built models with known behaviour, exported to
+"""The champion rule (registry/champion.py) on hand-built models with known behaviour, exported to
 real ONNX files and registered in a real SQLite MLflow store.
 
 The synthetic images (tests/conftest.py) mark class k with a bright bar across rows 3k..3k+2,
@@ -22,13 +22,13 @@ from torch import nn
 from cifarlab import compare
 from cifarlab.config import preset
 from cifarlab.constants import CLASS_NAMES
-from cifarlab.data import load_cifar10
+from cifarlab.arrays import load_cifar10
 from cifarlab.evaluate import evaluate
 from cifarlab.experiment import config_hash
 from cifarlab.export import export_onnx
 from cifarlab.split import stratified_split
 from cifarlab.tensors import normalize
-from flows import champion, tracking
+from registry import champion, tracking, versions
 
 
 class BarReader(nn.Module):
@@ -51,7 +51,7 @@ class BarReader(nn.Module):
 
 
 @pytest.fixture
-def world(synthetic_cifar, tmp_path, prefect_api):
+def world(synthetic_cifar, tmp_path):
     folder, sums = synthetic_cifar
     data = load_cifar10(folder)
     store = tracking.open_store(tmp_path)
@@ -260,7 +260,7 @@ def test_other_splits_compare_on_the_intersection_and_need_enough_images(world):
 def test_a_split_that_does_not_rebuild_is_not_compared(world):
     _register(world, BarReader(confuse_truck=True), min_shared_images=5)
     store = world["store"]
-    champ = tracking.champion_version(store)
+    champ = versions.champion_version(store)
     store.client.set_tag(champ.run_id, "split_sha256", "0" * 64)  # as if other data
     other = _register(world, BarReader(), split_seed=2, min_shared_images=5)
     assert other.registration.alias == "challenger"
@@ -295,19 +295,19 @@ def test_a_champion_whose_model_cannot_be_fetched_blocks_nothing_and_keeps_the_a
 
     _register(world, BarReader(confuse_truck=True), min_shared_images=5)
     store = world["store"]
-    champ = tracking.champion_version(store)
-    location = urlsplit(tracking.version_uri(store, champ)).path
+    champ = versions.champion_version(store)
+    location = urlsplit(versions.version_uri(store, champ)).path
     shutil.rmtree(location)  # the champion's files are gone from the artifact store
     done = _register(world, BarReader(), min_shared_images=5)
     assert done.registration.alias == "challenger"
     assert "could not be fetched or run" in done.registration.reason
-    assert tracking.champion_version(store).version == champ.version
+    assert versions.champion_version(store).version == champ.version
 
 
 def test_a_run_without_a_recorded_split_is_not_compared(world):
     _register(world, BarReader(confuse_truck=True), min_shared_images=5)
     store = world["store"]
-    champ = tracking.champion_version(store)
+    champ = versions.champion_version(store)
     store.client.delete_tag(champ.run_id, "split_sha256")
     done = _register(world, BarReader(), min_shared_images=5)
     assert done.registration.alias == "challenger"
@@ -316,10 +316,12 @@ def test_a_run_without_a_recorded_split_is_not_compared(world):
 
 def test_racing_registrations_always_leave_the_better_model_champion(world):
     """Two runs finishing at the same moment, 20 times (a fresh model name each time): the
-    registry lock (flows/locks.py) judges them one after the other, so the better one is
-    champion whichever comes first, and creating the model name twice is no error."""
+    registry lock (a threading.Lock here; a Prefect lease in the flows) makes them register one
+    after the other, so the better one is champion whichever comes first, and creating the
+    model name twice is no error."""
     import threading
 
+    lock = threading.Lock()
     better_onnx = export_onnx(BarReader(), world["tmp"] / "better.onnx")
     worse_onnx = export_onnx(BarReader(confuse_truck=True), world["tmp"] / "worse.onnx")
     store, outcomes = world["store"], []
@@ -336,7 +338,7 @@ def test_racing_registrations_always_leave_the_better_model_champion(world):
             try:
                 champion.register(store, run_id, logged.model_uri, path, world["data"],
                                   tags={}, model_id=logged.model_id, min_shared_images=50,
-                                  name=name)
+                                  name=name, lock=lock)
             except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(f"{kind}: {exc!r}")
 
@@ -374,7 +376,7 @@ def test_a_registration_that_failed_half_way_is_not_registered_twice(world, monk
     (version,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     assert str(version.version) == done.registration.version != str(left.version)
     assert version.tags["registration"] == "complete"
-    assert tracking.champion_version(store).version == version.version
+    assert versions.champion_version(store).version == version.version
 
 
 def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone(world,
@@ -384,14 +386,14 @@ def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone
     champion it was judged against, removes the half-done version and registers the run once."""
     store = world["store"]
     _register(world, BarReader(confuse_truck=True), min_shared_images=5)
-    old = tracking.champion_version(store)
+    old = versions.champion_version(store)
     run_id, logged, path = _logged_run(world, BarReader())
     from mlflow import MlflowClient
 
     real = MlflowClient.set_model_version_tag
 
     def gone(self, name, version, key, value):
-        if key == tracking.REGISTRATION_TAG:
+        if key == versions.REGISTRATION_TAG:
             raise ConnectionError("tracking server went away")
         return real(self, name, version, key, value)
 
@@ -403,8 +405,8 @@ def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone
     (half,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     half = store.client.get_model_version(half.name, half.version)
     assert half.tags["registration"] == "unfinished" and "champion" in half.aliases
-    assert tracking.drop_unfinished_versions(store, run_id) == [str(half.version)]
-    assert tracking.champion_version(store).version == old.version  # given back
+    assert versions.drop_unfinished_versions(store, run_id) == [str(half.version)]
+    assert versions.champion_version(store).version == old.version  # given back
     done = champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
                              model_id=logged.model_id, min_shared_images=5)
     (version,) = store.client.search_model_versions(f"run_id = '{run_id}'")
@@ -417,21 +419,16 @@ def test_champion_only_work_is_done_for_a_promotion_outside_the_lock(world, monk
     """`champion_tags` (the int8 twin in the flow) runs only for a version that is promoted,
     before the registry lock is taken; its tags are on the champion version. If it fails,
     nothing is registered and the next registration goes through."""
-    from flows import locks
-
     held = []
-    real = locks.exclusive
 
     @contextlib.contextmanager
-    def tracked(kind, key, *args, **kwargs):
-        with real(kind, key, *args, **kwargs):
-            held.append(kind)
-            try:
-                yield
-            finally:
-                held.remove(kind)
+    def tracked():
+        held.append("registry")
+        try:
+            yield
+        finally:
+            held.remove("registry")
 
-    monkeypatch.setattr(locks, "exclusive", tracked)
     calls = []
 
     def twin_tags():
@@ -439,7 +436,7 @@ def test_champion_only_work_is_done_for_a_promotion_outside_the_lock(world, monk
         return {"int8_servable": "true"}
 
     first = _register(world, BarReader(confuse_truck=True), min_shared_images=50,
-                      champion_tags=twin_tags)
+                      champion_tags=twin_tags, lock=tracked())
     assert first.registration.alias == "champion" and calls == [[]]  # once, lock not held
     client = world["store"].client
     mv = client.get_model_version(first.registration.name, first.registration.version)

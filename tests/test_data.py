@@ -8,12 +8,11 @@ import pickle
 import pickletools
 import shutil
 import threading
-import time
 
 import pytest
 
-from cifarlab.data import (DataError, DownloadError, UnsafePickleError, load_cifar10, load_pickle,
-                           md5_of, prepare_cifar10, verify_folder)
+from cifarlab.data import DataError, DownloadError, UnsafePickleError, md5_of, prepare_cifar10, verify_folder
+from cifarlab.arrays import load_cifar10, load_pickle
 
 
 class _Server:
@@ -168,7 +167,7 @@ def test_mirror_folder_with_bad_file_fails(synthetic_cifar, tmp_path, damage):
 
 
 def test_a_verified_mirror_is_stamped_outside_it_and_damage_after_the_stamp_is_caught(
-        synthetic_cifar, tmp_path):
+        synthetic_cifar, tmp_path, data_clock):
     folder, sums = synthetic_cifar
     mirror = tmp_path / "mirror"
     shutil.copytree(folder, mirror)
@@ -177,7 +176,7 @@ def test_a_verified_mirror_is_stamped_outside_it_and_damage_after_the_stamp_is_c
     # clock tick as the check would not have moved their times.
     prepare_cifar10(tmp_path / "data", str(mirror), checksums=sums)
     assert not list((tmp_path / "data" / ".verified").glob("verified-*.json"))
-    time.sleep(1.1)
+    data_clock.advance(1.1)
     prepare_cifar10(tmp_path / "data", str(mirror), checksums=sums)
     assert sorted(p.name for p in mirror.iterdir()) == listing  # nothing written into a mirror
     assert len(list((tmp_path / "data" / ".verified").glob("verified-*.json"))) == 1
@@ -200,7 +199,7 @@ def test_a_verified_mirror_is_stamped_outside_it_and_damage_after_the_stamp_is_c
 
     victim = folder_copy = tmp_path / "mirror2"
     shutil.copytree(folder, folder_copy)
-    time.sleep(1.1)
+    data_clock.advance(1.1)
     prepare_cifar10(tmp_path / "data", str(folder_copy), checksums=sums)
     assert len(list((tmp_path / "data" / ".verified").glob("verified-*.json"))) == 3
     target = victim / "batches.meta"
@@ -325,7 +324,7 @@ def test_arrays_are_cached_once_and_mapped_by_later_processes_while_the_files_ar
     instead of unpickling, until a file changes (size, inode or times)."""
     import torch
 
-    from cifarlab import data
+    from cifarlab import arrays as data
 
     folder = tmp_path / "cifar-10-batches-py"
     shutil.copytree(synthetic_cifar[0], folder)

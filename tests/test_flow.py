@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ParameterTypeError
 
 from cifarlab.export import ParityError
-from flows.tracking import REGISTERED_MODEL, TrackingUnavailable, bool_tag
+from registry import hosts
+from registry.tracking import REGISTERED_MODEL, TrackingUnavailable, bool_tag
 from flows.train_flow import train_cifar
 
 
@@ -40,7 +40,8 @@ def _client(root) -> MlflowClient:
 
 
 def _bento_store():
-    from flows.publish import bentoml_home, model_store
+    from registry.import_champion import bentoml_home
+    from tests.conftest import bento_model_store as model_store
 
     return model_store(bentoml_home())
 
@@ -130,10 +131,11 @@ def _assert_val_accuracy_is_the_served_files(client, run, uri):
     """The validation accuracy on the run is what onnxruntime gets from the registered file."""
     import tempfile
 
-    from cifarlab.data import load_cifar10
+    from cifarlab.arrays import load_cifar10
     from cifarlab.export import evaluate_onnx
     from cifarlab.split import stratified_split
-    from flows.tracking import Store, download_onnx, version_uri
+    from registry.tracking import Store
+    from registry.versions import download_onnx, version_uri
 
     p = run.data.params
     data = load_cifar10(Path(p["data.source"]))
@@ -147,7 +149,7 @@ def _assert_val_accuracy_is_the_served_files(client, run, uri):
                                data.train_labels[split.val_idx])
         # The run's record of those classes (what a later champion comparison reads) is this
         # file's, on these images.
-        from flows.champion import recorded_predictions
+        from registry.champion import recorded_predictions
         recorded = recorded_predictions(store, run.info.run_id, onnx_file)
     assert recorded is not None
     np.testing.assert_array_equal(recorded[0], split.val_idx)
@@ -227,9 +229,9 @@ def test_a_sweep_builds_the_int8_twin_of_the_run_it_promotes(data, synthetic_cif
 
     from prefect import flow
 
-    from cifarlab.data import load_cifar10
-    from flows import tracking
-    from flows.sweep_flow import _build_int8_twin
+    from cifarlab.arrays import load_cifar10
+    from registry import tracking, versions
+    from flows.sweep_registration import build_int8_twin
 
     result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path),
                          skip_registry=True, int8="never")
@@ -242,11 +244,11 @@ def test_a_sweep_builds_the_int8_twin_of_the_run_it_promotes(data, synthetic_cif
         store = tracking.open_store(tmp_path)
         folder = tmp_path / f"twin-{other_labels}"
         folder.mkdir()
-        onnx_path = tracking.download_onnx(store, run.data.tags["onnx_model_uri"], folder)
+        onnx_path = versions.download_onnx(store, run.data.tags["onnx_model_uri"], folder)
         cifar = load_cifar10(synthetic_cifar[0])
         if other_labels:  # other data: the run's split does not rebuild on it
             cifar = dataclasses.replace(cifar, train_labels=cifar.train_labels.flip(0))
-        return _build_int8_twin(store, run, onnx_path, cifar, folder)
+        return build_int8_twin(store, run, onnx_path, cifar, folder)
 
     assert register_side(True) == {}
     assert "int8_val_accuracy" not in client.get_run(run.info.run_id).data.metrics
@@ -265,11 +267,11 @@ def test_a_sweep_registers_nothing_trained_on_other_data(data, synthetic_cifar, 
     run whose data fingerprint is not theirs is refused, naming both, and nothing registered."""
     from prefect import flow
 
-    from cifarlab.data import load_cifar10
+    from cifarlab.arrays import load_cifar10
     from cifarlab.experiment import DataBundle
-    from flows import sweep as sw
-    from flows import tracking
-    from flows.sweep_flow import PointFailed, _register_best
+    from cifarlab import sweep as sw
+    from registry import tracking
+    from flows.sweep_registration import PointFailed, register_candidate
 
     result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path),
                          skip_registry=True, int8="never")
@@ -284,7 +286,7 @@ def test_a_sweep_registers_nothing_trained_on_other_data(data, synthetic_cifar, 
     @flow
     def register_on(fingerprint: str) -> None:
         bundle = DataBundle(synthetic_cifar[0], load_cifar10(synthetic_cifar[0]), fingerprint)
-        _register_best(tracking.open_store(tmp_path), best, [outcome], "s1", bundle, 1, None)
+        register_candidate(tracking.open_store(tmp_path), best, [outcome], "s1", bundle, 1, None)
 
     with pytest.raises(PointFailed, match=f"trained on data {run.data.tags['data_fingerprint']}"
                                           ", but this host loaded data 0123456789abcdef"):
@@ -346,20 +348,21 @@ def _count_calls(monkeypatch, module, name: str) -> list:
 
 
 def test_data_is_verified_and_read_once_per_run_and_a_changed_file_is_caught(
-        synthetic_cifar, tmp_path, monkeypatch):
+        synthetic_cifar, tmp_path, monkeypatch, data_clock):
     import os
     import shutil
 
+    from cifarlab import arrays
     from cifarlab import data as cdata
 
     _, sums = synthetic_cifar
     mirror = tmp_path / "mirror"  # a mirror of our own: this test changes a file's mtime
     shutil.copytree(synthetic_cifar[0], mirror)
-    time.sleep(1.1)  # files changed within the last second are never stamped (data.py)
+    data_clock.advance(1.1)  # files changed within the last second are never stamped (data.py)
     data = {"source": str(mirror), "checksums": sums, "train_size": 240, "val_size": 60}
     hashed = _count_calls(monkeypatch, cdata, "md5_of")
-    read = _count_calls(monkeypatch, cdata, "_read_batch")
-    cdata._LOADED.clear()
+    read = _count_calls(monkeypatch, arrays, "_read_batch")
+    arrays._LOADED.clear()
 
     def run():
         before = len(hashed), len(read)
@@ -369,8 +372,11 @@ def test_data_is_verified_and_read_once_per_run_and_a_changed_file_is_caught(
 
     assert run() == (len(sums), 6)  # first run: every file hashed once, read once
     assert run() == (0, 0)  # same process, unchanged files: stat only, arrays held
-    cdata._LOADED.clear()  # a new process
-    assert run() == (0, 6)  # ...reads the files, hashes nothing
+    arrays._LOADED.clear()  # a new process...
+    assert run() == (0, 0)  # ...maps the root's cached arrays, hashes nothing
+    shutil.rmtree(tmp_path / "root" / "data" / ".arrays")
+    arrays._LOADED.clear()  # a new process without the cache reads the files once
+    assert run() == (0, 6)
     # A file rewritten since it verified is hashed again: its bytes are caught.
     victim = mirror / "test_batch"
     victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
@@ -551,7 +557,7 @@ def _flow_run(state):
 
 
 def _foreign_run(tmp_path, chash, flow_run_id, **tags):
-    from flows import tracking
+    from registry import tracking
 
     store = tracking.open_store(tmp_path)
     run_id = tracking.start_run(store, "elsewhere", {}, {
@@ -564,7 +570,7 @@ def test_a_live_run_of_the_same_config_is_left_alone(data, tmp_path):
     alive): a new flow run starts its own MLflow run and touches nothing of the other."""
     from prefect.states import Running
 
-    from flows.tracking import process_tags
+    from registry.hosts import process_tags
 
     train = {**FAST_TRAIN, "epochs": 1}
     other = _flow_run(Running())
@@ -590,7 +596,7 @@ def test_a_run_whose_process_died_on_this_host_is_ended_and_resumed(data, tmp_pa
 
     from prefect.states import Running
 
-    from flows.tracking import host_name
+    from registry.hosts import host_name
 
     train = {**FAST_TRAIN, "epochs": 1}
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -635,11 +641,11 @@ def test_the_reaper_judges_only_processes_of_this_host(tmp_path):
     shares this host's name, or in another container on this kernel, is someone's live run:
     left alone. The same run of this host (this boot, or an earlier boot of this machine) is
     failed and its flow run told."""
-    from flows import tracking
+    from registry import tracking
 
     store = tracking.open_store(tmp_path)
-    pid, here = _dead_pid(), tracking.host_identity()
-    name = tracking.host_name()
+    pid, here = _dead_pid(), hosts.host_identity()
+    name = hosts.host_name()
     runs = {
         "other host": {"host": "gpu-host-b", **here},
         "same name, other machine": {"host": name, **here, "host_machine": "m" * 12,
@@ -668,7 +674,7 @@ def test_a_resume_claim_names_its_new_owner_before_it_says_running(tmp_path, mon
     """A reaper that reads the run the moment it turns RUNNING already sees the new owner."""
     from mlflow import MlflowClient
 
-    from flows import tracking
+    from registry import tracking
 
     store = tracking.open_store(tmp_path)
     run_id = tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "ended"})
@@ -689,7 +695,7 @@ def test_a_resume_claim_names_its_new_owner_before_it_says_running(tmp_path, mon
 def test_the_reaper_never_fails_a_run_claimed_while_it_judged(tmp_path):
     """Between the reaper's search and its verdict another flow run resumes the run (it was
     failed by a third party and claimed): the reaper sees the new owner and leaves it."""
-    from flows import tracking
+    from registry import tracking
 
     store = tracking.open_store(tmp_path)
     run_id = tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "ended"})
@@ -697,7 +703,7 @@ def test_the_reaper_never_fails_a_run_claimed_while_it_judged(tmp_path):
     def ended_and_meanwhile_claimed(flow_run_id):
         store.client.set_terminated(run_id, "FAILED")  # another reaper got there first
         tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "new-owner",
-                                                 **tracking.process_tags()},
+                                                 **hosts.process_tags()},
                            resume=store.client.get_run(run_id))
         return flow_run_id != "ended"
 
@@ -711,7 +717,7 @@ def test_a_flow_run_is_crashed_only_for_the_attempt_that_died():
     """The dead process ran attempt N; a retry (attempt N+1) running elsewhere is left alone."""
     from prefect.states import Running
 
-    from flows.train_flow import crash_flow_run
+    from flows.runs import crash_flow_run
 
     flow_run = _flow_run(Running())
     with get_client(sync_client=True) as client:

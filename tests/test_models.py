@@ -9,7 +9,8 @@ import torch
 from pydantic import ValidationError
 
 from cifarlab.config import PRESETS, ModelConfig, preset
-from flows.sweep import STUDIES, expand
+from cifarlab.studies import STUDIES
+from cifarlab.sweep import expand
 from models import MODELS, OPTION_CHECKS, build_model, check_options, model_names
 
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cifarlab.config import preset
 from cifarlab.optim import MuonSGD, orthogonalize
-from cifarlab.train import make_optimizer
+from cifarlab.optim import make_optimizer
 from models import build_model
 
 

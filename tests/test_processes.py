@@ -1,4 +1,4 @@
-"""How the stacks start and stop their processes (flows/stack.py): nothing they started may
+"""How the stacks start and stop their processes (stacks/): nothing they started may
 outlive them, and a child that dies is reported, not waited on for ever."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from flows.processes import Services, signals_deferred, stop_process, wait_for_signal
+from stacks.processes import Services, signals_deferred, stop_process, wait_for_signal
 
 # A parent that starts a child in a session of its own (as Prefect's process worker starts a
 # flow run), prints the child's pid and waits; the child ignores SIGTERM, as a flow run busy
@@ -115,8 +115,8 @@ def test_a_start_that_fails_at_a_step_stops_what_the_earlier_steps_started(tmp_p
     stopped before the error reaches the caller (no server needed: the steps are replaced)."""
     import pytest
 
-    from flows.processes import StackError
-    from flows.stack import LocalStack
+    from stacks.processes import StackError
+    from stacks.local import LocalStack
 
     stack = LocalStack(root=tmp_path, prefect_home=tmp_path / "home")
     started = []
@@ -140,8 +140,8 @@ def test_deployment_parameters_are_read_as_prefect_reads_them():
     """KEY=VALUE with JSON values, else plain strings, as `prefect deployment run --param`."""
     import pytest
 
-    from flows.processes import StackError
-    from flows.stack import parse_params
+    from stacks.processes import StackError
+    from stacks.prefect_api import parse_params
 
     assert parse_params(["preset=seed-baseline", 'train={"epochs": 2}', "seeds=3",
                          "x=a b", "flag=true"]) == {
@@ -155,7 +155,7 @@ def test_deployment_parameters_are_read_as_prefect_reads_them():
 def test_the_zombie_automation_is_a_valid_prefect_automation_with_a_long_description():
     from prefect.events.schemas.automations import AutomationCore
 
-    from flows.stack import zombie_automation
+    from stacks.local import zombie_automation
 
     text = "x" * 200
     automation = AutomationCore.model_validate(zombie_automation(90, text))

@@ -27,7 +27,8 @@ from cifarlab.config import preset
 from cifarlab.constants import CLASS_NAMES
 from cifarlab.experiment import run_experiment
 from cifarlab.tensors import normalize
-from flows.processes import BentoServer
+from stacks.processes import BentoServer
+from tests.conftest import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 2 * 1024 * 1024  # the server under test runs with a 2 MiB body limit
@@ -61,8 +62,66 @@ class Served:
         return torch.softmax(logits.double(), dim=1).numpy()
 
 
+class InProcess:
+    """The service's own routes (serving/http.py: upload parsing, decoding, refusals) called
+    in-process through Starlette's test client, on a real model in this session's BentoML store:
+    no `bentoml serve`, so the request-validation cases run in the fast tier."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def post(self, path="/classify", files=None, data=None, **kw):
+        return self.client.post(path, files=files, data=data, **kw)
+
+    def post_body(self, path: str, body: bytes, content_type: str, **query):
+        return self.client.post(path, content=body, params=query,
+                                headers={"Content-Type": content_type})
+
+    def classify(self, content: bytes, name="img.png", mime="image/png", **fields):
+        return self.post(files={"image": (name, content, mime)}, data=fields)
+
+    def classify_raw(self, content: bytes, mime="image/png", **query):
+        return self.post_body("/classify", content, mime, **query)
+
+    def get(self, path: str):
+        return self.client.get(path)
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, synthetic_cifar, prefect_api):
+def local(tmp_path_factory):
+    """An untrained seed-baseline net exported to ONNX (what is checked here is the request
+    handling, not the answers), put into the session's BentoML store as the importer does, and
+    served by the routes of serving/http.py with the limits the real server gets below."""
+    import bentoml
+    from starlette.testclient import TestClient
+
+    from cifarlab.constants import MEAN, STD
+    from cifarlab.export import export_onnx
+    from models import build_model
+    from serving.http import Front, Routes, Settings
+    from serving.live import LiveModel, load
+    from serving.preprocess import DEFAULT_MAX_PIXELS
+
+    torch.manual_seed(0)
+    onnx_path = export_onnx(build_model("seed-baseline").eval(),
+                            tmp_path_factory.mktemp("local") / "model.onnx")
+    with bentoml.models.create("cifar10-classifier-inprocess", labels={"source": "test"},
+                               metadata={"class_names": list(CLASS_NAMES), "mean": list(MEAN),
+                                         "std": list(STD), "onnx_file": "model.onnx",
+                                         "mlflow_version": "1"}) as bm:
+        Path(bm.path_of("model.onnx")).write_bytes(onnx_path.read_bytes())
+    loaded = load(bentoml.models.get(bm.tag), threads=1, batch_size=64, wait_ms=0,
+                  on_batch=None)
+    routes = Routes()
+    routes.front = Front(LiveModel(loaded, lambda: None, lambda _stored: loaded), Settings(
+        max_upload_bytes=UPLOAD_LIMIT, max_inflight_bytes=INFLIGHT_BUDGET,
+        max_batch_images=256, max_pixels=DEFAULT_MAX_PIXELS))
+    with TestClient(routes.app) as client:
+        yield InProcess(client)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, synthetic_cifar):
     root = tmp_path_factory.mktemp("serving")
     real = Path(os.environ.get("CIFAR10_SOURCE") or ROOT.parent / "shared/cifar10/cifar-10-batches-py")
     if (real / "test_batch").is_file():
@@ -75,9 +134,9 @@ def served(tmp_path_factory, synthetic_cifar, prefect_api):
     model = outcome.trained.model.eval().float()
     onnx_path = outcome.exported.path
 
-    # Log and register as train-cifar does (flows.tracking), into this test's own store.
+    # Log and register as train-cifar does (registry.tracking), into this test's own store.
     from cifarlab.constants import MEAN, STD
-    from flows import champion, tracking
+    from registry import champion, tracking
 
     store = tracking.open_store(root)
     run_id = tracking.start_run(store, "serving-test", {"preset": config.preset}, {})
@@ -109,7 +168,7 @@ def served(tmp_path_factory, synthetic_cifar, prefect_api):
     env = {"CIFAR_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "CIFAR_ACCESS_LOG": "false",
            "CIFAR_MAX_INFLIGHT_BYTES": str(INFLIGHT_BUDGET)}
     import_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    imported = subprocess.run([sys.executable, "-m", "flows.publish", "--root", str(root)],
+    imported = subprocess.run([sys.executable, "-m", "registry.import_champion", "--root", str(root)],
                               cwd=ROOT, env={**import_env, "BENTOML_HOME": str(home)},
                               capture_output=True, text=True, timeout=120)
     assert imported.returncode == 0, imported.stderr
@@ -119,6 +178,7 @@ def served(tmp_path_factory, synthetic_cifar, prefect_api):
         yield Served(url, model, d.test_images, d.test_labels, home, root)
 
 
+@pytest.mark.e2e
 def test_classify_answers_class_probabilities_and_model_version(served):
     r = served.classify(_png(served.images[0].permute(1, 2, 0).numpy()), top_k=5)
     assert r.status_code == 200, r.text
@@ -132,9 +192,10 @@ def test_classify_answers_class_probabilities_and_model_version(served):
     assert body["image"] == {"format": "PNG", "width": 32, "height": 32, "mode": "RGB", "frames": 1}
 
 
+@pytest.mark.e2e
 def test_curl_upload_as_in_the_readme(served, tmp_path):
     if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
+        missing("curl", "the README's command is run as written")
     png = tmp_path / "cat.png"
     png.write_bytes(_png(served.images[3].permute(1, 2, 0).numpy()))
     out = subprocess.run(["curl", "-s", "-F", f"image=@{png}", served.url + "/classify"],
@@ -142,6 +203,7 @@ def test_curl_upload_as_in_the_readme(served, tmp_path):
     assert json.loads(out.stdout)["class_id"] == int(served.torch_probs(served.images[3:4]).argmax())
 
 
+@pytest.mark.e2e
 def test_endpoint_classes_equal_pytorch_on_300_test_images(served):
     n = 300
     expected = served.torch_probs(served.images[:n])
@@ -158,6 +220,7 @@ def test_endpoint_classes_equal_pytorch_on_300_test_images(served):
     assert (got[clear] == want[clear]).all(), np.flatnonzero((got != want) & clear)
 
 
+@pytest.mark.e2e
 def test_200_concurrent_requests_each_get_their_own_answer(served):
     n = 200
     expected = served.torch_probs(served.images[:n])
@@ -239,11 +302,11 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case,files,fields,status,text", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_gets_4xx_json(served, case, files, fields, status, text):
+def test_bad_input_gets_4xx_json(local, case, files, fields, status, text):
     if files is None and fields:  # a plain form without files: still multipart, as curl -F sends
         files = {k: (None, v) for k, v in fields.items()}
         fields = None
-    r = served.post(files=files, data=fields)
+    r = local.post(files=files, data=fields)
     assert r.status_code == status, r.text
     body = r.json()
     assert text in body["error"] and body["reason"]
@@ -267,34 +330,32 @@ RAW_BAD_INPUTS = [
 
 @pytest.mark.parametrize("case,content,mime,status,text", RAW_BAD_INPUTS,
                          ids=[b[0] for b in RAW_BAD_INPUTS])
-def test_bad_raw_body_gets_4xx_json(served, case, content, mime, status, text):
-    r = served.classify_raw(content, mime)
+def test_bad_raw_body_gets_4xx_json(local, case, content, mime, status, text):
+    r = local.classify_raw(content, mime)
     assert r.status_code == status, r.text
     assert text in r.json()["error"]
 
 
-def test_bad_top_k_in_the_query_gets_400(served):
+def test_bad_top_k_in_the_query_gets_400(local):
     for value in ("0", "11", "3.5", "[[[[", "", "²", "7" * 5000):
-        r = served.classify_raw(_good_png(), top_k=value)
+        r = local.classify_raw(_good_png(), top_k=value)
         assert r.status_code == 400 and "top_k" in r.json()["error"], (value, r.text)
-    r = served.classify_raw(_good_png(), colour="red")
+    r = local.classify_raw(_good_png(), colour="red")
     assert r.status_code == 400 and "colour" in r.json()["error"]
 
 
-def test_a_multipart_body_cut_before_its_closing_boundary_is_a_400(served):
+def test_a_multipart_body_cut_before_its_closing_boundary_is_a_400(local):
     body = (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n" + _good_png() + b"\r\n--xyz--\r\n")
     for cut in (len(body) - 9, len(body) - 40, 120):
-        r = requests.post(served.url + "/classify", data=body[:cut], timeout=30,
-                          headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+        r = local.post_body("/classify", body[:cut], "multipart/form-data; boundary=xyz")
         assert r.status_code == 400 and r.json()["reason"] in ("bad_multipart", "missing_image"), \
             (cut, r.text)
-    r = requests.post(served.url + "/classify", data=body, timeout=30,
-                      headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    r = local.post_body("/classify", body, "multipart/form-data; boundary=xyz")
     assert r.status_code == 200, r.text
 
 
-def test_a_png_with_a_huge_text_chunk_is_refused_without_expanding_it(served):
+def test_a_png_with_a_huge_text_chunk_is_refused_without_expanding_it(local):
     """A 32x32 PNG whose zTXt chunk would expand to 64 MB: refused (400), quickly."""
     import struct
     import time
@@ -306,12 +367,12 @@ def test_a_png_with_a_huge_text_chunk_is_refused_without_expanding_it(served):
         ">I", zlib.crc32(b"zTXt" + text) & 0xFFFFFFFF)
     bomb = png[:33] + chunk + png[33:]  # after IHDR
     started = time.perf_counter()
-    r = served.classify_raw(bomb)
+    r = local.classify_raw(bomb)
     assert r.status_code == 400 and r.json()["reason"] == "corrupt", r.text
     assert time.perf_counter() - started < 2
 
 
-def test_a_cut_animated_gif_is_a_400_at_every_offset(served):
+def test_a_cut_animated_gif_is_a_400_at_every_offset(local):
     """Pillow raises IndexError or struct.error while seeking the frames of some cut-off GIFs:
     each cut must still be a 200 (the frames that are there) or a 4xx, never a 500."""
     frames = [Image.new("RGB", (24, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
@@ -319,31 +380,30 @@ def test_a_cut_animated_gif_is_a_400_at_every_offset(served):
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
     gif = buf.getvalue()
     statuses = {}
-    with requests.Session() as s:
-        for cut in range(1, len(gif)):
-            r = s.post(served.url + "/classify", data=gif[:cut],
-                       headers={"Content-Type": "image/gif"}, timeout=60)
-            statuses.setdefault(r.status_code, []).append(cut)
-            if r.status_code != 200:
-                assert r.json()["reason"], r.text
+    for cut in range(1, len(gif)):
+        r = local.post_body("/classify", gif[:cut], "image/gif")
+        statuses.setdefault(r.status_code, []).append(cut)
+        if r.status_code != 200:
+            assert r.json()["reason"], r.text
     assert set(statuses) <= {200, 400, 415}, {k: v[:5] for k, v in statuses.items()}
     assert 400 in statuses  # most cuts are corrupt
 
 
-def test_batch_names_the_bad_image(served):
+def test_batch_names_the_bad_image(local):
     files = [("images", ("a.png", _good_png(), "image/png")),
              ("images", ("b.txt", b"not an image", "text/plain"))]
-    r = served.post("/classify_batch", files=files)
+    r = local.post("/classify_batch", files=files)
     assert r.status_code == 415 and r.json()["error"].startswith("image 1 ")
 
 
-def test_batch_over_the_image_limit_is_413(served):
+def test_batch_over_the_image_limit_is_413(local):
     png = _good_png()
     files = [("images", (f"{i}.png", png, "image/png")) for i in range(257)]
-    r = served.post("/classify_batch", files=files)
+    r = local.post("/classify_batch", files=files)
     assert r.status_code == 413 and "257 images" in r.json()["error"]
 
 
+@pytest.mark.e2e
 def test_rejections_are_counted_in_metrics(served):
     served.classify(b"definitely not an image", name="x.txt", mime="text/plain")
     metrics = requests.get(served.url + "/metrics", timeout=10).text
@@ -351,6 +411,7 @@ def test_rejections_are_counted_in_metrics(served):
                and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
 
 
+@pytest.mark.e2e
 def test_server_still_healthy_after_bad_input(served):
     for _, files, fields, _, _ in BAD_INPUTS:
         served.post(files=files or {k: (None, v) for k, v in fields.items()}, data=None)
@@ -359,7 +420,7 @@ def test_server_still_healthy_after_bad_input(served):
     assert r.status_code == 200 and r.json()["label"]
 
 
-def test_real_world_images(served):
+def test_real_world_images(local):
     """A large JPEG, an animated GIF, a 16-bit PNG, a palette PNG with transparency, CMYK JPEG."""
     rng = np.random.default_rng(0)
     # A smooth 1600x1200 "photo": noise at 40x30, scaled up (compresses like a real photo).
@@ -379,19 +440,20 @@ def test_real_world_images(served):
     buf = io.BytesIO(); photo.resize((300, 200)).save(buf, "WEBP"); cases.append(("WEBP", buf.getvalue(), 1))
     buf = io.BytesIO(); photo.resize((50, 30)).convert("1").save(buf, "BMP"); cases.append(("BMP", buf.getvalue(), 1))
     for fmt, content, frames_n in cases:
-        r = served.classify(content, name="upload", mime="application/octet-stream")
+        r = local.classify(content, name="upload", mime="application/octet-stream")
         assert r.status_code == 200, (fmt, r.text)
         assert r.json()["image"]["format"] == fmt and r.json()["image"]["frames"] == frames_n
 
 
-def test_openapi_documents_the_endpoints(served):
-    spec = requests.get(served.url + "/docs.json", timeout=10).json()
+def test_openapi_documents_the_endpoints(local):
+    spec = local.get("/docs.json").json()
     for path in ("/classify", "/classify_batch"):
         assert "post" in spec["paths"][path]
     text = json.dumps(spec)
     assert "curl -F image=@cat.png" in text and '"cat"' in text  # description and examples
 
 
+@pytest.mark.e2e
 def test_model_card_is_served_and_answers_point_at_it(served):
     import requests
 
@@ -402,7 +464,7 @@ def test_model_card_is_served_and_answers_point_at_it(served):
     # Why int8 would or would not be served here: the twin's verdict and the CPU it was judged on.
     from cifarlab.cpu import has_int8_dot_product
 
-    from flows.publish import model_store
+    from tests.conftest import bento_model_store as model_store
     from serving.schemas import ModelCard
 
     meta = model_store(served.home).get("cifar10-classifier:latest").info.metadata
@@ -419,6 +481,7 @@ def test_model_card_is_served_and_answers_point_at_it(served):
 
 # --- the raw-body path, the version on every answer, the documented schema -----------------
 
+@pytest.mark.e2e
 def test_raw_body_answers_as_multipart_does_with_the_version_header(served):
     from serving.schemas import Classification
 
@@ -460,6 +523,7 @@ def _until_in_progress(url: str, endpoint: str, n: int, timeout_s: float = 30.0)
         time.sleep(0.05)
 
 
+@pytest.mark.e2e
 def test_heavy_small_files_do_not_stall_other_clients(served, tmp_path):
     """On a one-worker server (so the ordinary client cannot dodge to an idle worker), two
     batches of twelve 36-megapixel 1-bit PNGs (11 KB each) decode while an ordinary client
@@ -489,6 +553,7 @@ def test_heavy_small_files_do_not_stall_other_clients(served, tmp_path):
     assert max(waits) < 1.0, waits
 
 
+@pytest.mark.e2e
 def test_uploads_over_the_budget_get_503_with_retry_after(served):
     """Six clients each send 0.6 of a worker's upload budget and hold back the last bytes:
     each of the two workers can hold one body, the others are refused as soon as their bytes
@@ -546,12 +611,13 @@ def test_uploads_over_the_budget_get_503_with_retry_after(served):
 
 # --- the page at /, in a real browser ----------------------------------------------------------
 
+@pytest.mark.e2e
 def test_the_page_classifies_a_dropped_image_in_chromium(served, tmp_path):
     """Headless Chromium (Debian's chromium + chromedriver, driven by Selenium) opens /, picks a
     real CIFAR-10 test image in the file input, and the page shows its class (the endpoint's
     answer), the top-3 bars, the model version and a latency; a screenshot is saved."""
     if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
-        pytest.skip("chromium and chromedriver are not installed (.ci/run installs them)")
+        missing("chromium and chromedriver", "the page is driven in a real browser")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -597,6 +663,7 @@ def test_the_page_classifies_a_dropped_image_in_chromium(served, tmp_path):
         driver.quit()
 
 
+@pytest.mark.e2e
 def test_docs_page_and_openapi(served):
     page = requests.get(served.url + "/docs", timeout=10)
     assert page.status_code == 200 and "swagger-ui" in page.text
@@ -607,6 +674,7 @@ def test_docs_page_and_openapi(served):
 
 # --- a new champion swapped in while clients keep asking -----------------------------------
 
+@pytest.mark.e2e
 def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served, tmp_path,
                                                                           monkeypatch):
     """A server of its own (a copy of the store, following it every second) answers four
@@ -661,7 +729,7 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
                 description=old.description, model_id=old.model_id)
             client_.set_registered_model_alias("cifar10-classifier", "champion", new.version)
             imported = subprocess.run(
-                [sys.executable, "-m", "flows.publish", "--tracking-uri", uri], cwd=ROOT,
+                [sys.executable, "-m", "registry.import_champion", "--tracking-uri", uri], cwd=ROOT,
                 env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True,
                 timeout=120)
             assert imported.returncode == 0, imported.stderr
@@ -683,6 +751,7 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
 
 # --- int8 ---------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_int8_is_served_when_asked_and_agrees_with_fp32(served, tmp_path):
     """CIFAR_PRECISION=int8: the answers come from the imported int8 twin (precision int8) and
     name the same class as the fp32 model on nearly every test image."""
@@ -694,7 +763,7 @@ def test_int8_is_served_when_asked_and_agrees_with_fp32(served, tmp_path):
             int8 = [s.post(url + "/classify", data=p, headers={"Content-Type": "image/png"},
                            timeout=30).json() for p in pngs]
         card = requests.get(url + "/model", timeout=10).json()
-    from flows.publish import model_store
+    from tests.conftest import bento_model_store as model_store
 
     meta = model_store(served.home).get("cifar10-classifier:latest").info.metadata
     if not meta["int8_servable"]:  # this run's twin lost more than 0.5 points: fp32, said so

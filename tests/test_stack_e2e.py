@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.processes import free_port
-from flows.stack import ZOMBIE_AUTOMATION, LocalStack
-from flows.tracking import REGISTERED_MODEL
+from stacks.processes import free_port
+from stacks.local import ZOMBIE_AUTOMATION, LocalStack
+from registry.tracking import REGISTERED_MODEL
+
+pytestmark = pytest.mark.e2e
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -97,7 +99,7 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     # Two pools: training on `gpu`, sweeps on `control`.
     with stack.client() as prefect:
         pools = {p.name for p in prefect.read_work_pools()}
-        # Flow runs whose host falls silent are crashed by an automation (flows/stack.py).
+        # Flow runs whose host falls silent are crashed by an automation (stacks/local.py).
         (automation,) = prefect.read_automations_by_name(ZOMBIE_AUTOMATION)
     assert {"gpu", "control"} <= pools
     # The second start found the first's automation and brought its description up to date.
@@ -120,7 +122,8 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     # batch of any size.
     import onnxruntime as ort
 
-    from flows.tracking import Store, download_onnx, version_uri
+    from registry.tracking import Store
+    from registry.versions import download_onnx, version_uri
 
     assert champion.source == f"models:/{run.data.tags['onnx_model_id']}"
     store = Store(f"sqlite:///{stack.root / 'mlflow.db'}", "")
@@ -281,9 +284,8 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     assert "mean ± sd over 2 seeds" in version.description
 
 
-@pytest.mark.slow
 def test_sigterm_to_a_stack_run_leaves_nothing_behind(tmp_path, synthetic_cifar):
-    """`python -m flows.stack run` killed by a timeout (SIGTERM) mid-training stops the
+    """`python -m stacks run` killed by a timeout (SIGTERM) mid-training stops the
     workers, the flow run they started and the server: no process of its root is left."""
     import subprocess
     import sys
@@ -292,7 +294,7 @@ def test_sigterm_to_a_stack_run_leaves_nothing_behind(tmp_path, synthetic_cifar)
     root = tmp_path / "root"
     data = {"source": str(folder), "checksums": sums, "train_size": 240, "val_size": 60}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.stack", "run", "--root", str(root), "--port",
+        [sys.executable, "-m", "stacks", "run", "--root", str(root), "--port",
          str(free_port()), "--deployment", "seed-baseline", "-p", f"data={json.dumps(data)}",
          "-p", 'train={"epochs": 500}'],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -316,7 +318,7 @@ def test_sigterm_to_a_stack_run_leaves_nothing_behind(tmp_path, synthetic_cifar)
 
 
 def test_a_start_that_fails_half_way_stops_what_it_started(tmp_path):
-    """`python -m flows.stack up` whose deploy step fails (an entrypoint that does not exist)
+    """`python -m stacks up` whose deploy step fails (an entrypoint that does not exist)
     exits non-zero naming the step, after the Prefect server and the fork server had started:
     no process of its root is left and its port is free again."""
     import socket
@@ -329,7 +331,7 @@ def test_a_start_that_fails_half_way_stops_what_it_started(tmp_path):
         "flows/train_flow.py:train_cifar", "flows/no_such_flow.py:train_cifar", 1))
     root, port = tmp_path / "root", free_port()
     done = subprocess.run(
-        [sys.executable, "-m", "flows.stack", "up", "--root", str(root), "--port", str(port),
+        [sys.executable, "-m", "stacks", "up", "--root", str(root), "--port", str(port),
          "--prefect-file", str(bad)], capture_output=True, text=True, timeout=300,
         cwd=project, env={**os.environ, "PREFECT_UI_ENABLED": "false"})
     assert done.returncode == 2, done.stdout + done.stderr

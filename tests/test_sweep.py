@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from cifarlab.config import preset
-from flows import sweep as sw
+from cifarlab import studies
+from cifarlab import sweep as sw
 
 
 def test_grid_is_the_cartesian_product_with_labels():
@@ -42,24 +43,24 @@ def test_section_values_set_several_fields_and_options_keep_the_presets():
     ({"data": [5]}, "mappings of fields"),
 ])
 def test_bad_grids_are_refused_before_anything_runs(grid, message):
-    with pytest.raises(sw.SweepError, match=message):
+    with pytest.raises(studies.SweepError, match=message):
         sw.expand("seed-baseline", grid)
 
 
 def test_bad_model_option_in_a_grid_is_refused_naming_point_and_field():
-    with pytest.raises(sw.SweepError, match=r"(?s)point model\.options\.kernel_size=4: .*"
+    with pytest.raises(studies.SweepError, match=r"(?s)point model\.options\.kernel_size=4: .*"
                        r"model\.options\.kernel_size: must be odd, got 4"):
         sw.expand("seed-baseline", {"model.options.kernel_size": [3, 4]})
 
 
 def test_every_ready_made_study_expands_and_reproduces_the_report_values():
-    for study in sw.STUDIES.values():
+    for study in studies.STUDIES.values():
         assert sw.expand(study.preset, study.grid)
-    lr = sw.STUDIES["report-lr"]
+    lr = studies.STUDIES["report-lr"]
     assert lr.grid["train.lr"] == [0.1, 0.001, 0.0008, 0.0005, 0.0004, 0.0003, 0.0001]
-    assert sw.STUDIES["report-batch-size"].grid["train.batch_size"] == [8, 16, 25, 32, 40]
-    assert sw.STUDIES["report-epochs"].grid["train.epochs"] == [2, 4, 7, 8, 10]
-    assert len(sw.expand("seed-baseline", sw.STUDIES["report-depth-kernel"].grid)) == 4
+    assert studies.STUDIES["report-batch-size"].grid["train.batch_size"] == [8, 16, 25, 32, 40]
+    assert studies.STUDIES["report-epochs"].grid["train.epochs"] == [2, 4, 7, 8, 10]
+    assert len(sw.expand("seed-baseline", studies.STUDIES["report-depth-kernel"].grid)) == 4
     labels = {p.label for p in sw.expand("seed-baseline", lr.grid)}
     assert set(lr.report) <= labels  # published figures attach to real points
 
@@ -69,7 +70,7 @@ def test_scale_shrinks_epochs_and_data():
     out = sw.scaled({"train": {"lr": 0.001}}, config, epoch_scale=0.25, data_scale=0.1)
     assert out == {"train": {"lr": 0.001, "epochs": 3},
                    "data": {"train_size": 4000, "val_size": 1000}}
-    with pytest.raises(sw.SweepError, match="epoch_scale"):
+    with pytest.raises(studies.SweepError, match="epoch_scale"):
         sw.scaled({}, config, epoch_scale=0, data_scale=1)
 
 
@@ -109,22 +110,22 @@ def test_tables_and_plot(tmp_path):
 
 
 def test_report_studies_carry_the_report_figures_of_every_point():
-    figures = json.loads(sw.REPORT_FIGURES_FILE.read_text())["studies"]
-    lr = sw.STUDIES["report-lr"].report
+    figures = json.loads(studies.REPORT_FIGURES_FILE.read_text())["studies"]
+    lr = studies.STUDIES["report-lr"].report
     assert lr == {f"train.lr={p['lr']}": p["test_accuracy"] for p in figures["lr"]["points"]}
-    assert sw.STUDIES["report-epochs"].report["train.epochs=8"] == 63.37
-    assert sw.STUDIES["report-batch-size"].report["train.batch_size=8"] == 64.71
-    depth = sw.STUDIES["report-depth-kernel"].report
+    assert studies.STUDIES["report-epochs"].report["train.epochs=8"] == 63.37
+    assert studies.STUDIES["report-batch-size"].report["train.batch_size=8"] == 64.71
+    depth = studies.STUDIES["report-depth-kernel"].report
     assert depth["model.name=seed-deep, model.options.kernel_size=1"] == 71.41
-    split = sw.STUDIES["report-split"]
+    split = studies.STUDIES["report-split"]
     assert split.preset == "seed-deep"  # the report ran it on its 4-conv net
     assert split.report["data=train_size=45000/val_size=5000"] == 72.29
-    for study in sw.STUDIES.values():  # every figure sits on a real point
+    for study in studies.STUDIES.values():  # every figure sits on a real point
         assert set(study.report) <= {p.label for p in sw.expand(study.preset, study.grid)}
 
 
 def test_a_scaled_epochs_study_shows_the_epochs_run_and_merges_identical_points():
-    study = sw.STUDIES["report-epochs"]
+    study = studies.STUDIES["report-epochs"]
     grid_points = sw.expand(study.preset, study.grid)
     points, notes = sw.scale_points(grid_points, study.preset, epoch_scale=0.3, data_scale=0.1)
     # 2, 4, 7, 8, 10 epochs x 0.3, rounded up: 1, 2, 3, 3, 3.
@@ -143,7 +144,7 @@ def test_a_scaled_epochs_study_shows_the_epochs_run_and_merges_identical_points(
     md = sw.to_markdown("t", rows, sw.best_point(rows), notes)
     assert "| train.epochs=3 **(best by val)** | train.epochs=7; train.epochs=8; train.epochs=10 |" in md
     # A scaled point that stands for one grid point keeps that point's report figure.
-    split = sw.STUDIES["report-split"]
+    split = studies.STUDIES["report-split"]
     scaled, _ = sw.scale_points(sw.expand(split.preset, split.grid), split.preset, 0.2, 0.25)
     rows = sw.summarise([sw.Outcome(p, 0, "ok", "r", 0.5, 0.5, 1.0) for p in scaled], split.report)
     assert rows[0]["point"] == "data=train_size=9000/val_size=2500"

@@ -3,7 +3,7 @@
 - a server folder: `TeamStack` = a real PostgreSQL, the Prefect server and the MLflow tracking
   server on it (basic auth, proxied artifacts), the pools, the deployments, the control worker;
 - two GPU-host folders, each with its own copy of the project, HOME, root folder and data copy,
-  joined with `python -m flows.stack worker --join team.env`;
+  joined with `python -m stacks worker --join team.env`;
 - a serving folder that imports the champion over HTTP and answers a `curl`.
 
 Then faults: the MLflow server and the database restarted under a training run, and a host
@@ -25,18 +25,24 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flows import postgres
-from flows.processes import free_port
-from flows.stack import TeamStack, read_env_file
-from flows.tracking import REGISTERED_MODEL
-from tests.conftest import write_synthetic_cifar
+from stacks import postgres
+from stacks.processes import free_port
+from stacks.team import TeamStack, read_env_file
+from registry.tracking import REGISTERED_MODEL
+from tests.conftest import missing, write_synthetic_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 
-try:
-    postgres.find_bindir()
-except postgres.PostgresError as _exc:
-    pytestmark = pytest.mark.skip(reason=str(_exc))
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _postgres_programs():
+    """PostgreSQL's server programs (Debian's `postgresql`, which .ci/run installs)."""
+    try:
+        postgres.find_bindir()
+    except postgres.PostgresError as exc:
+        missing("PostgreSQL", str(exc))
 
 
 def _copy_project(dest: Path) -> Path:
@@ -71,7 +77,7 @@ class Host:
         worker_log = self.root / ".prefect-worker" / "logs" / "worker.log"
         seen = worker_log.stat().st_size if worker_log.is_file() else 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.stack", "worker", "--join", str(self.join_file),
+            [sys.executable, "-m", "stacks", "worker", "--join", str(self.join_file),
              "--name", self.name, "--root", str(self.root), "--gpus", "1"],
             cwd=self.project, env=self.env, stdout=open(self.log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT, start_new_session=True)
@@ -240,13 +246,13 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
     serving.mkdir()
     env = {**os.environ, **team["join"], "BENTOML_HOME": str(serving / "bentoml"),
            "HOME": str(serving)}
-    imported = subprocess.run([sys.executable, "-m", "flows.publish", "--root", str(serving)],
+    imported = subprocess.run([sys.executable, "-m", "registry.import_champion", "--root", str(serving)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert f"v{champion.version}" in imported.stdout and champion.run_id in imported.stdout
-    from flows.processes import BentoServer
+    from stacks.processes import BentoServer
 
-    from cifarlab.data import load_cifar10
+    from cifarlab.arrays import load_cifar10
 
     cat = load_cifar10(team["hosts"][0].data).test_images[3].permute(1, 2, 0).numpy()
     Image.fromarray(cat).save(serving / "cat.png")
@@ -263,7 +269,7 @@ def test_hosts_writing_the_same_new_rows_at_once_on_the_team_server(team, monkey
     """PostgreSQL refuses the second of two inserts of one key (a sweep's children logging
     their shared split, two hosts creating an experiment): the loser retries and finds it.
     Without the retry, this is the child run a sweep once lost to `duplicate key value`."""
-    from flows import tracking
+    from registry import tracking
     from tests.test_tracking import WRITERS, _all_at_once, trained_on_one_split
 
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -352,7 +358,6 @@ def _rerun_until_resumed(team, client, seed: int, run_id: str, state: str, fault
     _assert_complete_and_registered_once(client, run_id)
 
 
-@pytest.mark.slow  # about 90 s; CI runs it (make test-faults)
 def test_tracking_server_then_database_restarted_while_a_run_trains(team):
     """The MLflow server goes down for 5 s at epoch 3, then PostgreSQL (under both servers)
     at epoch 8: the run ends with every epoch's metrics on the server, registered once (or,
@@ -371,7 +376,6 @@ def test_tracking_server_then_database_restarted_while_a_run_trains(team):
     _rerun_until_resumed(team, client, 101, run.info.run_id, state, "server restarts")
 
 
-@pytest.mark.slow  # about 90 s; CI runs it (make test-faults)
 def test_a_host_killed_mid_run_leaves_no_run_running_for_ever(team):
     """The host dies with its run: when its worker is back, the run is marked FAILED and its
     flow run Crashed; the next run of the config on that host resumes it."""
@@ -395,7 +399,6 @@ def test_a_host_killed_mid_run_leaves_no_run_running_for_ever(team):
     _assert_complete_and_registered_once(client, run.info.run_id)
 
 
-@pytest.mark.slow  # about 3 min; CI runs it (make test-faults)
 def test_a_host_that_never_returns_leaves_no_run_running_for_ever(team):
     """The host dies with its run and stays down: its flow run sends no more heartbeats, the
     stack's automation marks it Crashed, and the stack's reaper then fails its MLflow run."""

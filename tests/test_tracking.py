@@ -3,7 +3,7 @@ children finishing together), on a real SQLite store.
 
 MLflow creates experiments, experiment tags and datasets by looking, then inserting: two
 writers at once both insert and the database refuses the second. These tests line threads up
-on a barrier so the writes collide; without the retry in `flows.tracking` most of them fail
+on a barrier so the writes collide; without the retry in `registry.tracking` most of them fail
 with `UNIQUE constraint failed`.
 """
 
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from flows import tracking
+from registry import tracking
 
 WRITERS = 6
 

@@ -12,7 +12,8 @@ from cifarlab.config import RunConfig, preset
 from cifarlab.evaluate import evaluate, score
 from cifarlab.experiment import config_hash, run_experiment
 from cifarlab.tensors import translate
-from cifarlab.train import CHECKPOINT_NAME, CheckpointError, lr_factor, train
+from cifarlab.optim import lr_factor
+from cifarlab.train import CHECKPOINT_NAME, CheckpointError, train
 from models import model_names
 from tests.conftest import _pattern_images
 
@@ -242,7 +243,7 @@ def test_the_lean_cpu_preset_trains_on_at_most_90_tflop():
     """fast-cpu-lean is the recipe for 92 % test in at most 90 TFLOP of training: its config as
     committed must stay within that budget (FLOPs per image, counted as the benchmark counts
     them, x the images of an epoch x its epochs); fast-cpu's is over it."""
-    from cifarlab.train import training_flops
+    from cifarlab.flops import training_flops
 
     rng = torch.get_rng_state()
     lean, full = training_flops(preset("fast-cpu-lean")), training_flops(preset("fast-cpu"))
@@ -278,7 +279,7 @@ def test_smoke_on_real_data(real_cifar, tmp_path):
 
 
 def test_weight_average_is_the_model_until_it_starts(tmp_path):
-    from cifarlab.train import WeightAverage
+    from cifarlab.optim import WeightAverage
 
     cfg = _config("fast", averaging="ema").train
     model = torch.nn.Linear(4, 2)

@@ -21,10 +21,12 @@ confusion-difference heat map, gallery of disagreements) in the challenger's MLf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,10 @@ import torch
 
 from cifarlab import compare as cmp
 from cifarlab.constants import CLASS_NAMES
-from cifarlab.data import Cifar10
+from cifarlab.arrays import Cifar10
 from cifarlab.export import onnx_logits
 from cifarlab.split import stratified_split
-from flows import locks, tracking
+from registry import tracking, versions
 
 MIN_SHARED_IMAGES = 2000
 REPORT_FOLDER = "champion_comparison"
@@ -211,7 +213,7 @@ def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, 
     """Compare a new model with the current champion on their shared validation images.
     `known` = (validation indices, the challenger's predictions on them), when its evaluation
     has already run the same file over them: those are not computed again."""
-    champion = tracking.champion_version(store, name)
+    champion = versions.champion_version(store, name)
     if champion is None:
         return Verdict(True, "first version of the model: champion by default")
     from mlflow.exceptions import MlflowException
@@ -232,7 +234,7 @@ def judge(store: tracking.Store, challenger_run_id: str, challenger_onnx: Path, 
     images, truth = data.train_images[shared], labels[shared]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            champion_onnx = tracking.download_onnx(store, tracking.version_uri(store, champion),
+            champion_onnx = versions.download_onnx(store, versions.version_uri(store, champion),
                                                    Path(tmp))
             champion_pred, champion_from = _classes(store, champion.run_id, champion_onnx,
                                                     images, shared)
@@ -293,7 +295,7 @@ def log_report(store: tracking.Store, run_id: str, verdict: Verdict, data: Cifar
 class Registered:
     """A registered version with its verdict, report and model card."""
 
-    registration: tracking.Registration
+    registration: versions.Registration
     verdict: Verdict
     report_markdown: str | None
     model_card: str
@@ -305,7 +307,8 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
              card_extra: tuple[tuple[str, str], ...] = (),
              name: str = tracking.REGISTERED_MODEL,
              known: tuple[np.ndarray, np.ndarray] | None = None,
-             champion_tags: Callable[[], dict[str, str]] | None = None) -> Registered:
+             champion_tags: Callable[[], dict[str, str]] | None = None,
+             lock: AbstractContextManager[Any] | None = None) -> Registered:
     """Judge the run's exported model against the champion, add it to the registry as
     `champion` or `challenger` with the verdict on its tags, log the comparison report and the
     model card (also the version's description).
@@ -317,15 +320,19 @@ def register(store: tracking.Store, run_id: str, model_uri: str, onnx_path: Path
     with the others, so that no host ever sees the champion without them. It is done before
     the lock when the first verdict promotes (the lock is held for the registration's seconds,
     not that work's), and under it only if a verdict given again there promotes where the
-    first did not."""
+    first did not.
+
+    `lock`: held while the version is created and the alias moved, so that registrations of
+    this model name happen one at a time (the flows pass a Prefect concurrency lease shared by
+    every host, flows/locks.py; a single process may pass a threading.Lock)."""
     first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name,
                   known)
     prepared = champion_tags() if champion_tags is not None and first.promote else None
     # One registration at a time for this model name, across every host: two runs finishing
     # together are registered one after the other, the second against the first's verdict.
-    with locks.exclusive("registry", name):
-        tracking.drop_unfinished_versions(store, run_id, name)
-        current = tracking.champion_version(store, name)
+    with lock if lock is not None else contextlib.nullcontext():
+        versions.drop_unfinished_versions(store, run_id, name)
+        current = versions.champion_version(store, name)
         judged_against = None if first.champion_version is None else str(first.champion_version)
         if judged_against != (None if current is None else str(current.version)):
             first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance,
@@ -342,13 +349,13 @@ def _register(store: tracking.Store, run_id: str, model_uri: str, verdict: Verdi
               card_extra: tuple[tuple[str, str], ...], name: str,
               champion_tags: Callable[[], dict[str, str]] | None,
               prepared: dict[str, str] | None) -> Registered:
-    from flows.modelcard import CARD_FILE, model_card, registry_description
+    from registry.modelcard import CARD_FILE, model_card, registry_description
 
     if verdict.promote and champion_tags is not None:
         tags = {**tags, **(prepared if prepared is not None else champion_tags())}
     settings = {"min_shared_images": str(min_shared_images),
                 "min_significance": str(min_significance) if min_significance else "none"}
-    version = tracking.create_version(store, run_id, model_uri, {**tags, **verdict.tags(),
+    version = versions.create_version(store, run_id, model_uri, {**tags, **verdict.tags(),
                                       **settings}, name, model_id)
     alias = tracking.CHAMPION if verdict.promote else tracking.CHALLENGER
     # Report and card first, the alias last: a failure before it leaves a version marked
@@ -363,8 +370,8 @@ def _register(store: tracking.Store, run_id: str, model_uri: str, verdict: Verdi
         path = Path(tmp) / CARD_FILE
         path.write_text(card)
         store.client.log_artifact(run_id, str(path))
-    tracking.set_alias(store, run_id, version, alias, name)
-    reg = tracking.Registration(name, version, alias, verdict.champion_version, verdict.reason)
+    versions.set_alias(store, run_id, version, alias, name)
+    reg = versions.Registration(name, version, alias, verdict.champion_version, verdict.reason)
     return Registered(reg, verdict, report, card)
 
 

@@ -8,14 +8,12 @@ Every call names its run id explicitly (MlflowClient), so no global "active run"
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import tempfile
-import threading
+
 import time
 import urllib.parse
 import urllib.request
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from registry.hosts import host_name, process_gone
 
 EXPERIMENT = "train-cifar"
 REGISTERED_MODEL = "cifar10-classifier"
@@ -161,76 +161,6 @@ def bool_tag(value: bool | None) -> str:
 def tag_bool(tag: str | None) -> bool | None:
     """`bool_tag`'s value back; None for "unknown", an absent tag or anything else."""
     return {"true": True, "false": False}.get(tag or "")
-
-
-def host_name() -> str:
-    """This host's name on runs: $CIFAR_HOST (a stable name for a GPU box, or several "hosts"
-    on one machine), else the machine's hostname."""
-    return os.environ.get("CIFAR_HOST") or socket.gethostname()
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
-@functools.cache
-def host_identity() -> dict[str, str]:
-    """What a pid means something within: this machine (/etc/machine-id), this boot and this
-    pid namespace. Two containers or boxes may share a host name; a rebooted box keeps its
-    machine id but not one of its processes."""
-    import hashlib
-
-    def short(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()[:12] if text else ""
-
-    try:
-        pidns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pidns = ""
-    return {"host_machine": short(_read("/etc/machine-id")),
-            "host_boot": short(_read("/proc/sys/kernel/random/boot_id")),
-            "host_pidns": short(pidns)}
-
-
-def process_tags() -> dict[str, str]:
-    """Where a run executes: host, worker (when a worker started it) and the process, so a run
-    whose process died can be told from one that is still going."""
-    import psutil
-
-    me = psutil.Process()
-    tags = {"host": host_name(), **host_identity(), "pid": str(me.pid),
-            "pid_started": f"{me.create_time():.2f}"}
-    if os.environ.get("CIFAR_WORKER_NAME"):
-        tags["worker"] = os.environ["CIFAR_WORKER_NAME"]
-    return tags
-
-
-def process_gone(tags: Mapping[str, str]) -> bool:
-    """True when the run's tags name a process of this host that no longer runs: this machine
-    was rebooted since, or its pid is free or now belongs to a process started later. False
-    when unknown, or when the pid belongs to another machine or pid namespace that happens to
-    have this host name."""
-    import psutil
-
-    if tags.get("host") != host_name() or not tags.get("pid", "").isdigit():
-        return False
-    here = host_identity()  # (cached: fixed for the life of a process)
-    if "host_boot" in tags:  # (runs recorded before these tags: judged by the pid alone)
-        if tags["host_boot"] != here["host_boot"]:
-            # Another boot: of this very machine (then every process of it is gone), or of
-            # another machine with this name (not ours to judge).
-            return bool(here["host_machine"]) and tags.get("host_machine") == here["host_machine"]
-        if tags.get("host_pidns") != here["host_pidns"]:
-            return False  # another container on this kernel
-    try:
-        proc = psutil.Process(int(tags["pid"]))
-        started = float(tags.get("pid_started") or proc.create_time())
-        return proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - started) > 1.0
-    except psutil.NoSuchProcess:
-        return True
 
 
 def find_resumable_run(store: Store, config_hash: str, host: str | None = None) -> Any | None:
@@ -451,160 +381,3 @@ def log_json(store: Store, run_id: str, name: str, data: Any) -> None:
         path = Path(tmp) / name
         path.write_text(json.dumps(data, indent=2, default=str) + "\n")
         store.client.log_artifact(run_id, str(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Registration:
-    """What registering a run did."""
-
-    name: str
-    version: str
-    alias: str  # champion or challenger
-    previous_champion: str | None
-    reason: str  # why the alias went where it did
-
-
-def champion_version(store: Store, name: str = REGISTERED_MODEL) -> Any | None:
-    """The version holding the `champion` alias, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return store.client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        # Only "no such model / alias" means no champion; a server error must not crown the
-        # next version unjudged.
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
-REGISTRATION_TAG = "registration"  # "unfinished" from creation until its alias is set
-
-
-def _create_registered_model(client: Any, name: str) -> None:
-    """Create the registered model; another host having just created it is not an error."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description=(
-            "CIFAR-10 classifiers exported to ONNX. The alias `champion` marks the version the "
-            "endpoint serves: a new version takes it only by beating the champion's ONNX model "
-            "on validation images held out from both (see each version's tags and model card)."))
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-
-
-def drop_unfinished_versions(store: Store, run_id: str, name: str = REGISTERED_MODEL) -> list[str]:
-    """Delete the versions an earlier, failed registration of this run left unfinished (created,
-    alias never set), so a retry registers the run once, not twice."""
-    from mlflow.exceptions import MlflowException
-
-    client = store.client
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except MlflowException:
-        return []
-    dropped = []
-    for v in versions:
-        if v.tags.get(REGISTRATION_TAG) != "unfinished":
-            continue
-        # (search results carry no aliases: read the version itself)
-        if CHAMPION in client.get_model_version(name, v.version).aliases:
-            # It failed after taking the alias, before recording it: give the alias back to
-            # the champion it was judged against (or to nobody), then register again.
-            previous = v.tags.get("compared_with_version")
-            if previous and _version_exists(client, name, previous):
-                client.set_registered_model_alias(name, CHAMPION, previous)
-            else:
-                client.delete_registered_model_alias(name, CHAMPION)
-        client.delete_model_version(name, v.version)  # its other aliases go with it
-        dropped.append(str(v.version))
-    return dropped
-
-
-def _version_exists(client: Any, name: str, version: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_model_version(name, version)
-        return True
-    except MlflowException:
-        return False
-
-
-def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str, str],
-                   name: str = REGISTERED_MODEL, model_id: str | None = None) -> str:
-    """A new version of `name` (created on first use) from a logged model; returns its number."""
-    from mlflow.exceptions import MlflowException
-
-    client = store.client
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        _create_registered_model(client, name)
-    tags = {**tags, REGISTRATION_TAG: "unfinished"}
-    if model_id is None:
-        return str(client.create_model_version(name, model_uri, run_id=run_id,
-                                               tags=dict(tags)).version)
-    # From the LoggedModel (`models:/<id>`, which the UI links as the version's source model).
-    # MLflow's SQL registry resolves that URI with a default client, i.e. from the environment:
-    # point it at this store for this one call only.
-    with _scoped_env("MLFLOW_TRACKING_URI", store.uri):
-        version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id,
-                                              tags=dict(tags), model_id=model_id)
-    # What the fluent API would add: the model's page lists the versions made from it.
-    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(
-        [{"name": name, "version": int(version.version)}])})
-    return str(version.version)
-
-
-_ENV_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _scoped_env(key: str, value: str):
-    """Set an environment variable for one block, one thread at a time, then restore it."""
-    with _ENV_LOCK:
-        old = os.environ.get(key)
-        os.environ[key] = value
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
-def set_alias(store: Store, run_id: str, version: str, alias: str,
-              name: str = REGISTERED_MODEL) -> None:
-    """Point `alias` at `version` and record it on the run."""
-    client = store.client
-    client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, REGISTRATION_TAG, "complete")
-    client.set_tag(run_id, "registered", "true")
-    client.set_tag(run_id, "registry.version", version)
-    client.set_tag(run_id, "registry.alias", alias)
-
-
-def version_uri(store: Store, version: Any) -> str:
-    """Where a registry version's files can be downloaded from (its model's artifact location)."""
-    return store.client.get_model_version_download_uri(version.name, version.version)
-
-
-def download_onnx(store: Store, artifact_uri: str, dest: Path) -> Path:
-    """The single `.onnx` file under `artifact_uri`, downloaded into `dest` (MLmodel beside it)."""
-    import mlflow.artifacts
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri,
-                                                     dst_path=str(dest), tracking_uri=store.uri))
-    found = sorted(local.rglob("*.onnx"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"{artifact_uri}: expected one .onnx file, found "
-                                f"{[p.name for p in found]}")
-    return found[0]

@@ -175,7 +175,7 @@ class LocalPostgres:
     def stop(self, grace: float = 30) -> None:
         """Fast shutdown (SIGINT to the postmaster: roll back open transactions, write a
         checkpoint, stop its children, exit)."""
-        from flows.processes import stop_process
+        from stacks.processes import stop_process
 
         proc, self.proc = self.proc, None
         if proc is not None:

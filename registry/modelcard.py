@@ -33,7 +33,7 @@ def _config(params: Mapping[str, str]) -> dict[str, Any]:
 
 def _masked(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config with credentials masked in its data source."""
-    from flows.tracking import display_uri
+    from registry.tracking import display_uri
 
     out = json.loads(json.dumps(config, default=str))
     data = out.get("data") or {}
@@ -46,21 +46,29 @@ def model_card(run: Any, *, name: str, version: str, alias: str, verdict: str,
                extra: Sequence[tuple[str, str]] = (), config: Mapping[str, Any] | None = None) -> str:
     """Markdown card for registry version `version` of `name`, trained by MLflow run `run`;
     `config` is its resolved config (else rebuilt from the run's params, as strings)."""
-    from flows.tracking import display_uri
-
-    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    p, m = run.data.params, run.data.metrics
     config = config or _config({k: v for k, v in p.items() if "." in k})
-    options = json.dumps((config.get("model") or {}).get("options") or {})
     per_class = "\n".join(
         f"| {c} | {_pct(m.get(f'val_accuracy.{c}'))} | {_pct(m.get(f'test_accuracy.{c}'))} |"
         for c in CLASS_NAMES)
+    rows = [("registry", f"`{name}` version {version}; alias at registration `{alias}`"),
+            ("promotion", verdict), *_facts(run, config), *extra]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return _CARD.format(name=name, version=version, table=table, per_class=per_class,
+                        config=json.dumps(_masked(config), indent=2))
+
+
+def _facts(run: Any, config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The card's table rows about the run: model, accuracies, parity, speed, data, training."""
+    from registry.tracking import display_uri
+
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    options = json.dumps((config.get("model") or {}).get("options") or {})
     served_tta = t.get("served_tta", "none")  # set by the evaluate task
     tta_line = (f"| unserved TTA ({p.get('train.tta')}), reported only | validation "
                 f"{_pct(m.get('tta_val_accuracy'))}, test {_pct(m.get('tta_test_accuracy'))} |"
                 if "tta_val_accuracy" in m else None)
-    rows = [
-        ("registry", f"`{name}` version {version}; alias at registration `{alias}`"),
-        ("promotion", verdict),
+    return [
         ("preset / architecture", f"`{p.get('preset')}` / `{p.get('model.name')}`, "
                                   f"options `{options}`"),
         ("validation accuracy (served ONNX model)", f"**{_pct(m.get('final_val_accuracy'))}** on "
@@ -82,10 +90,10 @@ def model_card(run: Any, *, name: str, version: str, alias: str, verdict: str,
                      f"seed {p.get('train.seed')}"),
         ("code", f"git `{t.get('code_version', 'unknown')}`"),
         ("MLflow run", f"`{run.info.run_id}`"),
-        *extra,
     ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"""# {name} v{version}
+
+
+_CARD = f"""# {{name}} v{{version}}
 
 A CIFAR-10 image classifier exported to ONNX: normalised float32 input (N, 3, {IMAGE_SIZE}, \
 {IMAGE_SIZE}) named `image`, `(pixel/255 - mean) / std` with mean {list(MEAN)} and std \
@@ -93,13 +101,13 @@ A CIFAR-10 image classifier exported to ONNX: normalised float32 input (N, 3, {I
 
 | | |
 |---|---|
-{table}
+{{table}}
 
 ## Per-class accuracy (served model)
 
 | class | validation | test |
 |---|---:|---:|
-{per_class}
+{{per_class}}
 
 ## Intended use and limits
 
@@ -116,7 +124,7 @@ A CIFAR-10 image classifier exported to ONNX: normalised float32 input (N, 3, {I
 ## Resolved config
 
 ```json
-{json.dumps(_masked(config), indent=2)}
+{{config}}
 ```
 """
 

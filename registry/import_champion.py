@@ -1,6 +1,6 @@
 """Copy the MLflow registry's `champion` ONNX model into the BentoML model store.
 
-    python -m flows.publish [--root DIR] [--tracking-uri URI] [--alias champion] [--follow S]
+    python -m registry.import_champion [--root DIR] [--tracking-uri URI] [--alias champion] [--follow S]
 
 (also `cifar-import-champion`, `make import-champion`, and the last task of `train-cifar`).
 The BentoML model `cifar10-classifier:<version>` holds `model.onnx`, the MLmodel file and the
@@ -55,13 +55,21 @@ def bentoml_home(root: Path | None = None) -> Path:
     return (Path(root or PROJECT_ROOT) / "bentoml").resolve()
 
 
-def model_store(home: Path):
-    """The BentoML model store under `home`, named explicitly so that a BentoML already imported
-    with another home in this process cannot send the model elsewhere."""
-    from bentoml._internal.models import ModelStore
+_HOME_IN_USE: list[Path] = []  # the BentoML home this process has used (at most one)
 
+
+def use_bentoml_home(home: Path) -> None:
+    """Point BentoML's public API at the store under `home`. BentoML reads $BENTOML_HOME once
+    per process, when its store is first used: a process that has used another home cannot
+    switch (ImportFailed names both; run `cifar-import-champion` in a process of its own)."""
+    home = Path(home).resolve()
+    if _HOME_IN_USE and _HOME_IN_USE[0] != home:
+        raise ImportFailed(f"this process already uses the BentoML store {_HOME_IN_USE[0]}; "
+                           f"importing into {home} needs a process of its own")
     (home / "models").mkdir(parents=True, exist_ok=True)
-    return ModelStore(home / "models")
+    os.environ["BENTOML_HOME"] = str(home)
+    if not _HOME_IN_USE:
+        _HOME_IN_USE.append(home)
 
 
 def _float(value: Any) -> float | None:
@@ -79,7 +87,7 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from flows.tracking import CHAMPION, REGISTERED_MODEL, display_uri, tag_bool
+    from registry.tracking import CHAMPION, REGISTERED_MODEL, display_uri
     from serving.engine import Engine
 
     registered_model = registered_model or REGISTERED_MODEL
@@ -91,20 +99,13 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
         raise ImportFailed(f"no model version {registered_model}@{alias} in {tracking_uri}: "
                            f"train one first (make run) ({exc.message})") from None
     version = str(mv.version)
-    store = model_store(home)
-    try:
-        latest = store.get(f"{bento_model}:latest")  # what the service would serve now
-    except bentoml.exceptions.NotFound:
-        latest = None
-    if latest is not None and all(latest.info.labels.get(k) == v for k, v in (
-            ("registered_model", registered_model), ("mlflow_version", version),
-            ("mlflow_run_id", mv.run_id))) and latest.info.metadata.get("tracking_uri") == display_uri(tracking_uri):
-        meta = latest.info.metadata
-        return Imported(str(latest.tag), registered_model, version, mv.run_id,
-                        _float(meta.get("val_accuracy")), _float(meta.get("test_accuracy")),
-                        created=False)
+    use_bentoml_home(home)
+    there = _already_imported(bento_model, registered_model, mv, display_uri(tracking_uri))
+    if there is not None:
+        return there
 
-    from flows.tracking import Store, download_onnx, version_uri
+    from registry.tracking import Store
+    from registry.versions import download_onnx, version_uri
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -116,49 +117,85 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
         mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").is_file() else {}
         logged = mlmodel.get("metadata") or {}
         class_names = list(logged.get("class_names") or CLASS_NAMES)
-        for key, shared in (("mean", MEAN), ("std", STD)):
-            if key in logged and [round(float(v), 6) for v in logged[key]] != [round(v, 6) for v in shared]:
-                raise ImportFailed(f"{registered_model} v{version} was trained with {key} "
-                                   f"{logged[key]}, but the service normalises with {list(shared)} "
-                                   "(cifarlab/constants.py): refusing to serve it wrongly")
+        _check_normalisation(logged, f"{registered_model} v{version}")
         engine = Engine(onnx_file, {"class_names": class_names}, threads=1)  # loads + checks shapes
         engine.warm_up((1, 2))
         int8_file = _int8_file(client, mv, Path(tmp) / "int8", class_names)
-        metadata = {
-            "registered_model": registered_model, "mlflow_version": version,
-            "mlflow_alias_at_import": alias, "mlflow_run_id": mv.run_id,
-            "mlflow_source": mv.source, "tracking_uri": display_uri(tracking_uri),
-            "val_accuracy": _float(mv.tags.get("val_accuracy", logged.get("val_accuracy"))),
-            "test_accuracy": _float(mv.tags.get("test_accuracy", logged.get("test_accuracy"))),
-            "preset": logged.get("preset") or mv.tags.get("preset"),
-            "class_names": class_names, "mean": list(MEAN), "std": list(STD),
-            "image_size": IMAGE_SIZE, "resize_filter": RESIZE_FILTER,
-            "input_name": engine.input_name, "onnx_file": "model.onnx",
-            "served_tta": mv.tags.get("served_tta") or logged.get("served_tta"),
-            "promotion_reason": mv.tags.get("promotion_reason"),
-            "model_card": "model_card.md" if mv.description else None,
-            **({"int8_file": "model_int8.onnx",
-                "int8_val_accuracy": _float(mv.tags.get("int8_val_accuracy")),
-                "int8_test_accuracy": _float(mv.tags.get("int8_test_accuracy")),
-                "int8_servable": mv.tags.get("int8_servable") == "true",
-                # (None, dropped below: unknown, or a version from before it was recorded)
-                "int8_judged_with_dot_product": tag_bool(
-                    mv.tags.get("int8_judged_with_dot_product"))} if int8_file else {}),
-        }
+        metadata = _metadata(mv, registered_model, alias, tracking_uri, logged, class_names,
+                             engine.input_name, int8_file is not None)
         metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
         labels = {"registered_model": registered_model, "mlflow_version": version,
                   "mlflow_run_id": mv.run_id, "source": "mlflow"}
-        with bentoml.models.create(bento_model, labels=labels, metadata=metadata,
-                                   _model_store=store) as bm:
+        with bentoml.models.create(bento_model, labels=labels, metadata=metadata) as bm:
             shutil.copyfile(onnx_file, bm.path_of("model.onnx"))
             if int8_file:
                 shutil.copyfile(int8_file, bm.path_of("model_int8.onnx"))
             if (local / "MLmodel").is_file():
                 shutil.copyfile(local / "MLmodel", bm.path_of("MLmodel"))
-            if mv.description:  # the version's model card (flows/modelcard.py)
+            if mv.description:  # the version's model card (registry/modelcard.py)
                 Path(bm.path_of("model_card.md")).write_text(mv.description)
     return Imported(str(bm.tag), registered_model, version, mv.run_id,
                     metadata.get("val_accuracy"), metadata.get("test_accuracy"), created=True)
+
+
+def _already_imported(bento_model: str, registered_model: str, mv: Any,
+                      tracking_uri: str) -> Imported | None:
+    """The store's newest model (what the service serves now), if it is this very version."""
+    import bentoml
+
+    try:
+        latest = bentoml.models.get(f"{bento_model}:latest")
+    except bentoml.exceptions.NotFound:
+        return None
+    if not all(latest.info.labels.get(k) == v for k, v in (
+            ("registered_model", registered_model), ("mlflow_version", str(mv.version)),
+            ("mlflow_run_id", mv.run_id))) or latest.info.metadata.get("tracking_uri") != tracking_uri:
+        return None
+    meta = latest.info.metadata
+    return Imported(str(latest.tag), registered_model, str(mv.version), mv.run_id,
+                    _float(meta.get("val_accuracy")), _float(meta.get("test_accuracy")),
+                    created=False)
+
+
+def _check_normalisation(logged: dict[str, Any], what: str) -> None:
+    """The model must expect the service's normalisation (cifarlab/constants.py)."""
+    for key, shared in (("mean", MEAN), ("std", STD)):
+        if key in logged and [round(float(v), 6) for v in logged[key]] != [round(v, 6) for v in shared]:
+            raise ImportFailed(f"{what} was trained with {key} {logged[key]}, but the service "
+                               f"normalises with {list(shared)} (cifarlab/constants.py): "
+                               "refusing to serve it wrongly")
+
+
+def _metadata(mv: Any, registered_model: str, alias: str, tracking_uri: str,
+              logged: dict[str, Any], class_names: list[str], input_name: str,
+              has_int8: bool) -> dict[str, Any]:
+    """The BentoML model's metadata: what the service and GET /model say about the version."""
+    from registry.tracking import display_uri, tag_bool
+
+    version = str(mv.version)
+    return {
+        "registered_model": registered_model, "mlflow_version": version,
+        "mlflow_alias_at_import": alias, "mlflow_run_id": mv.run_id,
+        "mlflow_source": mv.source, "tracking_uri": display_uri(tracking_uri),
+        "val_accuracy": _float(mv.tags.get("val_accuracy", logged.get("val_accuracy"))),
+        "test_accuracy": _float(mv.tags.get("test_accuracy", logged.get("test_accuracy"))),
+        "preset": logged.get("preset") or mv.tags.get("preset"),
+        "class_names": class_names, "mean": list(MEAN), "std": list(STD),
+        "image_size": IMAGE_SIZE, "resize_filter": RESIZE_FILTER,
+        "input_name": input_name, "onnx_file": "model.onnx",
+        "served_tta": mv.tags.get("served_tta") or logged.get("served_tta"),
+        "promotion_reason": mv.tags.get("promotion_reason"),
+        "model_card": "model_card.md" if mv.description else None,
+        **({"int8_file": "model_int8.onnx",
+            "int8_val_accuracy": _float(mv.tags.get("int8_val_accuracy")),
+            "int8_test_accuracy": _float(mv.tags.get("int8_test_accuracy")),
+            "int8_servable": mv.tags.get("int8_servable") == "true",
+            # (None, dropped below: unknown, or a version from before it was recorded)
+            "int8_judged_with_dot_product": tag_bool(
+                mv.tags.get("int8_judged_with_dot_product"))} if has_int8 else {}),
+    }
+
+
 
 
 def _int8_file(client: Any, mv: Any, dest: Path, class_names: list[str]) -> Path | None:
@@ -196,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.follow < 0:
         parser.error(f"--follow {args.follow}: must be a number of seconds >= 0")
-    from flows.tracking import tracking_uri
+    from registry.tracking import tracking_uri
 
     uri = args.tracking_uri or tracking_uri(args.root)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -225,7 +262,7 @@ def _follow(uri: str, home: Path, alias: str, every: float) -> int:
     import signal
     import time
 
-    from flows.tracking import display_uri
+    from registry.tracking import display_uri
 
     def stop(*_):
         raise KeyboardInterrupt
