@@ -17,7 +17,7 @@ EPOCH_SCALE ?= 1
 DATA_SCALE ?= 1
 STUDY ?= report-lr
 
-.PHONY: setup run sweep stack team-stack worker train test test-all bench bench-flow bench-serve bench-team test-faults mlflow-ui import-champion serve bento clean
+.PHONY: setup run sweep stack team-stack worker train test test-e2e test-all docs-tables bench bench-flow bench-serve bench-team mlflow-ui import-champion serve bento clean
 
 setup: $(VENV)/.installed
 
@@ -61,15 +61,20 @@ bento: import-champion  ## build the Bento (offline) from bentofile.yaml; `bento
 train: setup  ## train PRESET (default: fast) on the real data, print the results
 	$(VENV)/bin/cifar-train --preset $(PRESET)
 
-test: setup  ## the default test run (fast tests plus one real-data smoke test)
-	$(PY) -m pytest -q
+test: setup  ## the fast tier (minutes): lint, format, types, import contracts, unit and in-process tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not e2e"
 
-test-faults: setup  ## the stacks under faults (servers restarted, a host killed, a host gone for good, a stack run sent SIGTERM): slow, run by CI
-	$(PY) -m pytest -q --run-slow tests/test_team_e2e.py -k "restarted or killed or never_returns"
-	$(PY) -m pytest -q --run-slow tests/test_stack_e2e.py::test_sigterm_to_a_stack_run_leaves_nothing_behind
+test-e2e: setup  ## the real servers (Prefect, MLflow, bentoml serve), PostgreSQL, Chromium, the fault tests
+	$(PY) -m pytest -q -m e2e
 
-test-all: setup  ## also the slow tests
-	$(PY) -m pytest -q --run-slow
+test-all: test test-e2e  ## both tiers, as CI runs them
+
+docs-tables: setup  ## regenerate the tables of docs/benchmarks.md from benchmarks/results/*.json
+	$(PY) benchmarks/make_tables.py
 
 bench-flow: setup  ## fixed cost of orchestration + tracking around training -> benchmarks/results
 	$(PY) benchmarks/flow_overhead.py

@@ -45,30 +45,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "eval-batch-cpu.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval-batch-cpu.json"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)
     cpu = torch.device("cpu")
     results: dict[str, object] = {
-        "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-        "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "images": args.images, "pytorch": {},
-        "onnxruntime": {}}
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "images": args.images,
+        "pytorch": {},
+        "onnxruntime": {},
+    }
     for label, (name, options) in NETS.items():
         model = build_model(name, **options).eval().to(memory_format=torch.channels_last)
         results["pytorch"][label] = {
-            str(b): round(args.images / median_seconds(lambda b=b: predict_logits(
-                model, images, device=cpu, batch_size=b, channels_last=True), args.repeats))
-            for b in BATCHES}
+            str(b): round(
+                args.images
+                / median_seconds(
+                    lambda b=b: predict_logits(
+                        model, images, device=cpu, batch_size=b, channels_last=True
+                    ),
+                    args.repeats,
+                )
+            )
+            for b in BATCHES
+        }
         print(label, "PyTorch images/s by batch:", results["pytorch"][label], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(build_model("seed-baseline"), Path(tmp) / "seed.onnx")
         results["onnxruntime"]["seed-baseline"] = {
-            str(b): round(args.images / median_seconds(
-                lambda b=b: onnx_logits(path, images, b), args.repeats)) for b in BATCHES}
+            str(b): round(
+                args.images / median_seconds(lambda b=b: onnx_logits(path, images, b), args.repeats)
+            )
+            for b in BATCHES
+        }
     print("seed-baseline onnxruntime images/s by batch:", results["onnxruntime"]["seed-baseline"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -29,12 +29,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-
 from machine_info import cpu_flags, cpu_model  # beside this script
 
 from registry import tracking
-from stacks.processes import free_port, handle_stop_signals
 from stacks.local import LocalStack
+from stacks.processes import free_port, handle_stop_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
@@ -48,9 +47,25 @@ def tracking_cost_per_epoch(root: Path, epochs: int = 30) -> dict[str, float]:
     times = []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        tracking.log_metrics(store, run_id, {k: 0.5 for k in (  # what the flow logs per epoch
-            "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
-            "images_per_second", "val_images", "val_seconds")}, step=epoch)
+        tracking.log_metrics(
+            store,
+            run_id,
+            {
+                k: 0.5
+                for k in (  # what the flow logs per epoch
+                    "train_loss",
+                    "train_accuracy",
+                    "val_loss",
+                    "val_accuracy",
+                    "lr",
+                    "epoch_seconds",
+                    "images_per_second",
+                    "val_images",
+                    "val_seconds",
+                )
+            },
+            step=epoch,
+        )
         times.append(time.perf_counter() - t0)
     tracking.end_run(store, run_id, "FINISHED")
     return {"median_s": statistics.median(times), "max_s": max(times), "epochs": epochs}
@@ -70,37 +85,59 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--source", default=os.environ.get("CIFAR10_SOURCE", str(DEFAULT_SOURCE)))
-    parser.add_argument("--int8", choices=("champion", "always", "never"), default="champion",
-                        help="train-cifar's `int8`: which runs build the int8 twin (always: as "
-                             "every run did before 2026-12-06)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                        "flow-overhead.json")
+    parser.add_argument(
+        "--int8",
+        choices=("champion", "always", "never"),
+        default="champion",
+        help="train-cifar's `int8`: which runs build the int8 twin (always: as "
+        "every run did before 2026-12-06)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "flow-overhead.json"
+    )
     args = parser.parse_args()
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        stack = LocalStack(root=root, port=free_port(), extra_env={
-            "CIFAR10_SOURCE": args.source, "PREFECT_UI_ENABLED": "false"})
+        stack = LocalStack(
+            root=root,
+            port=free_port(),
+            extra_env={"CIFAR10_SOURCE": args.source, "PREFECT_UI_ENABLED": "false"},
+        )
         t0 = time.perf_counter()
         with stack.running():
             stack_start = time.perf_counter() - t0
             deployment = args.preset if args.preset in ("seed-baseline", "fast-gpu") else "default"
             # The first run also pays the fresh MLflow database's migrations and writes the
             # root's memory-mapped copy of the arrays (once per root): the median absorbs it.
-            measured = [measure_run(stack, root, deployment, args.preset, args.epochs, seed,
-                                    args.int8) for seed in range(args.runs)]
+            measured = [
+                measure_run(stack, root, deployment, args.preset, args.epochs, seed, args.int8)
+                for seed in range(args.runs)
+            ]
             tracking_cost = tracking_cost_per_epoch(root / "probe")
     fixed = [r["fixed_cost_seconds"] for r in measured]
     to_final = [r["fixed_cost_to_final_state_seconds"] for r in measured]
-    by_alias = {alias: round(statistics.median(
-        r["fixed_cost_to_final_state_seconds"] for r in measured if r["alias"] == alias), 2)
-        for alias in sorted({r["alias"] for r in measured})}
+    by_alias = {
+        alias: round(
+            statistics.median(
+                r["fixed_cost_to_final_state_seconds"] for r in measured if r["alias"] == alias
+            ),
+            2,
+        )
+        for alias in sorted({r["alias"] for r in measured})
+    }
     results = {
-        "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-        "started": started, "code_version": tracking.code_version(ROOT),
-        "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
-        "preset": args.preset, "epochs": args.epochs, "int8": args.int8,
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "started": started,
+        "code_version": tracking.code_version(ROOT),
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "preset": args.preset,
+        "epochs": args.epochs,
+        "int8": args.int8,
         "stack_start_seconds": round(stack_start, 2),
         "fixed_cost_seconds_median": round(statistics.median(fixed), 2),
         "fixed_cost_seconds_range": [min(fixed), max(fixed)],
@@ -108,15 +145,21 @@ def main() -> None:
         "fixed_cost_to_final_state_seconds_range": [min(to_final), max(to_final)],
         # Only a version promoted to champion gets the int8 twin (train-cifar's `int8`).
         "fixed_cost_to_final_state_seconds_median_by_alias": by_alias,
-        "stage_medians_seconds": {key: round(statistics.median(
-            r["stages"][key] for r in measured if key in r["stages"]), 2)
-            for key in measured[0]["stages"]},
+        "stage_medians_seconds": {
+            key: round(
+                statistics.median(r["stages"][key] for r in measured if key in r["stages"]), 2
+            )
+            for key in measured[0]["stages"]
+        },
         "runs": measured,
         "tracking_seconds_per_epoch": tracking_cost,
     }
-    print(f"fixed cost per run {results['fixed_cost_seconds_median']} s (median of {len(fixed)}: "
-          f"{fixed}); to the run's final state "
-          f"{results['fixed_cost_to_final_state_seconds_median']} s ({to_final})", flush=True)
+    print(
+        f"fixed cost per run {results['fixed_cost_seconds_median']} s (median of {len(fixed)}: "
+        f"{fixed}); to the run's final state "
+        f"{results['fixed_cost_to_final_state_seconds_median']} s ({to_final})",
+        flush=True,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
@@ -137,11 +180,14 @@ def stages(stack: LocalStack, flow_run_id: str, train_s: float) -> dict[str, flo
     created = _at(fr["created"])
     out = {
         "created_to_pending_s (worker picks it up)": (first["PENDING"] - created).total_seconds(),
-        "pending_to_running_s (process start, imports, flow load)":
-            (first["RUNNING"] - first["PENDING"]).total_seconds(),
+        "pending_to_running_s (process start, imports, flow load)": (
+            first["RUNNING"] - first["PENDING"]
+        ).total_seconds(),
     }
-    tasks = stack.api("/task_runs/filter",
-                 {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+    tasks = stack.api(
+        "/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
+    )
     covered = 0.0
     for t in tasks:
         if not (t.get("start_time") and t.get("end_time")):
@@ -157,22 +203,39 @@ def stages(stack: LocalStack, flow_run_id: str, train_s: float) -> dict[str, flo
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epochs: int,
-                seed: int, int8: str = "champion") -> dict[str, object]:
+def measure_run(
+    stack: LocalStack,
+    root: Path,
+    deployment: str,
+    preset: str,
+    epochs: int,
+    seed: int,
+    int8: str = "champion",
+) -> dict[str, object]:
     """One `prefect deployment run --watch`: wall time against the training time inside it."""
     params = [f"preset={preset}", f'train={{"epochs": {epochs}, "seed": {seed}}}', f"int8={int8}"]
     started_at = datetime.now().astimezone()
     t1 = time.perf_counter()
     # What a user types (the benchmark times it; nothing reads what it prints).
     name = deployment if "/" in deployment else f"train-cifar/{deployment}"
-    result = stack.cli("deployment", "run", name, "--watch",
-                       *[arg for p in params for arg in ("--param", p)], check=False, timeout=3600)
+    result = stack.cli(
+        "deployment",
+        "run",
+        name,
+        "--watch",
+        *[arg for p in params for arg in ("--param", p)],
+        check=False,
+        timeout=3600,
+    )
     wall = time.perf_counter() - t1
     if result.returncode != 0:
         raise SystemExit(f"deployment run failed:\n{result.stdout}\n{result.stderr}")
     store = tracking.open_store(root)
-    (run,) = [r for r in store.client.search_runs([store.experiment_id])
-              if r.data.params.get("train.seed") == str(seed)]
+    (run,) = [
+        r
+        for r in store.client.search_runs([store.experiment_id])
+        if r.data.params.get("train.seed") == str(seed)
+    ]
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     fr = stack.api(f"/flow_runs/{flow_run_id}")
     in_run = (_at(fr["end_time"]) - _at(fr["start_time"])).total_seconds()
@@ -204,10 +267,12 @@ def measure_run(stack: LocalStack, root: Path, deployment: str, preset: str, epo
         "queue_and_startup_seconds": round(wall - in_run, 2),
         # From the command to the finished run: what the run costs before the CLI's wait.
         "fixed_cost_to_final_state_seconds": round(wall - train_s - val_s - (cli_s - submit_s), 2),
-        "stages": {"cli start-up and --watch_s": round(cli_s, 2),
-                   "cli start-up to flow run created_s": round(submit_s, 2),
-                   "cli after the final state (--watch)_s": round(cli_s - submit_s, 2),
-                   **stages(stack, flow_run_id, train_s)},
+        "stages": {
+            "cli start-up and --watch_s": round(cli_s, 2),
+            "cli start-up to flow run created_s": round(submit_s, 2),
+            "cli after the final state (--watch)_s": round(cli_s - submit_s, 2),
+            **stages(stack, flow_run_id, train_s),
+        },
     }
 
 

@@ -64,13 +64,18 @@ def val_test_evaluation_seconds(path: Path, sets: list, repeats: int = 5) -> dic
     for _ in range(repeats):
         for way in times:
             t0 = time.perf_counter()
-            results[way] = ([evaluate_onnx(path, x, y) for x, y in sets]
-                            if way == "one_session" else evaluate_onnx_per_core(path, sets))
+            results[way] = (
+                [evaluate_onnx(path, x, y) for x, y in sets]
+                if way == "one_session"
+                else evaluate_onnx_per_core(path, sets)
+            )
             times[way].append(time.perf_counter() - t0)
     out: dict[str, object] = {way: round(statistics.median(t), 3) for way, t in times.items()}
     out["images"] = sum(len(y) for _, y in sets)
-    out["same_predictions"] = all(np.array_equal(a.predictions, b.predictions) for a, b in zip(
-        results["one_session"], results["session_per_core"]))
+    out["same_predictions"] = all(
+        np.array_equal(a.predictions, b.predictions)
+        for a, b in zip(results["one_session"], results["session_per_core"])
+    )
     return out
 
 
@@ -89,48 +94,81 @@ def main() -> None:
     from cifarlab.export import model_input
     from cifarlab.quantize import MAX_DROP, build_int8, calibration_set
 
-    config = preset(args.preset, data={"source": args.source, "train_size": args.train_size,
-                                       "val_size": args.val_size},
-                    train={"epochs": args.epochs, "device": "cpu"})
+    config = preset(
+        args.preset,
+        data={"source": args.source, "train_size": args.train_size, "val_size": args.val_size},
+        train={"epochs": args.epochs, "device": "cpu"},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         outcome = run_experiment(config, Path(tmp))
         train_s = time.perf_counter() - t0
         run, d = outcome.run, outcome.run.data.data
         t0 = time.perf_counter()
-        report = build_int8(outcome.exported.path, outcome.val,
-                            calibration_set(d.train_images, run.split.train_idx),
-                            run.val_images, run.val_labels, d.test_images, d.test_labels,
-                            Path(tmp) / "model_int8.onnx")
+        report = build_int8(
+            outcome.exported.path,
+            outcome.val,
+            calibration_set(d.train_images, run.split.train_idx),
+            run.val_images,
+            run.val_labels,
+            d.test_images,
+            d.test_labels,
+            Path(tmp) / "model_int8.onnx",
+        )
         int8_s = time.perf_counter() - t0
         cores = os.cpu_count() or 1
         import onnxruntime
+
         ort_version = onnxruntime.__version__
-        sets = [(model_input(run.val_images), run.val_labels),
-                (model_input(d.test_images), d.test_labels)]
-        set_seconds = {kind: val_test_evaluation_seconds(path, sets)
-                       for kind, path in (("fp32", outcome.exported.path), ("int8", report.path))}
-        speed = {f"{kind}_batch{b}_threads{t}_ms": round(timed(path, b, t), 3)
-                 for kind, path in (("fp32", outcome.exported.path), ("int8", report.path))
-                 for b in (1, 256) for t in sorted({1, cores})}
-        sizes = {"fp32_bytes": outcome.exported.path.stat().st_size,
-                 "int8_bytes": report.path.stat().st_size}
+        sets = [
+            (model_input(run.val_images), run.val_labels),
+            (model_input(d.test_images), d.test_labels),
+        ]
+        set_seconds = {
+            kind: val_test_evaluation_seconds(path, sets)
+            for kind, path in (("fp32", outcome.exported.path), ("int8", report.path))
+        }
+        speed = {
+            f"{kind}_batch{b}_threads{t}_ms": round(timed(path, b, t), 3)
+            for kind, path in (("fp32", outcome.exported.path), ("int8", report.path))
+            for b in (1, 256)
+            for t in sorted({1, cores})
+        }
+        sizes = {
+            "fp32_bytes": outcome.exported.path.stat().st_size,
+            "int8_bytes": report.path.stat().st_size,
+        }
     result = {
-        "machine": {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cores": cores,
-                    "platform": platform.platform(), "onnxruntime": ort_version},
-        "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-        "preset": args.preset, "epochs": args.epochs, "train_size": args.train_size,
-        "val_size": args.val_size, "train_and_export_seconds": round(train_s, 1),
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpu_flags": cpu_flags(),
+            "cores": cores,
+            "platform": platform.platform(),
+            "onnxruntime": ort_version,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "preset": args.preset,
+        "epochs": args.epochs,
+        "train_size": args.train_size,
+        "val_size": args.val_size,
+        "train_and_export_seconds": round(train_s, 1),
         "int8_build_and_evaluate_seconds": round(int8_s, 1),
         "fp32": {"val_accuracy": outcome.val.accuracy, "test_accuracy": outcome.test.accuracy},
-        "int8": {"val_accuracy": report.val.accuracy, "test_accuracy": report.test.accuracy,
-                 "calibration_images": report.calibration_images,
-                 "weight_bits": report.weight_bits},
+        "int8": {
+            "val_accuracy": report.val.accuracy,
+            "test_accuracy": report.test.accuracy,
+            "calibration_images": report.calibration_images,
+            "weight_bits": report.weight_bits,
+        },
         # How often the two files name the same class, and how many test images each gets right.
-        "test_same_class_fraction": float((outcome.test.predictions ==
-                                           report.test.predictions).mean()),
-        "test_correct": {"fp32": int((outcome.test.predictions == d.test_labels.numpy()).sum()),
-                         "int8": int((report.test.predictions == d.test_labels.numpy()).sum())},
+        "test_same_class_fraction": float(
+            (outcome.test.predictions == report.test.predictions).mean()
+        ),
+        "test_correct": {
+            "fp32": int((outcome.test.predictions == d.test_labels.numpy()).sum()),
+            "int8": int((report.test.predictions == d.test_labels.numpy()).sum()),
+        },
         "val_drop_points": round(100 * report.val_drop, 3),
         "test_drop_points": round(100 * (outcome.test.accuracy - report.test.accuracy), 3),
         "servable_rule": f"val drop <= {100 * MAX_DROP:.1f} points",
@@ -140,9 +178,13 @@ def main() -> None:
         # on a single-threaded session per core taking the batches of both sets in turn
         # (cifarlab.export.evaluate_onnx_per_core).
         "val_test_evaluation_seconds": set_seconds,
-        "int8_speedup": {k.removeprefix("fp32_").removesuffix("_ms"):
-                         round(speed[k] / speed[k.replace("fp32", "int8")], 2)
-                         for k in speed if k.startswith("fp32")},
+        "int8_speedup": {
+            k.removeprefix("fp32_").removesuffix("_ms"): round(
+                speed[k] / speed[k.replace("fp32", "int8")], 2
+            )
+            for k in speed
+            if k.startswith("fp32")
+        },
         **sizes,
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"int8-{args.preset}.json"

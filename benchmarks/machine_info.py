@@ -21,8 +21,17 @@ def cpu_model() -> str:
 
 # Instruction-set flags that decide how fast a CPU trains (AVX2 vs AVX-512, bf16, AMX) and how
 # it runs int8 (the VNNI and AMX int8 dot products).
-_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16",
-          "amx_tile", "amx_int8")
+_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_bf16",
+    "amx_tile",
+    "amx_int8",
+)
 
 
 def cpu_flags() -> list[str]:

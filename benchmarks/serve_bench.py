@@ -31,21 +31,19 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from machine_info import cpu_model  # beside this script
 from PIL import Image
 
-
-from machine_info import cpu_model  # beside this script
 from serving.engine import Engine
-from stacks.processes import BentoServer
 from serving.preprocess import decode_image, to_model_input
+from stacks.processes import BentoServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "cifar10" / "cifar-10-batches-py"
-
 
 
 def model_store(home: Path):
@@ -53,6 +51,7 @@ def model_store(home: Path):
     from bentoml._internal.models import ModelStore
 
     return ModelStore(Path(home) / "models")
+
 
 def load_pngs(source: Path, n: int) -> list[bytes]:
     if (source / "test_batch").is_file():
@@ -84,11 +83,20 @@ def default_model(home: Path) -> str:
     model = build_model(config.model.name, **config.model.options).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "model.onnx")
-        meta = {"class_names": list(CLASS_NAMES), "mean": list(MEAN), "std": list(STD),
-                "preset": config.preset, "onnx_file": "model.onnx",
-                "note": "benchmark model: default architecture, untrained weights"}
-        with bentoml.models.create("cifar10-classifier", labels={"source": "benchmark"},
-                                   metadata=meta, _model_store=model_store(home)) as bm:
+        meta = {
+            "class_names": list(CLASS_NAMES),
+            "mean": list(MEAN),
+            "std": list(STD),
+            "preset": config.preset,
+            "onnx_file": "model.onnx",
+            "note": "benchmark model: default architecture, untrained weights",
+        }
+        with bentoml.models.create(
+            "cifar10-classifier",
+            labels={"source": "benchmark"},
+            metadata=meta,
+            _model_store=model_store(home),
+        ) as bm:
             Path(bm.path_of("model.onnx")).write_bytes(path.read_bytes())
     return config.preset
 
@@ -98,8 +106,9 @@ def median_of(repeats: list[dict]) -> dict:
     key = "images_per_s"
     ordered = sorted(repeats, key=lambda r: r[key])
     mid = dict(ordered[len(ordered) // 2])
-    mid["repeats"] = [{k: r.get(k) for k in (key, "p99_ms", "mean_batch_size") if k in r}
-                      for r in repeats]
+    mid["repeats"] = [
+        {k: r.get(k) for k in (key, "p99_ms", "mean_batch_size") if k in r} for r in repeats
+    ]
     return mid
 
 
@@ -120,23 +129,41 @@ def in_process(engine: Engine, pngs: list[bytes], seconds: float, batch: int) ->
         done += batch
         i += batch
     elapsed = time.perf_counter() - start
-    return {"batch": batch, "images": done, "seconds": elapsed, "images_per_s": done / elapsed,
-            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
+    return {
+        "batch": batch,
+        "images": done,
+        "seconds": elapsed,
+        "images_per_s": done / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+    }
 
 
 def multipart(files: list[bytes], field: str) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     parts = []
     for k, content in enumerate(files):
-        parts.append((f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-                      f"filename=\"{k}.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
-                     + content + b"\r\n")
+        parts.append(
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+                f'filename="{k}.png"\r\nContent-Type: image/png\r\n\r\n'
+            ).encode()
+            + content
+            + b"\r\n"
+        )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def load(port: int, path: str, bodies: list[tuple[bytes, str]], concurrency: int,
-         seconds: float, images_per_request: int = 1, keep_alive: bool = True) -> dict:
+def load(
+    port: int,
+    path: str,
+    bodies: list[tuple[bytes, str]],
+    concurrency: int,
+    seconds: float,
+    images_per_request: int = 1,
+    keep_alive: bool = True,
+) -> dict:
     """Closed-loop load: `concurrency` clients, each sending the next upload as soon as it has
     its answer, over one keep-alive connection each, or (keep_alive=False) a new connection per
     request, as `curl` does.
@@ -146,9 +173,14 @@ def load(port: int, path: str, bodies: list[tuple[bytes, str]], concurrency: int
     import asyncio
 
     close = "" if keep_alive else "Connection: close\r\n"
-    requests = [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
-                 f"{close}Content-Length: {len(body)}\r\n\r\n").encode() + body
-                for body, ctype in bodies]
+    requests = [
+        (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"{close}Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+        for body, ctype in bodies
+    ]
     latencies: list[float] = []
     errors = 0
 
@@ -184,12 +216,19 @@ def load(port: int, path: str, bodies: list[tuple[bytes, str]], concurrency: int
         return time.perf_counter() - start
 
     elapsed = asyncio.run(run())
-    return {"path": path, "concurrency": concurrency, "keep_alive": keep_alive,
-            "requests": len(latencies),
-            "errors": errors, "seconds": elapsed, "requests_per_s": len(latencies) / elapsed,
-            "images_per_s": len(latencies) * images_per_request / elapsed,
-            "p50_ms": 1000 * percentile(latencies, 50), "p90_ms": 1000 * percentile(latencies, 90),
-            "p99_ms": 1000 * percentile(latencies, 99)}
+    return {
+        "path": path,
+        "concurrency": concurrency,
+        "keep_alive": keep_alive,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "requests_per_s": len(latencies) / elapsed,
+        "images_per_s": len(latencies) * images_per_request / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p90_ms": 1000 * percentile(latencies, 90),
+        "p99_ms": 1000 * percentile(latencies, 99),
+    }
 
 
 class PeakMemory:
@@ -221,7 +260,7 @@ class PeakMemory:
             self.peak = max(self.peak, total)
             time.sleep(0.05)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -253,8 +292,12 @@ def hostile(port: int, seconds: float) -> dict:
 
     async def post(path: str, body: bytes, ctype: str) -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
-                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode())
+        writer.write(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
         try:
             writer.write(body)
             await writer.drain()
@@ -281,16 +324,19 @@ def hostile(port: int, seconds: float) -> dict:
 
     async def run() -> None:
         stop_at = time.perf_counter() + seconds
-        await asyncio.gather(*[crowd("/classify", noise, "application/octet-stream", stop_at)
-                               for _ in range(24)],
-                             *[crowd("/classify_batch", heavy_body, heavy_type, stop_at)
-                               for _ in range(2)], ordinary_client(stop_at))
+        await asyncio.gather(
+            *[crowd("/classify", noise, "application/octet-stream", stop_at) for _ in range(24)],
+            *[crowd("/classify_batch", heavy_body, heavy_type, stop_at) for _ in range(2)],
+            ordinary_client(stop_at),
+        )
 
     asyncio.run(run())
-    return {"statuses": {str(k): v for k, v in sorted(statuses.items())},
-            "ordinary_requests": len(ordinary),
-            "ordinary_p50_ms": 1000 * percentile(ordinary, 50),
-            "ordinary_max_ms": 1000 * max(ordinary) if ordinary else None}
+    return {
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "ordinary_requests": len(ordinary),
+        "ordinary_p50_ms": 1000 * percentile(ordinary, 50),
+        "ordinary_max_ms": 1000 * max(ordinary) if ordinary else None,
+    }
 
 
 def load_png_32() -> bytes:
@@ -302,29 +348,49 @@ def load_png_32() -> bytes:
 def batch_sizes(port: int) -> dict:
     """Mean images per onnxruntime call since the last reading, from /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    total = sum(float(l.split()[-1]) for l in text.splitlines()
-                if l.startswith("cifar_inference_batch_size_sum"))
-    calls = sum(float(l.split()[-1]) for l in text.splitlines()
-                if l.startswith("cifar_inference_batch_size_count"))
+    total = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("cifar_inference_batch_size_sum")
+    )
+    calls = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("cifar_inference_batch_size_count")
+    )
     return {"images": total, "calls": calls}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="measurements per setting, each on new connections; the median is "
-                        "reported (keep-alive results depend on how the kernel happens to spread "
-                        "the connections over the worker processes)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="measurements per setting, each on new connections; the median is "
+        "reported (keep-alive results depend on how the kernel happens to spread "
+        "the connections over the worker processes)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--store", action="store_true",
-                        help="serve the newest model in $BENTOML_HOME instead of a fresh one")
-    parser.add_argument("--source", type=Path,
-                        default=Path(os.environ.get("CIFAR10_SOURCE") or DEFAULT_SOURCE))
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra environment for the server (e.g. CIFAR_BATCH_MAX_SIZE=32)")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / "benchmarks" / "results" / "serve-cpu.json")
+    parser.add_argument(
+        "--store",
+        action="store_true",
+        help="serve the newest model in $BENTOML_HOME instead of a fresh one",
+    )
+    parser.add_argument(
+        "--source", type=Path, default=Path(os.environ.get("CIFAR10_SOURCE") or DEFAULT_SOURCE)
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the server (e.g. CIFAR_BATCH_MAX_SIZE=32)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve-cpu.json"
+    )
     args = parser.parse_args()
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -345,33 +411,48 @@ def main() -> None:
         del os.environ["CIFAR_ORT_SPIN"]
         engine.warm_up()
         results: dict = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "cpu_model": cpu_model()},
-            "model": model_desc, "bento_tag": str(stored.tag),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "cpu_model": cpu_model(),
+            },
+            "model": model_desc,
+            "bento_tag": str(stored.tag),
             "in_process_ort": {"threads": engine.threads, "spinning": True},
             "images": f"{len(pngs)} PNG uploads of 32x32 "
-                      f"({statistics.mean(map(len, pngs)):.0f} bytes on average)",
+            f"({statistics.mean(map(len, pngs)):.0f} bytes on average)",
             "server_env": args.env,
         }
         results["in_process_batch1"] = median_of(
-            [in_process(engine, pngs, args.seconds, 1) for _ in range(args.repeats)])
+            [in_process(engine, pngs, args.seconds, 1) for _ in range(args.repeats)]
+        )
         results["in_process_batch64"] = median_of(
-            [in_process(engine, pngs, args.seconds, 64) for _ in range(args.repeats)])
-        print(json.dumps({k: results[k] for k in ("in_process_batch1", "in_process_batch64")},
-                         indent=1), flush=True)
+            [in_process(engine, pngs, args.seconds, 64) for _ in range(args.repeats)]
+        )
+        print(
+            json.dumps(
+                {k: results[k] for k in ("in_process_batch1", "in_process_batch64")}, indent=1
+            ),
+            flush=True,
+        )
         del engine
 
         server = BentoServer(home, Path(tmp) / "serve.log", dict(e.split("=", 1) for e in args.env))
-        with server, PeakMemory(server.services.procs[next(iter(server.services.procs))].pid) as mem:
+        with (
+            server,
+            PeakMemory(server.services.procs[next(iter(server.services.procs))].pid) as mem,
+        ):
             port = server.port
             single = [multipart([p], "image") for p in pngs]
             raw = [(p, "image/png") for p in pngs]
             load(port, "/classify", single, 8, 2.0)  # warm-up
             results["http_classify"] = []
-            runs = [(True, c, "multipart", single) for c in args.concurrency] + \
-                   [(False, c, "multipart", single) for c in args.concurrency if c == 8] + \
-                   [(True, c, "raw", raw) for c in args.concurrency]
+            runs = (
+                [(True, c, "multipart", single) for c in args.concurrency]
+                + [(False, c, "multipart", single) for c in args.concurrency if c == 8]
+                + [(True, c, "raw", raw) for c in args.concurrency]
+            )
             for keep_alive, c, body, bodies in runs:
                 repeats = []
                 for _ in range(args.repeats):
@@ -379,18 +460,22 @@ def main() -> None:
                     r = load(port, "/classify", bodies, c, args.seconds, keep_alive=keep_alive)
                     after = batch_sizes(port)
                     calls = after["calls"] - before["calls"]
-                    r["mean_batch_size"] = ((after["images"] - before["images"]) / calls
-                                            if calls else 0)
+                    r["mean_batch_size"] = (
+                        (after["images"] - before["images"]) / calls if calls else 0
+                    )
                     r["body"] = body
                     repeats.append(r)
                 r = median_of(repeats)
                 r["body"] = body
                 results["http_classify"].append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "repeats"}), flush=True)
-            batches = [multipart(pngs[i:i + 64], "images") for i in range(0, len(pngs) - 63, 64)]
-            results["http_classify_batch"] = median_of([
-                load(port, "/classify_batch", batches, 2, args.seconds, images_per_request=64)
-                for _ in range(args.repeats)])
+            batches = [multipart(pngs[i : i + 64], "images") for i in range(0, len(pngs) - 63, 64)]
+            results["http_classify_batch"] = median_of(
+                [
+                    load(port, "/classify_batch", batches, 2, args.seconds, images_per_request=64)
+                    for _ in range(args.repeats)
+                ]
+            )
             print(json.dumps(results["http_classify_batch"]), flush=True)
             results["peak_rss_mb_under_load"] = round(mem.peak / 2**20, 1)
             mem.peak = 0
@@ -400,22 +485,29 @@ def main() -> None:
 
     base1 = results["in_process_batch1"]["images_per_s"]
     base64 = results["in_process_batch64"]["images_per_s"]
-    at8 = {(r["body"], r["keep_alive"]): r for r in results["http_classify"]
-           if r["concurrency"] == 8}
-    summary = {"cpu_model": results["machine"]["cpu_model"],
-               "in_process_images_per_s_batch1": base1, "in_process_images_per_s_batch64": base64}
+    at8 = {
+        (r["body"], r["keep_alive"]): r for r in results["http_classify"] if r["concurrency"] == 8
+    }
+    summary = {
+        "cpu_model": results["machine"]["cpu_model"],
+        "in_process_images_per_s_batch1": base1,
+        "in_process_images_per_s_batch64": base64,
+    }
     for (body, keep_alive), r in at8.items():
         name = f"http_c8_{body}_{'keepalive' if keep_alive else 'new_connection'}"
         summary[f"{name}_requests_per_s"] = r["requests_per_s"]
         summary[f"{name}_p99_ms"] = r["p99_ms"]
         summary[f"{name}_vs_in_process_batch1"] = r["requests_per_s"] / base1
     summary["batch_endpoint_images_per_s"] = results["http_classify_batch"]["images_per_s"]
-    summary["batch_endpoint_vs_in_process_batch64"] = \
+    summary["batch_endpoint_vs_in_process_batch64"] = (
         results["http_classify_batch"]["images_per_s"] / base64
+    )
     summary["peak_rss_mb_under_load"] = results["peak_rss_mb_under_load"]
     summary["peak_rss_mb_hostile"] = results["hostile"]["peak_rss_mb"]
-    summary["targets"] = ("c8 multipart >= 75 % and raw >= 85 % of in-process batch 1, p99 < "
-                          "50 ms; batch endpoint >= 90 % of in-process batch 64")
+    summary["targets"] = (
+        "c8 multipart >= 75 % and raw >= 85 % of in-process batch 1, p99 < "
+        "50 ms; batch endpoint >= 90 % of in-process batch 64"
+    )
     results["summary"] = summary
     print(json.dumps(results["summary"], indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine_info import cpu_model  # beside this script
 
 from cifarlab.config import preset
 from cifarlab.export import INPUT_NAME, check_parity, export_onnx
-from machine_info import cpu_model  # beside this script
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--preset", default="fast-cpu")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (served: 1)")
     parser.add_argument("--note", default="", help="anything about the machine's load")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tta-cost.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "tta-cost.json"
+    )
     args = parser.parse_args()
 
     config = preset(args.preset)
@@ -71,8 +73,12 @@ def main() -> None:
         for tta, views in VIEWS.items():
             path = export_onnx(model, Path(tmp) / f"{tta}.onnx", tta=tta)
             parity = check_parity(model, path, images[:64], tta=tta)
-            row = {"tta": tta, "views": views, "parity_max_abs_diff": parity.max_abs_diff,
-                   "onnx_bytes": path.stat().st_size}
+            row = {
+                "tta": tta,
+                "views": views,
+                "parity_max_abs_diff": parity.max_abs_diff,
+                "onnx_bytes": path.stat().st_size,
+            }
             for batch in (1, 256):
                 ms = statistics.median(time_calls(path, batch, args.threads))
                 row[f"ms_per_call_batch{batch}"] = round(ms, 3)
@@ -82,24 +88,32 @@ def main() -> None:
     for row in rows:
         for batch in (1, 256):
             row[f"cost_vs_none_batch{batch}"] = round(
-                row[f"ms_per_call_batch{batch}"] / base[f"ms_per_call_batch{batch}"], 2)
+                row[f"ms_per_call_batch{batch}"] / base[f"ms_per_call_batch{batch}"], 2
+            )
     result = {
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "preset": args.preset,
-        "model_options": config.model.options, "ort_threads": args.threads, "note": args.note,
-        "command": "python benchmarks/tta_cost.py " + " ".join(
-            f"--{k} {v!r}" for k, v in (("preset", args.preset), ("threads", args.threads))),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "preset": args.preset,
+        "model_options": config.model.options,
+        "ort_threads": args.threads,
+        "note": args.note,
+        "command": "python benchmarks/tta_cost.py "
+        + " ".join(f"--{k} {v!r}" for k, v in (("preset", args.preset), ("threads", args.threads))),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.preset} on {result['machine']['cpu']}, {args.threads} onnxruntime thread(s)")
-    print("| TTA in the graph | views | ms/image at batch 1 | ms/image at batch 256 | x none (1 / 256) |")
+    print(
+        "| TTA in the graph | views | ms/image at batch 1 | ms/image at batch 256 | x none (1 / 256) |"
+    )
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tta']} | {r['views']} | {r['ms_per_image_batch1']:.3f} | "
-              f"{r['ms_per_image_batch256']:.4f} | {r['cost_vs_none_batch1']} / "
-              f"{r['cost_vs_none_batch256']} |")
+        print(
+            f"| {r['tta']} | {r['views']} | {r['ms_per_image_batch1']:.3f} | "
+            f"{r['ms_per_image_batch256']:.4f} | {r['cost_vs_none_batch1']} / "
+            f"{r['cost_vs_none_batch256']} |"
+        )
     print(f"saved {args.out}")
 
 

@@ -20,13 +20,21 @@ import torch
 try:  # numpy 2 (the array reconstructor's home); numpy 1 kept it in numpy.core
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # pragma: no cover
-    from numpy.core.multiarray import _reconstruct
+    from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]  # numpy 1's path
 
 from cifarlab.constants import CLASS_NAMES
-from cifarlab.data import (META_FILE, TEST_FILE, TRAIN_FILES, DataError, UnsafePickleError,
-                           _file_keys, _folder_lock)
+from cifarlab.data import (
+    META_FILE,
+    TEST_FILE,
+    TRAIN_FILES,
+    DataError,
+    UnsafePickleError,
+    _file_keys,
+    _folder_lock,
+)
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Cifar10:
@@ -77,21 +85,31 @@ def load_pickle(path: Path) -> object:
             return _CifarUnpickler(fh, path).load()
         except DataError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-                IndexError, KeyError) as exc:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+        ) as exc:
             raise DataError(f"{path} is not a readable CIFAR-10 pickle: {exc}") from exc
 
 
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = load_pickle(path)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DataError(f"{path} is not a CIFAR-10 batch: expected a dict with b'data' and "
-                        "b'labels'")
+        raise DataError(
+            f"{path} is not a CIFAR-10 batch: expected a dict with b'data' and b'labels'"
+        )
     data = np.asarray(batch[b"data"], dtype=np.uint8)
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"{path} has data of shape {data.shape} and {len(labels)} labels; "
-                        "expected (N, 3072) and N labels")
+        raise DataError(
+            f"{path} has data of shape {data.shape} and {len(labels)} labels; "
+            "expected (N, 3072) and N labels"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
         raise DataError(f"{path} has labels outside 0..{len(CLASS_NAMES) - 1}")
     return data.reshape(-1, 3, 32, 32), labels
@@ -168,8 +186,9 @@ def _write_mapped(folder: Path, cache: Path, key: tuple[str, str]) -> Cifar10 | 
             tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".writing-"))
             for name in _ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(data, name).numpy())
-            (tmp / "key.json").write_text(json.dumps(
-                {"key": list(key), "class_names": list(data.class_names)}))
+            (tmp / "key.json").write_text(
+                json.dumps({"key": list(key), "class_names": list(data.class_names)})
+            )
             shutil.rmtree(where, ignore_errors=True)  # an older copy (mapped ones stay valid)
             os.replace(tmp, where)
     except OSError as exc:

@@ -1,6 +1,6 @@
 """`cifar-train`: train a preset from the command line, with a progress bar, and print the results.
 
-    cifar-train --preset seed-baseline --set train.epochs=4 --set data.train_size=36000
+cifar-train --preset seed-baseline --set train.epochs=4 --set data.train_size=36000
 """
 
 from __future__ import annotations
@@ -47,16 +47,33 @@ def _one_line(exc: ValidationError) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help=f"one of {', '.join(preset_names())} (default {DEFAULT_PRESET})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override a config field (repeatable)")
-    parser.add_argument("--root", type=Path, default=Path("."),
-                        help="folder for data/, splits/ and runs/ (default: current folder)")
-    parser.add_argument("--source", help="CIFAR-10 source: URL, archive or extracted folder "
-                        "(default: $CIFAR10_SOURCE, else the official URL)")
-    parser.add_argument("--show-config", action="store_true", help="print the resolved config "
-                        "and exit")
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"one of {', '.join(preset_names())} (default {DEFAULT_PRESET})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field (repeatable)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="folder for data/, splits/ and runs/ (default: current folder)",
+    )
+    parser.add_argument(
+        "--source",
+        help="CIFAR-10 source: URL, archive or extracted folder "
+        "(default: $CIFAR10_SOURCE, else the official URL)",
+    )
+    parser.add_argument(
+        "--show-config", action="store_true", help="print the resolved config and exit"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -96,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_epoch(m, _model) -> None:
         val = m.val_subset_note(config.data.val_size)
-        line = (f"epoch {m.epoch}: train loss {m.train_loss:.3f} acc {100 * m.train_accuracy:.2f}%"
-                f" | val{val} loss {m.val_loss:.3f} acc {100 * m.val_accuracy:.2f}%"
-                f" | {m.epoch_seconds:.1f} s, {m.images_per_second:.0f} img/s")
+        line = (
+            f"epoch {m.epoch}: train loss {m.train_loss:.3f} acc {100 * m.train_accuracy:.2f}%"
+            f" | val{val} loss {m.val_loss:.3f} acc {100 * m.val_accuracy:.2f}%"
+            f" | {m.epoch_seconds:.1f} s, {m.images_per_second:.0f} img/s"
+        )
         (bar.write if bar is not None else print)(line)
 
     try:
@@ -115,16 +134,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(s: dict) -> None:
-    print(f"preset {s['preset']} ({s['model']}) on {s['device']}: "
-          f"{s['epochs_completed']} epochs in {s['train_seconds']:.1f} s of training")
-    print(f"validation accuracy {100 * s['val_accuracy']:.2f}%   "
-          f"test accuracy {100 * s['test_accuracy']:.2f}%   (the exported ONNX model, "
-          f"TTA in it: {s['served_tta']})")
+    print(
+        f"preset {s['preset']} ({s['model']}) on {s['device']}: "
+        f"{s['epochs_completed']} epochs in {s['train_seconds']:.1f} s of training"
+    )
+    print(
+        f"validation accuracy {100 * s['val_accuracy']:.2f}%   "
+        f"test accuracy {100 * s['test_accuracy']:.2f}%   (the exported ONNX model, "
+        f"TTA in it: {s['served_tta']})"
+    )
     if s["tta_val_accuracy"] is not None:
-        print(f"with {s['tta']} TTA (not in the exported model): validation "
-              f"{100 * s['tta_val_accuracy']:.2f}%, test {100 * s['tta_test_accuracy']:.2f}%")
-    print("per-class test accuracy: " + ", ".join(
-        f"{k} {100 * v:.1f}%" for k, v in s["test_per_class_accuracy"].items()))
+        print(
+            f"with {s['tta']} TTA (not in the exported model): validation "
+            f"{100 * s['tta_val_accuracy']:.2f}%, test {100 * s['tta_test_accuracy']:.2f}%"
+        )
+    print(
+        "per-class test accuracy: "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["test_per_class_accuracy"].items())
+    )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     # 2**-n underflows to 0 for n > 1074 and comb(n, k) overflows a float, so sum the
     # probabilities in log space; the largest term (i = k <= n/2) is factored out.
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-                 for i in range(k + 1)]
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(k + 1)
+    ]
     top = max(log_terms)
     log_tail = top + math.log(math.fsum(math.exp(t - top) for t in log_terms))
     return min(1.0, 2.0 * math.exp(log_tail))
@@ -88,12 +90,17 @@ def _as_labels(name: str, values) -> np.ndarray:
 
 def _check_inputs(labels, champion_pred, challenger_pred) -> tuple[np.ndarray, ...]:
     """Validate the three arrays: integer classes, non-empty, all the same length."""
-    arrays = (_as_labels("labels", labels), _as_labels("champion_pred", champion_pred),
-              _as_labels("challenger_pred", challenger_pred))
+    arrays = (
+        _as_labels("labels", labels),
+        _as_labels("champion_pred", champion_pred),
+        _as_labels("challenger_pred", challenger_pred),
+    )
     lengths = {len(a) for a in arrays}
     if len(lengths) != 1:
-        raise ValueError("labels, champion_pred and challenger_pred differ in length: "
-                         f"{[len(a) for a in arrays]} (both models must answer the same images)")
+        raise ValueError(
+            "labels, champion_pred and challenger_pred differ in length: "
+            f"{[len(a) for a in arrays]} (both models must answer the same images)"
+        )
     return arrays
 
 
@@ -111,9 +118,14 @@ def paired_test(labels, champion_pred, challenger_pred, confidence: float = 0.95
     se = math.sqrt(max(0.0, b + c - (c - b) ** 2 / n)) / n
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
     return PairedTest(
-        n=n, champion_correct=int(champ_ok.sum()), challenger_correct=int(chall_ok.sum()),
-        only_champion=b, only_challenger=c, accuracy_diff=diff,
-        ci_low=max(-1.0, diff - z * se), ci_high=min(1.0, diff + z * se),
+        n=n,
+        champion_correct=int(champ_ok.sum()),
+        challenger_correct=int(chall_ok.sum()),
+        only_champion=b,
+        only_challenger=c,
+        accuracy_diff=diff,
+        ci_low=max(-1.0, diff - z * se),
+        ci_high=min(1.0, diff + z * se),
         p_value=mcnemar_exact(b, c),
     )
 
@@ -132,18 +144,29 @@ def _per_class(labels: np.ndarray, champ: np.ndarray, chall: np.ndarray) -> list
         n = int(mask.sum())
         champ_acc = float(np.mean(champ[mask] == k)) if n else float("nan")
         chall_acc = float(np.mean(chall[mask] == k)) if n else float("nan")
-        rows.append({"class": name, "n": n, "champion_acc": champ_acc,
-                     "challenger_acc": chall_acc, "delta": chall_acc - champ_acc})
+        rows.append(
+            {
+                "class": name,
+                "n": n,
+                "champion_acc": champ_acc,
+                "challenger_acc": chall_acc,
+                "delta": chall_acc - champ_acc,
+            }
+        )
     return rows
 
 
-def compare(labels, champion_pred, challenger_pred, champion_name: str,
-            challenger_name: str) -> Comparison:
+def compare(
+    labels, champion_pred, challenger_pred, champion_name: str, challenger_name: str
+) -> Comparison:
     """Paired test, per-class accuracies and both confusion matrices on the shared images."""
     labels, champ, chall = _check_inputs(labels, champion_pred, challenger_pred)
     return Comparison(
-        labels=labels, champion_pred=champ, challenger_pred=chall,
-        champion_name=champion_name, challenger_name=challenger_name,
+        labels=labels,
+        champion_pred=champ,
+        challenger_pred=chall,
+        champion_name=champion_name,
+        challenger_name=challenger_name,
         test=paired_test(labels, champ, chall),
         per_class=_per_class(labels, champ, chall),
         champion_confusion=confusion_matrix(labels, champ),
@@ -168,14 +191,23 @@ def plot_confusion_diff(cmp: Comparison, path: Path) -> Path:
     ax.set_yticks(ticks, CLASS_NAMES)
     ax.set(xlabel="predicted", ylabel="true")
     # Say how to read the signs: more on the diagonal is better, more off it is worse.
-    ax.set_title(f"Confusion difference: {cmp.challenger_name} minus {cmp.champion_name}\n"
-                 "diagonal > 0: challenger right more often; off-diagonal > 0: more mistakes",
-                 fontsize=10)
+    ax.set_title(
+        f"Confusion difference: {cmp.challenger_name} minus {cmp.champion_name}\n"
+        "diagonal > 0: challenger right more often; off-diagonal > 0: more mistakes",
+        fontsize=10,
+    )
     for i in ticks:
         for j in ticks:
             value = int(diff[i, j])
-            ax.text(j, i, f"{value:+d}" if value else "0", ha="center", va="center", fontsize=7,
-                    color="white" if abs(value) > 0.6 * limit else "black")
+            ax.text(
+                j,
+                i,
+                f"{value:+d}" if value else "0",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if abs(value) > 0.6 * limit else "black",
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -193,8 +225,14 @@ def _no_disagreement_png(cmp: Comparison, path: Path) -> Path:
     """A small PNG that says there is nothing to show."""
     plt = pyplot()
     fig = plt.figure(figsize=(5, 1.2))
-    fig.text(0.5, 0.5, f"no disagreements between\n{cmp.champion_name} and {cmp.challenger_name}",
-             ha="center", va="center", fontsize=11)
+    fig.text(
+        0.5,
+        0.5,
+        f"no disagreements between\n{cmp.champion_name} and {cmp.challenger_name}",
+        ha="center",
+        va="center",
+        fontsize=11,
+    )
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
@@ -212,13 +250,16 @@ def _mosaic(tiles: np.ndarray, cols: int, width: int) -> np.ndarray:
     return canvas
 
 
-def disagreement_gallery(cmp: Comparison, images: np.ndarray, path: Path, limit: int = 64,
-                         seed: int = 0) -> tuple[Path, int]:
+def disagreement_gallery(
+    cmp: Comparison, images: np.ndarray, path: Path, limit: int = 64, seed: int = 0
+) -> tuple[Path, int]:
     """PNG grid of a seeded sample of images the two models answer differently; (path, count)."""
     images = np.asarray(images)
     if images.shape != (len(cmp.labels), 3, 32, 32):
-        raise ValueError(f"images must have shape ({len(cmp.labels)}, 3, 32, 32) to match the "
-                         f"labels, got {images.shape}")
+        raise ValueError(
+            f"images must have shape ({len(cmp.labels)}, 3, 32, 32) to match the "
+            f"labels, got {images.shape}"
+        )
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     differ = np.flatnonzero(cmp.champion_pred != cmp.challenger_pred)
@@ -237,9 +278,15 @@ def disagreement_gallery(cmp: Comparison, images: np.ndarray, path: Path, limit:
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default(size=11)
-    draw.multiline_text((6, 4), f"{len(chosen)} of {differ.size} images where the models "
-                        f"disagree\nchamp = {cmp.champion_name}, chall = {cmp.challenger_name}; "
-                        "green = right, red = wrong", fill="black", font=font, spacing=3)
+    draw.multiline_text(
+        (6, 4),
+        f"{len(chosen)} of {differ.size} images where the models "
+        f"disagree\nchamp = {cmp.champion_name}, chall = {cmp.challenger_name}; "
+        "green = right, red = wrong",
+        fill="black",
+        font=font,
+        spacing=3,
+    )
     for slot, idx in enumerate(chosen):
         x = (slot % cols) * _CELL_W + _CELL_W / 2
         y = _HEADER_H + (slot // cols) * _CELL_H + 32 * _SCALE + 4
@@ -277,33 +324,53 @@ def _points(fraction: float) -> str:
     return "—" if math.isnan(fraction) else f"{100 * fraction:+.2f}"
 
 
-def report_markdown(cmp: Comparison, decision: str, extra_rows: Sequence[tuple[str, str]] = (),
-                    images: Mapping[str, str] | None = None) -> str:
+def report_markdown(
+    cmp: Comparison,
+    decision: str,
+    extra_rows: Sequence[tuple[str, str]] = (),
+    images: Mapping[str, str] | None = None,
+) -> str:
     """Markdown report: decision, overall paired test, per-class accuracies and image links."""
     t = cmp.test
     level = "95 %"  # compare() always uses the default confidence
     rows = [
         ("shared images", f"{t.n:,}"),
-        (f"accuracy, {cmp.champion_name}",
-         f"{_pct(t.champion_correct / t.n)} % ({t.champion_correct:,} / {t.n:,})"),
-        (f"accuracy, {cmp.challenger_name}",
-         f"{_pct(t.challenger_correct / t.n)} % ({t.challenger_correct:,} / {t.n:,})"),
+        (
+            f"accuracy, {cmp.champion_name}",
+            f"{_pct(t.champion_correct / t.n)} % ({t.champion_correct:,} / {t.n:,})",
+        ),
+        (
+            f"accuracy, {cmp.challenger_name}",
+            f"{_pct(t.challenger_correct / t.n)} % ({t.challenger_correct:,} / {t.n:,})",
+        ),
         ("difference (challenger - champion)", f"{_points(t.accuracy_diff)} points"),
-        (f"{level} CI of the difference",
-         f"[{_points(t.ci_low)}, {_points(t.ci_high)}] points"),
+        (f"{level} CI of the difference", f"[{_points(t.ci_low)}, {_points(t.ci_high)}] points"),
         ("McNemar exact p (two-sided)", _format_p(t.p_value)),
         ("only champion right (b)", f"{t.only_champion:,}"),
         ("only challenger right (c)", f"{t.only_challenger:,}"),
         *extra_rows,
     ]
-    lines = ["# Champion vs challenger", "", f"**Decision:** {decision}", "",
-             "| metric | value |", "|---|---|"]
+    lines = [
+        "# Champion vs challenger",
+        "",
+        f"**Decision:** {decision}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in rows]
-    lines += ["", "## Per class", "",
-              "| class | n | champion % | challenger % | delta (points) |",
-              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['class']} | {r['n']:,} | {_pct(r['champion_acc'])} | "
-              f"{_pct(r['challenger_acc'])} | {_points(r['delta'])} |" for r in cmp.per_class]
+    lines += [
+        "",
+        "## Per class",
+        "",
+        "| class | n | champion % | challenger % | delta (points) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['class']} | {r['n']:,} | {_pct(r['champion_acc'])} | "
+        f"{_pct(r['challenger_acc'])} | {_points(r['delta'])} |"
+        for r in cmp.per_class
+    ]
     for title, file_name in (images or {}).items():
         lines += ["", f"## {title}", "", f"![{title}]({file_name})"]
     return "\n".join(lines) + "\n"

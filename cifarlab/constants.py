@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 CLASS_NAMES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 32  # pixels, square

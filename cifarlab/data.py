@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Mapping
 from http.client import HTTPException
 from pathlib import Path
-
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class UnsafePickleError(DataError):
 # Checksums
 # ---------------------------------------------------------------------------------------------
 
+
 def md5_of(path: Path, chunk: int = 1 << 20) -> str:
     """Hex md5 of a file, read in 1 MiB chunks."""
     digest = hashlib.md5()
@@ -84,8 +85,9 @@ def md5_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5, *,
-                  stamps: Path | None = None) -> None:
+def verify_folder(
+    folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5, *, stamps: Path | None = None
+) -> None:
     """Raise DataError naming the first missing or altered file and its expected md5.
 
     With `stamps` (a folder of ours), a folder whose files have the size, inode, modification
@@ -105,8 +107,10 @@ def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_FILE_MD5
     for name, expected in checksums.items():
         actual = md5_of(folder / name)
         if actual != expected:
-            raise DataError(f"{folder / name} has md5 {actual}, expected {expected}: the file is "
-                            "truncated or altered")
+            raise DataError(
+                f"{folder / name} has md5 {actual}, expected {expected}: the file is "
+                "truncated or altered"
+            )
     # Stamped only if nothing changed while it was hashed, and no file changed within the last
     # seconds (a write in the same clock tick as the stat would not move its times): the stamp
     # vouches for exactly these bytes.
@@ -125,16 +129,18 @@ def _file_keys(folder: Path, names) -> dict[str, list[int]]:
 
 
 def _stamp(folder: Path, checksums: Mapping[str, str]) -> dict[str, object]:
-    return {"folder": str(folder.resolve()), "checksums": dict(sorted(checksums.items())),
-            "files": _file_keys(folder, checksums)}
+    return {
+        "folder": str(folder.resolve()),
+        "checksums": dict(sorted(checksums.items())),
+        "files": _file_keys(folder, checksums),
+    }
 
 
-def _recent(stamp: dict[str, object], seconds: float = 1.0, now_ns: int | None = None) -> bool:
+def _recent(stamp: Mapping[str, Any], seconds: float = 1.0, now_ns: int | None = None) -> bool:
     """Whether a file of the stamp was modified or changed less than `seconds` before `now_ns`
     (default: now)."""
     now = time.time_ns() if now_ns is None else now_ns
-    return any(now - max(key[2], key[3]) < seconds * 1e9
-               for key in stamp["files"].values())  # type: ignore[union-attr]
+    return any(now - max(key[2], key[3]) < seconds * 1e9 for key in stamp["files"].values())
 
 
 def _stamp_path(stamps: Path, folder: Path) -> Path:
@@ -171,6 +177,7 @@ def data_fingerprint(checksums: Mapping[str, str]) -> str:
 # Fetching
 # ---------------------------------------------------------------------------------------------
 
+
 def resolve_source(source: str | None = None) -> str:
     """The source to use: the argument, else $CIFAR10_SOURCE, else the official URL."""
     return source or os.environ.get(SOURCE_ENV) or OFFICIAL_URL
@@ -180,8 +187,15 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://", "file://"))
 
 
-def download(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 1.0,
-             timeout_s: float = 60.0, expected_md5: str | None = None) -> Path:
+def download(
+    url: str,
+    dest: Path,
+    *,
+    retries: int = 4,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+    expected_md5: str | None = None,
+) -> Path:
     """Stream `url` to `dest` atomically, retrying network faults with exponential back-off.
 
     The bytes land in `dest.part` and are renamed to `dest` only when the transfer is complete
@@ -217,14 +231,21 @@ def download(url: str, dest: Path, *, retries: int = 4, backoff_s: float = 1.0,
             part.unlink(missing_ok=True)
             if attempt <= retries:
                 wait = backoff_s * 2 ** (attempt - 1)
-                log.warning("download of %s failed (%s); retry %d/%d in %.1f s",
-                            url, exc, attempt, retries, wait)
+                log.warning(
+                    "download of %s failed (%s); retry %d/%d in %.1f s",
+                    url,
+                    exc,
+                    attempt,
+                    retries,
+                    wait,
+                )
                 time.sleep(wait)
     raise DownloadError(f"could not download {url} after {retries + 1} attempts: {last_error}")
 
 
-def _extract_verified(archive: Path, target: Path, checksums: Mapping[str, str],
-                      stamps: Path) -> Path:
+def _extract_verified(
+    archive: Path, target: Path, checksums: Mapping[str, str], stamps: Path
+) -> Path:
     """Extract the archive next to `target`, verify it, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
@@ -247,9 +268,15 @@ def _extract_verified(archive: Path, target: Path, checksums: Mapping[str, str],
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_cifar10(data_dir: Path, source: str | None = None, *,
-                    checksums: Mapping[str, str] | None = None, retries: int = 4,
-                    backoff_s: float = 1.0, timeout_s: float = 60.0) -> Path:
+def prepare_cifar10(
+    data_dir: Path,
+    source: str | None = None,
+    *,
+    checksums: Mapping[str, str] | None = None,
+    retries: int = 4,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+) -> Path:
     """Return a folder of verified CIFAR-10 files, fetching them from the source if needed.
 
     A mirror folder is verified and used in place (nothing is copied). Archives and URLs are
@@ -298,8 +325,16 @@ def _folder_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _fetch_into(target: Path, src: str, local: Path | None, sums: dict[str, str], retries: int,
-                backoff_s: float, timeout_s: float, stamps: Path) -> Path:
+def _fetch_into(
+    target: Path,
+    src: str,
+    local: Path | None,
+    sums: dict[str, str],
+    retries: int,
+    backoff_s: float,
+    timeout_s: float,
+    stamps: Path,
+) -> Path:
     data_dir = target.parent
     if target.is_dir():
         try:
@@ -317,6 +352,12 @@ def _fetch_into(target: Path, src: str, local: Path | None, sums: dict[str, str]
         archive = local
     else:
         archive_md5 = OFFICIAL_ARCHIVE_MD5 if src == OFFICIAL_URL else None
-        archive = download(src, Path(data_dir) / "cifar-10-python.tar.gz", retries=retries,
-                           backoff_s=backoff_s, timeout_s=timeout_s, expected_md5=archive_md5)
+        archive = download(
+            src,
+            Path(data_dir) / "cifar-10-python.tar.gz",
+            retries=retries,
+            backoff_s=backoff_s,
+            timeout_s=timeout_s,
+            expected_md5=archive_md5,
+        )
     return _extract_verified(archive, target, sums, stamps)

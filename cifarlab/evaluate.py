@@ -37,9 +37,16 @@ def eval_batch_size(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, *, device: torch.device,
-                   batch_size: int | None = None, tta: str = "none", channels_last: bool = False,
-                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int | None = None,
+    tta: str = "none",
+    channels_last: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Float logits (N, 10) on the CPU for uint8 images (N, 3, 32, 32)."""
     batch_size = batch_size or eval_batch_size(device)
     was_training = model.training
@@ -69,19 +76,36 @@ def score(logits: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> 
     labels = labels.long().cpu()
     loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
     pred = logits.argmax(dim=1)
-    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2)
-    confusion = confusion.reshape(num_classes, num_classes).numpy()
+    counts = torch.bincount(labels * num_classes + pred, minlength=num_classes**2)
+    confusion = counts.reshape(num_classes, num_classes).numpy()
     totals = confusion.sum(axis=1)
-    per_class = [float(confusion[i, i] / totals[i]) if totals[i] else float("nan")
-                 for i in range(num_classes)]
+    per_class = [
+        float(confusion[i, i] / totals[i]) if totals[i] else float("nan")
+        for i in range(num_classes)
+    ]
     accuracy = float((pred == labels).float().mean()) if len(labels) else float("nan")
     return EvalResult(loss, accuracy, per_class, confusion, pred.numpy())
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-             device: torch.device, tta: str = "none", channels_last: bool = False,
-             amp_dtype: torch.dtype | None = None, batch_size: int | None = None) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    device: torch.device,
+    tta: str = "none",
+    channels_last: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
+) -> EvalResult:
     """Evaluate a model on uint8 images with their labels."""
-    logits = predict_logits(model, images, device=device, batch_size=batch_size, tta=tta,
-                            channels_last=channels_last, amp_dtype=amp_dtype)
+    logits = predict_logits(
+        model,
+        images,
+        device=device,
+        batch_size=batch_size,
+        tta=tta,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
+    )
     return score(logits, labels)

@@ -24,16 +24,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from cifarlab.arrays import Cifar10, load_cifar10
 from cifarlab.config import DataConfig, RunConfig, identity_exclude
 from cifarlab.data import OFFICIAL_FILE_MD5, data_fingerprint, prepare_cifar10
-from cifarlab.arrays import Cifar10, load_cifar10
 from cifarlab.evaluate import EvalResult, evaluate
-from cifarlab.export import (ParityReport, check_parity, evaluate_onnx, export_onnx,
-                             model_input, require_parity)
+from cifarlab.export import (
+    ParityReport,
+    check_parity,
+    evaluate_onnx,
+    export_onnx,
+    model_input,
+    require_parity,
+)
+from cifarlab.history import EpochHook, TrainResult
 from cifarlab.plots import plot_confusion, plot_learning_curves
 from cifarlab.split import Split, save_split, stratified_split
 from cifarlab.tensors import resolve_device, resolve_precision
-from cifarlab.train import EpochHook, TrainResult, train
+from cifarlab.train import train
 
 PARITY_IMAGES = 1000  # validation images the ONNX export is checked on
 
@@ -127,7 +134,7 @@ def summarise(run: TrainedRun, exported: Exported, ev: Evaluation) -> dict[str, 
         "train_seconds": round(t.train_seconds, 2),
         "images_per_second": round(float(np.median([h.images_per_second for h in t.history])), 1),
         "evaluated": f"ONNX file {exported.path.name} by onnxruntime (TTA in the graph: "
-                     f"{exported.tta})",
+        f"{exported.tta})",
         "val_accuracy": ev.val.accuracy,
         "val_loss": ev.val.loss,
         "test_accuracy": ev.test.accuracy,
@@ -149,8 +156,9 @@ def summarise(run: TrainedRun, exported: Exported, ev: Evaluation) -> dict[str, 
 
 def config_hash(config: RunConfig) -> str:
     """Short stable hash of a resolved config."""
-    text = json.dumps(config.model_dump(mode="json", exclude=identity_exclude(config)),
-                      sort_keys=True)
+    text = json.dumps(
+        config.model_dump(mode="json", exclude=identity_exclude(config)), sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -165,11 +173,18 @@ def load_data(cfg: DataConfig, root: Path, *, retries: int | None = None) -> Dat
     (cifarlab.data). A failed download is retried `retries` times (default: the config's
     `download_retries`)."""
     sums = checksums_of(cfg)
-    folder = prepare_cifar10(Path(root) / "data", cfg.source, checksums=sums,
-                             retries=cfg.download_retries if retries is None else retries,
-                             backoff_s=cfg.download_backoff_s)
-    return DataBundle(folder=folder, data=load_cifar10(folder, array_cache(root)),
-                      fingerprint=data_fingerprint(sums))
+    folder = prepare_cifar10(
+        Path(root) / "data",
+        cfg.source,
+        checksums=sums,
+        retries=cfg.download_retries if retries is None else retries,
+        backoff_s=cfg.download_backoff_s,
+    )
+    return DataBundle(
+        folder=folder,
+        data=load_cifar10(folder, array_cache(root)),
+        fingerprint=data_fingerprint(sums),
+    )
 
 
 def array_cache(root: Path) -> Path:
@@ -181,10 +196,13 @@ def make_split(cfg: DataConfig, bundle: DataBundle, root: Path) -> tuple[Split, 
     """The configured stratified split, saved under root/splits."""
     n = len(bundle.data.train_labels)
     if cfg.train_size + cfg.val_size > n:
-        raise ValueError(f"train_size + val_size = {cfg.train_size + cfg.val_size} exceeds the "
-                         f"{n} training images in {bundle.folder}")
-    split = stratified_split(bundle.data.train_labels.numpy(), cfg.train_size, cfg.val_size,
-                             cfg.split_seed)
+        raise ValueError(
+            f"train_size + val_size = {cfg.train_size + cfg.val_size} exceeds the "
+            f"{n} training images in {bundle.folder}"
+        )
+    split = stratified_split(
+        bundle.data.train_labels.numpy(), cfg.train_size, cfg.val_size, cfg.split_seed
+    )
     return split, save_split(split, Path(root) / "splits", bundle.fingerprint)
 
 
@@ -192,9 +210,16 @@ def make_split(cfg: DataConfig, bundle: DataBundle, root: Path) -> tuple[Split, 
 # The steps of a run (the flow runs each as its own task)
 # ---------------------------------------------------------------------------------------------
 
-def train_run(config: RunConfig, root: Path, *, hooks: Sequence[EpochHook] = (),
-              progress: Callable[[int, int], None] | None = None,
-              run_dir: Path | None = None, download_retries: int | None = None) -> TrainedRun:
+
+def train_run(
+    config: RunConfig,
+    root: Path,
+    *,
+    hooks: Sequence[EpochHook] = (),
+    progress: Callable[[int, int], None] | None = None,
+    run_dir: Path | None = None,
+    download_retries: int | None = None,
+) -> TrainedRun:
     """Load and split the data, train (resuming from the run folder's checkpoint), plot curves.
     `download_retries` overrides the config's (the flow passes 0: its fetch task retries)."""
     root = Path(root)
@@ -205,9 +230,16 @@ def train_run(config: RunConfig, root: Path, *, hooks: Sequence[EpochHook] = (),
     bundle = load_data(config.data, root, retries=download_retries)
     split, split_dir = make_split(config.data, bundle, root)
     d = bundle.data
-    trained = train(config, d.train_images[split.train_idx], d.train_labels[split.train_idx],
-                    d.train_images[split.val_idx], d.train_labels[split.val_idx], run_dir,
-                    hooks=hooks, progress=progress)
+    trained = train(
+        config,
+        d.train_images[split.train_idx],
+        d.train_labels[split.train_idx],
+        d.train_images[split.val_idx],
+        d.train_labels[split.val_idx],
+        run_dir,
+        hooks=hooks,
+        progress=progress,
+    )
     files = {
         "config": run_dir / "config.json",
         "learning_curves": plot_learning_curves(trained.history, run_dir / "learning_curves.png"),
@@ -221,8 +253,13 @@ def export_run(run: TrainedRun, *, require: bool = True) -> Exported:
     with PyTorch on validation images; with `require`, a mismatch raises ParityError."""
     tta = run.config.train.tta if run.config.train.serve_tta else "none"
     path = export_onnx(run.trained.model, run.run_dir / "model.onnx", tta=tta)
-    report = check_parity(run.trained.model, path, run.val_images[:PARITY_IMAGES], tta=tta,
-                          channels_last=run.config.train.channels_last)
+    report = check_parity(
+        run.trained.model,
+        path,
+        run.val_images[:PARITY_IMAGES],
+        tta=tta,
+        channels_last=run.config.train.channels_last,
+    )
     if require:
         require_parity(report)
     return Exported(path, tta, report)
@@ -249,8 +286,9 @@ def eval_inputs(run: TrainedRun) -> EvalInputs:
     return split_inputs(run.data.data, run.split)
 
 
-def evaluate_run(run: TrainedRun, exported: Exported,
-                 inputs: EvalInputs | None = None) -> Evaluation:
+def evaluate_run(
+    run: TrainedRun, exported: Exported, inputs: EvalInputs | None = None
+) -> Evaluation:
     """Validation and test accuracy of the exported file; a TTA that is not served is measured
     on the PyTorch model and kept apart. `inputs`: the sets already normalised, if at hand."""
     d = run.data.data
@@ -261,14 +299,21 @@ def evaluate_run(run: TrainedRun, exported: Exported,
     cfg = run.config.train
     if cfg.tta != "none" and not cfg.serve_tta:
         device = resolve_device(cfg.device)
-        opts = dict(device=device, tta=cfg.tta, channels_last=cfg.channels_last,
-                    amp_dtype=resolve_precision(cfg.precision, device))
+        opts: dict[str, Any] = dict(
+            device=device,
+            tta=cfg.tta,
+            channels_last=cfg.channels_last,
+            amp_dtype=resolve_precision(cfg.precision, device),
+        )
         ev.tta = cfg.tta
         ev.tta_val = evaluate(run.trained.model, run.val_images, run.val_labels, **opts)
         ev.tta_test = evaluate(run.trained.model, d.test_images, d.test_labels, **opts)
     run.files["confusion_matrix"] = plot_confusion(
-        test.confusion, d.class_names, run.run_dir / "confusion_matrix.png",
-        title="Confusion matrix (test, served ONNX model)")
+        test.confusion,
+        d.class_names,
+        run.run_dir / "confusion_matrix.png",
+        title="Confusion matrix (test, served ONNX model)",
+    )
     return ev
 
 
@@ -280,9 +325,14 @@ def write_results(run: TrainedRun, exported: Exported, ev: Evaluation) -> Path:
     return path
 
 
-def run_experiment(config: RunConfig, root: Path, *, hooks: Sequence[EpochHook] = (),
-                   progress: Callable[[int, int], None] | None = None,
-                   run_dir: Path | None = None) -> RunOutcome:
+def run_experiment(
+    config: RunConfig,
+    root: Path,
+    *,
+    hooks: Sequence[EpochHook] = (),
+    progress: Callable[[int, int], None] | None = None,
+    run_dir: Path | None = None,
+) -> RunOutcome:
     """Train, export and evaluate one config; results and plots land in its run folder."""
     run = train_run(config, root, hooks=hooks, progress=progress, run_dir=run_dir)
     exported = export_run(run)

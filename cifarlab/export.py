@@ -60,8 +60,9 @@ DEFAULT_EXPORTER = "torchscript"
 OPSET = 18
 
 
-def export_onnx(model: nn.Module, path: Path, tta: str = "none",
-                exporter: str = DEFAULT_EXPORTER) -> Path:
+def export_onnx(
+    model: nn.Module, path: Path, tta: str = "none", exporter: str = DEFAULT_EXPORTER
+) -> Path:
     """Export a CPU fp32 copy of the model (with `tta` baked in) to one self-contained `.onnx`
     file, batch axis dynamic (named "batch")."""
     import warnings
@@ -77,23 +78,40 @@ def export_onnx(model: nn.Module, path: Path, tta: str = "none",
     if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=4096)
         torch.onnx.export(
-            cpu_model, (example,), str(path), input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={"x": {0: batch}}, external_data=False,
-            dynamo=True, opset_version=OPSET, verbose=False)
+            cpu_model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: batch}},
+            external_data=False,
+            dynamo=True,
+            opset_version=OPSET,
+            verbose=False,
+        )
     else:
         with warnings.catch_warnings():
             # Its own notices that it is deprecated (see above).
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
-                                    category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message="The feature will be removed",
-                                    category=DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore",
+                message=".*legacy TorchScript-based ONNX export",
+                category=DeprecationWarning,
+            )
+            warnings.filterwarnings(
+                "ignore", message="The feature will be removed", category=DeprecationWarning
+            )
             # A flip is a Slice of step -1, which it cannot constant-fold: nothing to fold there.
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
             torch.onnx.export(
-                cpu_model, (example,), str(path), input_names=[INPUT_NAME],
+                cpu_model,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                dynamo=False, opset_version=OPSET)
+                dynamo=False,
+                opset_version=OPSET,
+            )
     onnx.checker.check_model(str(path), full_check=True)
     return path
 
@@ -129,9 +147,15 @@ class ParityReport:
 
 
 @torch.inference_mode()
-def check_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor,
-                 atol: float = PARITY_ATOL, batch_size: int = 500, tta: str = "none",
-                 channels_last: bool = True) -> ParityReport:
+def check_parity(
+    model: nn.Module,
+    onnx_path: Path,
+    images: torch.Tensor,
+    atol: float = PARITY_ATOL,
+    batch_size: int = 500,
+    tta: str = "none",
+    channels_last: bool = True,
+) -> ParityReport:
     """Compare PyTorch (fp32, CPU, with the same `tta` as the export) and onnxruntime logits on
     uint8 images (N, 3, 32, 32). PyTorch runs channels-last where the net trained so (the
     default, `train.channels_last`): the same logits (to ~1e-7), sooner (1,000 images: 0.42-0.46
@@ -147,8 +171,12 @@ def check_parity(model: nn.Module, onnx_path: Path, images: torch.Tensor,
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
         max_diff = max(max_diff, float(np.abs(expected - got).max()))
         agree += int((expected.argmax(1) == got.argmax(1)).sum())
-    return ParityReport(images=len(images), max_abs_diff=max_diff,
-                        argmax_agreement=agree / max(len(images), 1), atol=atol)
+    return ParityReport(
+        images=len(images),
+        max_abs_diff=max_diff,
+        argmax_agreement=agree / max(len(images), 1),
+        atol=atol,
+    )
 
 
 def require_parity(report: ParityReport) -> None:
@@ -157,11 +185,13 @@ def require_parity(report: ParityReport) -> None:
         raise ParityError(
             f"ONNX export differs from PyTorch on {report.images} images: max |logit diff| "
             f"{report.max_abs_diff:.3g} (allowed {report.atol:.0e}), same class on "
-            f"{100 * report.argmax_agreement:.2f}% (need 100%)")
+            f"{100 * report.argmax_agreement:.2f}% (need 100%)"
+        )
 
 
-def onnx_latency_ms(onnx_path: Path, batch_sizes: tuple[int, ...] = (1, 256),
-                    repeats: int = 20) -> dict[int, float]:
+def onnx_latency_ms(
+    onnx_path: Path, batch_sizes: tuple[int, ...] = (1, 256), repeats: int = 20
+) -> dict[int, float]:
     """Median onnxruntime latency (ms) per call at each batch size, after a warm-up call."""
     session = onnx_session(onnx_path)
     out = {}
@@ -188,36 +218,46 @@ def _as_model_input(images: torch.Tensor | np.ndarray):
     normalised per slice; an ndarray must already be the input (`model_input`)."""
     if isinstance(images, np.ndarray):
         if images.dtype != np.float32 or images.shape[1:] != (3, 32, 32):
-            raise ValueError(f"expected the model's input, float32 (N, 3, 32, 32) from "
-                             f"model_input(), got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"expected the model's input, float32 (N, 3, 32, 32) from "
+                f"model_input(), got {images.dtype} {images.shape}"
+            )
         return np.asarray
 
     def prepare(x: torch.Tensor) -> np.ndarray:
         return normalize(x, torch.device("cpu")).numpy()
+
     return prepare
 
 
-def onnx_logits(onnx_path: Path, images: torch.Tensor | np.ndarray,
-                batch_size: int = 1000) -> np.ndarray:
+def onnx_logits(
+    onnx_path: Path, images: torch.Tensor | np.ndarray, batch_size: int = 1000
+) -> np.ndarray:
     """onnxruntime logits (N, 10) float32 of an exported file for uint8 images (N, 3, 32, 32),
     or for images already made its input (`model_input`)."""
     prepare = _as_model_input(images)
     session = onnx_session(onnx_path)
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: prepare(images[start : start + batch_size])})[0]
-           for start in range(0, len(images), batch_size)]
+    out = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: prepare(images[start : start + batch_size])})[0]
+        for start in range(0, len(images), batch_size)
+    ]
     return np.concatenate(out) if out else np.empty((0, 10), np.float32)
 
 
-def evaluate_onnx(onnx_path: Path, images: torch.Tensor | np.ndarray,
-                  labels: torch.Tensor) -> EvalResult:
+def evaluate_onnx(
+    onnx_path: Path, images: torch.Tensor | np.ndarray, labels: torch.Tensor
+) -> EvalResult:
     """Loss, accuracy, per-class accuracy and confusion of the exported file itself (images
     uint8, or already its input: `model_input`)."""
     return score(torch.from_numpy(onnx_logits(onnx_path, images)), labels)
 
 
-def evaluate_onnx_per_core(onnx_path: Path, sets: Sequence[tuple[torch.Tensor | np.ndarray,
-                                                                 torch.Tensor]],
-                           batch_size: int = 1000, workers: int | None = None) -> list[EvalResult]:
+def evaluate_onnx_per_core(
+    onnx_path: Path,
+    sets: Sequence[tuple[torch.Tensor | np.ndarray, torch.Tensor]],
+    batch_size: int = 1000,
+    workers: int | None = None,
+) -> list[EvalResult]:
     """`evaluate_onnx` of each (images, labels) set, on a single-threaded session per core
     (`workers`: default `usable_cores()`) taking the sets' batches in turn, instead of one
     session spreading each batch over the cores. For a graph whose kernels spread over the
@@ -227,8 +267,11 @@ def evaluate_onnx_per_core(onnx_path: Path, sets: Sequence[tuple[torch.Tensor | 
     from concurrent.futures import ThreadPoolExecutor
 
     prepares = [_as_model_input(images) for images, _ in sets]  # refuse a bad set up front
-    jobs = [(i, start) for i, (images, _) in enumerate(sets)
-            for start in range(0, len(images), batch_size)]
+    jobs = [
+        (i, start)
+        for i, (images, _) in enumerate(sets)
+        for start in range(0, len(images), batch_size)
+    ]
     local = threading.local()
 
     def run(job: tuple[int, int]) -> np.ndarray:

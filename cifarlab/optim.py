@@ -51,8 +51,9 @@ class MuonSGD(torch.optim.Optimizer):
     to norm sqrt(out_channels) each step, no weight decay); the others Nesterov SGD with coupled
     L2, as torch.optim.SGD(nesterov=True) computes it."""
 
-    def __init__(self, groups: Iterable[dict[str, Any]], lr: float, momentum: float,
-                 ns_steps: int = 5) -> None:
+    def __init__(
+        self, groups: Iterable[dict[str, Any]], lr: float, momentum: float, ns_steps: int = 5
+    ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=0.0, muon=False, ns_steps=ns_steps)
         super().__init__(groups, defaults)
         for group in self.param_groups:
@@ -92,6 +93,7 @@ class MuonSGD(torch.optim.Optimizer):
 # Schedules and optimisers of a training config
 # ---------------------------------------------------------------------------------------------
 
+
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr at `step` (0-based) of `total` steps."""
     if cfg.schedule == "constant" or total <= 1:
@@ -113,20 +115,35 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam, Nesterov SGD, or Muon for the conv filters with Nesterov SGD for the rest.
     BatchNorm shifts get lr * bias_lr_scale and wd / bias_lr_scale. Each group's `lr_scale` is
     its peak lr over `cfg.lr`, which the schedule multiplies."""
-    norm_biases = [m.bias for m in model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+    norm_biases = [
+        m.bias
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
+    ]
     norm_ids = {id(p) for p in norm_biases}
     filters = [p for p in model.parameters() if is_filter(p)] if cfg.optimizer == "muon" else []
     taken = norm_ids | {id(p) for p in filters}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     groups = [{"params": others, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
     if norm_biases:
-        groups.append({"params": norm_biases, "lr": cfg.lr * cfg.bias_lr_scale,
-                       "weight_decay": cfg.weight_decay / cfg.bias_lr_scale,
-                       "lr_scale": cfg.bias_lr_scale})
+        groups.append(
+            {
+                "params": norm_biases,
+                "lr": cfg.lr * cfg.bias_lr_scale,
+                "weight_decay": cfg.weight_decay / cfg.bias_lr_scale,
+                "lr_scale": cfg.bias_lr_scale,
+            }
+        )
     if cfg.optimizer == "muon":
-        groups.append({"params": filters, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
-                       "muon": True, "lr_scale": cfg.muon_lr / cfg.lr})
+        groups.append(
+            {
+                "params": filters,
+                "lr": cfg.muon_lr,
+                "momentum": cfg.muon_momentum,
+                "muon": True,
+                "lr_scale": cfg.muon_lr / cfg.lr,
+            }
+        )
         return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -140,13 +157,14 @@ class WeightAverage:
     def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.started = False  # the first update copies the model: no pull towards the init
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                      if v.is_floating_point()}
+        self.state = {
+            k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
+        }
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int, total: int) -> None:
         """Blend the model into the average (every `average_every` steps)."""
-        decay = self.cfg.average_decay ** self.cfg.average_every * (step / max(total, 1)) ** 3
+        decay = self.cfg.average_decay**self.cfg.average_every * (step / max(total, 1)) ** 3
         if not self.started:
             decay, self.started = 0.0, True
         current = model.state_dict()

@@ -42,8 +42,9 @@ class Int8Report:
     calibration_images: int
 
 
-def calibration_set(train_images: torch.Tensor, train_idx: np.ndarray, n: int = CALIBRATION_IMAGES,
-                    seed: int = 0) -> np.ndarray:
+def calibration_set(
+    train_images: torch.Tensor, train_idx: np.ndarray, n: int = CALIBRATION_IMAGES, seed: int = 0
+) -> np.ndarray:
     """`n` training images of the split (uint8 NCHW), chosen with a fixed seed, normalised
     as the model sees them."""
     rng = np.random.default_rng(seed)
@@ -55,37 +56,50 @@ class _Batches:
     """onnxruntime's CalibrationDataReader protocol over an array, 64 images at a time."""
 
     def __init__(self, x: np.ndarray, batch: int = 64):
-        self._chunks = iter([x[i:i + batch] for i in range(0, len(x), batch)])
+        self._chunks = iter([x[i : i + batch] for i in range(0, len(x), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         chunk = next(self._chunks, None)
         return None if chunk is None else {INPUT_NAME: np.ascontiguousarray(chunk)}
 
 
-def quantize_int8(onnx_path: Path, calibration: np.ndarray, out_path: Path,
-                  weight_bits: int = 8) -> Path:
+def quantize_int8(
+    onnx_path: Path, calibration: np.ndarray, out_path: Path, weight_bits: int = 8
+) -> Path:
     """Statically quantised copy of `onnx_path` (QDQ format) calibrated on `calibration`;
     `weight_bits` 7 keeps the weights within +-64 (onnxruntime's `reduce_range`), so that the
     16-bit sums of CPUs without int8 dot-product instructions cannot saturate."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out_path), _Batches(calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        reduce_range={8: False, 7: True}[weight_bits])
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            reduce_range={8: False, 7: True}[weight_bits],
+        )
     return out_path
 
 
-def build_int8(fp32_path: Path, fp32_val: EvalResult, calibration: np.ndarray,
-               val_images: torch.Tensor | np.ndarray, val_labels: torch.Tensor,
-               test_images: torch.Tensor | np.ndarray, test_labels: torch.Tensor, out_path: Path,
-               fp32_latency_ms: dict[int, float] | None = None) -> Int8Report:
+def build_int8(
+    fp32_path: Path,
+    fp32_val: EvalResult,
+    calibration: np.ndarray,
+    val_images: torch.Tensor | np.ndarray,
+    val_labels: torch.Tensor,
+    test_images: torch.Tensor | np.ndarray,
+    test_labels: torch.Tensor,
+    out_path: Path,
+    fp32_latency_ms: dict[int, float] | None = None,
+) -> Int8Report:
     """Quantise, evaluate on validation and test (images uint8, or already the model's input:
     `cifarlab.export.model_input`), time both files (the fp32 one only if its timing is not
     given). On a CPU without int8 dot-product instructions, or one that does not say, the
@@ -101,13 +115,23 @@ def build_int8(fp32_path: Path, fp32_val: EvalResult, calibration: np.ndarray,
         val, test = [evaluate_onnx(path, x, y) for x, y in sets]
     drop = fp32_val.accuracy - val.accuracy
     servable = within_allowed_drop(fp32_val.predictions, val.predictions, val_labels.numpy())
-    return Int8Report(path, val, test, drop, servable, dot_product, weight_bits,
-                      onnx_latency_ms(path), fp32_latency_ms or onnx_latency_ms(fp32_path),
-                      len(calibration))
+    return Int8Report(
+        path,
+        val,
+        test,
+        drop,
+        servable,
+        dot_product,
+        weight_bits,
+        onnx_latency_ms(path),
+        fp32_latency_ms or onnx_latency_ms(fp32_path),
+        len(calibration),
+    )
 
 
-def within_allowed_drop(fp32_pred: np.ndarray, int8_pred: np.ndarray, labels: np.ndarray,
-                        max_drop: float = MAX_DROP) -> bool:
+def within_allowed_drop(
+    fp32_pred: np.ndarray, int8_pred: np.ndarray, labels: np.ndarray, max_drop: float = MAX_DROP
+) -> bool:
     """Whether int8 gets at most `max_drop` of the images fewer right than fp32, counted in
     whole images (float accuracies would refuse an exact 0.5-point drop)."""
     n = len(labels)

@@ -75,7 +75,9 @@ def save_split(split: Split, folder: Path, data_fingerprint: str = "") -> Path:
     The folder is named after the sizes, seed and hash, so two different splits never share one.
     Returns the folder. Writing is idempotent.
     """
-    name = f"train{len(split.train_idx)}-val{len(split.val_idx)}-seed{split.seed}-{split.digest[:12]}"
+    name = (
+        f"train{len(split.train_idx)}-val{len(split.val_idx)}-seed{split.seed}-{split.digest[:12]}"
+    )
     out = Path(folder) / name
     out.mkdir(parents=True, exist_ok=True)
     for fname, arr in (("train_idx.npy", split.train_idx), ("val_idx.npy", split.val_idx)):
@@ -104,5 +106,7 @@ def load_split(folder: Path) -> Split:
         seed=int(meta["seed"]),
     )
     if split.digest != meta["sha256"]:
-        raise ValueError(f"split in {folder} has hash {split.digest}, split.json says {meta['sha256']}")
+        raise ValueError(
+            f"split in {folder} has hash {split.digest}, split.json says {meta['sha256']}"
+        )
     return split

@@ -23,7 +23,6 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cifarlab.config import RunConfig, preset
@@ -62,35 +61,41 @@ def _set(target: dict[str, Any], path: Sequence[str], value: Any) -> None:
         target[path[-1]] = copy.deepcopy(value)
 
 
-def expand(preset_name: str, grid: Mapping[str, Sequence[Any]],
-           base: Mapping[str, Mapping[str, Any]] | None = None) -> list[Point]:
+def expand(
+    preset_name: str,
+    grid: Mapping[str, Sequence[Any]],
+    base: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Point]:
     """Grid -> points, each validated as a full RunConfig now (a bad value fails the sweep
     before anything runs, naming the point and the field)."""
     if not grid:
         raise SweepError("the grid is empty: give at least one parameter and its values")
-    base = {s: dict(v) for s, v in (base or {}).items() if v}
-    base_config = preset(preset_name, **base)
+    shared: dict[str, dict[str, Any]] = {s: dict(v) for s, v in (base or {}).items() if v}
+    base_config = preset(preset_name, **shared)
     keys = list(grid)
     for key in keys:
         if key.split(".")[0] not in SECTIONS:
             raise SweepError(f"grid key {key!r} must start with one of {', '.join(SECTIONS)}")
-        values = grid[key]
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-            raise SweepError(f"grid key {key!r}: give a non-empty list of values, not {values!r}")
+        choices = grid[key]
+        if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or not choices:
+            raise SweepError(f"grid key {key!r}: give a non-empty list of values, not {choices!r}")
     points = []
     for index, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
         values = dict(zip(keys, combo, strict=True))
-        overrides: dict[str, dict[str, Any]] = copy.deepcopy(base)
+        overrides: dict[str, dict[str, Any]] = copy.deepcopy(shared)
         for key, value in values.items():
             path = key.split(".")
             if path[0] == "model" and len(path) > 2 and path[1] == "options":
                 # Options replace as a whole in a preset merge: start from the preset's own.
                 overrides.setdefault("model", {}).setdefault(
-                    "options", copy.deepcopy(base_config.model.options))
+                    "options", copy.deepcopy(base_config.model.options)
+                )
             if len(path) == 1:
                 if not isinstance(value, Mapping):
-                    raise SweepError(f"grid key {key!r} sets a whole section: its values must be "
-                                     f"mappings of fields, got {value!r}")
+                    raise SweepError(
+                        f"grid key {key!r} sets a whole section: its values must be "
+                        f"mappings of fields, got {value!r}"
+                    )
                 overrides[path[0]] = {**overrides.get(path[0], {}), **value}
             else:
                 _set(overrides, path, value)
@@ -103,8 +108,12 @@ def expand(preset_name: str, grid: Mapping[str, Sequence[Any]],
     return points
 
 
-def scaled(overrides: Mapping[str, Mapping[str, Any]], config: RunConfig, epoch_scale: float,
-           data_scale: float) -> dict[str, dict[str, Any]]:
+def scaled(
+    overrides: Mapping[str, Mapping[str, Any]],
+    config: RunConfig,
+    epoch_scale: float,
+    data_scale: float,
+) -> dict[str, dict[str, Any]]:
     """Shrink a point for a quick run: epochs x epoch_scale, train/val sizes x data_scale
     (rounded up, at least 1 epoch and 10 images per class)."""
     for name, value in (("epoch_scale", epoch_scale), ("data_scale", data_scale)):
@@ -132,36 +141,50 @@ def _value_at(overrides: Mapping[str, Any], key: str, grid_value: Any) -> Any:
     return node if node != {} else grid_value
 
 
-def scale_points(points: Sequence[Point], preset_name: str, epoch_scale: float,
-                 data_scale: float) -> tuple[list[Point], list[str]]:
+def scale_points(
+    points: Sequence[Point], preset_name: str, epoch_scale: float, data_scale: float
+) -> tuple[list[Point], list[str]]:
     """The points as they will run: scaled, labelled with the values actually run, and merged
     where scaling made them identical; plus a note per merge and on what scaling changed."""
     if epoch_scale == 1 and data_scale == 1:
         return list(points), []
     runs: dict[str, Point] = {}
     for point in points:
-        overrides = scaled(point.overrides, preset(preset_name, **point.overrides), epoch_scale,
-                           data_scale)
+        overrides = scaled(
+            point.overrides, preset(preset_name, **point.overrides), epoch_scale, data_scale
+        )
         values = {k: _value_at(overrides, k, v) for k, v in point.values.items()}
         label = ", ".join(f"{k}={format_value(v)}" for k, v in values.items())
         fingerprint = json.dumps(overrides, sort_keys=True, default=str)
         if fingerprint in runs:
             first = runs[fingerprint]
-            runs[fingerprint] = Point(first.index, first.label, first.values, first.overrides,
-                                      (*first.stands_for(), point.label))
+            runs[fingerprint] = Point(
+                first.index,
+                first.label,
+                first.values,
+                first.overrides,
+                (*first.stands_for(), point.label),
+            )
         else:
             runs[fingerprint] = Point(len(runs), label, values, overrides, (point.label,))
     merged = list(runs.values())
-    notes = [f"Scaled (epochs x {epoch_scale}, data x {data_scale}): every point is labelled "
-             "with the values actually run."]
-    notes += [f"Grid points {', '.join(p.stands_for())} became the same run ({p.label}) once "
-              "scaled: merged into one point." for p in merged if len(p.stands_for()) > 1]
+    notes = [
+        f"Scaled (epochs x {epoch_scale}, data x {data_scale}): every point is labelled "
+        "with the values actually run."
+    ]
+    notes += [
+        f"Grid points {', '.join(p.stands_for())} became the same run ({p.label}) once "
+        "scaled: merged into one point."
+        for p in merged
+        if len(p.stands_for()) > 1
+    ]
     return merged, notes
 
 
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Outcome:
@@ -184,7 +207,9 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(outcomes: Sequence[Outcome], report: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+def summarise(
+    outcomes: Sequence[Outcome], report: Mapping[str, float] | None = None
+) -> list[dict[str, Any]]:
     """One row per point: mean and standard deviation over its finished seeds."""
     report = report or {}
     rows = []
@@ -196,21 +221,30 @@ def summarise(outcomes: Sequence[Outcome], report: Mapping[str, float] | None = 
         point = runs[0].point
         ok = [o for o in runs if o.status == "ok"]
         val_mean, val_std = _mean_std([o.val_accuracy for o in ok if o.val_accuracy is not None])
-        test_mean, test_std = _mean_std([o.test_accuracy for o in ok if o.test_accuracy is not None])
+        test_mean, test_std = _mean_std(
+            [o.test_accuracy for o in ok if o.test_accuracy is not None]
+        )
         secs, _ = _mean_std([o.train_seconds for o in ok if o.train_seconds is not None])
-        rows.append({
-            "point": point.label, **{k: format_value(v) for k, v in point.values.items()},
-            "grid_points": "; ".join(point.stands_for()),
-            "seeds_ok": len(ok), "seeds_failed": len(runs) - len(ok),
-            "val_acc_mean": val_mean, "val_acc_std": val_std,
-            "test_acc_mean": test_mean, "test_acc_std": test_std,
-            "train_seconds_mean": secs,
-            # The report's figure where the point stands for exactly one grid point (scaled runs
-            # show the full-scale figure beside theirs; the notes say so); none for merged points.
-            "report_test_acc": (report.get(point.stands_for()[0])
-                                if len(point.stands_for()) == 1 else None),
-            "errors": "; ".join(sorted({o.error for o in runs if o.error}))[:500] or None,
-        })
+        rows.append(
+            {
+                "point": point.label,
+                **{k: format_value(v) for k, v in point.values.items()},
+                "grid_points": "; ".join(point.stands_for()),
+                "seeds_ok": len(ok),
+                "seeds_failed": len(runs) - len(ok),
+                "val_acc_mean": val_mean,
+                "val_acc_std": val_std,
+                "test_acc_mean": test_mean,
+                "test_acc_std": test_std,
+                "train_seconds_mean": secs,
+                # The report's figure where the point stands for exactly one grid point (scaled runs
+                # show the full-scale figure beside theirs; the notes say so); none for merged points.
+                "report_test_acc": (
+                    report.get(point.stands_for()[0]) if len(point.stands_for()) == 1 else None
+                ),
+                "errors": "; ".join(sorted({o.error for o in runs if o.error}))[:500] or None,
+            }
+        )
     return rows
 
 
@@ -236,98 +270,83 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def summary_notes(name: str, preset_name: str, study: Study | None, points: int,
-                  seeds: Sequence[int], epoch_scale: float, data_scale: float, parent: str,
-                  sid: str, scale_notes: Sequence[str]) -> list[str]:
+def summary_notes(
+    name: str,
+    preset_name: str,
+    study: Study | None,
+    points: int,
+    seeds: Sequence[int],
+    epoch_scale: float,
+    data_scale: float,
+    parent: str,
+    sid: str,
+    scale_notes: Sequence[str],
+) -> list[str]:
     """The lines above a sweep's table: what ran, how it was chosen, what scaling changed."""
-    notes = [f"Study `{name}` on preset `{preset_name}`: "
-             f"{study.description if study else 'custom grid'}.",
-             f"{points} points x {len(seeds)} seeds (seeds {list(seeds)}); epoch scale "
-             f"{epoch_scale}, data scale {data_scale}; sd = sample standard deviation over seeds.",
-             f"MLflow parent run `{parent}`; sweep id `{sid}`. The best point is chosen by mean "
-             "validation accuracy (of each run's exported ONNX model); test accuracy is reported "
-             "only.", *scale_notes]
+    notes = [
+        f"Study `{name}` on preset `{preset_name}`: "
+        f"{study.description if study else 'custom grid'}.",
+        f"{points} points x {len(seeds)} seeds (seeds {list(seeds)}); epoch scale "
+        f"{epoch_scale}, data scale {data_scale}; sd = sample standard deviation over seeds.",
+        f"MLflow parent run `{parent}`; sweep id `{sid}`. The best point is chosen by mean "
+        "validation accuracy (of each run's exported ONNX model); test accuracy is reported "
+        "only.",
+        *scale_notes,
+    ]
     if study and study.report and (epoch_scale < 1 or data_scale < 1):
-        notes.append("The report column holds the report's full-scale figures; these runs were "
-                     "scaled down, so compare the trend, not the level.")
+        notes.append(
+            "The report column holds the report's full-scale figures; these runs were "
+            "scaled down, so compare the trend, not the level."
+        )
     return notes
 
 
-def to_markdown(title: str, rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any] | None,
-                notes: Sequence[str] = ()) -> str:
+def to_markdown(
+    title: str,
+    rows: Sequence[Mapping[str, Any]],
+    best: Mapping[str, Any] | None,
+    notes: Sequence[str] = (),
+) -> str:
     """The per-point table (mean ± sd over seeds, the report's figure beside) as markdown."""
     scaled_run = any(r.get("grid_points", r["point"]) != r["point"] for r in rows)
     grid_col = ("| grid point(s) " if scaled_run else "", "|---" if scaled_run else "")
-    lines = [f"# {title}", "", *notes, "",
-             f"| point {grid_col[0]}| seeds ok / failed | val % (mean ± sd) | test % (mean ± sd) "
-             "| report test % | train s (mean) |", f"|---{grid_col[1]}|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# {title}",
+        "",
+        *notes,
+        "",
+        f"| point {grid_col[0]}| seeds ok / failed | val % (mean ± sd) | test % (mean ± sd) "
+        "| report test % | train s (mean) |",
+        f"|---{grid_col[1]}|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mark = " **(best by val)**" if best is not None and r["point"] == best["point"] else ""
         report = f"{r['report_test_acc']:.2f}" if r["report_test_acc"] is not None else "-"
         secs = f"{r['train_seconds_mean']:.1f}" if r["train_seconds_mean"] is not None else "-"
         grid = f"| {r.get('grid_points', r['point'])} " if scaled_run else ""
-        lines.append(f"| {r['point']}{mark} {grid}| {r['seeds_ok']} / {r['seeds_failed']} | "
-                     f"{pct(r['val_acc_mean'], r['val_acc_std'])} | "
-                     f"{pct(r['test_acc_mean'], r['test_acc_std'])} | {report} | {secs} |")
+        lines.append(
+            f"| {r['point']}{mark} {grid}| {r['seeds_ok']} / {r['seeds_failed']} | "
+            f"{pct(r['val_acc_mean'], r['val_acc_std'])} | "
+            f"{pct(r['test_acc_mean'], r['test_acc_std'])} | {report} | {secs} |"
+        )
     failed = [r for r in rows if r["errors"]]
     if failed:
         lines += ["", "## Failures", ""] + [f"- {r['point']}: {r['errors']}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: Sequence[Mapping[str, Any]], grid_keys: Sequence[str], path: Path) -> Path:
-    """Validation and test accuracy against the varied parameter, with error bars (sd)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if r["val_acc_mean"] is not None]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(done) + 2), 4.5))
-    single = len(grid_keys) == 1
-    xs_raw = [r[grid_keys[0]] if single else r["point"] for r in done]
-    numeric = single and all(_is_number(x) for x in xs_raw)
-    if numeric:  # draw lines left to right, whatever order the grid listed the values in
-        order = sorted(range(len(done)), key=lambda i: float(xs_raw[i]))
-        done, xs_raw = [done[i] for i in order], [xs_raw[i] for i in order]
-    xs = [float(x) for x in xs_raw] if numeric else list(range(len(done)))
-    for metric, colour, label in (("val", "tab:blue", "validation"), ("test", "tab:orange", "test")):
-        ys = [100 * r[f"{metric}_acc_mean"] for r in done if r[f"{metric}_acc_mean"] is not None]
-        es = [100 * (r[f"{metric}_acc_std"] or 0) for r in done if r[f"{metric}_acc_mean"] is not None]
-        if len(ys) == len(xs):
-            ax.errorbar(xs, ys, yerr=es, fmt="o-" if numeric else "o", capsize=4, color=colour,
-                        label=f"{label} (mean ± sd over seeds)")
-    reported = [(x, r["report_test_acc"]) for x, r in zip(xs, done) if r["report_test_acc"]]
-    if reported:
-        ax.scatter(*zip(*reported), marker="*", s=160, color="black", label="report (test)",
-                   zorder=5)
-    if numeric:
-        if min(xs) > 0 and max(xs) / min(xs) >= 50:
-            ax.set_xscale("log")
-    else:
-        ax.set_xticks(xs, [str(x) for x in xs_raw], rotation=20, ha="right", fontsize=8)
-    ax.set_xlabel(grid_keys[0] if single else "point")
-    ax.set_ylabel("accuracy %")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _is_number(x: Any) -> bool:
-    try:
-        float(x)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def sweep_id(study: str, preset_name: str, grid: Mapping[str, Any], seeds: Sequence[int],
-             extra: Mapping[str, Any]) -> str:
+def sweep_id(
+    study: str,
+    preset_name: str,
+    grid: Mapping[str, Any],
+    seeds: Sequence[int],
+    extra: Mapping[str, Any],
+) -> str:
     """Short id of one sweep: a hash of what defines it (callers add the start time to tell
     repeats apart)."""
-    blob = json.dumps({"study": study, "preset": preset_name, "grid": grid, "seeds": list(seeds),
-                       **extra}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"study": study, "preset": preset_name, "grid": grid, "seeds": list(seeds), **extra},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:10]

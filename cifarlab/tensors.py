@@ -33,7 +33,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def normalize(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, device: torch.device, channels_last: bool = False
+) -> torch.Tensor:
     """uint8 (N, 3, 32, 32) -> float (N, 3, 32, 32) on `device`, (x/255 - MEAN) / STD."""
     x = images.to(device, non_blocking=True).float().div_(255)
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)

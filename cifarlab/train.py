@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import pickle
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab.config import RunConfig, TrainConfig, identity_exclude
+from cifarlab import checkpoints
+from cifarlab.config import RunConfig, TrainConfig
 from cifarlab.evaluate import evaluate
+from cifarlab.history import EpochHook, EpochMetrics, TrainResult
 from cifarlab.optim import WeightAverage, lr_factor, make_optimizer
-from cifarlab.tensors import (autocast, flip_where, normalize, resolve_device, resolve_precision,
-                              translate)
+from cifarlab.tensors import (
+    autocast,
+    flip_where,
+    normalize,
+    resolve_device,
+    resolve_precision,
+    translate,
+)
 from models import build_model
 
 log = logging.getLogger(__name__)
@@ -36,82 +41,14 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-@dataclass
-class EpochMetrics:
-    """What the epoch hook receives; accuracies are fractions, seconds exclude evaluation."""
-
-    epoch: int  # 1-based
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-    epoch_seconds: float
-    images_per_second: float
-    train_seconds: float  # cumulative training time so far
-    val_images: int = 0  # how many validation images val_* are measured on (0: not recorded)
-    val_seconds: float = 0.0  # how long that validation took (0: not recorded)
-
-    def val_subset_note(self, val_size: int) -> str:
-        """' (2000 images)' when this epoch was validated on fewer than all `val_size`."""
-        return f" ({self.val_images} images)" if 0 < self.val_images < val_size else ""
-
-
-EpochHook = Callable[[EpochMetrics, nn.Module], None]
-
-
-@dataclass
-class TrainResult:
-    """The trained model (final weights, eval mode) and how it got there."""
-
-    model: nn.Module
-    history: list[EpochMetrics]
-    train_seconds: float
-    device: str
-    epochs_completed: int
-    stopped_early: bool
-    resumed_from_epoch: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded safely (it holds more than tensors and plain values)."""
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    """Load a checkpoint with torch's safe loader: tensors, containers and plain Python values
-    only, so a planted checkpoint cannot run code. Everything `train` saves is of those kinds."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} holds objects the safe loader refuses (not a checkpoint this code wrote, or "
-            f"tampered with); delete it to start over. {exc}") from None
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    # A name of this process's own: two writers never share (or truncate) one temporary file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a run killed mid-write keeps the previous checkpoint
-
-
-def _identity(config: RunConfig) -> dict[str, Any]:
-    """The parts of the config a checkpoint must agree with to be resumed."""
-    return config.model_dump(mode="json", include={"data", "model", "train"},
-                             exclude=identity_exclude(config))
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def _flip_mask(cfg: TrainConfig, idx: torch.Tensor, base: torch.Tensor, epoch: int,
-               gen: torch.Generator) -> torch.Tensor | None:
+
+def _flip_mask(
+    cfg: TrainConfig, idx: torch.Tensor, base: torch.Tensor, epoch: int, gen: torch.Generator
+) -> torch.Tensor | None:
     if cfg.flip == "random":
         return torch.rand(len(idx), generator=gen) < 0.5
     if cfg.flip == "alternating":
@@ -147,14 +84,24 @@ class _Session:
 
     @property
     def stopped_early(self) -> bool:
-        return bool(self.history) and _should_stop(self.config.train, self.bad_epochs) \
+        return (
+            bool(self.history)
+            and _should_stop(self.config.train, self.bad_epochs)
             and self.epoch < self.config.train.epochs
+        )
 
 
-def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
-          val_x: torch.Tensor, val_y: torch.Tensor, run_dir: Path, *,
-          hooks: Sequence[EpochHook] = (), progress: Callable[[int, int], None] | None = None,
-          ) -> TrainResult:
+def train(
+    config: RunConfig,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    run_dir: Path,
+    *,
+    hooks: Sequence[EpochHook] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> TrainResult:
     """Train `config.model` on uint8 images (N, 3, 32, 32); evaluate on validation every epoch.
 
     `hooks` run after each epoch with its metrics and the model; `progress(step, total)` after
@@ -171,7 +118,7 @@ def train(config: RunConfig, train_x: torch.Tensor, train_y: torch.Tensor,
     while s.epoch < config.train.epochs and not s.stopped_early:
         trained = _train_epoch(s, train_x, train_y, progress)
         metrics = _validate(s, *_epoch_validation(s, val_x, val_y), trained)
-        _save_atomic(_checkpoint(s), ckpt_path)
+        checkpoints.save_atomic(_checkpoint(s), ckpt_path)
         # The hooks (which log the epoch) run once it is saved: a run killed in between resumes
         # after this epoch, so no epoch is ever logged twice.
         _call_hooks(s, hooks, metrics)
@@ -185,15 +132,19 @@ def _build(config: RunConfig, train_x: torch.Tensor) -> _Session:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(config.model.name, **config.model.options)
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(normalize(train_x[:5000], torch.device("cpu")))
+    init_from_data = getattr(model, "init_from_data", None)  # the fast net's whitening layer
+    if callable(init_from_data):
+        init_from_data(normalize(train_x[:5000], torch.device("cpu")))
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp = resolve_precision(cfg.precision, device)
     n = len(train_x)
     return _Session(
-        config=config, device=device, amp=amp, model=model,
+        config=config,
+        device=device,
+        amp=amp,
+        model=model,
         step_fn=torch.compile(model) if cfg.compile else model,
         optimizer=make_optimizer(model, cfg),
         scaler=torch.amp.GradScaler(device.type, enabled=amp is torch.float16),
@@ -201,15 +152,18 @@ def _build(config: RunConfig, train_x: torch.Tensor) -> _Session:
         # Full batches only (a random remainder sits out each epoch): a tiny last batch would
         # take a full-size step on a gradient and BatchNorm statistics many times noisier.
         steps_per_epoch=max(n // cfg.batch_size, 1),
-        flip_base=torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5)
+        flip_base=torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5,
+    )
 
 
 def _resume(s: _Session, ckpt_path: Path) -> int:
     """Load the last finished epoch from the run folder's checkpoint; returns that epoch."""
-    state = _load_checkpoint(ckpt_path, s.device)
-    if state["identity"] != _identity(s.config):
-        raise ValueError(f"{ckpt_path} belongs to a different config; use another run "
-                         "folder or delete the checkpoint to start over")
+    state = checkpoints.load(ckpt_path, s.device)
+    if state["identity"] != checkpoints.identity(s.config):
+        raise ValueError(
+            f"{ckpt_path} belongs to a different config; use another run "
+            "folder or delete the checkpoint to start over"
+        )
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):  # fp16 loss scale (empty when the scaler is off)
@@ -232,8 +186,12 @@ class _EpochTrained:
     lr_factor: float  # at the epoch's last step
 
 
-def _train_epoch(s: _Session, train_x: torch.Tensor, train_y: torch.Tensor,
-                 progress: Callable[[int, int], None] | None) -> _EpochTrained:
+def _train_epoch(
+    s: _Session,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    progress: Callable[[int, int], None] | None,
+) -> _EpochTrained:
     """One pass over the training images. Its randomness is seeded by the epoch, so a resumed
     run draws the same batches."""
     cfg, device, model, epoch = s.config.train, s.device, s.model, s.epoch
@@ -254,14 +212,7 @@ def _train_epoch(s: _Session, train_x: torch.Tensor, train_y: torch.Tensor,
         for group in s.optimizer.param_groups:
             group["lr"] = cfg.lr * group["lr_scale"] * factor
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        x = normalize(train_x[idx], device)
-        y = train_y[idx].to(device, non_blocking=True)
-        mask = _flip_mask(cfg, idx, s.flip_base, epoch, gen)
-        if mask is not None:
-            x = flip_where(x, mask)
-        x = translate(x, cfg.translate, gen)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = _batch(s, train_x, train_y, idx, gen)
         with autocast(device, s.amp):
             logits = s.step_fn(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -269,8 +220,7 @@ def _train_epoch(s: _Session, train_x: torch.Tensor, train_y: torch.Tensor,
         s.scaler.scale(loss).backward()
         s.scaler.step(s.optimizer)
         s.scaler.update()
-        if (s.average is not None and (step + 1) % cfg.average_every == 0
-                and step + 1 >= cfg.average_start_frac * s.total_steps):
+        if s.average is not None and _averages_at(cfg, step + 1, s.total_steps):
             s.average.update(model, step + 1, s.total_steps)
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
@@ -282,13 +232,37 @@ def _train_epoch(s: _Session, train_x: torch.Tensor, train_y: torch.Tensor,
     s.train_seconds += seconds
     s.epoch += 1
     if not torch.isfinite(loss_sum):
-        raise FloatingPointError(f"training diverged in epoch {s.epoch}: the loss is "
-                                 f"{loss_sum.item()} (try a lower train.lr than {cfg.lr})")
+        raise FloatingPointError(
+            f"training diverged in epoch {s.epoch}: the loss is "
+            f"{loss_sum.item()} (try a lower train.lr than {cfg.lr})"
+        )
     return _EpochTrained(loss_sum.item() / seen, correct.item() / seen, seconds, seen, factor)
 
 
-def _epoch_validation(s: _Session, val_x: torch.Tensor,
-                      val_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(s: _Session, train_x: torch.Tensor, train_y: torch.Tensor, idx: torch.Tensor,
+           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One training batch on the device, normalised and augmented (flip, then translate, both
+    drawn from the epoch's generator in that order)."""
+    cfg = s.config.train
+    x = normalize(train_x[idx], s.device)  # (B, 3, 32, 32) float
+    y = train_y[idx].to(s.device, non_blocking=True)
+    mask = _flip_mask(cfg, idx, s.flip_base, s.epoch, gen)
+    if mask is not None:
+        x = flip_where(x, mask)
+    x = translate(x, cfg.translate, gen)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def _averages_at(cfg: TrainConfig, step: int, total: int) -> bool:
+    """Whether the weight average takes in the weights after `step` (1-based)."""
+    return step % cfg.average_every == 0 and step >= cfg.average_start_frac * total
+
+
+def _epoch_validation(
+    s: _Session, val_x: torch.Tensor, val_y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What this epoch is validated on: the first `val_images_per_epoch` images (enough for a
     progress line), or all of them after the last epoch and under early stopping."""
     cfg = s.config.train
@@ -298,40 +272,63 @@ def _epoch_validation(s: _Session, val_x: torch.Tensor,
     return val_x[:n], val_y[:n]
 
 
-def _validate(s: _Session, val_x: torch.Tensor, val_y: torch.Tensor,
-              t: _EpochTrained) -> EpochMetrics:
+def _validate(
+    s: _Session, val_x: torch.Tensor, val_y: torch.Tensor, t: _EpochTrained
+) -> EpochMetrics:
     """Evaluate the weights that would be kept (the average, where one is kept) on validation;
     record the epoch and the early-stopping count."""
     cfg = s.config.train
     started = time.perf_counter()
     with _averaged(s):
-        val = evaluate(s.model, val_x, val_y, device=s.device, channels_last=cfg.channels_last,
-                       amp_dtype=s.amp)
+        val = evaluate(
+            s.model, val_x, val_y, device=s.device, channels_last=cfg.channels_last, amp_dtype=s.amp
+        )
     val_seconds = time.perf_counter() - started
     metrics = EpochMetrics(
-        epoch=s.epoch, train_loss=t.loss, train_accuracy=t.accuracy, val_loss=val.loss,
-        val_accuracy=val.accuracy, lr=cfg.lr * t.lr_factor, epoch_seconds=t.seconds,
-        images_per_second=t.images / t.seconds, train_seconds=s.train_seconds,
-        val_images=len(val_x), val_seconds=val_seconds)
+        epoch=s.epoch,
+        train_loss=t.loss,
+        train_accuracy=t.accuracy,
+        val_loss=val.loss,
+        val_accuracy=val.accuracy,
+        lr=cfg.lr * t.lr_factor,
+        epoch_seconds=t.seconds,
+        images_per_second=t.images / t.seconds,
+        train_seconds=s.train_seconds,
+        val_images=len(val_x),
+        val_seconds=val_seconds,
+    )
     s.history.append(metrics)
     if val.loss < s.best_val:
         s.best_val, s.bad_epochs = val.loss, 0
     else:
         s.bad_epochs += 1
-    log.info("epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
-             s.epoch, cfg.epochs, t.loss, t.accuracy, val.loss, val.accuracy, t.seconds)
+    log.info(
+        "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
+        s.epoch,
+        cfg.epochs,
+        t.loss,
+        t.accuracy,
+        val.loss,
+        val.accuracy,
+        t.seconds,
+    )
     return metrics
 
 
 def _checkpoint(s: _Session) -> dict[str, Any]:
     """Everything a resumed run needs (the training weights, not the average)."""
     return {
-        "identity": _identity(s.config), "model": s.model.state_dict(),
-        "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+        "identity": checkpoints.identity(s.config),
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scaler": s.scaler.state_dict(),
         "average": s.average.state if s.average is not None else None,
         "average_started": s.average.started if s.average is not None else False,
-        "epoch": s.epoch, "train_seconds": s.train_seconds, "best_val": s.best_val,
-        "bad_epochs": s.bad_epochs, "history": [asdict(h) for h in s.history],
+        "epoch": s.epoch,
+        "train_seconds": s.train_seconds,
+        "best_val": s.best_val,
+        "bad_epochs": s.bad_epochs,
+        "history": [asdict(h) for h in s.history],
     }
 
 
@@ -347,9 +344,15 @@ def _finish(s: _Session, start_epoch: int) -> TrainResult:
     if s.average is not None:
         s.average.swap(s.model)
     s.model.eval()
-    return TrainResult(model=s.model, history=s.history, train_seconds=s.train_seconds,
-                       device=str(s.device), epochs_completed=s.epoch,
-                       stopped_early=s.stopped_early, resumed_from_epoch=start_epoch)
+    return TrainResult(
+        model=s.model,
+        history=s.history,
+        train_seconds=s.train_seconds,
+        device=str(s.device),
+        epochs_completed=s.epoch,
+        stopped_early=s.stopped_early,
+        resumed_from_epoch=start_epoch,
+    )
 
 
 @contextlib.contextmanager

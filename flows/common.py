@@ -20,7 +20,6 @@ def project_root(root: str | None) -> Path:
     return Path(root or os.environ.get("CIFAR_ROOT") or PROJECT_ROOT).resolve()
 
 
-
 def serves_here(store: tracking.Store) -> bool:
     """Whether this host fills a BentoML store with the champion: $CIFAR_IMPORT_CHAMPION
     (true/false) when set; else yes with a local tracking store (one machine does everything)
@@ -44,8 +43,17 @@ def import_champion(store: tracking.Store, root: str) -> dict[str, Any]:
 
     home = bentoml_home(Path(root))
     result = into_bentoml_store(store.uri, home)
-    get_run_logger().info("BentoML store %s: %s = %s v%s (%s)", home, result.tag,
-                          result.registered_model, result.version,
-                          "imported" if result.created else "already the newest")
-    return {"tag": result.tag, "version": result.version, "created": result.created,
-            "bentoml_home": str(home)}
+    get_run_logger().info(
+        "BentoML store %s: %s = %s v%s (%s)",
+        home,
+        result.tag,
+        result.registered_model,
+        result.version,
+        "imported" if result.created else "already the newest",
+    )
+    return {
+        "tag": result.tag,
+        "version": result.version,
+        "created": result.created,
+        "bentoml_home": str(home),
+    }

@@ -47,7 +47,8 @@ def ensure_limit(name: str, limit: int = 1) -> None:
         if found is None:
             with contextlib.suppress(ObjectAlreadyExists):
                 client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=limit))
+                    GlobalConcurrencyLimitCreate(name=name, limit=limit)
+                )
 
 
 @contextlib.contextmanager
@@ -59,13 +60,22 @@ def exclusive(kind: str, key: str, wait_s: float = WAIT_SECONDS) -> Iterator[Non
     ensure_limit(name)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(concurrency(name, occupy=1, timeout_seconds=wait_s,
-                                            lease_duration=LEASE_SECONDS, strict=True,
-                                            # A missed renewal (server restarting) must not
-                                            # abort a registration half way: the block takes
-                                            # seconds, the lease a minute.
-                                            raise_on_lease_renewal_failure=False))
+            stack.enter_context(
+                concurrency(
+                    name,
+                    occupy=1,
+                    timeout_seconds=wait_s,
+                    lease_duration=LEASE_SECONDS,
+                    strict=True,
+                    # A missed renewal (server restarting) must not
+                    # abort a registration half way: the block takes
+                    # seconds, the lease a minute.
+                    raise_on_lease_renewal_failure=False,
+                )
+            )
         except TimeoutError as exc:
-            raise LockTimeout(f"lock {name} (Prefect global concurrency limit) still held by "
-                              f"another run after {wait_s:.0f} s") from exc
+            raise LockTimeout(
+                f"lock {name} (Prefect global concurrency limit) still held by "
+                f"another run after {wait_s:.0f} s"
+            ) from exc
         yield

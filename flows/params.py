@@ -8,7 +8,7 @@ work starts. A field left out (None) keeps the preset's value.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, create_model
 
@@ -22,9 +22,13 @@ def _partial(model: type[BaseModel], name: str) -> type[BaseModel]:
         optional = copy.copy(info)
         optional.default = None
         optional.default_factory = None
-        fields[field_name] = (info.annotation | None, optional)
-    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=(
-        f"Overrides of {model.__name__}; unset fields keep the preset's value."), **fields)
+        fields[field_name] = (cast(Any, info.annotation) | None, optional)
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=(f"Overrides of {model.__name__}; unset fields keep the preset's value."),
+        **fields,
+    )
 
 
 DataOverrides = _partial(DataConfig, "DataOverrides")
@@ -33,8 +37,9 @@ TrainOverrides = _partial(TrainConfig, "TrainOverrides")
 PresetName = Literal[tuple(preset_names())]  # type: ignore[valid-type]
 
 
-def resolve_config(preset_name: str, data: BaseModel | None, model: BaseModel | None,
-                   train: BaseModel | None) -> RunConfig:
+def resolve_config(
+    preset_name: str, data: BaseModel | None, model: BaseModel | None, train: BaseModel | None
+) -> RunConfig:
     """The preset with the overrides that were set, validated as a whole."""
     overrides = {
         section: part.model_dump(exclude_none=True)

@@ -4,6 +4,7 @@ process is gone. Used by a run that resumes another's MLflow run and by the stac
 from __future__ import annotations
 
 import logging
+from uuid import UUID
 
 
 def crash_flow_run(flow_run_id: str, reason: str, run_count: str | None = None) -> None:
@@ -15,14 +16,15 @@ def crash_flow_run(flow_run_id: str, reason: str, run_count: str | None = None) 
 
     try:
         with get_client(sync_client=True) as client:
-            found = client.read_flow_run(flow_run_id)
+            found = client.read_flow_run(UUID(flow_run_id))
             if run_count is not None and str(found.run_count) != str(run_count):
                 return
             if found.state is not None and not found.state.is_final():
                 client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
     except Exception as exc:  # noqa: BLE001 - unknown to this API: nothing to end here
-        logging.getLogger(__name__).warning("could not mark flow run %s crashed: %s",
-                                            flow_run_id, exc)
+        logging.getLogger(__name__).warning(
+            "could not mark flow run %s crashed: %s", flow_run_id, exc
+        )
 
 
 def flow_run_alive(flow_run_id: str) -> bool:
@@ -31,7 +33,7 @@ def flow_run_alive(flow_run_id: str) -> bool:
 
     try:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run_id).state
+            state = client.read_flow_run(UUID(flow_run_id)).state
     except Exception:  # noqa: BLE001 - unknown to this Prefect API: not ours to judge
         return True
     return state is None or not state.is_final()

@@ -49,15 +49,22 @@ class _Conv(nn.Conv2d):
 class _ConvGroup(nn.Sequential):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(
-            _Conv(c_in, c_out), nn.MaxPool2d(2), _BatchNorm(c_out), nn.GELU(),
-            _Conv(c_out, c_out), _BatchNorm(c_out), nn.GELU(),
+            _Conv(c_in, c_out),
+            nn.MaxPool2d(2),
+            _BatchNorm(c_out),
+            nn.GELU(),
+            _Conv(c_out, c_out),
+            _BatchNorm(c_out),
+            nn.GELU(),
         )
 
 
 class FastNet(nn.Module):
     """Whitening conv + three conv groups + linear head. ~1.97 M params at widths 64/256/256."""
 
-    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256), num_classes: int = 10) -> None:
+    def __init__(
+        self, widths: tuple[int, int, int] = (64, 256, 256), num_classes: int = 10
+    ) -> None:
         super().__init__()
         whiten_width = 2 * 3 * WHITEN_KERNEL**2  # 24: every basis filter and its negation
         self.whiten = nn.Conv2d(3, whiten_width, WHITEN_KERNEL, padding=0, bias=True)
@@ -85,7 +92,8 @@ class FastNet(nn.Module):
         basis = (eigvecs.T / torch.sqrt(eigvals + eps)[:, None]).float()  # (12, 12), rows = filters
         filters = basis.reshape(-1, 3, k, k)
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
-        self.whiten.bias.zero_()
+        if self.whiten.bias is not None:  # (the whitening layer is built with a bias)
+            self.whiten.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32) -> (N, 10)
         return self.head(self.body(self.whiten(x))) * LOGIT_SCALE

@@ -46,8 +46,10 @@ def odd_kernel(value: Any) -> None:
     if _integer(value) < 1:
         raise OptionError(f"must be at least 1, got {value}")
     if value % 2 == 0:
-        raise OptionError(f"must be odd, got {value} (the convs pad by kernel_size // 2, so an "
-                          "even kernel changes the output size)")
+        raise OptionError(
+            f"must be odd, got {value} (the convs pad by kernel_size // 2, so an "
+            "even kernel changes the output size)"
+        )
 
 
 def widths(min_len: int, max_len: int) -> Check:

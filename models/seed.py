@@ -40,8 +40,15 @@ class SeedBaseline(nn.Module):
     pools 2x2 with stride 2 (pool_kernel=2, pool_stride=2).
     """
 
-    def __init__(self, kernel_size: int = 3, pool_kernel: int = 3, pool_stride: int = 1,
-                 channels: int = 18, hidden: int = 64, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        pool_kernel: int = 3,
+        pool_stride: int = 1,
+        channels: int = 18,
+        hidden: int = 64,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, channels, kernel_size, stride=1, padding=kernel_size // 2),
@@ -66,14 +73,22 @@ class SeedDeep(SeedBaseline):
     `kernel_size` applies to every conv, so the depth study can compare 3x3 with 1x1.
     """
 
-    def __init__(self, kernel_size: int = 3, pool_kernel: int = 3, pool_stride: int = 1,
-                 hidden: int = 64, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        pool_kernel: int = 3,
+        pool_stride: int = 1,
+        hidden: int = 64,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__(kernel_size, pool_kernel, pool_stride, 18, hidden, num_classes)
         widths = (3, 18, 64, 128, 18)
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+                nn.ReLU(inplace=True),
+            ]
         self.features = nn.Sequential(*layers)
 
 
@@ -84,14 +99,22 @@ class SeedWide(nn.Module):
     every width: these are our choice.
     """
 
-    def __init__(self, widths: tuple[int, int, int] = (64, 128, 256), kernel_size: int = 3,
-                 hidden: int = 256, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        widths: tuple[int, int, int] = (64, 128, 256),
+        kernel_size: int = 3,
+        hidden: int = 256,
+        num_classes: int = 10,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
         for c_out in widths:
-            layers += [nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, 2),
+            ]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         side = 32 // 2 ** len(widths)

@@ -37,9 +37,11 @@ def host_identity() -> dict[str, str]:
         pidns = os.readlink("/proc/self/ns/pid")
     except OSError:
         pidns = ""
-    return {"host_machine": short(_read("/etc/machine-id")),
-            "host_boot": short(_read("/proc/sys/kernel/random/boot_id")),
-            "host_pidns": short(pidns)}
+    return {
+        "host_machine": short(_read("/etc/machine-id")),
+        "host_boot": short(_read("/proc/sys/kernel/random/boot_id")),
+        "host_pidns": short(pidns),
+    }
 
 
 def process_tags() -> dict[str, str]:
@@ -48,8 +50,12 @@ def process_tags() -> dict[str, str]:
     import psutil
 
     me = psutil.Process()
-    tags = {"host": host_name(), **host_identity(), "pid": str(me.pid),
-            "pid_started": f"{me.create_time():.2f}"}
+    tags = {
+        "host": host_name(),
+        **host_identity(),
+        "pid": str(me.pid),
+        "pid_started": f"{me.create_time():.2f}",
+    }
     if os.environ.get("CIFAR_WORKER_NAME"):
         tags["worker"] = os.environ["CIFAR_WORKER_NAME"]
     return tags

@@ -64,8 +64,10 @@ def use_bentoml_home(home: Path) -> None:
     switch (ImportFailed names both; run `cifar-import-champion` in a process of its own)."""
     home = Path(home).resolve()
     if _HOME_IN_USE and _HOME_IN_USE[0] != home:
-        raise ImportFailed(f"this process already uses the BentoML store {_HOME_IN_USE[0]}; "
-                           f"importing into {home} needs a process of its own")
+        raise ImportFailed(
+            f"this process already uses the BentoML store {_HOME_IN_USE[0]}; "
+            f"importing into {home} needs a process of its own"
+        )
     (home / "models").mkdir(parents=True, exist_ok=True)
     os.environ["BENTOML_HOME"] = str(home)
     if not _HOME_IN_USE:
@@ -79,16 +81,19 @@ def _float(value: Any) -> float | None:
         return None
 
 
-def import_champion(tracking_uri: str, home: Path, registered_model: str | None = None,
-                    alias: str | None = None, bento_model: str = BENTO_MODEL) -> Imported:
+def import_champion(
+    tracking_uri: str,
+    home: Path,
+    registered_model: str | None = None,
+    alias: str | None = None,
+    bento_model: str = BENTO_MODEL,
+) -> Imported:
     """Import `models:/<registered_model>@<alias>` into the BentoML store at `home`."""
-    import bentoml
-    import yaml
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from registry.tracking import CHAMPION, REGISTERED_MODEL, display_uri
-    from serving.engine import Engine
+    from registry.tracking import CHAMPION, REGISTERED_MODEL, Store, display_uri
+    from registry.versions import download_onnx, version_uri
 
     registered_model = registered_model or REGISTERED_MODEL
     alias = alias or CHAMPION
@@ -96,50 +101,90 @@ def import_champion(tracking_uri: str, home: Path, registered_model: str | None 
     try:
         mv = client.get_model_version_by_alias(registered_model, alias)
     except MlflowException as exc:
-        raise ImportFailed(f"no model version {registered_model}@{alias} in {tracking_uri}: "
-                           f"train one first (make run) ({exc.message})") from None
-    version = str(mv.version)
+        raise ImportFailed(
+            f"no model version {registered_model}@{alias} in {tracking_uri}: "
+            f"train one first (make run) ({exc.message})"
+        ) from None
     use_bentoml_home(home)
     there = _already_imported(bento_model, registered_model, mv, display_uri(tracking_uri))
     if there is not None:
         return there
-
-    from registry.tracking import Store
-    from registry.versions import download_onnx, version_uri
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             registry = Store(tracking_uri, "")
             onnx_file = download_onnx(registry, version_uri(registry, mv), Path(tmp))
         except (FileNotFoundError, MlflowException) as exc:
-            raise ImportFailed(f"{registered_model} v{version}: {exc}") from None
-        local = onnx_file.parent
-        mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").is_file() else {}
-        logged = mlmodel.get("metadata") or {}
-        class_names = list(logged.get("class_names") or CLASS_NAMES)
-        _check_normalisation(logged, f"{registered_model} v{version}")
-        engine = Engine(onnx_file, {"class_names": class_names}, threads=1)  # loads + checks shapes
-        engine.warm_up((1, 2))
-        int8_file = _int8_file(client, mv, Path(tmp) / "int8", class_names)
-        metadata = _metadata(mv, registered_model, alias, tracking_uri, logged, class_names,
-                             engine.input_name, int8_file is not None)
-        metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
-        labels = {"registered_model": registered_model, "mlflow_version": version,
-                  "mlflow_run_id": mv.run_id, "source": "mlflow"}
-        with bentoml.models.create(bento_model, labels=labels, metadata=metadata) as bm:
-            shutil.copyfile(onnx_file, bm.path_of("model.onnx"))
-            if int8_file:
-                shutil.copyfile(int8_file, bm.path_of("model_int8.onnx"))
-            if (local / "MLmodel").is_file():
-                shutil.copyfile(local / "MLmodel", bm.path_of("MLmodel"))
-            if mv.description:  # the version's model card (registry/modelcard.py)
-                Path(bm.path_of("model_card.md")).write_text(mv.description)
-    return Imported(str(bm.tag), registered_model, version, mv.run_id,
-                    metadata.get("val_accuracy"), metadata.get("test_accuracy"), created=True)
+            raise ImportFailed(f"{registered_model} v{mv.version}: {exc}") from None
+        tag, metadata = _store_model(
+            client, mv, registered_model, alias, tracking_uri, onnx_file, bento_model
+        )
+    return Imported(
+        tag,
+        registered_model,
+        str(mv.version),
+        str(mv.run_id),
+        metadata.get("val_accuracy"),
+        metadata.get("test_accuracy"),
+        created=True,
+    )
 
 
-def _already_imported(bento_model: str, registered_model: str, mv: Any,
-                      tracking_uri: str) -> Imported | None:
+def _store_model(
+    client: Any,
+    mv: Any,
+    registered_model: str,
+    alias: str,
+    tracking_uri: str,
+    onnx_file: Path,
+    bento_model: str,
+) -> tuple[str, dict[str, Any]]:
+    """Check the downloaded file with the serving engine, then create the BentoML model from
+    it, its int8 twin, MLmodel file and model card; returns (tag, metadata)."""
+    import bentoml
+    import yaml
+
+    from serving.engine import Engine
+
+    local = onnx_file.parent
+    mlmodel_file = local / "MLmodel"
+    mlmodel = yaml.safe_load(mlmodel_file.read_text()) if mlmodel_file.is_file() else {}
+    logged = mlmodel.get("metadata") or {}
+    class_names = list(logged.get("class_names") or CLASS_NAMES)
+    _check_normalisation(logged, f"{registered_model} v{mv.version}")
+    engine = Engine(onnx_file, {"class_names": class_names}, threads=1)  # loads + checks shapes
+    engine.warm_up((1, 2))
+    int8_file = _int8_file(client, mv, onnx_file.parent / "int8-twin", class_names)
+    metadata = _metadata(
+        mv,
+        registered_model,
+        alias,
+        tracking_uri,
+        logged,
+        class_names,
+        engine.input_name,
+        int8_file is not None,
+    )
+    metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
+    labels = {
+        "registered_model": registered_model,
+        "mlflow_version": str(mv.version),
+        "mlflow_run_id": mv.run_id,
+        "source": "mlflow",
+    }
+    with bentoml.models.create(bento_model, labels=labels, metadata=metadata) as bm:
+        shutil.copyfile(onnx_file, bm.path_of("model.onnx"))
+        if int8_file:
+            shutil.copyfile(int8_file, bm.path_of("model_int8.onnx"))
+        if mlmodel_file.is_file():
+            shutil.copyfile(mlmodel_file, bm.path_of("MLmodel"))
+        if mv.description:  # the version's model card (registry/modelcard.py)
+            Path(bm.path_of("model_card.md")).write_text(mv.description)
+    return str(bm.tag), metadata
+
+
+def _already_imported(
+    bento_model: str, registered_model: str, mv: Any, tracking_uri: str
+) -> Imported | None:
     """The store's newest model (what the service serves now), if it is this very version."""
     import bentoml
 
@@ -147,55 +192,92 @@ def _already_imported(bento_model: str, registered_model: str, mv: Any,
         latest = bentoml.models.get(f"{bento_model}:latest")
     except bentoml.exceptions.NotFound:
         return None
-    if not all(latest.info.labels.get(k) == v for k, v in (
-            ("registered_model", registered_model), ("mlflow_version", str(mv.version)),
-            ("mlflow_run_id", mv.run_id))) or latest.info.metadata.get("tracking_uri") != tracking_uri:
+    if (
+        not all(
+            latest.info.labels.get(k) == v
+            for k, v in (
+                ("registered_model", registered_model),
+                ("mlflow_version", str(mv.version)),
+                ("mlflow_run_id", mv.run_id),
+            )
+        )
+        or latest.info.metadata.get("tracking_uri") != tracking_uri
+    ):
         return None
     meta = latest.info.metadata
-    return Imported(str(latest.tag), registered_model, str(mv.version), mv.run_id,
-                    _float(meta.get("val_accuracy")), _float(meta.get("test_accuracy")),
-                    created=False)
+    return Imported(
+        str(latest.tag),
+        registered_model,
+        str(mv.version),
+        mv.run_id,
+        _float(meta.get("val_accuracy")),
+        _float(meta.get("test_accuracy")),
+        created=False,
+    )
 
 
 def _check_normalisation(logged: dict[str, Any], what: str) -> None:
     """The model must expect the service's normalisation (cifarlab/constants.py)."""
     for key, shared in (("mean", MEAN), ("std", STD)):
-        if key in logged and [round(float(v), 6) for v in logged[key]] != [round(v, 6) for v in shared]:
-            raise ImportFailed(f"{what} was trained with {key} {logged[key]}, but the service "
-                               f"normalises with {list(shared)} (cifarlab/constants.py): "
-                               "refusing to serve it wrongly")
+        if key in logged and [round(float(v), 6) for v in logged[key]] != [
+            round(v, 6) for v in shared
+        ]:
+            raise ImportFailed(
+                f"{what} was trained with {key} {logged[key]}, but the service "
+                f"normalises with {list(shared)} (cifarlab/constants.py): "
+                "refusing to serve it wrongly"
+            )
 
 
-def _metadata(mv: Any, registered_model: str, alias: str, tracking_uri: str,
-              logged: dict[str, Any], class_names: list[str], input_name: str,
-              has_int8: bool) -> dict[str, Any]:
+def _metadata(
+    mv: Any,
+    registered_model: str,
+    alias: str,
+    tracking_uri: str,
+    logged: dict[str, Any],
+    class_names: list[str],
+    input_name: str,
+    has_int8: bool,
+) -> dict[str, Any]:
     """The BentoML model's metadata: what the service and GET /model say about the version."""
     from registry.tracking import display_uri, tag_bool
 
     version = str(mv.version)
     return {
-        "registered_model": registered_model, "mlflow_version": version,
-        "mlflow_alias_at_import": alias, "mlflow_run_id": mv.run_id,
-        "mlflow_source": mv.source, "tracking_uri": display_uri(tracking_uri),
+        "registered_model": registered_model,
+        "mlflow_version": version,
+        "mlflow_alias_at_import": alias,
+        "mlflow_run_id": mv.run_id,
+        "mlflow_source": mv.source,
+        "tracking_uri": display_uri(tracking_uri),
         "val_accuracy": _float(mv.tags.get("val_accuracy", logged.get("val_accuracy"))),
         "test_accuracy": _float(mv.tags.get("test_accuracy", logged.get("test_accuracy"))),
         "preset": logged.get("preset") or mv.tags.get("preset"),
-        "class_names": class_names, "mean": list(MEAN), "std": list(STD),
-        "image_size": IMAGE_SIZE, "resize_filter": RESIZE_FILTER,
-        "input_name": input_name, "onnx_file": "model.onnx",
+        "class_names": class_names,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "image_size": IMAGE_SIZE,
+        "resize_filter": RESIZE_FILTER,
+        "input_name": input_name,
+        "onnx_file": "model.onnx",
         "served_tta": mv.tags.get("served_tta") or logged.get("served_tta"),
         "promotion_reason": mv.tags.get("promotion_reason"),
         "model_card": "model_card.md" if mv.description else None,
-        **({"int8_file": "model_int8.onnx",
-            "int8_val_accuracy": _float(mv.tags.get("int8_val_accuracy")),
-            "int8_test_accuracy": _float(mv.tags.get("int8_test_accuracy")),
-            "int8_servable": mv.tags.get("int8_servable") == "true",
-            # (None, dropped below: unknown, or a version from before it was recorded)
-            "int8_judged_with_dot_product": tag_bool(
-                mv.tags.get("int8_judged_with_dot_product"))} if has_int8 else {}),
+        **(
+            {
+                "int8_file": "model_int8.onnx",
+                "int8_val_accuracy": _float(mv.tags.get("int8_val_accuracy")),
+                "int8_test_accuracy": _float(mv.tags.get("int8_test_accuracy")),
+                "int8_servable": mv.tags.get("int8_servable") == "true",
+                # (None, dropped below: unknown, or a version from before it was recorded)
+                "int8_judged_with_dot_product": tag_bool(
+                    mv.tags.get("int8_judged_with_dot_product")
+                ),
+            }
+            if has_int8
+            else {}
+        ),
     }
-
-
 
 
 def _int8_file(client: Any, mv: Any, dest: Path, class_names: list[str]) -> Path | None:
@@ -211,8 +293,10 @@ def _int8_file(client: Any, mv: Any, dest: Path, class_names: list[str]) -> Path
     try:
         path = Path(client.download_artifacts(mv.run_id, "int8/model_int8.onnx", str(dest)))
     except (MlflowException, OSError) as exc:
-        raise ImportFailed(f"{mv.name} v{mv.version} says it has an int8 model, but "
-                           f"int8/model_int8.onnx of run {mv.run_id} cannot be fetched: {exc}") from None
+        raise ImportFailed(
+            f"{mv.name} v{mv.version} says it has an int8 model, but "
+            f"int8/model_int8.onnx of run {mv.run_id} cannot be fetched: {exc}"
+        ) from None
     Engine(path, {"class_names": class_names}, threads=1).warm_up((1,))
     return path
 
@@ -221,15 +305,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = argparse.ArgumentParser(prog="cifar-import-champion", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", type=Path, default=PROJECT_ROOT,
-                        help="project folder holding mlflow.db (and bentoml/ unless $BENTOML_HOME)")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
-                        "sqlite:///<root>/mlflow.db)")
+    parser = argparse.ArgumentParser(
+        prog="cifar-import-champion", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=PROJECT_ROOT,
+        help="project folder holding mlflow.db (and bentoml/ unless $BENTOML_HOME)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db)",
+    )
     parser.add_argument("--alias", default="champion", help="registry alias to import")
-    parser.add_argument("--follow", type=float, default=0, metavar="SECONDS",
-                        help="keep going: check the registry every SECONDS and import each new "
-                             "champion (a serving host's running service swaps it in)")
+    parser.add_argument(
+        "--follow",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="keep going: check the registry every SECONDS and import each new "
+        "champion (a serving host's running service swaps it in)",
+    )
     args = parser.parse_args(argv)
     if args.follow < 0:
         parser.error(f"--follow {args.follow}: must be a number of seconds >= 0")
@@ -237,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = args.tracking_uri or tracking_uri(args.root)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        print(f"error: no MLflow store at {uri.removeprefix('sqlite:///')}: train a model first "
-              "(make run)", file=sys.stderr)
+        print(
+            f"error: no MLflow store at {uri.removeprefix('sqlite:///')}: train a model first "
+            "(make run)",
+            file=sys.stderr,
+        )
         return 2
     if args.follow:
         return _follow(uri, bentoml_home(args.root), args.alias, args.follow)
@@ -248,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     state = "imported" if result.created else "already in the store"
-    print(f"{result.tag}: {result.registered_model} v{result.version} (run {result.run_id}, "
-          f"validation accuracy {result.val_accuracy}) {state}")
+    print(
+        f"{result.tag}: {result.registered_model} v{result.version} (run {result.run_id}, "
+        f"validation accuracy {result.val_accuracy}) {state}"
+    )
     for key, value in asdict(result).items():
         print(f"  {key}: {value}")
     return 0
@@ -275,13 +377,18 @@ def _follow(uri: str, home: Path, alias: str, every: float) -> int:
             try:
                 result = import_champion(uri, home, alias=alias)
                 if result.created or result.tag != last:
-                    print(f"{result.tag}: {result.registered_model} v{result.version} "
-                          f"({'imported' if result.created else 'already in the store'})",
-                          flush=True)
+                    print(
+                        f"{result.tag}: {result.registered_model} v{result.version} "
+                        f"({'imported' if result.created else 'already in the store'})",
+                        flush=True,
+                    )
                 last = result.tag
             except Exception as exc:  # noqa: BLE001 - keep following
-                print(f"error (trying again in {every:g} s): {type(exc).__name__}: {exc}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"error (trying again in {every:g} s): {type(exc).__name__}: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             time.sleep(every)
     except KeyboardInterrupt:
         return 0

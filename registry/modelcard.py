@@ -42,20 +42,38 @@ def _masked(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_card(run: Any, *, name: str, version: str, alias: str, verdict: str,
-               extra: Sequence[tuple[str, str]] = (), config: Mapping[str, Any] | None = None) -> str:
+def model_card(
+    run: Any,
+    *,
+    name: str,
+    version: str,
+    alias: str,
+    verdict: str,
+    extra: Sequence[tuple[str, str]] = (),
+    config: Mapping[str, Any] | None = None,
+) -> str:
     """Markdown card for registry version `version` of `name`, trained by MLflow run `run`;
     `config` is its resolved config (else rebuilt from the run's params, as strings)."""
     p, m = run.data.params, run.data.metrics
     config = config or _config({k: v for k, v in p.items() if "." in k})
     per_class = "\n".join(
         f"| {c} | {_pct(m.get(f'val_accuracy.{c}'))} | {_pct(m.get(f'test_accuracy.{c}'))} |"
-        for c in CLASS_NAMES)
-    rows = [("registry", f"`{name}` version {version}; alias at registration `{alias}`"),
-            ("promotion", verdict), *_facts(run, config), *extra]
+        for c in CLASS_NAMES
+    )
+    rows = [
+        ("registry", f"`{name}` version {version}; alias at registration `{alias}`"),
+        ("promotion", verdict),
+        *_facts(run, config),
+        *extra,
+    ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return _CARD.format(name=name, version=version, table=table, per_class=per_class,
-                        config=json.dumps(_masked(config), indent=2))
+    return _CARD.format(
+        name=name,
+        version=version,
+        table=table,
+        per_class=per_class,
+        config=json.dumps(_masked(config), indent=2),
+    )
 
 
 def _facts(run: Any, config: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -65,29 +83,50 @@ def _facts(run: Any, config: Mapping[str, Any]) -> list[tuple[str, str]]:
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     options = json.dumps((config.get("model") or {}).get("options") or {})
     served_tta = t.get("served_tta", "none")  # set by the evaluate task
-    tta_line = (f"| unserved TTA ({p.get('train.tta')}), reported only | validation "
-                f"{_pct(m.get('tta_val_accuracy'))}, test {_pct(m.get('tta_test_accuracy'))} |"
-                if "tta_val_accuracy" in m else None)
+    tta_row = (
+        (f"unserved TTA ({p.get('train.tta')}), reported only",
+         f"validation {_pct(m.get('tta_val_accuracy'))}, test {_pct(m.get('tta_test_accuracy'))}")
+        if "tta_val_accuracy" in m else None
+    )  # fmt: skip
     return [
-        ("preset / architecture", f"`{p.get('preset')}` / `{p.get('model.name')}`, "
-                                  f"options `{options}`"),
-        ("validation accuracy (served ONNX model)", f"**{_pct(m.get('final_val_accuracy'))}** on "
-         f"{p.get('data.val_size')} images"),
+        (
+            "preset / architecture",
+            f"`{p.get('preset')}` / `{p.get('model.name')}`, options `{options}`",
+        ),
+        (
+            "validation accuracy (served ONNX model)",
+            f"**{_pct(m.get('final_val_accuracy'))}** on {p.get('data.val_size')} images",
+        ),
         ("test accuracy (served ONNX model, reported only)", _pct(m.get("test_accuracy"))),
-        *([tuple(tta_line.strip("| ").split(" | ", 1))] if tta_line else []),
+        *([tta_row] if tta_row else []),
         ("test-time augmentation in the served graph", served_tta),
-        ("ONNX parity with PyTorch", f"max abs logit diff {m.get('onnx_max_abs_diff', float('nan')):.2e}, "
-         f"same class on {_pct(m.get('onnx_argmax_agreement'))} of the parity images"),
-        ("onnxruntime latency (CPU)", f"{m.get('onnx_latency_ms_batch1', float('nan')):.2f} ms at batch 1, "
-         f"{m.get('onnx_latency_ms_batch256', float('nan')):.1f} ms at batch 256"),
-        ("data", f"source `{display_uri(p.get('data.source') or '-')}`, fingerprint "
-                 f"`{t.get('data_fingerprint', '-')}`"),
-        ("split", f"{p.get('data.train_size')} train / {p.get('data.val_size')} validation of "
-                  f"the 50,000 training images, seed {p.get('data.split_seed')}, sha256 "
-                  f"`{t.get('split_sha256', '-')}`; the 10,000 official test images"),
-        ("training", f"{int(m.get('epochs_completed', 0))} epochs, "
-                     f"{m.get('train_seconds', float('nan')):.1f} s on {t.get('device', '-')}, "
-                     f"seed {p.get('train.seed')}"),
+        (
+            "ONNX parity with PyTorch",
+            f"max abs logit diff {m.get('onnx_max_abs_diff', float('nan')):.2e}, "
+            f"same class on {_pct(m.get('onnx_argmax_agreement'))} of the parity images",
+        ),
+        (
+            "onnxruntime latency (CPU)",
+            f"{m.get('onnx_latency_ms_batch1', float('nan')):.2f} ms at batch 1, "
+            f"{m.get('onnx_latency_ms_batch256', float('nan')):.1f} ms at batch 256",
+        ),
+        (
+            "data",
+            f"source `{display_uri(p.get('data.source') or '-')}`, fingerprint "
+            f"`{t.get('data_fingerprint', '-')}`",
+        ),
+        (
+            "split",
+            f"{p.get('data.train_size')} train / {p.get('data.val_size')} validation of "
+            f"the 50,000 training images, seed {p.get('data.split_seed')}, sha256 "
+            f"`{t.get('split_sha256', '-')}`; the 10,000 official test images",
+        ),
+        (
+            "training",
+            f"{int(m.get('epochs_completed', 0))} epochs, "
+            f"{m.get('train_seconds', float('nan')):.1f} s on {t.get('device', '-')}, "
+            f"seed {p.get('train.seed')}",
+        ),
         ("code", f"git `{t.get('code_version', 'unknown')}`"),
         ("MLflow run", f"`{run.info.run_id}`"),
     ]

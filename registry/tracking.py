@@ -8,12 +8,10 @@ Every call names its run id explicitly (MlflowClient), so no global "active run"
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
 import tempfile
-
 import time
 import urllib.parse
 import urllib.request
@@ -46,8 +44,9 @@ def _lost_insert_race(exc: Exception) -> bool:
     from mlflow.exceptions import MlflowException
 
     return isinstance(exc, MlflowException) and any(
-        s in str(exc) for s in ("UNIQUE constraint failed", "duplicate key value",
-                                "Duplicate entry"))
+        s in str(exc)
+        for s in ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
+    )
 
 
 def _retry_lost_race(call, attempts: int = 5):
@@ -65,7 +64,9 @@ def _retry_lost_race(call, attempts: int = 5):
 
 def tracking_uri(root: Path) -> str:
     """`MLFLOW_TRACKING_URI` when set, else the SQLite file `mlflow.db` in the project root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    )
 
 
 @dataclass
@@ -96,23 +97,31 @@ def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
                 pass
         except OSError as exc:
-            raise TrackingUnavailable(f"MLflow tracking server {shown} is unreachable: {exc}") from exc
+            raise TrackingUnavailable(
+                f"MLflow tracking server {shown} is unreachable: {exc}"
+            ) from exc
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.is_dir():
-            raise TrackingUnavailable(f"MLflow tracking store {shown}: folder {db.parent} does "
-                                      "not exist")
+            raise TrackingUnavailable(
+                f"MLflow tracking store {shown}: folder {db.parent} does not exist"
+            )
         if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
             raise TrackingUnavailable(f"MLflow tracking store {shown} is not writable")
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         # With a SQLite store, artifacts sit beside the database, not in the current folder.
-        artifacts = (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        artifacts = (
+            (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        )
 
         def experiment_id() -> str:  # (another host may create it at the same moment)
             found = client.get_experiment_by_name(experiment)
-            return found.experiment_id if found else client.create_experiment(
-                experiment, artifact_location=artifacts)
+            return (
+                found.experiment_id
+                if found
+                else client.create_experiment(experiment, artifact_location=artifacts)
+            )
 
         def tag() -> None:  # (tags too are created by looking first, then inserting)
             client.set_experiment_tag(exp_id, "pipeline.last_check", str(int(time.time())))
@@ -123,17 +132,29 @@ def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
         _retry_lost_race(tag)
     except Exception as exc:  # any failure here means: do not start training
         raise TrackingUnavailable(
-            f"MLflow tracking store {shown} is unreachable or unwritable: {exc}") from exc
+            f"MLflow tracking store {shown} is unreachable or unwritable: {exc}"
+        ) from exc
     return Store(uri=uri, experiment_id=exp_id)
 
 
 def code_version(repo: Path) -> str:
     """The git commit of the code (with '-dirty' for local changes), or 'unknown'."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=repo, capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -153,9 +174,10 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
 # Runs
 # ---------------------------------------------------------------------------------------------
 
+
 def bool_tag(value: bool | None) -> str:
     """A yes/no/unknown as a tag value: "true", "false" or "unknown"."""
-    return {True: "true", False: "false"}.get(value, "unknown")
+    return "unknown" if value is None else ("true" if value else "false")
 
 
 def tag_bool(tag: str | None) -> bool | None:
@@ -171,20 +193,30 @@ def find_resumable_run(store: Store, config_hash: str, host: str | None = None) 
     runs = store.client.search_runs(
         [store.experiment_id],
         filter_string=f"tags.config_hash = '{config_hash}' and tags.registered = 'false' "
-                      f"and tags.host = '{host}'",
-        order_by=["attributes.start_time DESC"], max_results=5)
+        f"and tags.host = '{host}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
     for run in runs:
         tags = run.data.tags
         # FAILED, yet its process on this host still runs (a cancel not yet landed): not ours.
-        alive_elsewhere = (tags.get("pid", "").isdigit() and int(tags["pid"]) != os.getpid()
-                           and not process_gone(tags))
+        alive_elsewhere = (
+            tags.get("pid", "").isdigit()
+            and int(tags["pid"]) != os.getpid()
+            and not process_gone(tags)
+        )
         if run.info.status in ("FAILED", "KILLED") and not alive_elsewhere:
             return run
     return None
 
 
-def start_run(store: Store, run_name: str, params: dict[str, str], tags: dict[str, str],
-              resume: Any | None = None) -> str:
+def start_run(
+    store: Store,
+    run_name: str,
+    params: dict[str, str],
+    tags: dict[str, str],
+    resume: Any | None = None,
+) -> str:
     """Create (or reopen) a run, log its params once, return its id."""
     from mlflow.entities import Param, RunTag
 
@@ -198,21 +230,27 @@ def start_run(store: Store, run_name: str, params: dict[str, str], tags: dict[st
             client.delete_tag(run_id, "failure")
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(store.experiment_id, run_name=run_name,
-                            tags={**tags, "registered": "false"})
+    run = client.create_run(
+        store.experiment_id, run_name=run_name, tags={**tags, "registered": "false"}
+    )
     items = [Param(k, v[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
     return run.info.run_id
 
 
-def log_metrics(store: Store, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Many metrics in one call."""
+def log_metrics(
+    store: Store, run_id: str, metrics: Mapping[str, float | None], step: int = 0
+) -> None:
+    """Many metrics in one call; None and non-finite values are left out."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if v is not None and np.isfinite(v)]
+    batch = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if v is not None and np.isfinite(v)
+    ]
     if batch:
         store.client.log_batch(run_id, metrics=batch)
 
@@ -222,8 +260,12 @@ def end_run(store: Store, run_id: str, status: str) -> None:
     store.client.set_terminated(run_id, status=status)
 
 
-def fail_stale_runs(store: Store, is_alive, on_dead_process=None,
-                    claim_lock=lambda _config_hash: contextlib.nullcontext()) -> list[str]:
+def fail_stale_runs(
+    store: Store,
+    is_alive,
+    on_dead_process=None,
+    claim_lock=lambda _config_hash: contextlib.nullcontext(),
+) -> list[str]:
     """Mark FAILED the RUNNING runs nobody runs any more: their Prefect flow run has ended
     (`is_alive(flow_run_id)` is False), or their process on this host is gone (a worker killed
     with its flow runs; `on_dead_process(flow_run_id, reason, run_count)` is then told, to end
@@ -231,8 +273,9 @@ def fail_stale_runs(store: Store, is_alive, on_dead_process=None,
     `claim_lock(config_hash)` is the lock resume claims take: the verdict is re-checked and
     carried out under it, so no claim slips in between."""
     failed = []
-    for run in store.client.search_runs([store.experiment_id],
-                                        filter_string="attributes.status = 'RUNNING'"):
+    for run in store.client.search_runs(
+        [store.experiment_id], filter_string="attributes.status = 'RUNNING'"
+    ):
         tags = run.data.tags
         flow_run_id = tags.get("prefect.flow_run_id")
         reason = None
@@ -247,94 +290,20 @@ def fail_stale_runs(store: Store, is_alive, on_dead_process=None,
         with claim_lock(tags.get("config_hash", "")):
             now = store.client.get_run(run.info.run_id)
             owner = ("prefect.flow_run_id", "pid", "host")
-            if now.info.status != "RUNNING" or any(now.data.tags.get(k) != tags.get(k)
-                                                   for k in owner):
+            if now.info.status != "RUNNING" or any(
+                now.data.tags.get(k) != tags.get(k) for k in owner
+            ):
                 continue
             store.client.set_tag(run.info.run_id, "failure", reason)
             store.client.set_terminated(run.info.run_id, status="FAILED")
         failed.append(run.info.run_id)
         if reason.startswith("its process") and flow_run_id and on_dead_process is not None:
-            on_dead_process(flow_run_id, f"MLflow run {run.info.run_id}: {reason}",
-                            tags.get("prefect.flow_run_count"))
+            on_dead_process(
+                flow_run_id,
+                f"MLflow run {run.info.run_id}: {reason}",
+                tags.get("prefect.flow_run_count"),
+            )
     return failed
-
-
-@dataclass
-class LoggedOnnx:
-    """An ONNX model logged as an MLflow 3 LoggedModel of a run."""
-
-    model_id: str
-    model_uri: str  # its artifact location: what the registry version points at
-
-
-def log_onnx_model(store: Store, run_id: str, onnx_path: Path, example: np.ndarray,
-                   metadata: dict[str, Any], metrics: Mapping[str, float] | None = None,
-                   params: Mapping[str, str] | None = None) -> LoggedOnnx:
-    """Log the ONNX file (onnx flavour, signature, a batch-of-2+ example) as a LoggedModel
-    linked to the run, with its metrics, so the UI lists it under the run and the registry.
-
-    The same steps as the fluent `mlflow.onnx.log_model`, through the client: the fluent API
-    needs a global tracking URI, which MLflow also writes into the environment of later runs.
-    """
-    import mlflow.onnx
-    import onnx
-    from mlflow.entities import LoggedModelOutput, Metric
-    from mlflow.models import Model, infer_signature
-
-    from cifarlab.export import onnx_session
-
-    client = store.client
-    logits = onnx_session(onnx_path).run(None, {"image": example})[0]
-    model = client.create_logged_model(
-        experiment_id=store.experiment_id, name=ONNX_MODEL_NAME, source_run_id=run_id,
-        params=dict(params or {}), model_type="onnx-classifier")
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / ONNX_MODEL_NAME
-        mlflow.onnx.save_model(
-            onnx.load(str(onnx_path)), str(local), signature=infer_signature(example, logits),
-            input_example=example, save_as_external_data=False, metadata=metadata,
-            # Stated (onnx and onnxruntime at this host's versions), not inferred: MLflow's
-            # inference loads the model in a subprocess, for seconds, to find the same.
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-            onnx_execution_providers=["CPUExecutionProvider"],
-            mlflow_model=Model(artifact_path=model.artifact_location, run_id=run_id,
-                               model_id=model.model_id, model_uuid=model.model_id))
-        client.log_model_artifacts(model.model_id, str(local))
-    client.finalize_logged_model(model.model_id, "READY")
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in (metrics or {}).items()
-             if v is not None and np.isfinite(v)]
-    for start in range(0, len(batch), 100):
-        client.log_batch(run_id, metrics=batch[start : start + 100])
-    return LoggedOnnx(model.model_id, model.artifact_location)
-
-
-def log_datasets(store: Store, run_id: str, run: Any) -> None:
-    """The training and validation images of a run (cifarlab.experiment.TrainedRun) as MLflow
-    datasets: named by split, with the split's hash as digest and the data source; no pixels
-    are copied into MLflow."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
-
-    source = run.config.data.source or str(run.data.folder)
-    if source.startswith(("http://", "https://")):
-        src = HTTPDatasetSource(display_uri(source))
-    else:
-        path = urllib.parse.urlsplit(source).path if source.startswith("file:") else source
-        src = LocalArtifactDatasetSource(str(Path(path).resolve()))
-    split = run.split
-    inputs = []
-    for context, idx in (("training", split.train_idx), ("validation", split.val_idx)):
-        digest = hashlib.sha256(f"{split.digest}:{context}".encode()).hexdigest()[:16]
-        ds = MetaDataset(source=src, name=f"cifar10-{context}-{len(idx)}", digest=digest)
-        inputs.append(DatasetInput(ds._to_mlflow_entity(),
-                                   tags=[InputTag("mlflow.data.context", context)]))
-    # Every run of a split logs the same datasets: runs finishing together race to create them.
-    client = store.client
-    _retry_lost_race(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
 @contextlib.contextmanager
@@ -347,8 +316,13 @@ def system_metrics(store: Store, run_id: str, interval_s: float | None = None):
     if interval_s is None:
         interval_s = float(os.environ.get("CIFAR_SYSTEM_METRICS_INTERVAL_S", "10"))
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
-                                   resume_logging=True, tracking_uri=store.uri)
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=interval_s,
+        samples_before_logging=1,
+        resume_logging=True,
+        tracking_uri=store.uri,
+    )
     monitor.start()
     try:
         yield
@@ -368,7 +342,9 @@ def display_uri(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
-def log_files(store: Store, run_id: str, files: Mapping[str, Path], folder: str | None = None) -> None:
+def log_files(
+    store: Store, run_id: str, files: Mapping[str, Path], folder: str | None = None
+) -> None:
     """Upload files as run artifacts."""
     for path in files.values():
         if Path(path).is_file():

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from registry.tracking import CHAMPION, REGISTERED_MODEL, Store
+
 
 @dataclass
 class Registration:
@@ -48,10 +49,14 @@ def _create_registered_model(client: Any, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name, description=(
-            "CIFAR-10 classifiers exported to ONNX. The alias `champion` marks the version the "
-            "endpoint serves: a new version takes it only by beating the champion's ONNX model "
-            "on validation images held out from both (see each version's tags and model card)."))
+        client.create_registered_model(
+            name,
+            description=(
+                "CIFAR-10 classifiers exported to ONNX. The alias `champion` marks the version the "
+                "endpoint serves: a new version takes it only by beating the champion's ONNX model "
+                "on validation images held out from both (see each version's tags and model card)."
+            ),
+        )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -95,8 +100,14 @@ def _version_exists(client: Any, name: str, version: str) -> bool:
         return False
 
 
-def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str, str],
-                   name: str = REGISTERED_MODEL, model_id: str | None = None) -> str:
+def create_version(
+    store: Store,
+    run_id: str,
+    model_uri: str,
+    tags: Mapping[str, str],
+    name: str = REGISTERED_MODEL,
+    model_id: str | None = None,
+) -> str:
     """A new version of `name` (created on first use) from a logged model; returns its number."""
     from mlflow.exceptions import MlflowException
 
@@ -107,17 +118,21 @@ def create_version(store: Store, run_id: str, model_uri: str, tags: Mapping[str,
         _create_registered_model(client, name)
     tags = {**tags, REGISTRATION_TAG: "unfinished"}
     if model_id is None:
-        return str(client.create_model_version(name, model_uri, run_id=run_id,
-                                               tags=dict(tags)).version)
+        return str(
+            client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags)).version
+        )
     # From the LoggedModel (`models:/<id>`, which the UI links as the version's source model).
     # MLflow's SQL registry resolves that URI with a default client, i.e. from the environment:
     # point it at this store for this one call only.
     with _scoped_env("MLFLOW_TRACKING_URI", store.uri):
-        version = client.create_model_version(name, f"models:/{model_id}", run_id=run_id,
-                                              tags=dict(tags), model_id=model_id)
+        version = client.create_model_version(
+            name, f"models:/{model_id}", run_id=run_id, tags=dict(tags), model_id=model_id
+        )
     # What the fluent API would add: the model's page lists the versions made from it.
-    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(
-        [{"name": name, "version": int(version.version)}])})
+    client.set_logged_model_tags(
+        model_id,
+        {"mlflow.modelVersions": json.dumps([{"name": name, "version": int(version.version)}])},
+    )
     return str(version.version)
 
 
@@ -139,8 +154,9 @@ def _scoped_env(key: str, value: str):
                 os.environ[key] = old
 
 
-def set_alias(store: Store, run_id: str, version: str, alias: str,
-              name: str = REGISTERED_MODEL) -> None:
+def set_alias(
+    store: Store, run_id: str, version: str, alias: str, name: str = REGISTERED_MODEL
+) -> None:
     """Point `alias` at `version` and record it on the run."""
     client = store.client
     client.set_registered_model_alias(name, alias, version)
@@ -159,10 +175,14 @@ def download_onnx(store: Store, artifact_uri: str, dest: Path) -> Path:
     """The single `.onnx` file under `artifact_uri`, downloaded into `dest` (MLmodel beside it)."""
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri,
-                                                     dst_path=str(dest), tracking_uri=store.uri))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=store.uri
+        )
+    )
     found = sorted(local.rglob("*.onnx"))
     if len(found) != 1:
-        raise FileNotFoundError(f"{artifact_uri}: expected one .onnx file, found "
-                                f"{[p.name for p in found]}")
+        raise FileNotFoundError(
+            f"{artifact_uri}: expected one .onnx file, found {[p.name for p in found]}"
+        )
     return found[0]

@@ -10,10 +10,11 @@ import asyncio
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -46,17 +47,23 @@ class Engine:
         spin = os.environ.get("CIFAR_ORT_SPIN", "0")
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.path), opts, providers=["CPUExecutionProvider"]
+        )
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or list(inputs[0].shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
-            raise ValueError(f"{self.path}: expected one input of shape (N, 3, {IMAGE_SIZE}, "
-                             f"{IMAGE_SIZE}), found {[(i.name, i.shape) for i in inputs]}")
+            raise ValueError(
+                f"{self.path}: expected one input of shape (N, 3, {IMAGE_SIZE}, "
+                f"{IMAGE_SIZE}), found {[(i.name, i.shape) for i in inputs]}"
+            )
         self.input_name = inputs[0].name
         self.class_names: tuple[str, ...] = tuple(self.metadata.get("class_names") or CLASS_NAMES)
         outputs = self.session.get_outputs()[0].shape
         if isinstance(outputs[-1], int) and outputs[-1] != len(self.class_names):
-            raise ValueError(f"{self.path}: the model has {outputs[-1]} outputs but the metadata "
-                             f"names {len(self.class_names)} classes")
+            raise ValueError(
+                f"{self.path}: the model has {outputs[-1]} outputs but the metadata "
+                f"names {len(self.class_names)} classes"
+            )
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
@@ -78,9 +85,17 @@ class Engine:
         order = np.argsort(-probs, kind="stable")[:top_k]
         best = int(order[0])
         return {
-            "label": self.class_names[best], "class_id": best, "confidence": float(probs[best]),
-            "top_k": [{"label": self.class_names[int(i)], "class_id": int(i),
-                       "probability": float(probs[int(i)])} for i in order],
+            "label": self.class_names[best],
+            "class_id": best,
+            "confidence": float(probs[best]),
+            "top_k": [
+                {
+                    "label": self.class_names[int(i)],
+                    "class_id": int(i),
+                    "probability": float(probs[int(i)]),
+                }
+                for i in order
+            ],
         }
 
 
@@ -95,9 +110,13 @@ class MicroBatcher:
     event loop keeps accepting and decoding requests meanwhile.
     """
 
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch_size: int = 64,
-                 max_wait_ms: float = 0.0,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        infer: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int = 64,
+        max_wait_ms: float = 0.0,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.infer = infer
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
@@ -143,7 +162,7 @@ class MicroBatcher:
             offset = 0
             for x, fut in items:
                 if not fut.done():
-                    fut.set_result(out[offset:offset + len(x)])
+                    fut.set_result(out[offset : offset + len(x)])
                 offset += len(x)
 
     def close(self) -> None:

@@ -33,10 +33,16 @@ from starlette.routing import Route
 
 from serving import schemas
 from serving.live import LiveModel, Loaded
-from serving.preprocess import Decoded, ImageRejected, decode_image, finish_decode, is_cheap, \
-    open_image, to_model_input
+from serving.preprocess import (
+    Decoded,
+    ImageRejected,
+    decode_image,
+    finish_decode,
+    is_cheap,
+    open_image,
+    to_model_input,
+)
 from serving.uploads import BadRequest, Budget, read_upload
-
 
 INLINE_BYTES = 16 * 1024  # CIFAR-sized PNGs are 2-3 KB
 
@@ -68,22 +74,27 @@ class Front:
         expanded while it is opened."""
         loop = asyncio.get_running_loop()
         if len(data) > INLINE_BYTES:
-            return await loop.run_in_executor(self.decoder, decode_image, data,
-                                              self.settings.max_pixels)
+            return await loop.run_in_executor(
+                self.decoder, decode_image, data, self.settings.max_pixels
+            )
         img = open_image(data, self.settings.max_pixels)
         if is_cheap(img):
             return finish_decode(img)
         return await loop.run_in_executor(self.decoder, finish_decode, img)
 
-    def refuse(self, exc: BadRequest | ImageRejected, prefix: str = "",
-               served: Loaded | None = None) -> JSONResponse:
+    def refuse(
+        self, exc: BadRequest | ImageRejected, prefix: str = "", served: Loaded | None = None
+    ) -> JSONResponse:
         if self.rejected is not None:
             self.rejected.labels(exc.reason).inc()
         headers = dict(getattr(exc, "headers", {}))
         if served is not None:
             headers["X-Model-Version"] = served.version
-        return JSONResponse({"error": prefix + str(exc), "reason": exc.reason},
-                            status_code=exc.status, headers=headers)
+        return JSONResponse(
+            {"error": prefix + str(exc), "reason": exc.reason},
+            status_code=exc.status,
+            headers=headers,
+        )
 
     async def classify(self, request: Request, *, many: bool) -> JSONResponse:
         served = self.live.current  # this request's model, even if a swap happens meanwhile
@@ -91,13 +102,23 @@ class Front:
         try:
             return await self._classify(request, served, many)
         except ClientDisconnect:  # nobody to answer; not a server error either
-            return JSONResponse({"error": "the client closed the connection before sending the "
-                                 "whole body", "reason": "client_disconnected"}, status_code=400)
+            return JSONResponse(
+                {
+                    "error": "the client closed the connection before sending the whole body",
+                    "reason": "client_disconnected",
+                },
+                status_code=400,
+            )
         except Exception:  # a bug, never the client's fault: say so in JSON, log it
             log.exception("classification failed")
-            return JSONResponse({"error": "internal error while classifying; the server log "
-                                 "has the details", "reason": "internal_error"}, status_code=500,
-                                headers={"X-Model-Version": served.version})
+            return JSONResponse(
+                {
+                    "error": "internal error while classifying; the server log has the details",
+                    "reason": "internal_error",
+                },
+                status_code=500,
+                headers={"X-Model-Version": served.version},
+            )
         finally:
             served.in_flight -= 1
 
@@ -105,10 +126,15 @@ class Front:
         started = time.perf_counter()
         try:
             upload = await read_upload(
-                dict(request.headers), request.url.query, request.stream(),
-                file_field="images" if many else "image", many=many,
+                dict(request.headers),
+                request.url.query,
+                request.stream(),
+                file_field="images" if many else "image",
+                many=many,
                 max_files=self.settings.max_batch_images if many else 1,
-                max_bytes=self.settings.max_upload_bytes, budget=self.budget)
+                max_bytes=self.settings.max_upload_bytes,
+                budget=self.budget,
+            )
         except BadRequest as exc:
             return self.refuse(exc, served=served)
         try:
@@ -117,7 +143,9 @@ class Front:
                 try:
                     decoded.append(await self.decode(data))
                 except ImageRejected as exc:
-                    prefix = f"image {i} (of {len(upload.images)}, counted from 0): " if many else ""
+                    prefix = (
+                        f"image {i} (of {len(upload.images)}, counted from 0): " if many else ""
+                    )
                     return self.refuse(exc, prefix, served)
         finally:
             self.budget.give(upload.held)
@@ -125,34 +153,63 @@ class Front:
         probs = await served.batcher.submit(to_model_input(np.stack([d.pixels for d in decoded])))
         results = [self.result(served, p, d, upload.top_k) for p, d in zip(probs, decoded)]
         body = {"results": results, "model": served.info} if many else results[0]
-        return JSONResponse(body, headers={
-            "X-Model-Version": served.version,
-            "Server-Timing": f"total;dur={1000 * (time.perf_counter() - started):.1f}"})
+        return JSONResponse(
+            body,
+            headers={
+                "X-Model-Version": served.version,
+                "Server-Timing": f"total;dur={1000 * (time.perf_counter() - started):.1f}",
+            },
+        )
 
     @staticmethod
     def result(served: Loaded, probs: np.ndarray, d: Decoded, top_k: int) -> dict[str, Any]:
-        return {**served.engine.answer(probs, top_k),
-                "image": {"format": d.format, "width": d.width, "height": d.height,
-                          "mode": d.mode, "frames": d.frames},
-                "model": served.info}
+        return {
+            **served.engine.answer(probs, top_k),
+            "image": {
+                "format": d.format,
+                "width": d.width,
+                "height": d.height,
+                "mode": d.mode,
+                "frames": d.frames,
+            },
+            "model": served.info,
+        }
 
     async def model_card(self, _request: Request) -> JSONResponse:
         served = self.live.current
-        keys = ("registered_model", "mlflow_version", "mlflow_run_id", "val_accuracy",
-                "test_accuracy", "int8_val_accuracy", "int8_test_accuracy", "int8_servable",
-                "int8_judged_with_dot_product", "served_tta", "preset", "promotion_reason",
-                "class_names")
-        return JSONResponse({"bento_tag": served.tag,
-                             **{k: served.metadata.get(k) for k in keys},
-                             "precision": served.precision,
-                             "precision_note": served.precision_note,
-                             "model_card_markdown": served.card},
-                            headers={"X-Model-Version": served.version})
+        keys = (
+            "registered_model",
+            "mlflow_version",
+            "mlflow_run_id",
+            "val_accuracy",
+            "test_accuracy",
+            "int8_val_accuracy",
+            "int8_test_accuracy",
+            "int8_servable",
+            "int8_judged_with_dot_product",
+            "served_tta",
+            "preset",
+            "promotion_reason",
+            "class_names",
+        )
+        return JSONResponse(
+            {
+                "bento_tag": served.tag,
+                **{k: served.metadata.get(k) for k in keys},
+                "precision": served.precision,
+                "precision_note": served.precision_note,
+                "model_card_markdown": served.card,
+            },
+            headers={"X-Model-Version": served.version},
+        )
 
 
 def not_ready(_request: Request) -> JSONResponse:
-    return JSONResponse({"error": "the model is not loaded yet", "reason": "not_ready"},
-                        status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse(
+        {"error": "the model is not loaded yet", "reason": "not_ready"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 log = logging.getLogger("cifar10.serving")
@@ -165,15 +222,17 @@ class Routes:
 
     def __init__(self) -> None:
         self.front: Front | None = None
-        self.app = Starlette(routes=[
-            Route("/classify", self._classify, methods=["POST"]),
-            Route("/classify_batch", self._classify_batch, methods=["POST"]),
-            Route("/model", self._model, methods=["GET"]),
-            Route("/", self._page, methods=["GET"]),
-            Route("/page/{name}", self._page_file, methods=["GET"]),
-            Route("/docs", self._docs, methods=["GET"]),
-            Route("/docs.json", self._openapi, methods=["GET"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/classify", self._classify, methods=["POST"]),
+                Route("/classify_batch", self._classify_batch, methods=["POST"]),
+                Route("/model", self._model, methods=["GET"]),
+                Route("/", self._page, methods=["GET"]),
+                Route("/page/{name}", self._page_file, methods=["GET"]),
+                Route("/docs", self._docs, methods=["GET"]),
+                Route("/docs.json", self._openapi, methods=["GET"]),
+            ]
+        )
 
     async def _page(self, _request: Request) -> FileResponse:
         return FileResponse(PAGE / "index.html", media_type="text/html")
@@ -181,8 +240,9 @@ class Routes:
     async def _page_file(self, request: Request) -> FileResponse | JSONResponse:
         name = request.path_params["name"]
         if name not in _PAGE_FILES:
-            return JSONResponse({"error": f"no page file {name!r}", "reason": "not_found"},
-                                status_code=404)
+            return JSONResponse(
+                {"error": f"no page file {name!r}", "reason": "not_found"}, status_code=404
+            )
         return FileResponse(PAGE / name, media_type=_PAGE_FILES[name])
 
     async def _docs(self, _request: Request) -> FileResponse:
@@ -192,8 +252,7 @@ class Routes:
         if self.front is None:
             return not_ready(_request)
         s = self.front.settings
-        return JSONResponse(schemas.openapi(s.max_upload_bytes, s.max_batch_images,
-                                            s.max_pixels))
+        return JSONResponse(schemas.openapi(s.max_upload_bytes, s.max_batch_images, s.max_pixels))
 
     async def _classify(self, request: Request) -> JSONResponse:
         if self.front is None:

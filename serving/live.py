@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cifarlab.cpu import has_int8_dot_product
 from serving.engine import Engine, MicroBatcher
@@ -44,11 +45,16 @@ class Loaded:
     def __post_init__(self) -> None:
         m = self.metadata
         int8 = self.precision == "int8"
-        self.info = {"bento_tag": self.tag, "registered_model": m.get("registered_model"),
-                     "version": m.get("mlflow_version"), "run_id": m.get("mlflow_run_id"),
-                     "val_accuracy": m.get("int8_val_accuracy" if int8 else "val_accuracy"),
-                     "served_tta": m.get("served_tta"), "precision": self.precision,
-                     "model_card": "/model"}
+        self.info = {
+            "bento_tag": self.tag,
+            "registered_model": m.get("registered_model"),
+            "version": m.get("mlflow_version"),
+            "run_id": m.get("mlflow_run_id"),
+            "val_accuracy": m.get("int8_val_accuracy" if int8 else "val_accuracy"),
+            "served_tta": m.get("served_tta"),
+            "precision": self.precision,
+            "model_card": "/model",
+        }
 
     @property
     def version(self) -> str:
@@ -68,8 +74,9 @@ PRECISIONS = ("fp32", "int8")
 _READ = object()  # choose_file's default: read this CPU's flags
 
 
-def choose_file(meta: dict[str, Any], precision: str,
-                dot_product: Any = _READ) -> tuple[str, str, str | None]:
+def choose_file(
+    meta: dict[str, Any], precision: str, dot_product: Any = _READ
+) -> tuple[str, str, str | None]:
     """(ONNX file, precision served, why int8 was not served) for the asked precision: int8
     only when the model has an int8 twin within 0.5 points of fp32 on validation, judged on a
     CPU like this one. `dot_product`: whether this CPU has int8 dot-product instructions
@@ -78,25 +85,49 @@ def choose_file(meta: dict[str, Any], precision: str,
     if precision != "int8":
         return fp32, "fp32", None
     if not meta.get("int8_file"):
-        return fp32, "fp32", ("int8 asked for, but this model has no int8 twin (train-cifar builds "
-                              "one for a version it promotes to champion, or with int8=always): "
-                              "serving fp32")
+        return (
+            fp32,
+            "fp32",
+            (
+                "int8 asked for, but this model has no int8 twin (train-cifar builds "
+                "one for a version it promotes to champion, or with int8=always): "
+                "serving fp32"
+            ),
+        )
     if not meta.get("int8_servable"):
         drop = (meta.get("val_accuracy") or 0) - (meta.get("int8_val_accuracy") or 0)
-        return fp32, "fp32", (f"int8 asked for, but its int8 twin is {100 * drop:.2f} points "
-                              "behind on validation (allowed: 0.5): serving fp32")
+        return (
+            fp32,
+            "fp32",
+            (
+                f"int8 asked for, but its int8 twin is {100 * drop:.2f} points "
+                "behind on validation (allowed: 0.5): serving fp32"
+            ),
+        )
     here = has_int8_dot_product() if dot_product is _READ else dot_product
     if meta.get("int8_judged_with_dot_product") is True and here is not True:
         # Without those instructions the int8 sums can saturate: its accuracy here is unknown.
-        return fp32, "fp32", ("int8 asked for, but its int8 twin was judged on a CPU with int8 "
-                              "dot-product instructions (VNNI/AMX) and this one "
-                              f"{'has none' if here is False else 'does not say'}, where its "
-                              "accuracy may drop: serving fp32")
+        return (
+            fp32,
+            "fp32",
+            (
+                "int8 asked for, but its int8 twin was judged on a CPU with int8 "
+                "dot-product instructions (VNNI/AMX) and this one "
+                f"{'has none' if here is False else 'does not say'}, where its "
+                "accuracy may drop: serving fp32"
+            ),
+        )
     return meta["int8_file"], "int8", None
 
 
-def load(stored: Any, threads: int, batch_size: int, wait_ms: float,
-         on_batch: Callable[[int, float], None] | None, precision: str = "fp32") -> Loaded:
+def load(
+    stored: Any,
+    threads: int,
+    batch_size: int,
+    wait_ms: float,
+    on_batch: Callable[[int, float], None] | None,
+    precision: str = "fp32",
+) -> Loaded:
     """A BentoML store model -> `Loaded`, warmed up (blocking: call it on a thread)."""
     meta = dict(stored.info.metadata)
     onnx_file, served, note = choose_file(meta, precision)
@@ -105,17 +136,23 @@ def load(stored: Any, threads: int, batch_size: int, wait_ms: float,
     engine = Engine(Path(stored.path_of(onnx_file)), meta, threads=threads)
     engine.warm_up()
     card = Path(stored.path_of("model_card.md"))
-    return Loaded(str(stored.tag), engine,
-                  MicroBatcher(engine.probabilities, max_batch_size=batch_size,
-                               max_wait_ms=wait_ms, on_batch=on_batch),
-                  meta, card.read_text() if card.is_file() else None, served, note)
+    return Loaded(
+        str(stored.tag),
+        engine,
+        MicroBatcher(
+            engine.probabilities, max_batch_size=batch_size, max_wait_ms=wait_ms, on_batch=on_batch
+        ),
+        meta,
+        card.read_text() if card.is_file() else None,
+        served,
+        note,
+    )
 
 
 class LiveModel:
     """The model requests go to now; `follow` swaps in a newer one from the store."""
 
-    def __init__(self, current: Loaded, newest: Callable[[], Any],
-                 loader: Callable[[Any], Loaded]):
+    def __init__(self, current: Loaded, newest: Callable[[], Any], loader: Callable[[Any], Loaded]):
         self.current = current
         self._newest = newest  # -> the store model the service should serve now
         self._loader = loader
@@ -143,5 +180,6 @@ class LiveModel:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - keep serving the model we have
-                log.exception("could not swap to the store's newest model; still serving %s",
-                              self.current.tag)
+                log.exception(
+                    "could not swap to the store's newest model; still serving %s", self.current.tag
+                )

@@ -30,8 +30,12 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 # Pillow names some variants of the accepted formats differently.
 _FORMAT_ALIASES = {"MPO": "JPEG"}  # phone cameras' multi-picture JPEG
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a 48 MP phone photo at 4:3 is 8000x6000 = 48 MP
-_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-            "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS}
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 # A PNG's compressed text and ICC chunks are expanded while it is opened: keep that small
 # (Pillow's defaults allow 64 MB). Text is never needed here; an upload over these is refused.
 PngImagePlugin.MAX_TEXT_CHUNK = 1024 * 1024
@@ -61,7 +65,7 @@ class Decoded:
     frames: int
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Bytes of one uploaded file -> `Decoded`; raises `ImageRejected` naming the problem."""
     return finish_decode(open_image(data, max_pixels))
 
@@ -76,11 +80,12 @@ def is_cheap(img: Image.Image) -> bool:
     size: a 4 KB palette PNG can hold 36 megapixels). A GIF's frame count is not in its header
     and counting means reading the file, so GIFs are never taken as cheap."""
     width, height = img.size
-    return width * height <= INLINE_PIXELS and img.format != "GIF" and \
-        getattr(img, "n_frames", 1) == 1
+    return (
+        width * height <= INLINE_PIXELS and img.format != "GIF" and getattr(img, "n_frames", 1) == 1
+    )
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes | bytearray, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an upload's header: format and size checked, no pixel decoded yet."""
     if not data:
         raise ImageRejected("the uploaded file is empty (0 bytes)", reason="empty")
@@ -91,24 +96,33 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except UnidentifiedImageError:
         claimed = _sniff(data)
         if claimed:
-            raise ImageRejected(f"the file starts like a {claimed} but is truncated or corrupt "
-                                f"({len(data)} bytes)", reason="corrupt") from None
+            raise ImageRejected(
+                f"the file starts like a {claimed} but is truncated or corrupt ({len(data)} bytes)",
+                reason="corrupt",
+            ) from None
         raise ImageRejected(
             f"the upload is not an image Pillow can identify ({len(data)} bytes, starting "
-            f"{data[:8]!r}); send one of {', '.join(ACCEPTED_FORMATS)}", status=415,
-            reason="not_an_image") from None
+            f"{data[:8]!r}); send one of {', '.join(ACCEPTED_FORMATS)}",
+            status=415,
+            reason="not_an_image",
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"the image is over the limit of {max_pixels / 1e6:.1f} megapixels "
-                            f"({exc}); it was not decoded", status=413,
-                            reason="too_many_pixels") from None
+        raise ImageRejected(
+            f"the image is over the limit of {max_pixels / 1e6:.1f} megapixels "
+            f"({exc}); it was not decoded",
+            status=413,
+            reason="too_many_pixels",
+        ) from None
     except Exception as exc:  # a header so broken that Pillow fails while identifying it
         raise ImageRejected(f"the image header is corrupt: {exc}", reason="corrupt") from None
     fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "unknown")
     if fmt not in ACCEPTED_FORMATS:
         img.close()
-        raise ImageRejected(f"image format {fmt} is not accepted; send one of "
-                            f"{', '.join(ACCEPTED_FORMATS)}", status=415,
-                            reason="unsupported_format")
+        raise ImageRejected(
+            f"image format {fmt} is not accepted; send one of {', '.join(ACCEPTED_FORMATS)}",
+            status=415,
+            reason="unsupported_format",
+        )
     width, height = img.size
     if width < 1 or height < 1:
         img.close()
@@ -117,8 +131,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         img.close()
         raise ImageRejected(
             f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
-            f"limit of {max_pixels / 1e6:.1f} megapixels; it was not decoded", status=413,
-            reason="too_many_pixels")
+            f"limit of {max_pixels / 1e6:.1f} megapixels; it was not decoded",
+            status=413,
+            reason="too_many_pixels",
+        )
     return img
 
 
@@ -144,12 +160,14 @@ def finish_decode(img: Image.Image) -> Decoded:
             raise
         except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError,
             # ValueError, EOFError, but also IndexError or struct.error on cut-off frames
-            raise ImageRejected(f"the {fmt} data is truncated or corrupt: "
-                                f"{type(exc).__name__}: {exc}", reason="corrupt") from None
+            raise ImageRejected(
+                f"the {fmt} data is truncated or corrupt: {type(exc).__name__}: {exc}",
+                reason="corrupt",
+            ) from None
     return Decoded(pixels, fmt, width, height, mode, frames)
 
 
-def _sniff(data: bytes) -> str | None:
+def _sniff(data: bytes | bytearray) -> str | None:
     """The accepted format these bytes start like, if any (signatures only)."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "PNG"
@@ -173,7 +191,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     elif img.mode == "F":
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        img.mode == "P" and "transparency" in img.info)
+        img.mode == "P" and "transparency" in img.info
+    )
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -188,8 +207,9 @@ def _square_resize(img: Image.Image) -> Image.Image:
         return img
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    return img.resize((IMAGE_SIZE, IMAGE_SIZE), _FILTERS[RESIZE_FILTER],
-                      box=(left, top, left + side, top + side))
+    return img.resize(
+        (IMAGE_SIZE, IMAGE_SIZE), _FILTERS[RESIZE_FILTER], box=(left, top, left + side, top + side)
+    )
 
 
 def to_model_input(pixels: np.ndarray) -> np.ndarray:

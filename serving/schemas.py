@@ -22,17 +22,26 @@ class ClassProbability(BaseModel):
 class ModelInfo(BaseModel):
     bento_tag: str = Field(examples=["cifar10-classifier:7c3kqvx2hkqmamvb"])
     registered_model: str | None = Field(examples=["cifar10-classifier"])
-    version: str | None = Field(description="MLflow registry version (also the "
-                                "X-Model-Version header)", examples=["3"])
+    version: str | None = Field(
+        description="MLflow registry version (also the X-Model-Version header)", examples=["3"]
+    )
     run_id: str | None = Field(description="MLflow run that trained it")
     val_accuracy: float | None = Field(
         description="validation accuracy of this very ONNX model (onnxruntime), the figure "
-        "that made it champion", examples=[0.9103])
-    served_tta: str | None = Field(None, description="test-time augmentation inside the model's "
-                                   "graph (none, flip, flip_translate)", examples=["none"])
-    precision: str = Field("fp32", description="fp32, or int8 (the statically quantised twin, "
-                           "served when CIFAR_PRECISION=int8 and within 0.5 points of fp32)",
-                           examples=["fp32"])
+        "that made it champion",
+        examples=[0.9103],
+    )
+    served_tta: str | None = Field(
+        None,
+        description="test-time augmentation inside the model's graph (none, flip, flip_translate)",
+        examples=["none"],
+    )
+    precision: str = Field(
+        "fp32",
+        description="fp32, or int8 (the statically quantised twin, "
+        "served when CIFAR_PRECISION=int8 and within 0.5 points of fp32)",
+        examples=["fp32"],
+    )
     model_card: str = Field("/model", description="where its model card is served")
 
 
@@ -40,10 +49,10 @@ class ImageInfo(BaseModel):
     format: str = Field(examples=["PNG"])
     width: int = Field(examples=[32])
     height: int = Field(examples=[32])
-    mode: str = Field(description="Pillow mode of the upload before conversion to RGB",
-                      examples=["RGB"])
-    frames: int = Field(description="frames in the file; the first one is classified",
-                        examples=[1])
+    mode: str = Field(
+        description="Pillow mode of the upload before conversion to RGB", examples=["RGB"]
+    )
+    frames: int = Field(description="frames in the file; the first one is classified", examples=[1])
 
 
 class Classification(BaseModel):
@@ -70,10 +79,13 @@ class ModelCard(BaseModel):
     int8_val_accuracy: float | None = None
     int8_test_accuracy: float | None = None
     int8_servable: bool | None = Field(
-        None, description="whether the int8 twin passed its 0.5-point rule (null: no twin)")
+        None, description="whether the int8 twin passed its 0.5-point rule (null: no twin)"
+    )
     int8_judged_with_dot_product: bool | None = Field(
-        None, description="whether the CPU that judged the twin has int8 dot-product "
-                          "instructions (null: no twin, or the CPU did not say)")
+        None,
+        description="whether the CPU that judged the twin has int8 dot-product "
+        "instructions (null: no twin, or the CPU did not say)",
+    )
     precision: str = "fp32"
     precision_note: str | None = Field(None, description="why int8 was asked for and not served")
     served_tta: str | None = None
@@ -84,8 +96,10 @@ class ModelCard(BaseModel):
 
 
 class Problem(BaseModel):
-    error: str = Field(description="what is wrong, in words", examples=[
-        "image format TIFF is not accepted; send one of PNG, JPEG, WEBP, BMP, GIF"])
+    error: str = Field(
+        description="what is wrong, in words",
+        examples=["image format TIFF is not accepted; send one of PNG, JPEG, WEBP, BMP, GIF"],
+    )
     reason: str = Field(description="a stable code for programs", examples=["unsupported_format"])
 
 
@@ -94,21 +108,44 @@ def _ref(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _problems(*codes: int) -> dict[str, Any]:
-    words = {400: "bad input", 413: "too large", 415: "not an accepted type",
-             503: "busy or not ready: retry after the Retry-After header's seconds"}
-    return {str(c): {"description": words[c], "content": {"application/json": {
-        "schema": _ref(Problem)}}} for c in codes}
+    words = {
+        400: "bad input",
+        413: "too large",
+        415: "not an accepted type",
+        503: "busy or not ready: retry after the Retry-After header's seconds",
+    }
+    return {
+        str(c): {
+            "description": words[c],
+            "content": {"application/json": {"schema": _ref(Problem)}},
+        }
+        for c in codes
+    }
 
 
 def _ok(description: str, model: type[BaseModel]) -> dict[str, Any]:
-    version_header = {"X-Model-Version": {"description": "registry version that answered",
-                                          "schema": {"type": "string"}}}
-    return {"200": {"description": description, "headers": version_header,
-                    "content": {"application/json": {"schema": _ref(model)}}}}
+    version_header = {
+        "X-Model-Version": {
+            "description": "registry version that answered",
+            "schema": {"type": "string"},
+        }
+    }
+    return {
+        "200": {
+            "description": description,
+            "headers": version_header,
+            "content": {"application/json": {"schema": _ref(model)}},
+        }
+    }
 
 
-_TOP_K = {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": 3,
-          "description": "how many classes to list"}
+_TOP_K = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": MAX_TOP_K,
+    "default": 3,
+    "description": "how many classes to list",
+}
 _BINARY = {"type": "string", "format": "binary"}
 
 
@@ -119,48 +156,91 @@ def openapi(max_upload_bytes: int, max_batch_images: int, max_pixels: int) -> di
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    image_rules = (f"PNG, JPEG, WebP, BMP or GIF; at most {max_pixels / 1e6:.0f} megapixels and "
-                   f"{max_upload_bytes / 2**20:.0f} MiB per request; the central square is "
-                   "resized to 32x32")
+    image_rules = (
+        f"PNG, JPEG, WebP, BMP or GIF; at most {max_pixels / 1e6:.0f} megapixels and "
+        f"{max_upload_bytes / 2**20:.0f} MiB per request; the central square is "
+        "resized to 32x32"
+    )
     return {
         "openapi": "3.1.0",
-        "info": {"title": "cifar10-classifier", "version": "1",
-                 "description": "CIFAR-10 image classification: `curl -F image=@cat.png "
-                                "http://127.0.0.1:3000/classify`. The page at / does the same "
-                                "in a browser."},
-        "paths": {"/classify": _classify_path(image_rules),
-                  "/classify_batch": _batch_path(image_rules, max_batch_images),
-                  "/model": {"get": {"summary": "What is served, with its model card",
-                                     "responses": _ok("the served model", ModelCard)}}},
+        "info": {
+            "title": "cifar10-classifier",
+            "version": "1",
+            "description": "CIFAR-10 image classification: `curl -F image=@cat.png "
+            "http://127.0.0.1:3000/classify`. The page at / does the same "
+            "in a browser.",
+        },
+        "paths": {
+            "/classify": _classify_path(image_rules),
+            "/classify_batch": _batch_path(image_rules, max_batch_images),
+            "/model": {
+                "get": {
+                    "summary": "What is served, with its model card",
+                    "responses": _ok("the served model", ModelCard),
+                }
+            },
+        },
         "components": {"schemas": schemas},
     }
 
 
 def _classify_path(image_rules: str) -> dict[str, Any]:
-    return {"post": {
-        "summary": "Classify one image",
-        "description": "curl -F image=@cat.png http://127.0.0.1:3000/classify, or the "
-                       "raw image as the body: curl --data-binary @cat.png -H "
-                       "'Content-Type: image/png' http://127.0.0.1:3000/classify. " + image_rules,
-        "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": _TOP_K}],
-        "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image"],
-                "properties": {"image": {**_BINARY, "description": "exactly one file"},
-                               "top_k": _TOP_K}}},
-            "image/*": {"schema": _BINARY},
-            "application/octet-stream": {"schema": _BINARY}}},
-        "responses": {**_ok("the class and class probabilities", Classification),
-                      **_problems(400, 413, 415, 503)}}}
+    return {
+        "post": {
+            "summary": "Classify one image",
+            "description": "curl -F image=@cat.png http://127.0.0.1:3000/classify, or the "
+            "raw image as the body: curl --data-binary @cat.png -H "
+            "'Content-Type: image/png' http://127.0.0.1:3000/classify. " + image_rules,
+            "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": _TOP_K}],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {
+                                "image": {**_BINARY, "description": "exactly one file"},
+                                "top_k": _TOP_K,
+                            },
+                        }
+                    },
+                    "image/*": {"schema": _BINARY},
+                    "application/octet-stream": {"schema": _BINARY},
+                },
+            },
+            "responses": {
+                **_ok("the class and class probabilities", Classification),
+                **_problems(400, 413, 415, 503),
+            },
+        }
+    }
 
 
 def _batch_path(image_rules: str, max_batch_images: int) -> dict[str, Any]:
-    return {"post": {
-        "summary": "Classify several images",
-        "description": f"curl -F images=@a.png -F images=@b.png ... (up to {max_batch_images}); "
-                       "one bad image fails the request, naming it. " + image_rules,
-        "requestBody": {"required": True, "content": {"multipart/form-data": {
-            "schema": {"type": "object", "required": ["images"], "properties": {
-                "images": {"type": "array", "items": _BINARY}, "top_k": _TOP_K}}}}},
-        "responses": {**_ok("one result per image, in upload order", BatchClassification),
-                      **_problems(400, 413, 415, 503)}}}
+    return {
+        "post": {
+            "summary": "Classify several images",
+            "description": f"curl -F images=@a.png -F images=@b.png ... (up to {max_batch_images}); "
+            "one bad image fails the request, naming it. " + image_rules,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["images"],
+                            "properties": {
+                                "images": {"type": "array", "items": _BINARY},
+                                "top_k": _TOP_K,
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                **_ok("one result per image, in upload order", BatchClassification),
+                **_problems(400, 413, 415, 503),
+            },
+        }
+    }

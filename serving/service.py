@@ -41,7 +41,9 @@ def _env_number(name: str, default: float, minimum: float, kind: type = int) -> 
     try:
         value = kind(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a {'whole number' if kind is int else 'number'}") from None
+        raise ValueError(
+            f"{name}={raw!r} is not a {'whole number' if kind is int else 'number'}"
+        ) from None
     if value < minimum:
         raise ValueError(f"{name}={raw!r} must be at least {minimum}")
     return value
@@ -101,25 +103,39 @@ class CifarClassifier:
             raise RuntimeError(
                 f"no model {MODEL_TAG} in the BentoML store "
                 f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): import the MLflow champion "
-                "first with `make import-champion` (python -m registry.import_champion)")
+                "first with `make import-champion` (python -m registry.import_champion)"
+            )
         self.batch_sizes = prometheus_client.Histogram(
-            "cifar_inference_batch_size", "Images per onnxruntime call (adaptive batching)",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+            "cifar_inference_batch_size",
+            "Images per onnxruntime call (adaptive batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
         self.infer_seconds = prometheus_client.Histogram(
-            "cifar_inference_seconds", "Seconds per onnxruntime call",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+            "cifar_inference_seconds",
+            "Seconds per onnxruntime call",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
         rejected = prometheus_client.Counter(
-            "cifar_rejected_uploads", "Uploads refused, by reason", ["reason"])
+            "cifar_rejected_uploads", "Uploads refused, by reason", ["reason"]
+        )
         self.live = LiveModel(self._load(stored), self._newest, self._load)
-        ROUTES.front = Front(self.live, Settings(
-            max_upload_bytes=MAX_UPLOAD_BYTES, max_inflight_bytes=MAX_INFLIGHT_BYTES,
-            max_batch_images=MAX_BATCH_IMAGES, max_pixels=MAX_PIXELS), rejected)
+        ROUTES.front = Front(
+            self.live,
+            Settings(
+                max_upload_bytes=MAX_UPLOAD_BYTES,
+                max_inflight_bytes=MAX_INFLIGHT_BYTES,
+                max_batch_images=MAX_BATCH_IMAGES,
+                max_pixels=MAX_PIXELS,
+            ),
+            rejected,
+        )
         self._follower: asyncio.Task | None = None
         self.ready = True
 
     def _load(self, stored: Any) -> Loaded:
-        return load(stored, ORT_THREADS, BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS, self._observe,
-                    PRECISION)
+        return load(
+            stored, ORT_THREADS, BATCH_MAX_SIZE, BATCH_MAX_WAIT_MS, self._observe, PRECISION
+        )
 
     @staticmethod
     def _newest() -> Any:
@@ -132,7 +148,8 @@ class CifarClassifier:
     async def _start_following(self) -> None:
         if MODEL_POLL_SECONDS > 0:
             self._follower = asyncio.get_running_loop().create_task(
-                self.live.follow(MODEL_POLL_SECONDS))
+                self.live.follow(MODEL_POLL_SECONDS)
+            )
 
     @bentoml.on_shutdown
     async def _stop_following(self) -> None:
@@ -145,4 +162,3 @@ class CifarClassifier:
     def _observe(self, size: int, seconds: float) -> None:
         self.batch_sizes.observe(size)
         self.infer_seconds.observe(seconds)
-

@@ -18,8 +18,12 @@ from stacks.processes import Services, StackError, _exe, wait_http
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 POOL = "gpu"  # train-cifar runs; one worker per GPU host
 CONTROL_POOL = "control"  # sweep-cifar runs: orchestration only
-TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "BENTOML_DO_NOT_TRACK": "true",
-                 "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
 # Flow runs started by our workers send a heartbeat every 30 s (Prefect's minimum; its default
 # is 180 s). A run silent for 5 min is crashed (zombie_automation): long enough for a plain
 # `prefect worker` at the default 180 s too.
@@ -31,8 +35,13 @@ REAP_EVERY_SECONDS = 30
 # kill) before it kills them: wait that long and a little more before SIGKILL.
 WORKER_GRACES = {"worker": 35.0, "control": 35.0}
 # What a host needs to join a team stack; the join file holds exactly these.
-JOIN_KEYS = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI",
-             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+JOIN_KEYS = (
+    "PREFECT_API_URL",
+    "PREFECT_API_AUTH_STRING",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
 
 
 def default_gpus() -> int:
@@ -47,20 +56,32 @@ def zombie_automation(after_s: int, description: str | None = None) -> dict:
     The reaper (`python -m stacks reap`) then fails its MLflow run."""
     return {
         "name": ZOMBIE_AUTOMATION,
-        "description": description or
-        f"Crash flow runs with no heartbeat for {after_s} s (stacks/local.py)",
+        "description": description
+        or f"Crash flow runs with no heartbeat for {after_s} s (stacks/local.py)",
         "enabled": True,
         "trigger": {
-            "type": "event", "posture": "Proactive", "threshold": 1, "within": after_s,
+            "type": "event",
+            "posture": "Proactive",
+            "threshold": 1,
+            "within": after_s,
             "match": {"prefect.resource.id": "prefect.flow-run.*"},
             "for_each": ["prefect.resource.id"],
             "after": ["prefect.flow-run.heartbeat"],
-            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
-                       "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                       "prefect.flow-run.Crashed"],
+            "expect": [
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            ],
         },
-        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
-                     "message": f"no heartbeat for {after_s} s: its host or process is gone"}],
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "message": f"no heartbeat for {after_s} s: its host or process is gone",
+            }
+        ],
     }
 
 
@@ -68,9 +89,16 @@ class LocalStack(PrefectApi):
     """Prefect server + one worker per pool for one project root, all on 127.0.0.1; MLflow is
     the SQLite file of the root (or $MLFLOW_TRACKING_URI)."""
 
-    def __init__(self, root: Path = PROJECT_ROOT, port: int = 4200, pool: str = POOL,
-                 prefect_home: Path | None = None, extra_env: dict[str, str] | None = None,
-                 gpus: int | None = None, prefect_file: Path | None = None):
+    def __init__(
+        self,
+        root: Path = PROJECT_ROOT,
+        port: int = 4200,
+        pool: str = POOL,
+        prefect_home: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+        gpus: int | None = None,
+        prefect_file: Path | None = None,
+    ):
         self.root = Path(root).resolve()
         # The deployments: prefect.yaml of this checkout (their entrypoints are relative to it).
         self.prefect_file = Path(prefect_file or PROJECT_ROOT / "prefect.yaml").resolve()
@@ -106,30 +134,47 @@ class LocalStack(PrefectApi):
 
     # -- processes ------------------------------------------------------------------------------
 
-    def cli(self, *args: str, check: bool = True,
-            timeout: float | None = 120) -> subprocess.CompletedProcess:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float | None = 120
+    ) -> subprocess.CompletedProcess:
         """Run `prefect ARGS` against this stack's server."""
-        result = subprocess.run([_exe("prefect"), *args], cwd=PROJECT_ROOT, env=self.env,
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [_exe("prefect"), *args],
+            cwd=PROJECT_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise RuntimeError(f"prefect {' '.join(args)} failed ({result.returncode}):\n"
-                               f"{result.stdout}\n{result.stderr}")
+            raise RuntimeError(
+                f"prefect {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def wait_healthy(self, timeout: float = 120) -> None:
         """Poll /health until the Prefect server answers."""
-        wait_http(f"{self.api_url}/health", timeout, self.procs.get("server"),
-                  self.logs / "server.log", self.env.get("PREFECT_API_AUTH_STRING"))
+        wait_http(
+            f"{self.api_url}/health",
+            timeout,
+            self.procs.get("server"),
+            self.logs / "server.log",
+            self.env.get("PREFECT_API_AUTH_STRING"),
+        )
 
     def start_prefect_server(self, host: str = "127.0.0.1", env: Mapping[str, str] | None = None):
-        self.services.spawn("server", [_exe("prefect"), "server", "start", "--host", host,
-                                       "--port", str(self.port)], env={
-            **self.env,
-            # Lock leases (flows/locks.py) on disk, not in the server's memory: a restarted
-            # server still knows them and frees them when they expire.
-            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE":
-                "prefect.server.concurrency.lease_storage.filesystem",
-            **(env or {})})
+        self.services.spawn(
+            "server",
+            [_exe("prefect"), "server", "start", "--host", host, "--port", str(self.port)],
+            env={
+                **self.env,
+                # Lock leases (flows/locks.py) on disk, not in the server's memory: a restarted
+                # server still knows them and frees them when they expire.
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+                **(env or {}),
+            },
+        )
         self.wait_healthy()
 
     def setup_pools(self) -> None:
@@ -144,30 +189,48 @@ class LocalStack(PrefectApi):
                 try:
                     client.read_work_pool(pool)
                 except ObjectNotFound:
-                    client.create_work_pool(WorkPoolCreate(
-                        name=pool, type="process",
-                        base_job_template=ProcessWorker.get_default_base_job_template()))
+                    client.create_work_pool(
+                        WorkPoolCreate(
+                            name=pool,
+                            type="process",
+                            base_job_template=ProcessWorker.get_default_base_job_template(),
+                        )
+                    )
 
     def deploy(self) -> None:
         """`prefect deploy --all` from prefect.yaml (Prefect's own reading of the file)."""
-        result = self.cli("deploy", "--all", "--no-prompt", "--prefect-file",
-                          str(self.prefect_file), check=False, timeout=300)
+        result = self.cli(
+            "deploy",
+            "--all",
+            "--no-prompt",
+            "--prefect-file",
+            str(self.prefect_file),
+            check=False,
+            timeout=300,
+        )
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / "deploy.log"
         log.write_text(result.stdout + result.stderr)
         if result.returncode != 0:
-            lines = [ln.strip() for ln in (result.stdout + result.stderr).splitlines() if ln.strip()]
-            raise StackError(f"prefect deploy --all --prefect-file {self.prefect_file} exited "
-                             f"with {result.returncode}: {lines[-1] if lines else 'no output'} "
-                             f"(see {log})")
+            lines = [
+                ln.strip() for ln in (result.stdout + result.stderr).splitlines() if ln.strip()
+            ]
+            raise StackError(
+                f"prefect deploy --all --prefect-file {self.prefect_file} exited "
+                f"with {result.returncode}: {lines[-1] if lines else 'no output'} "
+                f"(see {log})"
+            )
 
     def ensure_automation(self) -> None:
         """Create the zombie automation, or update it where it differs from what we want."""
         from prefect.events.schemas.automations import AutomationCore
 
-        want = AutomationCore.model_validate(zombie_automation(
-            int(self.env.get("CIFAR_ZOMBIE_AFTER_S", ZOMBIE_AFTER_SECONDS)),
-            self.env.get("CIFAR_ZOMBIE_DESCRIPTION")))
+        want = AutomationCore.model_validate(
+            zombie_automation(
+                int(self.env.get("CIFAR_ZOMBIE_AFTER_S", ZOMBIE_AFTER_SECONDS)),
+                self.env.get("CIFAR_ZOMBIE_DESCRIPTION"),
+            )
+        )
         with self.client() as client:
             found = client.read_automations_by_name(ZOMBIE_AUTOMATION)
             if not found:
@@ -175,17 +238,30 @@ class LocalStack(PrefectApi):
                 return
             for extra in found[1:]:  # one of a name: duplicates from an older stack go
                 client.delete_automation(extra.id)
-            have = AutomationCore.model_validate(found[0].model_dump(
-                include=set(AutomationCore.model_fields)))
+            have = AutomationCore.model_validate(
+                found[0].model_dump(include=set(AutomationCore.model_fields))
+            )
             if have.model_dump(mode="json") != want.model_dump(mode="json"):
                 client.update_automation(found[0].id, want)
 
     def start_worker(self, name: str, pool: str, limit: int, env: Mapping[str, str] | None = None):
-        self.services.spawn(name, [_exe("prefect"), "worker", "start", "--pool", pool,
-                                   "--type", "process", "--limit", str(limit),
-                                   "--name", f"{tracking_host()}-{name}"],
-                            env={**self.env, "CIFAR_WORKER_NAME": f"{tracking_host()}-{name}",
-                                 **(env or {})})
+        self.services.spawn(
+            name,
+            [
+                _exe("prefect"),
+                "worker",
+                "start",
+                "--pool",
+                pool,
+                "--type",
+                "process",
+                "--limit",
+                str(limit),
+                "--name",
+                f"{tracking_host()}-{name}",
+            ],
+            env={**self.env, "CIFAR_WORKER_NAME": f"{tracking_host()}-{name}", **(env or {})},
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -206,13 +282,15 @@ class LocalStack(PrefectApi):
         StackError naming the step."""
         step = "start"
         try:
-            for step, action in self.start_steps():
+            for step, action in self.start_steps():  # noqa: B007 - `step` names the failure below
                 action()
         except Exception as exc:
             self.stop()
             detail = str(exc) if isinstance(exc, StackError) else f"{type(exc).__name__}: {exc}"
-            raise StackError(f"stack start failed at step '{step}': {detail}; every process "
-                             "it had started is stopped") from exc
+            raise StackError(
+                f"stack start failed at step '{step}': {detail}; every process "
+                "it had started is stopped"
+            ) from exc
         except BaseException:  # Ctrl-C or SIGTERM while starting: nothing stays behind
             self.stop()
             raise
@@ -236,5 +314,3 @@ def tracking_host() -> str:
     from registry.hosts import host_name
 
     return host_name()
-
-

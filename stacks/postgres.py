@@ -24,7 +24,11 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-DATABASES = {"prefect": "cifar_prefect", "mlflow": "cifar_mlflow", "mlflow_auth": "cifar_mlflow_auth"}
+DATABASES = {
+    "prefect": "cifar_prefect",
+    "mlflow": "cifar_mlflow",
+    "mlflow_auth": "cifar_mlflow_auth",
+}
 SUPERUSER = "cifar"
 
 
@@ -38,18 +42,23 @@ def find_bindir() -> Path:
     candidates = []
     if os.environ.get("CIFAR_PG_BINDIR"):
         candidates.append(Path(os.environ["CIFAR_PG_BINDIR"]))
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                      key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-                      reverse=True)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
     candidates += versions
-    if shutil.which("initdb"):
-        candidates.append(Path(shutil.which("initdb")).parent)
+    on_path = shutil.which("initdb")
+    if on_path:
+        candidates.append(Path(on_path).parent)
     for folder in candidates:
         if (folder / "initdb").is_file() and (folder / "postgres").is_file():
             return folder
-    raise PostgresError("no PostgreSQL server found (initdb, postgres): install Debian's "
-                        "`postgresql postgresql-contrib`, set CIFAR_PG_BINDIR, or give the "
-                        "stack a server's URL with --database-url")
+    raise PostgresError(
+        "no PostgreSQL server found (initdb, postgres): install Debian's "
+        "`postgresql postgresql-contrib`, set CIFAR_PG_BINDIR, or give the "
+        "stack a server's URL with --database-url"
+    )
 
 
 @dataclass
@@ -71,26 +80,44 @@ class Connection:
     def from_url(cls, url: str) -> Connection:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme.split("+")[0] not in ("postgresql", "postgres") or not parts.hostname:
-            raise PostgresError(f"--database-url must be postgresql://USER:PASSWORD@HOST:PORT, "
-                                f"got scheme {parts.scheme!r}")
-        return cls(parts.hostname, parts.port or 5432, urllib.parse.unquote(parts.username or ""),
-                   urllib.parse.unquote(parts.password or ""))
+            raise PostgresError(
+                f"--database-url must be postgresql://USER:PASSWORD@HOST:PORT, "
+                f"got scheme {parts.scheme!r}"
+            )
+        return cls(
+            parts.hostname,
+            parts.port or 5432,
+            urllib.parse.unquote(parts.username or ""),
+            urllib.parse.unquote(parts.password or ""),
+        )
 
-    def create_databases(self, names=tuple(DATABASES.values()), timeout: float = 60) -> None:
+    def create_databases(
+        self,
+        names: tuple[str, ...] = tuple(DATABASES.values()),  # noqa: B008 - a constant tuple
+        timeout: float = 60,
+    ) -> None:
         """Create each database unless it exists (waits for the server to accept logins)."""
         import psycopg
 
         deadline = time.monotonic() + timeout
         while True:
             try:
-                conn = psycopg.connect(host=self.host, port=self.port, user=self.user,
-                                       password=self.password, dbname="postgres",
-                                       autocommit=True, connect_timeout=5)
+                conn = psycopg.connect(
+                    host=self.host,
+                    port=self.port,
+                    user=self.user,
+                    password=self.password,
+                    dbname="postgres",
+                    autocommit=True,
+                    connect_timeout=5,
+                )
                 break
             except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
-                    raise PostgresError(f"PostgreSQL on {self.host}:{self.port} does not accept "
-                                        f"logins: {str(exc).splitlines()[0]}") from None
+                    raise PostgresError(
+                        f"PostgreSQL on {self.host}:{self.port} does not accept "
+                        f"logins: {str(exc).splitlines()[0]}"
+                    ) from None
                 time.sleep(0.5)
         with conn:
             have = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
@@ -102,13 +129,20 @@ class Connection:
 class LocalPostgres:
     """A PostgreSQL server whose data lives in `folder/data`, run as a child process group."""
 
-    def __init__(self, folder: Path, port: int, password: str, host: str = "127.0.0.1",
-                 log: Path | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        port: int,
+        password: str,
+        host: str = "127.0.0.1",
+        log: Path | None = None,
+    ):
         self.folder = Path(folder).resolve()
         self.data = self.folder / "data"
         self.port, self.host = port, host
-        self.connection = Connection("127.0.0.1" if host in ("0.0.0.0", "*") else host, port,
-                                     SUPERUSER, password)
+        self.connection = Connection(
+            "127.0.0.1" if host in ("0.0.0.0", "*") else host, port, SUPERUSER, password
+        )
         self.log = log or self.folder / "postgres.log"
         self.bindir = find_bindir()
         self.proc: subprocess.Popen | None = None
@@ -118,8 +152,10 @@ class LocalPostgres:
             try:
                 self.user = pwd.getpwnam("postgres")
             except KeyError:
-                raise PostgresError("running as root, PostgreSQL needs a system user "
-                                    "`postgres` (Debian's package creates it)") from None
+                raise PostgresError(
+                    "running as root, PostgreSQL needs a system user "
+                    "`postgres` (Debian's package creates it)"
+                ) from None
 
     def _owned(self, path: Path) -> None:
         if self.user is not None:
@@ -141,11 +177,25 @@ class LocalPostgres:
             pwfile = Path(fh.name)
         self._owned(pwfile)
         try:
-            subprocess.run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
-                            f"--pwfile={pwfile}", "--auth=scram-sha-256", "--encoding=UTF8",
-                            "--no-instructions"], check=True, capture_output=True, text=True,
-                           user=self.user.pw_uid if self.user else None,
-                           group=self.user.pw_gid if self.user else None, timeout=120)
+            subprocess.run(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    SUPERUSER,
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                user=self.user.pw_uid if self.user else None,
+                group=self.user.pw_gid if self.user else None,
+                timeout=120,
+            )
         except subprocess.CalledProcessError as exc:
             raise PostgresError(f"initdb failed: {exc.stderr.strip()[-2000:]}") from None
         finally:
@@ -159,17 +209,30 @@ class LocalPostgres:
         self._owned(sockets)
         log = open(self.log, "ab")  # noqa: SIM115 (lives as long as the process)
         self.proc = subprocess.Popen(
-            [str(self.bindir / "postgres"), "-D", str(self.data), "-h", self.host,
-             "-p", str(self.port), "-k", str(sockets)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(self.bindir / "postgres"),
+                "-D",
+                str(self.data),
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-k",
+                str(sockets),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             user=self.user.pw_uid if self.user else None,
-            group=self.user.pw_gid if self.user else None)
+            group=self.user.pw_gid if self.user else None,
+        )
         try:
             self.connection.create_databases()
         except PostgresError:
             if self.proc.poll() is not None:
-                raise PostgresError(f"PostgreSQL exited ({self.proc.returncode}); see "
-                                    f"{self.log}") from None
+                raise PostgresError(
+                    f"PostgreSQL exited ({self.proc.returncode}); see {self.log}"
+                ) from None
             raise
 
     def stop(self, grace: float = 30) -> None:

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from stacks.processes import StackError
 
@@ -37,7 +38,6 @@ class PrefectApi:
         with temporary_settings(updates=settings), get_client(sync_client=True) as client:
             yield client
 
-
     def api(self, path: str, body: object | None = None) -> object:
         """GET (or, with a JSON `body`, POST) `path` of this stack's Prefect REST API."""
         headers = {"Content-Type": "application/json"}
@@ -61,13 +61,17 @@ class PrefectApi:
             try:
                 found = client.read_deployment_by_name(name)
             except ObjectNotFound:
-                raise StackError(f"no deployment {name!r} on {self.api_url} (prefect.yaml "
-                                 "declares the deployments)") from None
+                raise StackError(
+                    f"no deployment {name!r} on {self.api_url} (prefect.yaml "
+                    "declares the deployments)"
+                ) from None
             known = set((found.parameter_openapi_schema or {}).get("properties", {}))
             unknown = sorted(set(parameters) - known)
             if unknown:
-                raise StackError(f"{name} has no parameter {', '.join(map(repr, unknown))}; "
-                                 f"it takes {', '.join(sorted(known)) or 'none'}")
+                raise StackError(
+                    f"{name} has no parameter {', '.join(map(repr, unknown))}; "
+                    f"it takes {', '.join(sorted(known)) or 'none'}"
+                )
             try:
                 flow_run = client.create_flow_run_from_deployment(found.id, parameters=parameters)
             except PrefectHTTPStatusError as exc:
@@ -77,8 +81,8 @@ class PrefectApi:
     def flow_run_state(self, flow_run_id: str) -> str:
         """The state's name of a flow run (Completed, Failed, Running, ...)."""
         with self.client() as client:
-            state = client.read_flow_run(flow_run_id).state
-        return state.name if state is not None else "Pending"
+            state = client.read_flow_run(UUID(flow_run_id)).state
+        return str(state.name) if state is not None else "Pending"
 
     def flow_run_logs(self, flow_run_id: str, offset: int = 0, limit: int = 200) -> list[Any]:
         """A flow run's log records (its tasks' included), oldest first, from `offset`."""
@@ -86,18 +90,26 @@ class PrefectApi:
         from prefect.client.schemas.sorting import LogSort
 
         with self.client() as client:
-            return client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                    sort=LogSort.TIMESTAMP_ASC, offset=offset, limit=limit)
+            return client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])),
+                sort=LogSort.TIMESTAMP_ASC,
+                offset=offset,
+                limit=limit,
+            )
 
-    def follow_deployment(self, deployment: str, params: Sequence[str] = (),
-                          out=sys.stdout, poll_s: float = 1.0) -> str:
+    def follow_deployment(
+        self, deployment: str, params: Sequence[str] = (), out=sys.stdout, poll_s: float = 1.0
+    ) -> str:
         """Start a deployment run and print its log lines (epochs, time left, the closing
         summary) as they arrive, until it ends; returns its final state's name."""
         name = deployment if "/" in deployment else f"train-cifar/{deployment}"
         flow_run_id = self.start_deployment(deployment, params)
-        print(f"flow run {flow_run_id} of {name}: Prefect UI "
-              f"{self.api_url.removesuffix('/api')}/runs/flow-run/{flow_run_id}", file=out,
-              flush=True)
+        print(
+            f"flow run {flow_run_id} of {name}: Prefect UI "
+            f"{self.api_url.removesuffix('/api')}/runs/flow-run/{flow_run_id}",
+            file=out,
+            flush=True,
+        )
         seen, quiet_polls = 0, 0
         while True:
             state = self.flow_run_state(flow_run_id)
@@ -115,16 +127,18 @@ class PrefectApi:
             if not logs:
                 time.sleep(poll_s)
 
-    def run_deployment(self, deployment: str, params: Sequence[str] = (),
-                       timeout: float | None = 3600) -> DeploymentRun:
+    def run_deployment(
+        self, deployment: str, params: Sequence[str] = (), timeout: float | None = 3600
+    ) -> DeploymentRun:
         """Start a deployment run and wait for its final state (params as KEY=VALUE); a bare
         deployment name means a `train-cifar` one. Raises TimeoutError after `timeout` s."""
         flow_run_id = self.start_deployment(deployment, params)
         deadline = None if timeout is None else time.monotonic() + timeout
         while (state := self.flow_run_state(flow_run_id)) not in FINAL_STATES:
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"flow run {flow_run_id} of {deployment} still {state} "
-                                   f"after {timeout:.0f} s")
+                raise TimeoutError(
+                    f"flow run {flow_run_id} of {deployment} still {state} after {timeout:.0f} s"
+                )
             time.sleep(0.5)
         return DeploymentRun(flow_run_id, state, self)
 
@@ -147,8 +161,10 @@ class DeploymentRun:
 
     def log_text(self, last: int = 60) -> str:
         """Its last `last` log lines, for a failure's message."""
-        lines = [f"{r.timestamp:%H:%M:%S} {r.level} {r.message}"
-                 for r in self.stack.flow_run_logs(self.flow_run_id, limit=10_000)]
+        lines = [
+            f"{r.timestamp:%H:%M:%S} {r.level} {r.message}"
+            for r in self.stack.flow_run_logs(self.flow_run_id, limit=10_000)
+        ]
         return f"flow run {self.flow_run_id}: {self.state}\n" + "\n".join(lines[-last:])
 
 
@@ -175,5 +191,3 @@ def _http_detail(exc: Exception) -> str:
         return str(exc.response.json().get("detail") or exc)  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - no JSON body: the error's own text
         return str(exc)
-
-

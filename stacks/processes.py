@@ -43,8 +43,13 @@ def _exe(name: str) -> str:
     return str(exe) if exe.exists() else shutil.which(name) or name
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None,
-              log: Path | None = None, auth: str | None = None) -> None:
+def wait_http(
+    url: str,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+    auth: str | None = None,
+) -> None:
     """Poll `url` until it answers 200 (with basic auth `user:password` when given)."""
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url)
@@ -63,12 +68,14 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None,
         except OSError as exc:
             last = str(exc)
         time.sleep(0.5)
-    raise StackError(f"{url} not healthy after {timeout:.0f} s ({last})" +
-                     (f"; see {log}" if log else ""))
+    raise StackError(
+        f"{url} not healthy after {timeout:.0f} s ({last})" + (f"; see {log}" if log else "")
+    )
 
 
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15,
-                 whole_group: bool = True) -> None:
+def stop_process(
+    proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 15, whole_group: bool = True
+) -> None:
     """Send `sig` to a process started in its own session (to its whole group, or to it alone
     when it stops its children itself, as PostgreSQL does), wait `grace` seconds, then SIGKILL
     whatever is left: of its group, and of the processes it had started in sessions of their
@@ -98,7 +105,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
     for child in survivors:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
-    _, survivors = psutil.wait_procs(survivors, timeout=10)
+    _, survivors = psutil.wait_procs(survivors, timeout=min(grace, 10))
     for child in survivors:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
@@ -146,6 +153,7 @@ def wait_for_signal(dead) -> str | None:
     """Block until Ctrl-C, SIGTERM or SIGHUP (returns None) or until `dead()` names a child
     that died (returns its name). Returns with those signals ignored: the caller stops
     everything next, and a second Ctrl-C must not cut that short."""
+
     def stop(*_):
         handle_stop_signals(signal.SIG_IGN)  # a second one: ignored
         raise KeyboardInterrupt
@@ -171,16 +179,28 @@ class Services:
         self.procs: dict[str, subprocess.Popen] = {}
         self.optional: set[str] = set()
 
-    def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: Path = PROJECT_ROOT, essential: bool = True) -> subprocess.Popen:
+    def spawn(
+        self,
+        name: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path = PROJECT_ROOT,
+        essential: bool = True,
+    ) -> subprocess.Popen:
         """Start `args` in its own session, output to `<logs>/<name>.log`. A service that is
         not `essential` may die without `dead()` reporting it (the stack goes on)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         # A new session: the process and its children form one group we can signal, and SIGINT
         # is not inherited as ignored (a background job's worker ignores the first SIGTERM).
         with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(list(args), cwd=cwd, env=dict(env or self.env), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                list(args),
+                cwd=cwd,
+                env=dict(env or self.env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         if not essential:
             self.optional.add(name)
@@ -192,8 +212,9 @@ class Services:
         if proc is not None:
             stop_process(proc, signal.SIGTERM, grace)
 
-    def stop_all(self, order: Sequence[str] = (), graces: Mapping[str, float] | None = None,
-                 ) -> None:
+    def stop_all(
+        self, order: Sequence[str] = (), graces: Mapping[str, float] | None = None
+    ) -> None:
         """Stop the services named in `order` first, then the rest, newest first; `graces`
         gives some of them longer than the default 15 s before SIGKILL."""
         with signals_deferred():
@@ -217,22 +238,44 @@ class BentoServer:
             ...  # url is http://127.0.0.1:<port>
     """
 
-    def __init__(self, bentoml_home: Path, log_path: Path, env: Mapping[str, str] | None = None,
-                 ready_timeout: float = 120, cwd: Path = PROJECT_ROOT) -> None:
+    def __init__(
+        self,
+        bentoml_home: Path,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        ready_timeout: float = 120,
+        cwd: Path = PROJECT_ROOT,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.ready_timeout = ready_timeout
-        self.services = Services(self.log_path.parent, {
-            **os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "true",
-            **(env or {})})
+        self.services = Services(
+            self.log_path.parent,
+            {
+                **os.environ,
+                "BENTOML_HOME": str(bentoml_home),
+                "BENTOML_DO_NOT_TRACK": "true",
+                **(env or {}),
+            },
+        )
         self.cwd = cwd
 
     def __enter__(self) -> str:
         name = self.log_path.name.removesuffix(".log")
-        proc = self.services.spawn(name, [_exe("bentoml"), "serve",
-                                          "serving.service:CifarClassifier", "--host",
-                                          "127.0.0.1", "--port", str(self.port)], cwd=self.cwd)
+        proc = self.services.spawn(
+            name,
+            [
+                _exe("bentoml"),
+                "serve",
+                "serving.service:CifarClassifier",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=self.cwd,
+        )
         try:
             wait_http(self.url + "/readyz", self.ready_timeout, proc, self.log_path)
         except BaseException:

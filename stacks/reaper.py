@@ -11,6 +11,7 @@ from pathlib import Path
 
 from stacks.local import tracking_host
 
+
 def reap(root: Path, host: str) -> list[str]:
     """Fail the MLflow runs nobody runs any more (registry.tracking.fail_stale_runs): those whose
     flow run has ended (a host that never came back; the zombie automation crashed its flow
@@ -18,20 +19,25 @@ def reap(root: Path, host: str) -> list[str]:
     Needs the tracking and Prefect settings in the environment."""
     os.environ["CIFAR_HOST"] = host
     from flows import locks
-    from registry import tracking
     from flows.runs import crash_flow_run, flow_run_alive
+    from registry import tracking
 
     store = tracking.open_store(root)
-    failed = tracking.fail_stale_runs(store, flow_run_alive, crash_flow_run,
-                                      claim_lock=lambda h: locks.exclusive("resume", h))
+    failed = tracking.fail_stale_runs(
+        store, flow_run_alive, crash_flow_run, claim_lock=lambda h: locks.exclusive("resume", h)
+    )
     for run_id in failed:
-        print(f"{host}: MLflow run {run_id} was RUNNING with nobody running it: marked FAILED "
-              "(the next run of its config on its host resumes it)", flush=True)
+        print(
+            f"{host}: MLflow run {run_id} was RUNNING with nobody running it: marked FAILED "
+            "(the next run of its config on its host resumes it)",
+            flush=True,
+        )
     return failed
 
 
 def run_reaper(root: Path, every: float) -> int:
     """`reap` every `every` seconds until stopped; a server that does not answer is retried."""
+
     def stop(*_):
         raise KeyboardInterrupt
 
@@ -45,5 +51,3 @@ def run_reaper(root: Path, every: float) -> int:
                 print(f"reaper: {type(exc).__name__}: {exc}", flush=True)
             time.sleep(every)
     return 0
-
-

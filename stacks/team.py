@@ -11,12 +11,32 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stacks.local import (CONTROL_POOL, POOL, PROJECT_ROOT, REAP_EVERY_SECONDS, TELEMETRY_OFF,
-                          HEARTBEAT_SECONDS, WORKER_GRACES, LocalStack, tracking_host)
+from stacks.local import (
+    CONTROL_POOL,
+    HEARTBEAT_SECONDS,
+    POOL,
+    PROJECT_ROOT,
+    REAP_EVERY_SECONDS,
+    TELEMETRY_OFF,
+    WORKER_GRACES,
+    LocalStack,
+    tracking_host,
+)
+from stacks.processes import (
+    Services,
+    StackError,
+    _exe,
+    signals_deferred,
+    wait_for_signal,
+    wait_http,
+)
 from stacks.reaper import reap
-from stacks.processes import (Services, StackError, _exe, signals_deferred, wait_for_signal,
-                              wait_http)
+
+if TYPE_CHECKING:
+    from stacks.postgres import Connection, LocalPostgres
+
 
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines (blank lines and # comments skipped)."""
@@ -46,11 +66,21 @@ class TeamStack(LocalStack):
     basic auth), both pools, the deployments and the control worker. GPU workers join from
     other hosts with the join file (`python -m stacks worker --join FILE`)."""
 
-    def __init__(self, root: Path = PROJECT_ROOT, *, bind: str = "127.0.0.1",
-                 advertise: str | None = None, prefect_port: int = 4200, mlflow_port: int = 5000,
-                 pg_port: int = 5433, database_url: str | None = None, local_gpu_worker: bool = False,
-                 extra_env: dict[str, str] | None = None, folder: Path | None = None,
-                 prefect_file: Path | None = None):
+    def __init__(
+        self,
+        root: Path = PROJECT_ROOT,
+        *,
+        bind: str = "127.0.0.1",
+        advertise: str | None = None,
+        prefect_port: int = 4200,
+        mlflow_port: int = 5000,
+        pg_port: int = 5433,
+        database_url: str | None = None,
+        local_gpu_worker: bool = False,
+        extra_env: dict[str, str] | None = None,
+        folder: Path | None = None,
+        prefect_file: Path | None = None,
+    ):
         self.folder = Path(folder or Path(root).resolve() / ".team")
         self.bind = bind
         host = advertise or (bind if bind not in ("0.0.0.0", "::") else socket.getfqdn())
@@ -66,15 +96,22 @@ class TeamStack(LocalStack):
             "MLFLOW_TRACKING_USERNAME": "admin",
             "MLFLOW_TRACKING_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
         }
-        super().__init__(root, port=prefect_port, prefect_home=self.folder / "prefect",
-                         prefect_file=prefect_file,
-                         extra_env={**self.join,
-                                    # the control worker's sweeps leave serving to serving hosts
-                                    "CIFAR_IMPORT_CHAMPION": "false", **(extra_env or {})})
+        super().__init__(
+            root,
+            port=prefect_port,
+            prefect_home=self.folder / "prefect",
+            prefect_file=prefect_file,
+            extra_env={
+                **self.join,
+                # the control worker's sweeps leave serving to serving hosts
+                "CIFAR_IMPORT_CHAMPION": "false",
+                **(extra_env or {}),
+            },
+        )
         self.api_url = self.join["PREFECT_API_URL"]
         self.join_file = self.folder / "team.env"
-        self.postgres = None
-        self.db = None
+        self.postgres: LocalPostgres | None = None
+        self.db: Connection | None = None
         self.auth_cache_seconds = 60
 
     def _secrets(self) -> dict[str, str]:
@@ -82,8 +119,10 @@ class TeamStack(LocalStack):
         path = self.folder / "secrets.env"
         if path.is_file():
             return read_env_file(path)
-        values = {k: secrets.token_urlsafe(24) for k in
-                  ("DB_PASSWORD", "PREFECT_TOKEN", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")}
+        values = {
+            k: secrets.token_urlsafe(24)
+            for k in ("DB_PASSWORD", "PREFECT_TOKEN", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")
+        }
         write_private(path, values, "# team stack secrets: never commit or share this file\n")
         return values
 
@@ -94,9 +133,12 @@ class TeamStack(LocalStack):
             conn = postgres.Connection.from_url(self.database_url)
             conn.create_databases()
             return conn
-        self.postgres = postgres.LocalPostgres(self.folder / "postgres", self.pg_port,
-                                               self.secrets["DB_PASSWORD"],
-                                               log=self.logs / "postgres.log")
+        self.postgres = postgres.LocalPostgres(
+            self.folder / "postgres",
+            self.pg_port,
+            self.secrets["DB_PASSWORD"],
+            log=self.logs / "postgres.log",
+        )
         self.logs.mkdir(parents=True, exist_ok=True)
         self.postgres.start()
         return self.postgres.connection
@@ -108,58 +150,108 @@ class TeamStack(LocalStack):
         # Password checks (PBKDF2, ~0.2 s each) cached for a minute: without the cache every
         # request of every run pays one. One server worker: password changes through the API
         # take effect at once; changes made in the database directly within the minute.
-        write_private(auth_ini, {}, "[mlflow]\ndefault_permission = READ\n"
-                      "admin_username = admin\n"
-                      f"auth_cache_ttl_seconds = {self.auth_cache_seconds}\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                      "database_uri = " + db.url(DATABASES["mlflow_auth"]).replace("%", "%%") + "\n")
-        args = [_exe("mlflow"), "server", "--app-name", "basic-auth",
-                "--artifacts-destination", str(self.folder / "mlartifacts"),
-                "--host", self.bind, "--port", str(self.mlflow_port), "--workers", "1"]
+        write_private(
+            auth_ini,
+            {},
+            "[mlflow]\ndefault_permission = READ\n"
+            "admin_username = admin\n"
+            f"auth_cache_ttl_seconds = {self.auth_cache_seconds}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "database_uri = " + db.url(DATABASES["mlflow_auth"]).replace("%", "%%") + "\n",
+        )
+        args = [
+            _exe("mlflow"),
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--artifacts-destination",
+            str(self.folder / "mlartifacts"),
+            "--host",
+            self.bind,
+            "--port",
+            str(self.mlflow_port),
+            "--workers",
+            "1",
+        ]
         host = self.mlflow_url.split("//")[1].split(":")[0]
         if self.bind not in ("127.0.0.1", "localhost"):
             args += ["--allowed-hosts", f"{host},{host}:{self.mlflow_port},localhost,127.0.0.1"]
         # Secrets go through the environment, never the command line (`ps` shows that).
-        self.services.spawn("mlflow", args, env={
-            **self.env, "MLFLOW_BACKEND_STORE_URI": db.url(DATABASES["mlflow"]),
-            "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_SECRET_KEY"],
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        wait_http(f"http://127.0.0.1:{self.mlflow_port}/health", 120, self.procs["mlflow"],
-                  self.logs / "mlflow.log")
+        self.services.spawn(
+            "mlflow",
+            args,
+            env={
+                **self.env,
+                "MLFLOW_BACKEND_STORE_URI": db.url(DATABASES["mlflow"]),
+                "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+                "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_SECRET_KEY"],
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            },
+        )
+        wait_http(
+            f"http://127.0.0.1:{self.mlflow_port}/health",
+            120,
+            self.procs["mlflow"],
+            self.logs / "mlflow.log",
+        )
 
     def start_prefect_on_database(self) -> None:
         from stacks.postgres import DATABASES
 
-        self.start_prefect_server(self.bind, env={
-            "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.db.url(DATABASES["prefect"], "asyncpg"),
-            "PREFECT_SERVER_API_AUTH_STRING": self.join["PREFECT_API_AUTH_STRING"],
-            "PREFECT_SERVER_API_HOST": self.bind})
+        assert self.db is not None, "the PostgreSQL step comes first"
+        self.start_prefect_server(
+            self.bind,
+            env={
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.db.url(
+                    DATABASES["prefect"], "asyncpg"
+                ),
+                "PREFECT_SERVER_API_AUTH_STRING": self.join["PREFECT_API_AUTH_STRING"],
+                "PREFECT_SERVER_API_HOST": self.bind,
+            },
+        )
 
     def write_join_file(self) -> None:
-        write_private(self.join_file, self.join,
-                      "# join file of a cifar10-mlops team stack: give it to worker and serving "
-                      "hosts over a safe channel\n")
+        write_private(
+            self.join_file,
+            self.join,
+            "# join file of a cifar10-mlops team stack: give it to worker and serving "
+            "hosts over a safe channel\n",
+        )
 
     def start_reaper(self) -> None:
         # Fails the MLflow runs of flow runs that ended without them (a host that never came
         # back: the automation crashed its flow run), so none stays RUNNING for ever.
-        self.services.spawn("reaper", [sys.executable, "-m", "stacks", "reap", "--every",
-                                       str(REAP_EVERY_SECONDS), "--root", str(self.root)],
-                            essential=False)  # (it survives server errors; see its log)
+        self.services.spawn(
+            "reaper",
+            [
+                sys.executable,
+                "-m",
+                "stacks",
+                "reap",
+                "--every",
+                str(REAP_EVERY_SECONDS),
+                "--root",
+                str(self.root),
+            ],
+            essential=False,
+        )  # (it survives server errors; see its log)
 
     def start_steps(self) -> list[tuple[str, Callable[[], object]]]:
         def database() -> None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.db = self._database()
 
-        steps = [("PostgreSQL", database),
-                 ("Prefect server", self.start_prefect_on_database),
-                 ("MLflow server", lambda: self.start_mlflow_server(self.db)),
-                 ("work pools", self.setup_pools), ("deployments", self.deploy),
-                 ("automation", self.ensure_automation), ("join file", self.write_join_file),
-                 ("control worker", lambda: self.start_worker("control", CONTROL_POOL, 8))]
+        steps = [
+            ("PostgreSQL", database),
+            ("Prefect server", self.start_prefect_on_database),
+            ("MLflow server", lambda: self.start_mlflow_server(self.db)),
+            ("work pools", self.setup_pools),
+            ("deployments", self.deploy),
+            ("automation", self.ensure_automation),
+            ("join file", self.write_join_file),
+            ("control worker", lambda: self.start_worker("control", CONTROL_POOL, 8)),
+        ]
         if self.local_gpu_worker:
             steps.append(("GPU worker", lambda: self.start_worker("worker", self.pool, self.gpus)))
         return [*steps, ("reaper", self.start_reaper)]
@@ -167,8 +259,9 @@ class TeamStack(LocalStack):
     def stop(self) -> None:
         with signals_deferred():
             try:
-                self.services.stop_all(order=("reaper", "control", "worker", "server", "mlflow"),
-                                       graces=WORKER_GRACES)
+                self.services.stop_all(
+                    order=("reaper", "control", "worker", "server", "mlflow"), graces=WORKER_GRACES
+                )
             finally:
                 if self.postgres is not None:
                     self.postgres.stop()
@@ -181,19 +274,24 @@ def check_join(env: Mapping[str, str]) -> None:
     missing = [k for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI") if not env.get(k)]
     if missing:
         raise StackError(f"join settings lack {', '.join(missing)}")
-    wait_http(env["PREFECT_API_URL"].rstrip("/") + "/health", 10,
-              auth=env.get("PREFECT_API_AUTH_STRING"))
+    wait_http(
+        env["PREFECT_API_URL"].rstrip("/") + "/health", 10, auth=env.get("PREFECT_API_AUTH_STRING")
+    )
     mlflow = env["MLFLOW_TRACKING_URI"].rstrip("/")
-    auth = (f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
-            if env.get("MLFLOW_TRACKING_USERNAME") else None)
+    auth = (
+        f"{env['MLFLOW_TRACKING_USERNAME']}:{env.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        if env.get("MLFLOW_TRACKING_USERNAME")
+        else None
+    )
     try:
         wait_http(f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1", 10, auth=auth)
     except StackError as exc:
         raise StackError(f"MLflow tracking server {display_uri(mlflow)}: {exc}") from None
 
 
-def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
-               serving_host: bool, logs: Path) -> int:
+def run_worker(
+    join: Mapping[str, str], root: Path, gpus: int, name: str | None, serving_host: bool, logs: Path
+) -> int:
     """Join a team stack as a GPU host: one `prefect worker` on the `gpu` pool taking at most
     `gpus` runs at once; every run records on the team's tracking server. Ctrl-C stops it."""
     check_join(join)
@@ -201,23 +299,34 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
     # What this host left RUNNING when it went down with its worker: those processes are gone.
     os.environ.update(join)
     reap(root, name)
-    env = {**os.environ, **TELEMETRY_OFF, **join, "CIFAR_ROOT": str(root),
-           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get(
-               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_SECONDS),
-           "CIFAR_PROJECT_DIR": str(PROJECT_ROOT), "CIFAR_HOST": name, "CIFAR_WORKER_NAME": name,
-           # flow runs import this checkout's code, whatever else the environment has installed
-           "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [
-               os.environ.get("PYTHONPATH")])]),
-           "CIFAR_IMPORT_CHAMPION": "true" if serving_host else "false",
-           "PREFECT_HOME": str(root / ".prefect-worker")}
+    env = {
+        **os.environ,
+        **TELEMETRY_OFF,
+        **join,
+        "CIFAR_ROOT": str(root),
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get(
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_SECONDS
+        ),
+        "CIFAR_PROJECT_DIR": str(PROJECT_ROOT),
+        "CIFAR_HOST": name,
+        "CIFAR_WORKER_NAME": name,
+        # flow runs import this checkout's code, whatever else the environment has installed
+        "PYTHONPATH": os.pathsep.join(
+            [str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+        "CIFAR_IMPORT_CHAMPION": "true" if serving_host else "false",
+        "PREFECT_HOME": str(root / ".prefect-worker"),
+    }
     services = Services(logs, env)
-    services.spawn("worker", [_exe("prefect"), "worker", "start", "--pool", POOL,
-                              "--type", "process", "--limit", str(gpus), "--name", name],
-                   env=env)
+    args = ["worker", "start", "--pool", POOL, "--type", "process", "--limit", str(gpus)]
+    services.spawn("worker", [_exe("prefect"), *args, "--name", name], env=env)
     from registry.tracking import display_uri
 
-    print(f"worker {name}: pool '{POOL}', {gpus} run(s) at a time, tracking on "
-          f"{display_uri(join['MLFLOW_TRACKING_URI'])}; log {logs / 'worker.log'}", flush=True)
+    print(
+        f"worker {name}: pool '{POOL}', {gpus} run(s) at a time, tracking on "
+        f"{display_uri(join['MLFLOW_TRACKING_URI'])}; log {logs / 'worker.log'}",
+        flush=True,
+    )
     try:
         dead = wait_for_signal(services.dead)
     finally:
@@ -226,5 +335,3 @@ def run_worker(join: Mapping[str, str], root: Path, gpus: int, name: str | None,
         print(f"error: worker {name}: {dead} stopped", file=sys.stderr, flush=True)
         return 1
     return 0
-
-

@@ -28,7 +28,9 @@ for _var, _value in {
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="cifar-test-bentoml-")
 atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
 
-REAL_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "cifar10" / "cifar-10-batches-py"
+REAL_CIFAR = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "cifar10" / "cifar-10-batches-py"
+)
 
 
 def _pattern_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -50,16 +52,28 @@ def write_synthetic_cifar(folder: Path, per_batch: int = 60, seed: int = 0) -> d
         labels = np.arange(per_batch) % 10
         rng.shuffle(labels)
         images = _pattern_images(labels, rng)
-        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(),
-                 b"data": images.reshape(per_batch, -1),
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels.tolist(),
+            b"data": images.reshape(per_batch, -1),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
+        }
         with open(folder / name, "wb") as fh:
             pickle.dump(batch, fh)
     with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({b"label_names": [c.encode() for c in CLASS_NAMES],
-                     b"num_cases_per_batch": per_batch, b"num_vis": 3072}, fh)
-    return {p.name: hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file()}
+        pickle.dump(
+            {
+                b"label_names": [c.encode() for c in CLASS_NAMES],
+                b"num_cases_per_batch": per_batch,
+                b"num_vis": 3072,
+            },
+            fh,
+        )
+    return {
+        p.name: hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +144,10 @@ class DataClock:
         clock = types.SimpleNamespace(
             time_ns=lambda: time.time_ns() + self.offset_ns,
             time=lambda: time.time() + self.offset_ns / 1e9,
-            sleep=time.sleep, monotonic=time.monotonic, perf_counter=time.perf_counter)
+            sleep=time.sleep,
+            monotonic=time.monotonic,
+            perf_counter=time.perf_counter,
+        )
         monkeypatch.setattr(data, "time", clock)
 
     def advance(self, seconds: float) -> None:

@@ -26,8 +26,11 @@ def _project_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             # `from serving import schemas`: a module of the package, where there is one
-            names |= {f"{node.module}.{a.name}" for a in node.names
-                      if _module_file(f"{node.module}.{a.name}").is_file()}
+            names |= {
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if _module_file(f"{node.module}.{a.name}").is_file()
+            }
     return {n for n in names if n.split(".")[0] in PROJECT}
 
 
@@ -52,8 +55,9 @@ def test_the_bento_includes_every_module_the_service_imports_and_nothing_missing
     service_module = spec["service"].split(":")[0]
     needed = _needed_files(service_module)
     assert Path("cifarlab/cpu.py") in needed  # (serving/live.py imports it)
-    left_out = sorted(str(f) for f in needed
-                      if not any(fnmatch.fnmatch(str(f), pat) for pat in patterns))
+    left_out = sorted(
+        str(f) for f in needed if not any(fnmatch.fnmatch(str(f), pat) for pat in patterns)
+    )
     assert not left_out, f"bentofile.yaml does not include {left_out}"
     stale = [pat for pat in patterns if not list(ROOT.glob(pat))]
     assert not stale, f"bentofile.yaml includes files that do not exist: {stale}"

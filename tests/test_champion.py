@@ -20,15 +20,15 @@ import torch
 from torch import nn
 
 from cifarlab import compare
+from cifarlab.arrays import load_cifar10
 from cifarlab.config import preset
 from cifarlab.constants import CLASS_NAMES
-from cifarlab.arrays import load_cifar10
 from cifarlab.evaluate import evaluate
 from cifarlab.experiment import config_hash
 from cifarlab.export import export_onnx
 from cifarlab.split import stratified_split
 from cifarlab.tensors import normalize
-from registry import champion, tracking, versions
+from registry import champion, predictions, run_logging, tracking, versions
 
 
 class BarReader(nn.Module):
@@ -42,8 +42,9 @@ class BarReader(nn.Module):
         bars = [x[:, k % 3, 3 * k : 3 * k + 3, :].mean(dim=(1, 2)) for k in range(10)]
         logits = torch.stack(bars, dim=1)
         if self.confuse_truck:  # truck's bar read as ship: every truck answered "ship"
-            logits = torch.cat([logits[:, :8], logits[:, 8:9] + logits[:, 9:],
-                                logits[:, 9:] - 10.0], dim=1)
+            logits = torch.cat(
+                [logits[:, :8], logits[:, 8:9] + logits[:, 9:], logits[:, 9:] - 10.0], dim=1
+            )
         if self.antisymmetric:  # changes sign under a left-right flip
             tilt = x[..., :16].mean(dim=(1, 2, 3)) - x[..., 16:].mean(dim=(1, 2, 3))
             logits = logits + self.antisymmetric * tilt[:, None] * (torch.arange(10) == 0)
@@ -58,40 +59,73 @@ def world(synthetic_cifar, tmp_path):
     return {"folder": folder, "sums": sums, "data": data, "store": store, "tmp": tmp_path}
 
 
-def _register(world, model: nn.Module, *, tta: str = "none", split_seed: int = 0,
-              val_size: int = 60, **rule) -> champion.Registered:
+def _register(
+    world, model: nn.Module, *, tta: str = "none", split_seed: int = 0, val_size: int = 60, **rule
+) -> champion.Registered:
     """Export a hand-built model, record a run as the flow would, and register it by the rule."""
-    run_id, logged, path = _logged_run(world, model, tta=tta, split_seed=split_seed,
-                                       val_size=val_size)
-    done = champion.register(world["store"], run_id, logged.model_uri, path, world["data"],
-                             tags={"served_tta": tta}, model_id=logged.model_id, **rule)
+    run_id, logged, path = _logged_run(
+        world, model, tta=tta, split_seed=split_seed, val_size=val_size
+    )
+    done = champion.register(
+        world["store"],
+        run_id,
+        logged.model_uri,
+        path,
+        world["data"],
+        tags={"served_tta": tta},
+        model_id=logged.model_id,
+        **rule,
+    )
     tracking.end_run(world["store"], run_id, "FINISHED")
     return done
 
 
-def _logged_run(world, model: nn.Module, *, tta: str = "none", split_seed: int = 0,
-                val_size: int = 60, onnx_path=None):
+def _logged_run(
+    world,
+    model: nn.Module,
+    *,
+    tta: str = "none",
+    split_seed: int = 0,
+    val_size: int = 60,
+    onnx_path=None,
+):
     """A run recorded as the flow records one, with its exported model logged (not registered)."""
     from cifarlab.data import data_fingerprint
 
-    cfg = preset("seed-baseline", data={"source": str(world["folder"]), "checksums": world["sums"],
-                                         "train_size": 300 - val_size, "val_size": val_size,
-                                         "split_seed": split_seed})
-    split = stratified_split(world["data"].train_labels.numpy(), 300 - val_size, val_size,
-                             split_seed)
+    cfg = preset(
+        "seed-baseline",
+        data={
+            "source": str(world["folder"]),
+            "checksums": world["sums"],
+            "train_size": 300 - val_size,
+            "val_size": val_size,
+            "split_seed": split_seed,
+        },
+    )
+    split = stratified_split(
+        world["data"].train_labels.numpy(), 300 - val_size, val_size, split_seed
+    )
     store = world["store"]
-    run_id = tracking.start_run(store, "hand-built", tracking.flatten("", cfg.model_dump(mode="json")), {
-        "config_hash": config_hash(cfg), "split_sha256": split.digest,
-        "data_fingerprint": data_fingerprint(world["sums"])})
+    run_id = tracking.start_run(
+        store,
+        "hand-built",
+        tracking.flatten("", cfg.model_dump(mode="json")),
+        {
+            "config_hash": config_hash(cfg),
+            "split_sha256": split.digest,
+            "data_fingerprint": data_fingerprint(world["sums"]),
+        },
+    )
     path = onnx_path or export_onnx(model, world["tmp"] / f"{run_id}.onnx", tta=tta)
     example = normalize(world["data"].test_images[:2], torch.device("cpu")).numpy()
-    logged = tracking.log_onnx_model(store, run_id, path, example, metadata={})
+    logged = run_logging.log_onnx_model(store, run_id, path, example, metadata={})
     return run_id, logged, path
 
 
 def _split(world, split_seed: int = 0, val_size: int = 60):
-    return stratified_split(world["data"].train_labels.numpy(), 300 - val_size, val_size,
-                            split_seed)
+    return stratified_split(
+        world["data"].train_labels.numpy(), 300 - val_size, val_size, split_seed
+    )
 
 
 def _val(world, split_seed: int = 0, val_size: int = 60):
@@ -102,11 +136,15 @@ def _val(world, split_seed: int = 0, val_size: int = 60):
 
 def test_the_hand_built_models_do_what_the_test_needs(world):
     images, labels = _val(world)
-    acc = {name: evaluate(m, images, labels, device=torch.device("cpu"), tta=tta).accuracy
-           for name, m, tta in [("reader", BarReader(), "none"),
-                                ("champion", BarReader(confuse_truck=True), "none"),
-                                ("challenger", BarReader(antisymmetric=1e4), "none"),
-                                ("challenger+tta", BarReader(antisymmetric=1e4), "flip")]}
+    acc = {
+        name: evaluate(m, images, labels, device=torch.device("cpu"), tta=tta).accuracy
+        for name, m, tta in [
+            ("reader", BarReader(), "none"),
+            ("champion", BarReader(confuse_truck=True), "none"),
+            ("challenger", BarReader(antisymmetric=1e4), "none"),
+            ("challenger+tta", BarReader(antisymmetric=1e4), "flip"),
+        ]
+    }
     assert acc["reader"] == 1.0 and acc["champion"] == pytest.approx(0.9)
     assert acc["challenger"] < 0.8 and acc["challenger+tta"] == 1.0
 
@@ -131,15 +169,21 @@ def test_better_with_tta_but_worse_as_served_loses_and_wins_once_tta_is_served(w
     assert float(mv.tags["mcnemar_p"]) == pytest.approx(0.03125)
     assert float(mv.tags["accuracy_diff"]) == pytest.approx(0.1)
     assert mv.tags["promotion"] == "champion" and mv.tags["served_tta"] == "flip"
-    assert client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version == mv.version
+    assert (
+        client.get_model_version_by_alias(tracking.REGISTERED_MODEL, "champion").version
+        == mv.version
+    )
 
 
 def _count_runs_of_models(monkeypatch) -> list:
     """(file, images) for each ONNX run the champion rule makes from here on (it reads records
     instead where it can, after checking a sample of them against the file)."""
-    ran, real = [], champion._predict
-    monkeypatch.setattr(champion, "_predict", lambda path, images: ran.append(
-        (path, len(images))) or real(path, images))
+    ran, real = [], predictions.predict
+    monkeypatch.setattr(
+        predictions,
+        "predict",
+        lambda path, images: ran.append((path, len(images))) or real(path, images),
+    )
     return ran
 
 
@@ -148,9 +192,17 @@ def _register_recorded_champion(world, record) -> str:
     `record(store, run_id, onnx_path, val_idx, classes)` writes it. Returns the run id."""
     run_id, logged, path = _logged_run(world, BarReader(confuse_truck=True))
     images, _ = _val(world)
-    record(world["store"], run_id, path, _split(world).val_idx, champion._predict(path, images))
-    done = champion.register(world["store"], run_id, logged.model_uri, path, world["data"],
-                             tags={}, model_id=logged.model_id, min_shared_images=50)
+    record(world["store"], run_id, path, _split(world).val_idx, predictions.predict(path, images))
+    done = champion.register(
+        world["store"],
+        run_id,
+        logged.model_uri,
+        path,
+        world["data"],
+        tags={},
+        model_id=logged.model_id,
+        min_shared_images=50,
+    )
     tracking.end_run(world["store"], run_id, "FINISHED")
     assert done.registration.alias == "champion"
     return run_id
@@ -166,8 +218,8 @@ def _challenge(world) -> champion.Registered:
 
 
 def test_the_champion_recorded_on_the_shared_images_is_checked_not_run_again(world, monkeypatch):
-    champion_run = _register_recorded_champion(world, champion.record_predictions)
-    monkeypatch.setattr(champion, "SPOT_CHECK_IMAGES", 8)
+    champion_run = _register_recorded_champion(world, predictions.record_predictions)
+    monkeypatch.setattr(predictions, "SPOT_CHECK_IMAGES", 8)
     ran = _count_runs_of_models(monkeypatch)
 
     baked = _challenge(world)
@@ -183,27 +235,43 @@ def test_the_champion_recorded_on_the_shared_images_is_checked_not_run_again(wor
 
 def _record_for(other_file):
     def record(store, run_id, _path, val_idx, classes):
-        champion.record_predictions(store, run_id, other_file, val_idx, classes)
+        predictions.record_predictions(store, run_id, other_file, val_idx, classes)
+
     return record
 
 
 def _record_raw(**arrays):
     """Write val_predictions.npz as given, with the right model digest unless one is given."""
+
     def record(store, run_id, path, val_idx, classes):
-        contents = {"val_idx": val_idx, "pred": classes,
-                    "onnx_digest": np.array(champion._model_digest(path)), **arrays}
+        contents = {
+            "val_idx": val_idx,
+            "pred": classes,
+            "onnx_digest": np.array(predictions.model_digest(path)),
+            **arrays,
+        }
         folder = Path(path).parent / f"record-{run_id}"
         folder.mkdir()
-        np.savez(folder / champion.PREDICTIONS_FILE, **contents)
-        store.client.log_artifact(run_id, str(folder / champion.PREDICTIONS_FILE))
+        np.savez(folder / predictions.PREDICTIONS_FILE, **contents)
+        store.client.log_artifact(run_id, str(folder / predictions.PREDICTIONS_FILE))
+
     return record
 
 
-@pytest.mark.parametrize("case", ["another model", "altered classes", "too few classes",
-                                  "a class out of range", "part of the images"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "another model",
+        "altered classes",
+        "too few classes",
+        "a class out of range",
+        "part of the images",
+    ],
+)
 def test_a_record_that_does_not_hold_is_not_believed(world, monkeypatch, case):
     truth = _val(world)[1].numpy()  # a record claiming the champion is always right
     val_idx = _split(world).val_idx
+
     def altered(store, run_id, path, val_idx, classes):  # wrong on every image
         _record_raw(pred=(classes + 1) % 10)(store, run_id, path, val_idx, classes)
 
@@ -215,7 +283,7 @@ def test_a_record_that_does_not_hold_is_not_believed(world, monkeypatch, case):
         "part of the images": _record_raw(val_idx=val_idx[:30], pred=truth[:30]),
     }[case]
     _register_recorded_champion(world, record)
-    monkeypatch.setattr(champion, "SPOT_CHECK_IMAGES", 8)  # a check is not a run on all 60
+    monkeypatch.setattr(predictions, "SPOT_CHECK_IMAGES", 8)  # a check is not a run on all 60
     ran = _count_runs_of_models(monkeypatch)
 
     baked = _challenge(world)  # the true verdict: the record was not used
@@ -247,8 +315,9 @@ def test_other_splits_compare_on_the_intersection_and_need_enough_images(world):
     # Too few shared images for the threshold: no verdict, the alias stays, the reason is kept.
     short = _register(world, BarReader(), split_seed=1, min_shared_images=expected + 1)
     assert short.registration.alias == "challenger"
-    mv = world["store"].client.get_model_version(tracking.REGISTERED_MODEL,
-                                                 short.registration.version)
+    mv = world["store"].client.get_model_version(
+        tracking.REGISTERED_MODEL, short.registration.version
+    )
     assert mv.tags["shared_images"] == str(expected) and mv.tags["promotion"] == "not promoted"
     assert f"only {expected} validation images" in mv.tags["promotion_reason"]
     # Enough for a lower threshold: judged on exactly the intersection.
@@ -273,8 +342,10 @@ def test_report_and_model_card_are_published(world):
     client = world["store"].client
     run_id = client.get_model_version(tracking.REGISTERED_MODEL, done.registration.version).run_id
     files = {a.path for a in client.list_artifacts(run_id, champion.REPORT_FOLDER)}
-    assert {f"{champion.REPORT_FOLDER}/{n}" for n in
-            ("report.md", "confusion_diff.png", "disagreements.png")} <= files
+    assert {
+        f"{champion.REPORT_FOLDER}/{n}"
+        for n in ("report.md", "confusion_diff.png", "disagreements.png")
+    } <= files
     local = client.download_artifacts(run_id, champion.REPORT_FOLDER, str(world["tmp"]))
     from PIL import Image
 
@@ -326,8 +397,10 @@ def test_racing_registrations_always_leave_the_better_model_champion(world):
     worse_onnx = export_onnx(BarReader(confuse_truck=True), world["tmp"] / "worse.onnx")
     store, outcomes = world["store"], []
     # The same two runs race for 20 model names.
-    runs = {kind: _logged_run(world, None, onnx_path=path)
-            for kind, path in (("better", better_onnx), ("worse", worse_onnx))}
+    runs = {
+        kind: _logged_run(world, None, onnx_path=path)
+        for kind, path in (("better", better_onnx), ("worse", worse_onnx))
+    }
     for rep in range(20):
         name = f"race-{rep}"
         start, errors = threading.Barrier(2), []
@@ -336,9 +409,18 @@ def test_racing_registrations_always_leave_the_better_model_champion(world):
             run_id, logged, path = runs[kind]
             start.wait()
             try:
-                champion.register(store, run_id, logged.model_uri, path, world["data"],
-                                  tags={}, model_id=logged.model_id, min_shared_images=50,
-                                  name=name, lock=lock)
+                champion.register(
+                    store,
+                    run_id,
+                    logged.model_uri,
+                    path,
+                    world["data"],
+                    tags={},
+                    model_id=logged.model_id,
+                    min_shared_images=50,
+                    name=name,
+                    lock=lock,
+                )
             except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(f"{kind}: {exc!r}")
 
@@ -367,20 +449,37 @@ def test_a_registration_that_failed_half_way_is_not_registered_twice(world, monk
     with monkeypatch.context() as m:
         m.setattr(champion, "log_report", broken)
         with pytest.raises(ConnectionError):
-            champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
-                              model_id=logged.model_id, min_shared_images=50)
+            champion.register(
+                store,
+                run_id,
+                logged.model_uri,
+                path,
+                world["data"],
+                tags={},
+                model_id=logged.model_id,
+                min_shared_images=50,
+            )
     (left,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     assert left.tags["registration"] == "unfinished" and not left.aliases
-    done = champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
-                             model_id=logged.model_id, min_shared_images=50)
+    done = champion.register(
+        store,
+        run_id,
+        logged.model_uri,
+        path,
+        world["data"],
+        tags={},
+        model_id=logged.model_id,
+        min_shared_images=50,
+    )
     (version,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     assert str(version.version) == done.registration.version != str(left.version)
     assert version.tags["registration"] == "complete"
     assert versions.champion_version(store).version == version.version
 
 
-def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone(world,
-                                                                               monkeypatch):
+def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone(
+    world, monkeypatch
+):
     """The champion alias moved to the new version, then the tracking server went away before
     the version was marked complete: the run's next registration gives the alias back to the
     champion it was judged against, removes the half-done version and registers the run once."""
@@ -400,15 +499,31 @@ def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone
     with monkeypatch.context() as m:
         m.setattr(MlflowClient, "set_model_version_tag", gone)
         with pytest.raises(ConnectionError):
-            champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
-                              model_id=logged.model_id, min_shared_images=5)
+            champion.register(
+                store,
+                run_id,
+                logged.model_uri,
+                path,
+                world["data"],
+                tags={},
+                model_id=logged.model_id,
+                min_shared_images=5,
+            )
     (half,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     half = store.client.get_model_version(half.name, half.version)
     assert half.tags["registration"] == "unfinished" and "champion" in half.aliases
     assert versions.drop_unfinished_versions(store, run_id) == [str(half.version)]
     assert versions.champion_version(store).version == old.version  # given back
-    done = champion.register(store, run_id, logged.model_uri, path, world["data"], tags={},
-                             model_id=logged.model_id, min_shared_images=5)
+    done = champion.register(
+        store,
+        run_id,
+        logged.model_uri,
+        path,
+        world["data"],
+        tags={},
+        model_id=logged.model_id,
+        min_shared_images=5,
+    )
     (version,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     version = store.client.get_model_version(version.name, version.version)
     assert version.tags["registration"] == "complete" and version.aliases == ["champion"]
@@ -435,14 +550,20 @@ def test_champion_only_work_is_done_for_a_promotion_outside_the_lock(world, monk
         calls.append(list(held))
         return {"int8_servable": "true"}
 
-    first = _register(world, BarReader(confuse_truck=True), min_shared_images=50,
-                      champion_tags=twin_tags, lock=tracked())
+    first = _register(
+        world,
+        BarReader(confuse_truck=True),
+        min_shared_images=50,
+        champion_tags=twin_tags,
+        lock=tracked(),
+    )
     assert first.registration.alias == "champion" and calls == [[]]  # once, lock not held
     client = world["store"].client
     mv = client.get_model_version(first.registration.name, first.registration.version)
     assert mv.tags["int8_servable"] == "true"
-    worse = _register(world, BarReader(confuse_truck=True), min_shared_images=50,
-                      champion_tags=twin_tags)
+    worse = _register(
+        world, BarReader(confuse_truck=True), min_shared_images=50, champion_tags=twin_tags
+    )
     assert worse.registration.alias == "challenger" and len(calls) == 1  # not called
     mv = client.get_model_version(worse.registration.name, worse.registration.version)
     assert "int8_servable" not in mv.tags
@@ -471,8 +592,9 @@ def test_the_verdict_is_given_once_unless_the_champion_moved_meanwhile(world, mo
         return real_judge(*args, **kwargs)
 
     monkeypatch.setattr(champion, "judge", counting_judge)
-    first = _register(world, BarReader(confuse_truck=True), min_shared_images=50,
-                      champion_tags=dict)
+    first = _register(
+        world, BarReader(confuse_truck=True), min_shared_images=50, champion_tags=dict
+    )
     assert first.registration.alias == "champion"
     assert len(judged) == 1  # no champion yet, none appeared: judged once
 
@@ -483,13 +605,15 @@ def test_the_verdict_is_given_once_unless_the_champion_moved_meanwhile(world, mo
         return {"int8_servable": "true"}
 
     judged.clear()
-    outer = _register(world, BarReader(), min_shared_images=50,
-                      champion_tags=promote_an_equal_model_first)
+    outer = _register(
+        world, BarReader(), min_shared_images=50, champion_tags=promote_an_equal_model_first
+    )
     # outer judged (promotes), inner judged once (nothing moved for it), outer judged again.
     assert len(judged) == 3
     assert inner[0].registration.alias == "champion"
     assert outer.registration.alias == "challenger"  # not better than the equal new champion
     assert f"champion v{inner[0].registration.version}" in outer.registration.reason
-    mv = world["store"].client.get_model_version(outer.registration.name,
-                                                 outer.registration.version)
+    mv = world["store"].client.get_model_version(
+        outer.registration.name, outer.registration.version
+    )
     assert "int8_servable" not in mv.tags

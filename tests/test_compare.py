@@ -36,20 +36,27 @@ def _paired_arrays(both: int, only_champ: int, only_chall: int, neither: int):
     labels = np.arange(n) % 10
     wrong = (labels + 1) % 10
     champ_right = np.r_[np.ones(both + only_champ, bool), np.zeros(only_chall + neither, bool)]
-    chall_right = np.r_[np.ones(both, bool), np.zeros(only_champ, bool),
-                        np.ones(only_chall, bool), np.zeros(neither, bool)]
+    chall_right = np.r_[
+        np.ones(both, bool),
+        np.zeros(only_champ, bool),
+        np.ones(only_chall, bool),
+        np.zeros(neither, bool),
+    ]
     return labels, np.where(champ_right, labels, wrong), np.where(chall_right, labels, wrong)
 
 
-@pytest.mark.parametrize("b,c,expected", [
-    (0, 6, 0.03125),  # 2 * 0.5**6
-    (6, 0, 0.03125),
-    (1, 9, 0.021484375),  # 2 * (1 + 10) / 2**10
-    (5, 15, 43400 / 2**20),  # 2 * (1 + 20 + 190 + 1140 + 4845 + 15504) / 2**20
-    (5, 5, 1.0),  # 2 * P(X <= 5) > 1 for X ~ Bin(10, 1/2): capped
-    (0, 1, 1.0),
-    (0, 0, 1.0),  # no discordant pairs: no evidence either way
-])
+@pytest.mark.parametrize(
+    "b,c,expected",
+    [
+        (0, 6, 0.03125),  # 2 * 0.5**6
+        (6, 0, 0.03125),
+        (1, 9, 0.021484375),  # 2 * (1 + 10) / 2**10
+        (5, 15, 43400 / 2**20),  # 2 * (1 + 20 + 190 + 1140 + 4845 + 15504) / 2**20
+        (5, 5, 1.0),  # 2 * P(X <= 5) > 1 for X ~ Bin(10, 1/2): capped
+        (0, 1, 1.0),
+        (0, 0, 1.0),  # no discordant pairs: no evidence either way
+    ],
+)
 def test_mcnemar_known_values(b, c, expected):
     assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12)
 
@@ -98,15 +105,20 @@ def test_paired_test_interval_clipped_and_sign():
     assert t.p_value == pytest.approx(2 * 0.5**4)
 
 
-@pytest.mark.parametrize("labels,champ,chall,needle", [
-    ([0, 1, 2], [0, 1], [0, 1, 2], "length"),
-    ([], [], [], "empty"),
-    ([0, 1, 10], [0, 1, 2], [0, 1, 2], "outside"),
-    ([0.0, 1.0], [0, 1], [0, 1], "integer"),
-])
+@pytest.mark.parametrize(
+    "labels,champ,chall,needle",
+    [
+        ([0, 1, 2], [0, 1], [0, 1, 2], "length"),
+        ([], [], [], "empty"),
+        ([0, 1, 10], [0, 1, 2], [0, 1, 2], "outside"),
+        ([0.0, 1.0], [0, 1], [0, 1], "integer"),
+    ],
+)
 def test_bad_inputs_raise(labels, champ, chall, needle):
-    for call in (lambda: paired_test(labels, champ, chall),
-                 lambda: compare(labels, champ, chall, "a", "b")):
+    for call in (
+        lambda: paired_test(labels, champ, chall),
+        lambda: compare(labels, champ, chall, "a", "b"),
+    ):
         with pytest.raises(ValueError, match=needle):
             call()
 
@@ -122,8 +134,12 @@ def test_compare_per_class_and_confusion():
     cmp = _small()
     rows = {r["class"]: r for r in cmp.per_class}
     assert [r["class"] for r in cmp.per_class] == list(CLASS_NAMES)
-    assert (rows["airplane"]["n"], rows["airplane"]["champion_acc"],
-            rows["airplane"]["challenger_acc"], rows["airplane"]["delta"]) == (2, 0.5, 1.0, 0.5)
+    assert (
+        rows["airplane"]["n"],
+        rows["airplane"]["champion_acc"],
+        rows["airplane"]["challenger_acc"],
+        rows["airplane"]["delta"],
+    ) == (2, 0.5, 1.0, 0.5)
     assert (rows["automobile"]["champion_acc"], rows["automobile"]["delta"]) == (1.0, -0.5)
     assert rows["bird"]["delta"] == 0.5
     assert rows["cat"]["n"] == 0 and math.isnan(rows["cat"]["delta"])
@@ -187,9 +203,12 @@ def test_report_markdown_contents():
     labels, champ, chall = _paired_arrays(both=14, only_champ=0, only_chall=6, neither=0)
     cmp = compare(labels, champ, chall, "v3 (champion)", "v4 (challenger)")
     decision = "challenger promoted: higher accuracy on the 20 shared images"
-    md = report_markdown(cmp, decision, extra_rows=[("split digest", "abc123")],
-                         images={"Confusion difference": "confusion_diff.png",
-                                 "Disagreements": "gallery.png"})
+    md = report_markdown(
+        cmp,
+        decision,
+        extra_rows=[("split digest", "abc123")],
+        images={"Confusion difference": "confusion_diff.png", "Disagreements": "gallery.png"},
+    )
     assert md.startswith("# Champion vs challenger")
     assert decision in md
     assert "v3 (champion)" in md and "v4 (challenger)" in md

@@ -11,8 +11,15 @@ import threading
 
 import pytest
 
-from cifarlab.data import DataError, DownloadError, UnsafePickleError, md5_of, prepare_cifar10, verify_folder
 from cifarlab.arrays import load_cifar10, load_pickle
+from cifarlab.data import (
+    DataError,
+    DownloadError,
+    UnsafePickleError,
+    md5_of,
+    prepare_cifar10,
+    verify_folder,
+)
 
 
 class _Server:
@@ -77,8 +84,9 @@ def test_verified_copy_is_not_fetched_again(server, synthetic_cifar, tmp_path):
     assert server.requests == 1
 
 
-def test_first_time_fetches_into_one_folder_at_once_do_not_collide(server, synthetic_cifar,
-                                                                    tmp_path):
+def test_first_time_fetches_into_one_folder_at_once_do_not_collide(
+    server, synthetic_cifar, tmp_path
+):
     """Four flow runs on one host start together on an empty data folder: one downloads and
     extracts, the others wait and use its verified copy; nobody sees a half-written file."""
     _, sums = synthetic_cifar
@@ -167,7 +175,8 @@ def test_mirror_folder_with_bad_file_fails(synthetic_cifar, tmp_path, damage):
 
 
 def test_a_verified_mirror_is_stamped_outside_it_and_damage_after_the_stamp_is_caught(
-        synthetic_cifar, tmp_path, data_clock):
+    synthetic_cifar, tmp_path, data_clock
+):
     folder, sums = synthetic_cifar
     mirror = tmp_path / "mirror"
     shutil.copytree(folder, mirror)
@@ -246,6 +255,7 @@ def test_real_mirror_matches_official_checksums(real_cifar):
 # Restricted unpickling: a data file cannot run code
 # ---------------------------------------------------------------------------------------------
 
+
 class _RunsShell:
     """Unpickling this would call os.system (the classic pickle exploit)."""
 
@@ -268,8 +278,9 @@ class _RunsEval:
 
 @pytest.mark.parametrize("payload,refused", [(_RunsShell, "system"), (_RunsEval, "builtins.eval")])
 @pytest.mark.parametrize("victim", ["data_batch_3", "test_batch", "batches.meta"])
-def test_file_that_would_run_code_is_refused_unrun(synthetic_cifar, tmp_path, payload, refused,
-                                                   victim):
+def test_file_that_would_run_code_is_refused_unrun(
+    synthetic_cifar, tmp_path, payload, refused, victim
+):
     folder, _ = synthetic_cifar
     bad = tmp_path / "cifar-10-batches-py"
     shutil.copytree(folder, bad)
@@ -305,21 +316,28 @@ def test_synthetic_files_load_through_the_restricted_unpickler(synthetic_cifar):
 
 def _globals_of(path) -> set[str]:
     """The module.name globals a pickle refers to (protocol 2: GLOBAL opcodes only)."""
-    return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(path.read_bytes())
-            if op.name == "GLOBAL"}
+    return {
+        arg.replace(" ", ".")
+        for op, arg, _ in pickletools.genops(path.read_bytes())
+        if op.name == "GLOBAL"
+    }
 
 
 @pytest.mark.realdata
 def test_real_files_need_only_numpy_array_globals(real_cifar):
     assert _globals_of(real_cifar / "data_batch_1") == {
-        "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+        "numpy.core.multiarray._reconstruct",
+        "numpy.ndarray",
+        "numpy.dtype",
+    }
     assert _globals_of(real_cifar / "batches.meta") == set()
     batch = load_pickle(real_cifar / "test_batch")  # Python 2 pickles, encoding="bytes"
     assert batch[b"data"].shape == (10_000, 3072) and batch[b"batch_label"].startswith(b"testing")
 
 
 def test_arrays_are_cached_once_and_mapped_by_later_processes_while_the_files_are_unchanged(
-        synthetic_cifar, tmp_path, monkeypatch):
+    synthetic_cifar, tmp_path, monkeypatch
+):
     """load_cifar10 with a cache writes the arrays as .npy once; a later process maps them
     instead of unpickling, until a file changes (size, inode or times)."""
     import torch

@@ -10,8 +10,15 @@ import onnx
 import pytest
 import torch
 
-from cifarlab.export import (EXPORTERS, INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx,
-                             onnx_session, servable)
+from cifarlab.export import (
+    EXPORTERS,
+    INPUT_NAME,
+    OPSET,
+    OUTPUT_NAME,
+    export_onnx,
+    onnx_session,
+    servable,
+)
 from models import build_model
 
 
@@ -33,12 +40,15 @@ def model():
 @pytest.fixture(scope="module")
 def models(model):
     """The report's net and the fast recipe's (narrow, to stay quick; the same layers)."""
-    return {"seed-baseline": model,
-            "fast": _with_statistics(build_model("fast", widths=(16, 32, 32)))}
+    return {
+        "seed-baseline": model,
+        "fast": _with_statistics(build_model("fast", widths=(16, 32, 32))),
+    }
 
 
-@pytest.mark.parametrize("name,tta", [("seed-baseline", "none"), ("seed-baseline", "flip_translate"),
-                                      ("fast", "none")])
+@pytest.mark.parametrize(
+    "name,tta", [("seed-baseline", "none"), ("seed-baseline", "flip_translate"), ("fast", "none")]
+)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_export_answers_any_batch_size_like_pytorch(models, tmp_path, exporter, name, tta):
     model = models[name]
@@ -65,15 +75,17 @@ def test_export_answers_any_batch_size_like_pytorch(models, tmp_path, exporter, 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("name,tta", [("seed-baseline", "flip_translate"), ("fast", "none")])
-def test_the_parity_check_passes_the_export_and_names_a_wrong_file(models, tmp_path, name, tta,
-                                                                   channels_last):
+def test_the_parity_check_passes_the_export_and_names_a_wrong_file(
+    models, tmp_path, name, tta, channels_last
+):
     """check_parity (PyTorch in the run's layout against onnxruntime) passes a faithful file
     with its TTA, and a file of other weights fails it, the numbers named."""
     from cifarlab.export import ParityError, check_parity, require_parity
 
     model = models[name]
-    images = torch.randint(0, 256, (600, 3, 32, 32), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(2))
+    images = torch.randint(
+        0, 256, (600, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
     good = export_onnx(model, tmp_path / "good.onnx", tta=tta)
     report = check_parity(model, good, images, tta=tta, channels_last=channels_last)
     assert report.images == 600 and report.passed, report
@@ -107,8 +119,9 @@ def test_a_set_normalised_once_scores_as_its_uint8_images(model, tmp_path):
     labels = torch.randint(0, 10, (2500,), generator=g)
     x = model_input(images)
     assert x.dtype == np.float32 and x.shape == (2500, 3, 32, 32)
-    np.testing.assert_array_equal(x[1000:1010], normalize(images[1000:1010],
-                                                          torch.device("cpu")).numpy())
+    np.testing.assert_array_equal(
+        x[1000:1010], normalize(images[1000:1010], torch.device("cpu")).numpy()
+    )
     direct, once = evaluate_onnx(path, images, labels), evaluate_onnx(path, x, labels)
     np.testing.assert_array_equal(once.predictions, direct.predictions)
     np.testing.assert_array_equal(once.confusion, direct.confusion)
@@ -147,8 +160,9 @@ def test_a_session_per_core_scores_each_set_as_one_session_does(model, tmp_path)
         np.testing.assert_array_equal(got.confusion, alone.confusion)
         assert got.loss == pytest.approx(alone.loss, abs=1e-6)
     with pytest.raises(ValueError, match="got uint8"):
-        evaluate_onnx_per_core(path, [sets[0], (np.zeros((2, 3, 32, 32), np.uint8),
-                                                sets[0][1][:2])])
+        evaluate_onnx_per_core(
+            path, [sets[0], (np.zeros((2, 3, 32, 32), np.uint8), sets[0][1][:2])]
+        )
 
 
 def test_int8_dot_product_is_read_from_the_cpu_flags(tmp_path):
@@ -171,7 +185,8 @@ def test_int8_dot_product_is_read_from_the_cpu_flags(tmp_path):
 
 @pytest.mark.parametrize("dot_product,bits", [(True, 8), (False, 7), (None, 7)])
 def test_the_int8_twin_gets_7_bit_weights_where_int8_sums_could_saturate(
-        model, tmp_path, monkeypatch, dot_product, bits):
+    model, tmp_path, monkeypatch, dot_product, bits
+):
     """Without int8 dot-product instructions (or where the CPU does not say) the twin's
     weights stay within +-64, so onnxruntime's 16-bit sums of pairs cannot saturate; with
     them the full 8 bits are used."""
@@ -188,11 +203,15 @@ def test_the_int8_twin_gets_7_bit_weights_where_int8_sums_could_saturate(
     labels = torch.randint(0, 10, (300,), generator=g)
     x = model_input(images)
     fp32_val = score(torch.from_numpy(onnx_logits(path, x)), labels)
-    report = quantize.build_int8(path, fp32_val, x[:128], x, labels, x, labels,
-                                 tmp_path / "model_int8.onnx")
+    report = quantize.build_int8(
+        path, fp32_val, x[:128], x, labels, x, labels, tmp_path / "model_int8.onnx"
+    )
     assert (report.weight_bits, report.judged_with_dot_product) == (bits, dot_product)
-    weights = [numpy_helper.to_array(t) for t in onnx.load(str(report.path)).graph.initializer
-               if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 100]
+    weights = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(report.path)).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 100
+    ]
     assert weights  # the conv and dense weights
     largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
     assert largest <= 64 if bits == 7 else largest > 64, largest

@@ -15,9 +15,9 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ParameterTypeError
 
 from cifarlab.export import ParityError
+from flows.train_flow import train_cifar
 from registry import hosts
 from registry.tracking import REGISTERED_MODEL, TrackingUnavailable, bool_tag
-from flows.train_flow import train_cifar
 
 
 @pytest.fixture(autouse=True)
@@ -52,24 +52,30 @@ def _runs(root):
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"train": {"lr": -1.0}}, "lr"),
-    ({"data": {"train_size": 0}}, "train_size"),
-    ({"preset": "no-such-preset"}, "preset"),
-    ({"train": {"optimizer": "rmsprop"}}, "optimizer"),
-    ({"model": {"name": "vgg"}}, "name"),
-    ({"int8": "sometimes"}, "int8"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"train": {"lr": -1.0}}, "lr"),
+        ({"data": {"train_size": 0}}, "train_size"),
+        ({"preset": "no-such-preset"}, "preset"),
+        ({"train": {"optimizer": "rmsprop"}}, "optimizer"),
+        ({"model": {"name": "vgg"}}, "name"),
+        ({"int8": "sometimes"}, "int8"),
+    ],
+)
 def test_bad_parameters_are_rejected_naming_the_field(kwargs, field, tmp_path):
     with pytest.raises(ParameterTypeError, match=field):
         train_cifar(root=str(tmp_path), **kwargs)
     assert not (tmp_path / "mlflow.db").exists()  # rejected before anything ran
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"kernel_size": 4}, "model.options.kernel_size: must be odd, got 4"),
-    ({"kernal_size": 3}, "no option kernal_size"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"kernel_size": 4}, "model.options.kernel_size: must be odd, got 4"),
+        ({"kernal_size": 3}, "no option kernal_size"),
+    ],
+)
 def test_bad_model_options_fail_before_anything_runs(options, message, tmp_path):
     from pydantic import ValidationError
 
@@ -89,11 +95,21 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
     val_seconds = client.get_metric_history(run.info.run_id, "val_seconds")
     assert [m.step for m in val_seconds] == [1, 2] and all(m.value > 0 for m in val_seconds)
-    for tag in ("prefect.flow_run_id", "code_version", "split_sha256", "data_fingerprint", "device"):
+    for tag in (
+        "prefect.flow_run_id",
+        "code_version",
+        "split_sha256",
+        "data_fingerprint",
+        "device",
+    ):
         assert run.data.tags[tag]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"learning_curves.png", "confusion_matrix.png", "resolved_config.json",
-            "weights.pt"} <= artifacts
+    assert {
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "resolved_config.json",
+        "weights.pt",
+    } <= artifacts
     assert run.data.metrics["onnx_max_abs_diff"] <= 1e-4
     assert run.data.metrics["onnx_latency_ms_batch256"] > 0
     _assert_val_accuracy_is_the_served_files(client, run, f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -109,12 +125,14 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
     # The int8 twin: evaluated beside fp32, logged, on the version's tags, in the store.
     assert 0 < run.data.metrics["int8_val_accuracy"] <= 1
     assert run.data.metrics["int8_latency_ms_batch1"] > 0
-    assert "int8/model_int8.onnx" in {a.path for a in client.list_artifacts(
-        run.info.run_id, "int8")}
+    assert "int8/model_int8.onnx" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "int8")
+    }
     mv = client.get_model_version(REGISTERED_MODEL, str(result["registered_version"]))
     assert mv.tags["int8_servable"] == run.data.tags["int8_servable"]
     assert float(mv.tags["int8_val_accuracy"]) == pytest.approx(
-        run.data.metrics["int8_val_accuracy"], abs=1e-6)
+        run.data.metrics["int8_val_accuracy"], abs=1e-6
+    )
     assert meta["int8_file"] == "model_int8.onnx"
     assert meta["int8_servable"] == (mv.tags["int8_servable"] == "true")
     # Where the twin was judged: a CPU with or without int8 dot products (this one's).
@@ -139,17 +157,23 @@ def _assert_val_accuracy_is_the_served_files(client, run, uri):
 
     p = run.data.params
     data = load_cifar10(Path(p["data.source"]))
-    split = stratified_split(data.train_labels.numpy(), int(p["data.train_size"]),
-                             int(p["data.val_size"]), int(p["data.split_seed"]))
+    split = stratified_split(
+        data.train_labels.numpy(),
+        int(p["data.train_size"]),
+        int(p["data.val_size"]),
+        int(p["data.split_seed"]),
+    )
     mv = client.get_model_version(REGISTERED_MODEL, run.data.tags["registry.version"])
     store = Store(uri, "")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_file = download_onnx(store, version_uri(store, mv), Path(tmp))
-        served = evaluate_onnx(onnx_file, data.train_images[split.val_idx],
-                               data.train_labels[split.val_idx])
+        served = evaluate_onnx(
+            onnx_file, data.train_images[split.val_idx], data.train_labels[split.val_idx]
+        )
         # The run's record of those classes (what a later champion comparison reads) is this
         # file's, on these images.
-        from registry.champion import recorded_predictions
+        from registry.predictions import recorded_predictions
+
         recorded = recorded_predictions(store, run.info.run_id, onnx_file)
     assert recorded is not None
     np.testing.assert_array_equal(recorded[0], split.val_idx)
@@ -169,8 +193,10 @@ def _assert_mlflow_ui_sees_a_model_training_run(client, run, result):
     assert {m.key for m in logged.metrics} >= {"final_val_accuracy", "test_accuracy"}
     mv = client.get_model_version(REGISTERED_MODEL, result["registered_version"])
     assert mv.source == f"models:/{logged.model_id}"
-    contexts = {{t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset
-                for d in run.inputs.dataset_inputs}
+    contexts = {
+        {t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset
+        for d in run.inputs.dataset_inputs
+    }
     assert set(contexts) == {"training", "validation"}
     assert contexts["training"].name == "cifar10-training-240" and contexts["training"].digest
     assert run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.source.type"] == "JOB"
@@ -184,8 +210,13 @@ def test_worse_model_does_not_take_the_alias(data, tmp_path):
     first = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path))
     # A learning rate this small leaves the net near chance: worse on validation. Both share
     # the 60 validation images (the same split), enough here with min_shared_images=50.
-    worse = train_cifar(preset="seed-baseline", data=data, root=str(tmp_path),
-                        train={**FAST_TRAIN, "lr": 1e-7, "seed": 1}, min_shared_images=50)
+    worse = train_cifar(
+        preset="seed-baseline",
+        data=data,
+        root=str(tmp_path),
+        train={**FAST_TRAIN, "lr": 1e-7, "seed": 1},
+        min_shared_images=50,
+    )
     assert worse["val_accuracy"] < first["val_accuracy"]
     assert worse["alias"] == "challenger"
     assert worse["promotion_reason"].startswith("not better than champion v1: ")
@@ -194,12 +225,16 @@ def test_worse_model_does_not_take_the_alias(data, tmp_path):
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
     assert str(champion.version) == str(first["registered_version"])
     assert str(client.get_model_version_by_alias(REGISTERED_MODEL, "challenger").version) == str(
-        worse["registered_version"])
+        worse["registered_version"]
+    )
     mv = client.get_model_version(REGISTERED_MODEL, worse["registered_version"])
     assert mv.tags["shared_images"] == "60" and "mcnemar_p" in mv.tags
     report = {a.path for a in client.list_artifacts(worse["mlflow_run_id"], "champion_comparison")}
-    assert {"champion_comparison/report.md", "champion_comparison/confusion_diff.png",
-            "champion_comparison/disagreements.png"} <= report
+    assert {
+        "champion_comparison/report.md",
+        "champion_comparison/confusion_diff.png",
+        "champion_comparison/disagreements.png",
+    } <= report
     # Only a champion gets an int8 twin by default: none for the challenger, on its run or
     # its version.
     worse_run = client.get_run(worse["mlflow_run_id"])
@@ -208,17 +243,28 @@ def test_worse_model_does_not_take_the_alias(data, tmp_path):
     assert not client.list_artifacts(worse["mlflow_run_id"], "int8")
     # With the default minimum (2,000 shared images) 60 images are no evidence: no verdict.
     # int8=always: a twin for this challenger too, on its run and its version.
-    third = train_cifar(preset="seed-baseline", data=data, root=str(tmp_path),
-                        train={**FAST_TRAIN, "seed": 2}, int8="always")
-    assert third["alias"] == "challenger" and "only 60 validation images" in third["promotion_reason"]
+    third = train_cifar(
+        preset="seed-baseline",
+        data=data,
+        root=str(tmp_path),
+        train={**FAST_TRAIN, "seed": 2},
+        int8="always",
+    )
+    assert (
+        third["alias"] == "challenger" and "only 60 validation images" in third["promotion_reason"]
+    )
     third_run = client.get_run(third["mlflow_run_id"])
     third_mv = client.get_model_version(REGISTERED_MODEL, third["registered_version"])
     assert third_mv.tags["int8_servable"] == third_run.data.tags["int8_servable"]
     assert float(third_mv.tags["int8_val_accuracy"]) == pytest.approx(
-        third_run.data.metrics["int8_val_accuracy"], abs=1e-6)
+        third_run.data.metrics["int8_val_accuracy"], abs=1e-6
+    )
     # The challenger did not replace the champion in the BentoML store.
     assert worse["bento_tag"] == first["bento_tag"]
-    assert _bento_store().get("cifar10-classifier:latest").tag == _bento_store().get(first["bento_tag"]).tag
+    assert (
+        _bento_store().get("cifar10-classifier:latest").tag
+        == _bento_store().get(first["bento_tag"]).tag
+    )
 
 
 def test_a_sweep_builds_the_int8_twin_of_the_run_it_promotes(data, synthetic_cifar, tmp_path):
@@ -230,11 +276,17 @@ def test_a_sweep_builds_the_int8_twin_of_the_run_it_promotes(data, synthetic_cif
     from prefect import flow
 
     from cifarlab.arrays import load_cifar10
-    from registry import tracking, versions
     from flows.sweep_registration import build_int8_twin
+    from registry import tracking, versions
 
-    result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path),
-                         skip_registry=True, int8="never")
+    result = train_cifar(
+        preset="seed-baseline",
+        data=data,
+        train=FAST_TRAIN,
+        root=str(tmp_path),
+        skip_registry=True,
+        int8="never",
+    )
     client = _client(tmp_path)
     run = client.get_run(result["mlflow_run_id"])
     assert "int8_val_accuracy" not in run.data.metrics
@@ -256,10 +308,12 @@ def test_a_sweep_builds_the_int8_twin_of_the_run_it_promotes(data, synthetic_cif
     after = client.get_run(run.info.run_id)
     assert tags["int8_servable"] == after.data.tags["int8_servable"]
     assert float(tags["int8_val_accuracy"]) == pytest.approx(
-        after.data.metrics["int8_val_accuracy"], abs=1e-6)
+        after.data.metrics["int8_val_accuracy"], abs=1e-6
+    )
     assert after.data.metrics["int8_latency_ms_batch1"] > 0
-    assert "int8/model_int8.onnx" in {a.path for a in client.list_artifacts(run.info.run_id,
-                                                                           "int8")}
+    assert "int8/model_int8.onnx" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "int8")
+    }
 
 
 def test_a_sweep_registers_nothing_trained_on_other_data(data, synthetic_cifar, tmp_path):
@@ -267,29 +321,50 @@ def test_a_sweep_registers_nothing_trained_on_other_data(data, synthetic_cifar, 
     run whose data fingerprint is not theirs is refused, naming both, and nothing registered."""
     from prefect import flow
 
+    from cifarlab import sweep as sw
     from cifarlab.arrays import load_cifar10
     from cifarlab.experiment import DataBundle
-    from cifarlab import sweep as sw
-    from registry import tracking
     from flows.sweep_registration import PointFailed, register_candidate
+    from registry import tracking
 
-    result = train_cifar(preset="seed-baseline", data=data, train=FAST_TRAIN, root=str(tmp_path),
-                         skip_registry=True, int8="never")
+    result = train_cifar(
+        preset="seed-baseline",
+        data=data,
+        train=FAST_TRAIN,
+        root=str(tmp_path),
+        skip_registry=True,
+        int8="never",
+    )
     client = _client(tmp_path)
     run = client.get_run(result["mlflow_run_id"])
     point = sw.Point(0, "p", {}, {})
-    outcome = sw.Outcome(point, 0, "ok", run.info.run_id, run.data.metrics["final_val_accuracy"],
-                         run.data.metrics["test_accuracy"])
-    best = {"point": "p", "seeds_ok": 1, "val_acc_mean": 0.5, "val_acc_std": 0.0,
-            "test_acc_mean": 0.5, "test_acc_std": 0.0}
+    outcome = sw.Outcome(
+        point,
+        0,
+        "ok",
+        run.info.run_id,
+        run.data.metrics["final_val_accuracy"],
+        run.data.metrics["test_accuracy"],
+    )
+    best = {
+        "point": "p",
+        "seeds_ok": 1,
+        "val_acc_mean": 0.5,
+        "val_acc_std": 0.0,
+        "test_acc_mean": 0.5,
+        "test_acc_std": 0.0,
+    }
 
     @flow
     def register_on(fingerprint: str) -> None:
         bundle = DataBundle(synthetic_cifar[0], load_cifar10(synthetic_cifar[0]), fingerprint)
         register_candidate(tracking.open_store(tmp_path), best, [outcome], "s1", bundle, 1, None)
 
-    with pytest.raises(PointFailed, match=f"trained on data {run.data.tags['data_fingerprint']}"
-                                          ", but this host loaded data 0123456789abcdef"):
+    with pytest.raises(
+        PointFailed,
+        match=f"trained on data {run.data.tags['data_fingerprint']}"
+        ", but this host loaded data 0123456789abcdef",
+    ):
         register_on("0123456789abcdef")
     with pytest.raises(MlflowException):
         client.get_registered_model(REGISTERED_MODEL)
@@ -348,7 +423,8 @@ def _count_calls(monkeypatch, module, name: str) -> list:
 
 
 def test_data_is_verified_and_read_once_per_run_and_a_changed_file_is_caught(
-        synthetic_cifar, tmp_path, monkeypatch, data_clock):
+    synthetic_cifar, tmp_path, monkeypatch, data_clock
+):
     import os
     import shutil
 
@@ -366,8 +442,13 @@ def test_data_is_verified_and_read_once_per_run_and_a_changed_file_is_caught(
 
     def run():
         before = len(hashed), len(read)
-        train_cifar(preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 1},
-                    root=str(tmp_path / "root"), skip_registry=True)
+        train_cifar(
+            preset="seed-baseline",
+            data=data,
+            train={**FAST_TRAIN, "epochs": 1},
+            root=str(tmp_path / "root"),
+            skip_registry=True,
+        )
         return len(hashed) - before[0], len(read) - before[1]
 
     assert run() == (len(sums), 6)  # first run: every file hashed once, read once
@@ -385,15 +466,19 @@ def test_data_is_verified_and_read_once_per_run_and_a_changed_file_is_caught(
         run()
 
 
-def test_a_fetched_folder_deleted_between_runs_is_fetched_again(synthetic_archive,
-                                                               synthetic_cifar, tmp_path):
+def test_a_fetched_folder_deleted_between_runs_is_fetched_again(
+    synthetic_archive, synthetic_cifar, tmp_path
+):
     import shutil
 
     _, sums = synthetic_cifar
-    data = {"source": str(synthetic_archive), "checksums": sums, "train_size": 240,
-            "val_size": 60}
-    kwargs = dict(preset="seed-baseline", train={**FAST_TRAIN, "epochs": 1},
-                  root=str(tmp_path), skip_registry=True)
+    data = {"source": str(synthetic_archive), "checksums": sums, "train_size": 240, "val_size": 60}
+    kwargs = dict(
+        preset="seed-baseline",
+        train={**FAST_TRAIN, "epochs": 1},
+        root=str(tmp_path),
+        skip_registry=True,
+    )
     train_cifar(data=data, **kwargs)
     folder = tmp_path / "data" / "cifar-10-batches-py"
     shutil.rmtree(folder)  # the fetch's folder is gone: a miss, not FileNotFoundError
@@ -405,8 +490,11 @@ def test_a_fetched_folder_deleted_between_runs_is_fetched_again(synthetic_archiv
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
-            any_=[second.data.tags["prefect.flow_run_id"]])))
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[second.data.tags["prefect.flow_run_id"]])
+            )
+        )
     assert {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}["fetch_data"] == "Completed"
 
 
@@ -444,15 +532,23 @@ class _ArchiveServer:
 
     def train_from(self, root: Path, checksums: dict[str, str], retries: int) -> dict:
         """One train-cifar run whose data source is this server."""
-        return train_cifar(preset="seed-baseline", root=str(root), skip_registry=True,
-                           data={"source": self.url, "checksums": checksums, "train_size": 240,
-                                 "val_size": 60, "download_retries": retries,
-                                 "download_backoff_s": 0.01},
-                           train={**FAST_TRAIN, "epochs": 1})
+        return train_cifar(
+            preset="seed-baseline",
+            root=str(root),
+            skip_registry=True,
+            data={
+                "source": self.url,
+                "checksums": checksums,
+                "train_size": 240,
+                "val_size": 60,
+                "download_retries": retries,
+                "download_backoff_s": 0.01,
+            },
+            train={**FAST_TRAIN, "epochs": 1},
+        )
 
 
-def test_flaky_download_is_retried_by_the_task_alone(synthetic_archive, synthetic_cifar,
-                                                     tmp_path):
+def test_flaky_download_is_retried_by_the_task_alone(synthetic_archive, synthetic_cifar, tmp_path):
     _, sums = synthetic_cifar
     with _ArchiveServer(synthetic_archive.read_bytes(), failures=2) as server:
         result = server.train_from(tmp_path, sums, retries=2)
@@ -463,12 +559,15 @@ def test_flaky_download_is_retried_by_the_task_alone(synthetic_archive, syntheti
 
 
 def test_a_download_that_keeps_failing_is_tried_retries_plus_one_times(
-        synthetic_archive, synthetic_cifar, tmp_path):
+    synthetic_archive, synthetic_cifar, tmp_path
+):
     from cifarlab.data import DownloadError
 
     _, sums = synthetic_cifar
-    with _ArchiveServer(synthetic_archive.read_bytes(), failures=10**6) as server, \
-            pytest.raises(DownloadError, match="503"):
+    with (
+        _ArchiveServer(synthetic_archive.read_bytes(), failures=10**6) as server,
+        pytest.raises(DownloadError, match="503"),
+    ):
         server.train_from(tmp_path, sums, retries=2)
     assert server.hits == 3  # not 3 task tries x 3 download attempts
     assert not (tmp_path / "runs").exists()
@@ -479,16 +578,18 @@ def test_a_wrong_archive_is_not_retried(synthetic_archive, synthetic_cifar, tmp_
 
     _, sums = synthetic_cifar
     wrong = {**sums, "test_batch": "0" * 32}
-    with _ArchiveServer(synthetic_archive.read_bytes(), failures=0) as server, \
-            pytest.raises(DataError, match="test_batch has md5"):
+    with (
+        _ArchiveServer(synthetic_archive.read_bytes(), failures=0) as server,
+        pytest.raises(DataError, match="test_batch has md5"),
+    ):
         server.train_from(tmp_path, wrong, retries=3)
     assert server.hits == 1  # the same bytes would fail the same way: no retry
 
 
 def test_interrupted_run_is_resumed_not_duplicated(data, tmp_path, monkeypatch):
-    import cifarlab.train as train_mod
+    from cifarlab import checkpoints
 
-    real_save = train_mod._save_atomic
+    real_save = checkpoints.save_atomic
     saves = []
 
     def die_after_first_checkpoint(obj, path):
@@ -497,9 +598,10 @@ def test_interrupted_run_is_resumed_not_duplicated(data, tmp_path, monkeypatch):
         if len(saves) == 1:
             raise KeyboardInterrupt("killed")  # as if the process died after epoch 1
 
-    monkeypatch.setattr(train_mod, "_save_atomic", die_after_first_checkpoint)
-    cfg = dict(preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 3},
-               root=str(tmp_path))
+    monkeypatch.setattr(checkpoints, "save_atomic", die_after_first_checkpoint)
+    cfg = dict(
+        preset="seed-baseline", data=data, train={**FAST_TRAIN, "epochs": 3}, root=str(tmp_path)
+    )
     with pytest.raises(KeyboardInterrupt):
         train_cifar(**cfg)
     (run,) = _runs(tmp_path)
@@ -560,8 +662,12 @@ def _foreign_run(tmp_path, chash, flow_run_id, **tags):
     from registry import tracking
 
     store = tracking.open_store(tmp_path)
-    run_id = tracking.start_run(store, "elsewhere", {}, {
-        "config_hash": chash, "prefect.flow_run_id": str(flow_run_id), **tags})
+    run_id = tracking.start_run(
+        store,
+        "elsewhere",
+        {},
+        {"config_hash": chash, "prefect.flow_run_id": str(flow_run_id), **tags},
+    )
     return store, run_id
 
 
@@ -575,11 +681,11 @@ def test_a_live_run_of_the_same_config_is_left_alone(data, tmp_path):
     train = {**FAST_TRAIN, "epochs": 1}
     other = _flow_run(Running())
     # This very process stands for the other flow run's: alive, with its true start time.
-    store, live = _foreign_run(tmp_path, _config_hash(data, train), other.id,
-                               **process_tags())
+    store, live = _foreign_run(tmp_path, _config_hash(data, train), other.id, **process_tags())
     before = store.client.get_run(live)
-    result = train_cifar(preset="seed-baseline", data=data, train=train, root=str(tmp_path),
-                         skip_registry=True)
+    result = train_cifar(
+        preset="seed-baseline", data=data, train=train, root=str(tmp_path), skip_registry=True
+    )
     assert result["mlflow_run_id"] != live
     after = store.client.get_run(live)
     assert after.info.status == "RUNNING" and after.data.tags == before.data.tags
@@ -602,10 +708,17 @@ def test_a_run_whose_process_died_on_this_host_is_ended_and_resumed(data, tmp_pa
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     other = _flow_run(Running())
-    store, orphan = _foreign_run(tmp_path, _config_hash(data, train), other.id,
-                                 host=host_name(), pid=str(dead.pid), pid_started="1.0")
-    result = train_cifar(preset="seed-baseline", data=data, train=train, root=str(tmp_path),
-                         skip_registry=True)
+    store, orphan = _foreign_run(
+        tmp_path,
+        _config_hash(data, train),
+        other.id,
+        host=host_name(),
+        pid=str(dead.pid),
+        pid_started="1.0",
+    )
+    result = train_cifar(
+        preset="seed-baseline", data=data, train=train, root=str(tmp_path), skip_registry=True
+    )
     assert result["mlflow_run_id"] == orphan
     assert store.client.get_run(orphan).info.status == "FINISHED"
     with get_client(sync_client=True) as client:
@@ -618,11 +731,13 @@ def test_an_unfinished_run_of_another_host_is_not_resumed_here(data, tmp_path):
 
     train = {**FAST_TRAIN, "epochs": 1}
     other = _flow_run(Failed())
-    store, theirs = _foreign_run(tmp_path, _config_hash(data, train), other.id,
-                                 host="gpu-host-b", pid="1")
+    store, theirs = _foreign_run(
+        tmp_path, _config_hash(data, train), other.id, host="gpu-host-b", pid="1"
+    )
     store.client.set_terminated(theirs, "FAILED")
-    result = train_cifar(preset="seed-baseline", data=data, train=train, root=str(tmp_path),
-                         skip_registry=True)
+    result = train_cifar(
+        preset="seed-baseline", data=data, train=train, root=str(tmp_path), skip_registry=True
+    )
     assert result["mlflow_run_id"] != theirs
     assert store.client.get_run(theirs).info.status == "FAILED"
 
@@ -648,18 +763,33 @@ def test_the_reaper_judges_only_processes_of_this_host(tmp_path):
     name = hosts.host_name()
     runs = {
         "other host": {"host": "gpu-host-b", **here},
-        "same name, other machine": {"host": name, **here, "host_machine": "m" * 12,
-                                     "host_boot": "b" * 12},
+        "same name, other machine": {
+            "host": name,
+            **here,
+            "host_machine": "m" * 12,
+            "host_boot": "b" * 12,
+        },
         "same kernel, other container": {"host": name, **here, "host_pidns": "n" * 12},
         "here": {"host": name, **here},
         "here, before a reboot": {"host": name, **here, "host_boot": "b" * 12},
     }
-    ids = {what: tracking.start_run(store, what, {}, {
-        "prefect.flow_run_id": f"flow-{i}", "prefect.flow_run_count": "1", "pid": pid,
-        "pid_started": "1.0", **tags}) for i, (what, tags) in enumerate(runs.items())}
+    ids = {
+        what: tracking.start_run(
+            store,
+            what,
+            {},
+            {
+                "prefect.flow_run_id": f"flow-{i}",
+                "prefect.flow_run_count": "1",
+                "pid": pid,
+                "pid_started": "1.0",
+                **tags,
+            },
+        )
+        for i, (what, tags) in enumerate(runs.items())
+    }
     crashed = []
-    failed = tracking.fail_stale_runs(store, lambda _id: True,
-                                      lambda *args: crashed.append(args))
+    failed = tracking.fail_stale_runs(store, lambda _id: True, lambda *args: crashed.append(args))
     expected = ["here", "here, before a reboot"]
     if not here["host_machine"]:  # no /etc/machine-id: an earlier boot cannot be told ours
         expected = ["here"]
@@ -687,8 +817,13 @@ def test_a_resume_claim_names_its_new_owner_before_it_says_running(tmp_path, mon
         return real(self, rid, status=status, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "update_run", update_run)
-    tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "new-owner"},
-                       resume=store.client.get_run(run_id))
+    tracking.start_run(
+        store,
+        "orphan",
+        {},
+        {"prefect.flow_run_id": "new-owner"},
+        resume=store.client.get_run(run_id),
+    )
     assert seen == [("RUNNING", "new-owner")]
 
 
@@ -702,9 +837,13 @@ def test_the_reaper_never_fails_a_run_claimed_while_it_judged(tmp_path):
 
     def ended_and_meanwhile_claimed(flow_run_id):
         store.client.set_terminated(run_id, "FAILED")  # another reaper got there first
-        tracking.start_run(store, "orphan", {}, {"prefect.flow_run_id": "new-owner",
-                                                 **hosts.process_tags()},
-                           resume=store.client.get_run(run_id))
+        tracking.start_run(
+            store,
+            "orphan",
+            {},
+            {"prefect.flow_run_id": "new-owner", **hosts.process_tags()},
+            resume=store.client.get_run(run_id),
+        )
         return flow_run_id != "ended"
 
     assert tracking.fail_stale_runs(store, ended_and_meanwhile_claimed) == []

@@ -15,7 +15,9 @@ from models import MODELS, OPTION_CHECKS, build_model, check_options, model_name
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'resnet'.*fast, seed-baseline, seed-deep, seed-wide"):
+    with pytest.raises(
+        ValueError, match="unknown model 'resnet'.*fast, seed-baseline, seed-deep, seed-wide"
+    ):
         build_model("resnet")
 
 
@@ -64,35 +66,46 @@ def test_fast_whitening_decorrelates_patches():
 # Options are validated when the config is made
 # ---------------------------------------------------------------------------------------------
 
+
 def test_even_kernel_fails_when_the_config_is_made():
     with pytest.raises(ValidationError, match=r"model\.options\.kernel_size: must be odd, got 4"):
         preset("seed-baseline", model={"options": {"kernel_size": 4}})
 
 
 def test_unknown_option_names_it_and_the_valid_ones():
-    with pytest.raises(ValidationError, match=r"model\.options\.depth: .*no option depth; its "
-                       r"options: kernel_size, pool_kernel, pool_stride, channels, hidden"):
+    with pytest.raises(
+        ValidationError,
+        match=r"model\.options\.depth: .*no option depth; its "
+        r"options: kernel_size, pool_kernel, pool_stride, channels, hidden",
+    ):
         preset("seed-baseline", model={"options": {"depth": 3}})
     with pytest.raises(ValidationError, match="no option kernel_size; its options: widths"):
         ModelConfig(name="fast", options={"kernel_size": 3})
 
 
-@pytest.mark.parametrize("name,options,message", [
-    ("seed-baseline", {"kernel_size": 0}, "kernel_size: must be at least 1, got 0"),
-    ("seed-baseline", {"kernel_size": "3"}, "kernel_size: must be an integer, got '3' \\(str\\)"),
-    ("seed-baseline", {"kernel_size": 3.0}, "kernel_size: must be an integer"),
-    ("seed-baseline", {"channels": 0}, "channels: must be a positive integer, got 0"),
-    ("seed-baseline", {"hidden": -5}, "hidden: must be a positive integer, got -5"),
-    ("seed-baseline", {"pool_kernel": 40}, "pool_kernel: must be between 1 and 32, got 40"),
-    ("seed-baseline", {"pool_stride": 0}, "pool_stride: must be a positive integer"),
-    ("seed-baseline", {"num_classes": 100}, "num_classes: must be 10"),
-    ("seed-deep", {"kernel_size": 2}, "kernel_size: must be odd, got 2"),
-    ("seed-wide", {"widths": [64] * 6}, "widths: must have 1 to 5 entries, got 6"),
-    ("seed-wide", {"hidden": True}, "hidden: must be an integer, got True"),
-    ("fast", {"widths": [64, 128]}, "widths: must have 3 entries, got 2"),
-    ("fast", {"widths": [64, 0, 128]}, "widths: entry 1 must be a positive integer, got 0"),
-    ("fast", {"widths": "64,128,128"}, "widths: must be a list of 3 positive integers"),
-])
+@pytest.mark.parametrize(
+    "name,options,message",
+    [
+        ("seed-baseline", {"kernel_size": 0}, "kernel_size: must be at least 1, got 0"),
+        (
+            "seed-baseline",
+            {"kernel_size": "3"},
+            "kernel_size: must be an integer, got '3' \\(str\\)",
+        ),
+        ("seed-baseline", {"kernel_size": 3.0}, "kernel_size: must be an integer"),
+        ("seed-baseline", {"channels": 0}, "channels: must be a positive integer, got 0"),
+        ("seed-baseline", {"hidden": -5}, "hidden: must be a positive integer, got -5"),
+        ("seed-baseline", {"pool_kernel": 40}, "pool_kernel: must be between 1 and 32, got 40"),
+        ("seed-baseline", {"pool_stride": 0}, "pool_stride: must be a positive integer"),
+        ("seed-baseline", {"num_classes": 100}, "num_classes: must be 10"),
+        ("seed-deep", {"kernel_size": 2}, "kernel_size: must be odd, got 2"),
+        ("seed-wide", {"widths": [64] * 6}, "widths: must have 1 to 5 entries, got 6"),
+        ("seed-wide", {"hidden": True}, "hidden: must be an integer, got True"),
+        ("fast", {"widths": [64, 128]}, "widths: must have 3 entries, got 2"),
+        ("fast", {"widths": [64, 0, 128]}, "widths: entry 1 must be a positive integer, got 0"),
+        ("fast", {"widths": "64,128,128"}, "widths: must be a list of 3 positive integers"),
+    ],
+)
 def test_bad_option_values_name_the_field(name, options, message):
     with pytest.raises(ValidationError, match=rf"model\.options\.{message}"):
         ModelConfig(name=name, options=options)
@@ -106,8 +119,9 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_valid_options_pass():
-    ModelConfig(name="seed-baseline",
-                options={"kernel_size": 5, "pool_kernel": 2, "pool_stride": 2})
+    ModelConfig(
+        name="seed-baseline", options={"kernel_size": 5, "pool_kernel": 2, "pool_stride": 2}
+    )
     ModelConfig(name="seed-deep", options={"kernel_size": 1})
     ModelConfig(name="seed-wide", options={"widths": [32, 64], "hidden": 128})
     ModelConfig(name="fast", options={"widths": (16, 32, 32)})

@@ -9,8 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from cifarlab.config import preset
-from cifarlab.optim import MuonSGD, orthogonalize
-from cifarlab.optim import make_optimizer
+from cifarlab.optim import MuonSGD, make_optimizer, orthogonalize
 from models import build_model
 
 
@@ -22,7 +21,7 @@ def test_orthogonalize_flattens_the_spectrum(shape):
     assert orthogonalize(g).shape == g.shape
     assert torch.linalg.svdvals(g).max() > 4 * torch.linalg.svdvals(g).min()
     # Whatever the input's spread, the output's singular values lie near 1.
-    assert 0.5 < s.min() and s.max() < 1.3, s
+    assert s.min() > 0.5 and s.max() < 1.3, s
 
 
 def test_muon_groups_filters_and_leaves_the_rest_to_sgd():
@@ -35,16 +34,21 @@ def test_muon_groups_filters_and_leaves_the_rest_to_sgd():
     sgd = [g for g in opt.param_groups if not g["muon"]]
     assert all(g["momentum"] == cfg.momentum for g in sgd)
     assert sorted(g["weight_decay"] for g in sgd) == pytest.approx(
-        sorted([cfg.weight_decay, cfg.weight_decay / cfg.bias_lr_scale]))
+        sorted([cfg.weight_decay, cfg.weight_decay / cfg.bias_lr_scale])
+    )
     assert muon[0]["lr_scale"] * cfg.lr == pytest.approx(0.1)  # what the schedule multiplies
     filters = {id(p) for p in muon[0]["params"]}
-    convs = [m.weight for m in model.modules()
-             if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]
+    convs = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad
+    ]
     assert filters == {id(p) for p in convs} and len(convs) == 6
     assert not model.whiten.weight.requires_grad  # frozen: in no group
     rest = [p for g in opt.param_groups if not g["muon"] for p in g["params"]]
-    assert {id(p) for p in rest} == {id(p) for p in model.parameters()
-                                     if p.requires_grad and id(p) not in filters}
+    assert {id(p) for p in rest} == {
+        id(p) for p in model.parameters() if p.requires_grad and id(p) not in filters
+    }
 
 
 def test_muon_step_keeps_filter_norm_and_moves_by_lr():
@@ -58,7 +62,7 @@ def test_muon_step_keeps_filter_norm_and_moves_by_lr():
     moved = (w.detach() - rescaled).reshape(32, -1)
     # One step with momentum 0 is lr times the orthogonalized gradient: singular values ~lr.
     s = torch.linalg.svdvals(moved)
-    assert 0.5 * 0.05 < s.min() and s.max() < 1.3 * 0.05
+    assert s.min() > 0.5 * 0.05 and s.max() < 1.3 * 0.05
     direction = -moved.flatten() @ w.grad.reshape(-1)
     assert direction > 0  # it descends
 
@@ -87,8 +91,9 @@ def test_muon_settings_are_part_of_a_muon_config_only():
     sgd = preset("fast-cpu")
     assert config_hash(sgd) == config_hash(preset("fast-cpu", train={"muon_lr": 0.1}))
     muon = preset("fast-cpu", train={"optimizer": "muon"})
-    assert config_hash(muon) != config_hash(preset("fast-cpu", train={"optimizer": "muon",
-                                                                      "muon_lr": 0.1}))
+    assert config_hash(muon) != config_hash(
+        preset("fast-cpu", train={"optimizer": "muon", "muon_lr": 0.1})
+    )
 
 
 def test_sgd_groups_match_torch_sgd_with_nesterov():
@@ -107,8 +112,11 @@ def test_sgd_groups_match_torch_sgd_with_nesterov():
 
 def test_a_muon_group_takes_filters_only():
     with pytest.raises(ValueError, match="4-D"):
-        MuonSGD([{"params": [torch.nn.Parameter(torch.zeros(3, 3))], "muon": True}],
-                lr=0.1, momentum=0.5)
+        MuonSGD(
+            [{"params": [torch.nn.Parameter(torch.zeros(3, 3))], "muon": True}],
+            lr=0.1,
+            momentum=0.5,
+        )
 
 
 def test_muon_needs_the_fast_net():

@@ -96,9 +96,17 @@ def test_batcher_merges_concurrent_requests_and_keeps_their_order():
 
 
 def test_service_imports_neither_torch_nor_prefect_nor_mlflow(tmp_path):
-    code = ("import sys, serving.service; "
-            "print([m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "BENTOML_HOME": str(tmp_path)}, timeout=120)
+    code = (
+        "import sys, serving.service; "
+        "print([m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BENTOML_HOME": str(tmp_path)},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -90,6 +90,7 @@ def test_a_service_that_may_die_is_not_reported(tmp_path):
 
 def test_signals_are_ignored_while_stopping():
     """A second Ctrl-C during a stop must not cut it short (PostgreSQL would be left)."""
+
     # Known handlers first: a test run started in the background has SIGINT ignored already.
     def on_hup(*_):
         raise AssertionError("SIGHUP got through")
@@ -115,21 +116,25 @@ def test_a_start_that_fails_at_a_step_stops_what_the_earlier_steps_started(tmp_p
     stopped before the error reaches the caller (no server needed: the steps are replaced)."""
     import pytest
 
-    from stacks.processes import StackError
     from stacks.local import LocalStack
+    from stacks.processes import StackError
 
     stack = LocalStack(root=tmp_path, prefect_home=tmp_path / "home")
     started = []
 
     def server() -> None:
-        started.append(stack.services.spawn("server", [sys.executable, "-c",
-                                                       "import time; time.sleep(600)"]))
+        started.append(
+            stack.services.spawn("server", [sys.executable, "-c", "import time; time.sleep(600)"])
+        )
 
     def pools() -> None:
         raise ValueError("Invalid control character at: line 4 column 65")
 
-    stack.start_steps = lambda: [("Prefect server", server), ("work pools", pools),
-                                 ("never reached", lambda: started.append("no"))]
+    stack.start_steps = lambda: [
+        ("Prefect server", server),
+        ("work pools", pools),
+        ("never reached", lambda: started.append("no")),
+    ]
     with pytest.raises(StackError, match=r"step 'work pools': ValueError: Invalid control"):
         stack.start()
     (proc,) = started
@@ -140,12 +145,12 @@ def test_deployment_parameters_are_read_as_prefect_reads_them():
     """KEY=VALUE with JSON values, else plain strings, as `prefect deployment run --param`."""
     import pytest
 
-    from stacks.processes import StackError
     from stacks.prefect_api import parse_params
+    from stacks.processes import StackError
 
-    assert parse_params(["preset=seed-baseline", 'train={"epochs": 2}', "seeds=3",
-                         "x=a b", "flag=true"]) == {
-        "preset": "seed-baseline", "train": {"epochs": 2}, "seeds": 3, "x": "a b", "flag": True}
+    assert parse_params(
+        ["preset=seed-baseline", 'train={"epochs": 2}', "seeds=3", "x=a b", "flag=true"]
+    ) == {"preset": "seed-baseline", "train": {"epochs": 2}, "seeds": 3, "x": "a b", "flag": True}
     with pytest.raises(StackError, match="parameter 'seeds'"):
         parse_params(["seeds"])
     with pytest.raises(StackError, match=r"parameter train: .* is not valid JSON"):

@@ -53,8 +53,13 @@ class Served:
         return self.post(files={"image": (name, content, mime)}, data=fields)
 
     def classify_raw(self, content: bytes, mime="image/png", **query):
-        return requests.post(self.url + "/classify", data=content, params=query,
-                             headers={"Content-Type": mime}, timeout=60)
+        return requests.post(
+            self.url + "/classify",
+            data=content,
+            params=query,
+            headers={"Content-Type": mime},
+            timeout=60,
+        )
 
     def torch_probs(self, images_nchw: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -74,8 +79,9 @@ class InProcess:
         return self.client.post(path, files=files, data=data, **kw)
 
     def post_body(self, path: str, body: bytes, content_type: str, **query):
-        return self.client.post(path, content=body, params=query,
-                                headers={"Content-Type": content_type})
+        return self.client.post(
+            path, content=body, params=query, headers={"Content-Type": content_type}
+        )
 
     def classify(self, content: bytes, name="img.png", mime="image/png", **fields):
         return self.post(files={"image": (name, content, mime)}, data=fields)
@@ -103,19 +109,32 @@ def local(tmp_path_factory):
     from serving.preprocess import DEFAULT_MAX_PIXELS
 
     torch.manual_seed(0)
-    onnx_path = export_onnx(build_model("seed-baseline").eval(),
-                            tmp_path_factory.mktemp("local") / "model.onnx")
-    with bentoml.models.create("cifar10-classifier-inprocess", labels={"source": "test"},
-                               metadata={"class_names": list(CLASS_NAMES), "mean": list(MEAN),
-                                         "std": list(STD), "onnx_file": "model.onnx",
-                                         "mlflow_version": "1"}) as bm:
+    onnx_path = export_onnx(
+        build_model("seed-baseline").eval(), tmp_path_factory.mktemp("local") / "model.onnx"
+    )
+    with bentoml.models.create(
+        "cifar10-classifier-inprocess",
+        labels={"source": "test"},
+        metadata={
+            "class_names": list(CLASS_NAMES),
+            "mean": list(MEAN),
+            "std": list(STD),
+            "onnx_file": "model.onnx",
+            "mlflow_version": "1",
+        },
+    ) as bm:
         Path(bm.path_of("model.onnx")).write_bytes(onnx_path.read_bytes())
-    loaded = load(bentoml.models.get(bm.tag), threads=1, batch_size=64, wait_ms=0,
-                  on_batch=None)
+    loaded = load(bentoml.models.get(bm.tag), threads=1, batch_size=64, wait_ms=0, on_batch=None)
     routes = Routes()
-    routes.front = Front(LiveModel(loaded, lambda: None, lambda _stored: loaded), Settings(
-        max_upload_bytes=UPLOAD_LIMIT, max_inflight_bytes=INFLIGHT_BUDGET,
-        max_batch_images=256, max_pixels=DEFAULT_MAX_PIXELS))
+    routes.front = Front(
+        LiveModel(loaded, lambda: None, lambda _stored: loaded),
+        Settings(
+            max_upload_bytes=UPLOAD_LIMIT,
+            max_inflight_bytes=INFLIGHT_BUDGET,
+            max_batch_images=256,
+            max_pixels=DEFAULT_MAX_PIXELS,
+        ),
+    )
     with TestClient(routes.app) as client:
         yield InProcess(client)
 
@@ -123,7 +142,9 @@ def local(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, synthetic_cifar):
     root = tmp_path_factory.mktemp("serving")
-    real = Path(os.environ.get("CIFAR10_SOURCE") or ROOT.parent / "shared/cifar10/cifar-10-batches-py")
+    real = Path(
+        os.environ.get("CIFAR10_SOURCE") or ROOT.parent / "shared/cifar10/cifar-10-batches-py"
+    )
     if (real / "test_batch").is_file():
         data = {"source": str(real), "train_size": 5000, "val_size": 1000}
     else:  # no real data here: the synthetic files, same format
@@ -136,41 +157,73 @@ def served(tmp_path_factory, synthetic_cifar):
 
     # Log and register as train-cifar does (registry.tracking), into this test's own store.
     from cifarlab.constants import MEAN, STD
-    from registry import champion, tracking
+    from registry import champion, run_logging, tracking
 
     store = tracking.open_store(root)
     run_id = tracking.start_run(store, "serving-test", {"preset": config.preset}, {})
     example = normalize(outcome.data.data.test_images[:2], torch.device("cpu")).numpy()
-    logged = tracking.log_onnx_model(store, run_id, onnx_path, example, metadata={
-        "class_names": list(outcome.data.data.class_names), "mean": list(MEAN), "std": list(STD),
-        "val_accuracy": outcome.val.accuracy, "test_accuracy": outcome.test.accuracy})
+    logged = run_logging.log_onnx_model(
+        store,
+        run_id,
+        onnx_path,
+        example,
+        metadata={
+            "class_names": list(outcome.data.data.class_names),
+            "mean": list(MEAN),
+            "std": list(STD),
+            "val_accuracy": outcome.val.accuracy,
+            "test_accuracy": outcome.test.accuracy,
+        },
+    )
     tracking.log_metrics(store, run_id, {"final_val_accuracy": outcome.val.accuracy})
     # The int8 twin, as train-cifar builds and logs it.
     from cifarlab.quantize import build_int8, calibration_set
 
     d = outcome.data.data
-    int8 = build_int8(onnx_path, outcome.val, calibration_set(d.train_images,
-                                                              outcome.split.train_idx),
-                      outcome.run.val_images, outcome.run.val_labels, d.test_images,
-                      d.test_labels, root / "model_int8.onnx")
+    int8 = build_int8(
+        onnx_path,
+        outcome.val,
+        calibration_set(d.train_images, outcome.split.train_idx),
+        outcome.run.val_images,
+        outcome.run.val_labels,
+        d.test_images,
+        d.test_labels,
+        root / "model_int8.onnx",
+    )
     tracking.log_files(store, run_id, {"model_int8": int8.path}, folder="int8")
-    champion.register(store, run_id, logged.model_uri, onnx_path, outcome.data.data,
-                      tags={"val_accuracy": f"{outcome.val.accuracy:.6f}", "served_tta": "none",
-                            "int8_val_accuracy": f"{int8.val.accuracy:.6f}",
-                            "int8_test_accuracy": f"{int8.test.accuracy:.6f}",
-                            "int8_servable": str(int8.servable).lower(),
-                            "int8_judged_with_dot_product":
-                                tracking.bool_tag(int8.judged_with_dot_product)},
-                      model_id=logged.model_id)
+    champion.register(
+        store,
+        run_id,
+        logged.model_uri,
+        onnx_path,
+        outcome.data.data,
+        tags={
+            "val_accuracy": f"{outcome.val.accuracy:.6f}",
+            "served_tta": "none",
+            "int8_val_accuracy": f"{int8.val.accuracy:.6f}",
+            "int8_test_accuracy": f"{int8.test.accuracy:.6f}",
+            "int8_servable": str(int8.servable).lower(),
+            "int8_judged_with_dot_product": tracking.bool_tag(int8.judged_with_dot_product),
+        },
+        model_id=logged.model_id,
+    )
     tracking.end_run(store, run_id, "FINISHED")
 
     home = root / "bentoml"
-    env = {"CIFAR_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT), "CIFAR_ACCESS_LOG": "false",
-           "CIFAR_MAX_INFLIGHT_BYTES": str(INFLIGHT_BUDGET)}
+    env = {
+        "CIFAR_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+        "CIFAR_ACCESS_LOG": "false",
+        "CIFAR_MAX_INFLIGHT_BYTES": str(INFLIGHT_BUDGET),
+    }
     import_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    imported = subprocess.run([sys.executable, "-m", "registry.import_champion", "--root", str(root)],
-                              cwd=ROOT, env={**import_env, "BENTOML_HOME": str(home)},
-                              capture_output=True, text=True, timeout=120)
+    imported = subprocess.run(
+        [sys.executable, "-m", "registry.import_champion", "--root", str(root)],
+        cwd=ROOT,
+        env={**import_env, "BENTOML_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert imported.returncode == 0, imported.stderr
 
     d = outcome.data.data
@@ -184,10 +237,15 @@ def test_classify_answers_class_probabilities_and_model_version(served):
     assert r.status_code == 200, r.text
     body = r.json()
     probs = served.torch_probs(served.images[:1])[0]
-    assert body["class_id"] == int(probs.argmax()) and body["label"] == CLASS_NAMES[body["class_id"]]
+    assert (
+        body["class_id"] == int(probs.argmax()) and body["label"] == CLASS_NAMES[body["class_id"]]
+    )
     assert body["confidence"] == pytest.approx(probs.max(), abs=1e-5)
     assert [c["class_id"] for c in body["top_k"]] == list(np.argsort(-probs)[:5])
-    assert body["model"]["registered_model"] == "cifar10-classifier" and body["model"]["version"] == "1"
+    assert (
+        body["model"]["registered_model"] == "cifar10-classifier"
+        and body["model"]["version"] == "1"
+    )
     assert body["model"]["run_id"] and body["model"]["bento_tag"].startswith("cifar10-classifier:")
     assert body["image"] == {"format": "PNG", "width": 32, "height": 32, "mode": "RGB", "frames": 1}
 
@@ -198,9 +256,16 @@ def test_curl_upload_as_in_the_readme(served, tmp_path):
         missing("curl", "the README's command is run as written")
     png = tmp_path / "cat.png"
     png.write_bytes(_png(served.images[3].permute(1, 2, 0).numpy()))
-    out = subprocess.run(["curl", "-s", "-F", f"image=@{png}", served.url + "/classify"],
-                         capture_output=True, text=True, timeout=60, check=True)
-    assert json.loads(out.stdout)["class_id"] == int(served.torch_probs(served.images[3:4]).argmax())
+    out = subprocess.run(
+        ["curl", "-s", "-F", f"image=@{png}", served.url + "/classify"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(out.stdout)["class_id"] == int(
+        served.torch_probs(served.images[3:4]).argmax()
+    )
 
 
 @pytest.mark.e2e
@@ -211,8 +276,10 @@ def test_endpoint_classes_equal_pytorch_on_300_test_images(served):
     clear = (top2[:, 1] - top2[:, 0]) > 1e-4  # a near-tie may flip between runtimes: exempt
     pngs = [_png(img.permute(1, 2, 0).numpy()) for img in served.images[:n]]
     single = [served.classify(p).json()["class_id"] for p in pngs[:150]]
-    batch = served.post("/classify_batch", files=[("images", (f"{i}.png", p, "image/png"))
-                                                  for i, p in enumerate(pngs[150:])])
+    batch = served.post(
+        "/classify_batch",
+        files=[("images", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs[150:])],
+    )
     assert batch.status_code == 200, batch.text
     got = np.array(single + [res["class_id"] for res in batch.json()["results"]])
     want = expected.argmax(axis=1)
@@ -239,21 +306,30 @@ def test_200_concurrent_requests_each_get_their_own_answer(served):
         # All ten probabilities match this image's own: an answer for another image would not.
         np.testing.assert_allclose([probs[k] for k in range(10)], expected[i], atol=1e-4)
     metrics = requests.get(served.url + "/metrics", timeout=10).text
-    sizes = [line for line in metrics.splitlines()
-             if line.startswith("cifar_inference_batch_size_count")]
+    sizes = [
+        line for line in metrics.splitlines() if line.startswith("cifar_inference_batch_size_count")
+    ]
     assert sizes, "batch-size histogram missing from /metrics"
     # Adaptive batching merged concurrent requests: fewer onnxruntime calls than images.
     calls = sum(float(line.split()[-1]) for line in sizes)
-    images = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                 if line.startswith("cifar_inference_batch_size_sum"))
+    images = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("cifar_inference_batch_size_sum")
+    )
     assert images > calls
     # BentoML's request figures by endpoint and status.
-    assert any(line.startswith("bentoml_service_request_total") and 'endpoint="/classify"' in line
-               and 'http_response_code="200"' in line and float(line.split()[-1]) >= n
-               for line in metrics.splitlines())
+    assert any(
+        line.startswith("bentoml_service_request_total")
+        and 'endpoint="/classify"' in line
+        and 'http_response_code="200"' in line
+        and float(line.split()[-1]) >= n
+        for line in metrics.splitlines()
+    )
 
 
 # --- bad input: 4xx with a JSON message, and the server keeps serving ------------------------
+
 
 def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG header claiming width x height 8-bit RGB pixels (30 GB decoded), no data."""
@@ -261,12 +337,20 @@ def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     import zlib
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (struct.pack(">I", len(payload)) + kind + payload
-                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
+    )
 
 
 def _good_png() -> bytes:
@@ -275,33 +359,87 @@ def _good_png() -> bytes:
 
 BAD_INPUTS = [
     # (case, files, form fields, status, text the JSON message must contain)
-    ("not an image", {"image": ("notes.txt", b"hello, world", "text/plain")}, {}, 415,
-     "not an image"),
-    ("truncated PNG", {"image": ("cut.png", _good_png()[:60], "image/png")}, {}, 400,
-     "truncated or corrupt"),
+    (
+        "not an image",
+        {"image": ("notes.txt", b"hello, world", "text/plain")},
+        {},
+        415,
+        "not an image",
+    ),
+    (
+        "truncated PNG",
+        {"image": ("cut.png", _good_png()[:60], "image/png")},
+        {},
+        400,
+        "truncated or corrupt",
+    ),
     ("empty file", {"image": ("empty.png", b"", "image/png")}, {}, 400, "empty"),
     ("missing field", None, {"top_k": "3"}, 400, "no file in field 'image'"),
-    ("misnamed field", {"file": ("cat.png", _good_png(), "image/png")}, {}, 400,
-     "unknown form field(s) 'file'"),
-    ("text instead of a file", None, {"image": "http://127.0.0.1:9/cat.png"}, 400,
-     "must be a file upload"),
-    ("two images to /classify", [("image", ("a.png", _good_png(), "image/png")),
-                                 ("image", ("b.png", _good_png(), "image/png"))], {}, 400,
-     "/classify_batch"),
-    ("bracket bomb in top_k", {"image": ("a.png", _good_png(), "image/png")},
-     {"top_k": "[" * 100_000}, 400, "top_k must be a whole number"),
-    ("TIFF", {"image": ("a.tiff", b"II*\x00" + b"\x00" * 200, "image/tiff")}, {}, 415,
-     "send one of PNG, JPEG, WEBP, BMP, GIF"),
-    ("decompression bomb", {"image": ("bomb.png", _bomb_png(), "image/png")}, {}, 413,
-     "megapixels"),
-    ("body over the limit", {"image": ("big.png", b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 10),
-                                       "image/png")}, {}, 413, "over the limit"),
-    ("top_k out of range", {"image": ("a.png", _good_png(), "image/png")}, {"top_k": "11"}, 400,
-     "top_k must be a whole number from 1 to 10"),
+    (
+        "misnamed field",
+        {"file": ("cat.png", _good_png(), "image/png")},
+        {},
+        400,
+        "unknown form field(s) 'file'",
+    ),
+    (
+        "text instead of a file",
+        None,
+        {"image": "http://127.0.0.1:9/cat.png"},
+        400,
+        "must be a file upload",
+    ),
+    (
+        "two images to /classify",
+        [
+            ("image", ("a.png", _good_png(), "image/png")),
+            ("image", ("b.png", _good_png(), "image/png")),
+        ],
+        {},
+        400,
+        "/classify_batch",
+    ),
+    (
+        "bracket bomb in top_k",
+        {"image": ("a.png", _good_png(), "image/png")},
+        {"top_k": "[" * 100_000},
+        400,
+        "top_k must be a whole number",
+    ),
+    (
+        "TIFF",
+        {"image": ("a.tiff", b"II*\x00" + b"\x00" * 200, "image/tiff")},
+        {},
+        415,
+        "send one of PNG, JPEG, WEBP, BMP, GIF",
+    ),
+    (
+        "decompression bomb",
+        {"image": ("bomb.png", _bomb_png(), "image/png")},
+        {},
+        413,
+        "megapixels",
+    ),
+    (
+        "body over the limit",
+        {"image": ("big.png", b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 10), "image/png")},
+        {},
+        413,
+        "over the limit",
+    ),
+    (
+        "top_k out of range",
+        {"image": ("a.png", _good_png(), "image/png")},
+        {"top_k": "11"},
+        400,
+        "top_k must be a whole number from 1 to 10",
+    ),
 ]
 
 
-@pytest.mark.parametrize("case,files,fields,status,text", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "case,files,fields,status,text", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
 def test_bad_input_gets_4xx_json(local, case, files, fields, status, text):
     if files is None and fields:  # a plain form without files: still multipart, as curl -F sends
         files = {k: (None, v) for k, v in fields.items()}
@@ -318,18 +456,34 @@ RAW_BAD_INPUTS = [
     ("truncated PNG", _good_png()[:60], "image/png", 400, "truncated or corrupt"),
     ("empty body", b"", "image/png", 400, "empty"),
     ("decompression bomb", _bomb_png(), "image/png", 413, "megapixels"),
-    ("body over the limit", b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 10), "image/png", 413,
-     "over the limit"),
+    (
+        "body over the limit",
+        b"\x89PNG" + b"\0" * (UPLOAD_LIMIT + 10),
+        "image/png",
+        413,
+        "over the limit",
+    ),
     ("JSON body", b'{"image": "cat.png"}', "application/json", 415, "multipart/form-data"),
-    ("form-encoded body", b"image=cat.png", "application/x-www-form-urlencoded", 415,
-     "Content-Type"),
-    ("multipart boundary over 256 characters", b"--" + b"b" * 300 + b"\r\n",
-     "multipart/form-data; boundary=" + "b" * 300, 400, "multipart"),
+    (
+        "form-encoded body",
+        b"image=cat.png",
+        "application/x-www-form-urlencoded",
+        415,
+        "Content-Type",
+    ),
+    (
+        "multipart boundary over 256 characters",
+        b"--" + b"b" * 300 + b"\r\n",
+        "multipart/form-data; boundary=" + "b" * 300,
+        400,
+        "multipart",
+    ),
 ]
 
 
-@pytest.mark.parametrize("case,content,mime,status,text", RAW_BAD_INPUTS,
-                         ids=[b[0] for b in RAW_BAD_INPUTS])
+@pytest.mark.parametrize(
+    "case,content,mime,status,text", RAW_BAD_INPUTS, ids=[b[0] for b in RAW_BAD_INPUTS]
+)
 def test_bad_raw_body_gets_4xx_json(local, case, content, mime, status, text):
     r = local.classify_raw(content, mime)
     assert r.status_code == status, r.text
@@ -345,12 +499,16 @@ def test_bad_top_k_in_the_query_gets_400(local):
 
 
 def test_a_multipart_body_cut_before_its_closing_boundary_is_a_400(local):
-    body = (b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + _good_png() + b"\r\n--xyz--\r\n")
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + _good_png() + b"\r\n--xyz--\r\n"
+    )
     for cut in (len(body) - 9, len(body) - 40, 120):
         r = local.post_body("/classify", body[:cut], "multipart/form-data; boundary=xyz")
-        assert r.status_code == 400 and r.json()["reason"] in ("bad_multipart", "missing_image"), \
-            (cut, r.text)
+        assert r.status_code == 400 and r.json()["reason"] in ("bad_multipart", "missing_image"), (
+            cut,
+            r.text,
+        )
     r = local.post_body("/classify", body, "multipart/form-data; boundary=xyz")
     assert r.status_code == 200, r.text
 
@@ -363,8 +521,12 @@ def test_a_png_with_a_huge_text_chunk_is_refused_without_expanding_it(local):
 
     png = _good_png()
     text = b"Comment\0\0" + zlib.compress(b" " * (64 * 1024 * 1024), 9)
-    chunk = struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(
-        ">I", zlib.crc32(b"zTXt" + text) & 0xFFFFFFFF)
+    chunk = (
+        struct.pack(">I", len(text))
+        + b"zTXt"
+        + text
+        + struct.pack(">I", zlib.crc32(b"zTXt" + text) & 0xFFFFFFFF)
+    )
     bomb = png[:33] + chunk + png[33:]  # after IHDR
     started = time.perf_counter()
     r = local.classify_raw(bomb)
@@ -390,8 +552,10 @@ def test_a_cut_animated_gif_is_a_400_at_every_offset(local):
 
 
 def test_batch_names_the_bad_image(local):
-    files = [("images", ("a.png", _good_png(), "image/png")),
-             ("images", ("b.txt", b"not an image", "text/plain"))]
+    files = [
+        ("images", ("a.png", _good_png(), "image/png")),
+        ("images", ("b.txt", b"not an image", "text/plain")),
+    ]
     r = local.post("/classify_batch", files=files)
     assert r.status_code == 415 and r.json()["error"].startswith("image 1 ")
 
@@ -407,8 +571,11 @@ def test_batch_over_the_image_limit_is_413(local):
 def test_rejections_are_counted_in_metrics(served):
     served.classify(b"definitely not an image", name="x.txt", mime="text/plain")
     metrics = requests.get(served.url + "/metrics", timeout=10).text
-    assert any(line.startswith('cifar_rejected_uploads_total{reason="not_an_image"}')
-               and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
+    assert any(
+        line.startswith('cifar_rejected_uploads_total{reason="not_an_image"}')
+        and float(line.split()[-1]) >= 1
+        for line in metrics.splitlines()
+    )
 
 
 @pytest.mark.e2e
@@ -425,20 +592,33 @@ def test_real_world_images(local):
     rng = np.random.default_rng(0)
     # A smooth 1600x1200 "photo": noise at 40x30, scaled up (compresses like a real photo).
     photo = Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).resize(
-        (1600, 1200), Image.Resampling.BICUBIC)
+        (1600, 1200), Image.Resampling.BICUBIC
+    )
     cases = []
-    buf = io.BytesIO(); photo.save(buf, "JPEG", quality=85); cases.append(("JPEG", buf.getvalue(), 1))
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=85)
+    cases.append(("JPEG", buf.getvalue(), 1))
     frames = [Image.new("RGB", (64, 48), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    buf = io.BytesIO(); frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     cases.append(("GIF", buf.getvalue(), 3))
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)).save(buf, "PNG")
     cases.append(("PNG", buf.getvalue(), 1))
-    pal = Image.new("P", (32, 32)); pal.info["transparency"] = 0
-    buf = io.BytesIO(); pal.save(buf, "PNG", transparency=0); cases.append(("PNG", buf.getvalue(), 1))
-    buf = io.BytesIO(); photo.convert("CMYK").save(buf, "JPEG"); cases.append(("JPEG", buf.getvalue(), 1))
-    buf = io.BytesIO(); photo.resize((300, 200)).save(buf, "WEBP"); cases.append(("WEBP", buf.getvalue(), 1))
-    buf = io.BytesIO(); photo.resize((50, 30)).convert("1").save(buf, "BMP"); cases.append(("BMP", buf.getvalue(), 1))
+    pal = Image.new("P", (32, 32))
+    pal.info["transparency"] = 0
+    buf = io.BytesIO()
+    pal.save(buf, "PNG", transparency=0)
+    cases.append(("PNG", buf.getvalue(), 1))
+    buf = io.BytesIO()
+    photo.convert("CMYK").save(buf, "JPEG")
+    cases.append(("JPEG", buf.getvalue(), 1))
+    buf = io.BytesIO()
+    photo.resize((300, 200)).save(buf, "WEBP")
+    cases.append(("WEBP", buf.getvalue(), 1))
+    buf = io.BytesIO()
+    photo.resize((50, 30)).convert("1").save(buf, "BMP")
+    cases.append(("BMP", buf.getvalue(), 1))
     for fmt, content, frames_n in cases:
         r = local.classify(content, name="upload", mime="application/octet-stream")
         assert r.status_code == 200, (fmt, r.text)
@@ -463,12 +643,13 @@ def test_model_card_is_served_and_answers_point_at_it(served):
     assert body["mlflow_version"] == "1" and body["served_tta"] == "none"
     # Why int8 would or would not be served here: the twin's verdict and the CPU it was judged on.
     from cifarlab.cpu import has_int8_dot_product
-
-    from tests.conftest import bento_model_store as model_store
     from serving.schemas import ModelCard
+    from tests.conftest import bento_model_store as model_store
 
     meta = model_store(served.home).get("cifar10-classifier:latest").info.metadata
-    assert body["int8_servable"] is meta["int8_servable"] and isinstance(meta["int8_servable"], bool)
+    assert body["int8_servable"] is meta["int8_servable"] and isinstance(
+        meta["int8_servable"], bool
+    )
     assert body["int8_judged_with_dot_product"] is has_int8_dot_product()
     assert set(body) <= set(ModelCard.model_fields), set(body) - set(ModelCard.model_fields)
     ModelCard.model_validate(body)  # the documented schema (/docs.json) says what is sent
@@ -480,6 +661,7 @@ def test_model_card_is_served_and_answers_point_at_it(served):
 
 
 # --- the raw-body path, the version on every answer, the documented schema -----------------
+
 
 @pytest.mark.e2e
 def test_raw_body_answers_as_multipart_does_with_the_version_header(served):
@@ -498,6 +680,7 @@ def test_raw_body_answers_as_multipart_does_with_the_version_header(served):
 
 # --- no stalls, bounded memory ----------------------------------------------------------------
 
+
 def _one_bit_png(side: int = 6000) -> bytes:
     """A 36-megapixel 1-bit PNG of about 11 KB: tiny to send, a third of a second to decode."""
     buf = io.BytesIO()
@@ -511,15 +694,17 @@ def _until_in_progress(url: str, endpoint: str, n: int, timeout_s: float = 30.0)
     import re
     import time
 
-    pattern = re.compile(r'request_in_progress\{[^}]*endpoint="' + re.escape(endpoint)
-                         + r'"[^}]*\} (\d+(?:\.\d+)?)')
+    pattern = re.compile(
+        r'request_in_progress\{[^}]*endpoint="' + re.escape(endpoint) + r'"[^}]*\} (\d+(?:\.\d+)?)'
+    )
     deadline = time.monotonic() + timeout_s
     while True:
         text = requests.get(url + "/metrics", timeout=10).text
         if sum(float(v) for v in pattern.findall(text)) >= n:
             return
         assert time.monotonic() < deadline, f"not {n} requests to {endpoint} in progress: " + (
-            "\n".join(line for line in text.splitlines() if "in_progress" in line) or text[:500])
+            "\n".join(line for line in text.splitlines() if "in_progress" in line) or text[:500]
+        )
         time.sleep(0.05)
 
 
@@ -535,16 +720,21 @@ def test_heavy_small_files_do_not_stall_other_clients(served, tmp_path):
     files = [("images", (f"{i}.png", heavy, "image/png")) for i in range(12)]
     good = _good_png()
     env = {"CIFAR_SERVE_WORKERS": "1", "CIFAR_ORT_THREADS": "1"}
-    with BentoServer(served.home, tmp_path / "one-worker.log", env) as url, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        batches = [pool.submit(requests.post, url + "/classify_batch", files=files, timeout=120)
-                   for _ in range(2)]
+    with (
+        BentoServer(served.home, tmp_path / "one-worker.log", env) as url,
+        concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool,
+    ):
+        batches = [
+            pool.submit(requests.post, url + "/classify_batch", files=files, timeout=120)
+            for _ in range(2)
+        ]
         _until_in_progress(url, "/classify_batch", 2)  # both batches are being decoded now
         waits = []
         for _ in range(3):
             started = time.perf_counter()
-            r = requests.post(url + "/classify", data=good, timeout=60,
-                              headers={"Content-Type": "image/png"})
+            r = requests.post(
+                url + "/classify", data=good, timeout=60, headers={"Content-Type": "image/png"}
+            )
             waits.append(time.perf_counter() - started)
             assert r.status_code == 200, r.text
         assert not all(b.done() for b in batches), "the batches ended too soon to prove anything"
@@ -568,16 +758,21 @@ def test_uploads_over_the_budget_get_503_with_retry_after(served):
     announced = []
     for _ in range(4):  # idle connections announcing the largest allowed body
         c = socket.create_connection((host, int(port)), timeout=30)
-        c.sendall(f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
-                  f"Content-Length: {UPLOAD_LIMIT}\r\n\r\n".encode())
+        c.sendall(
+            f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {UPLOAD_LIMIT}\r\n\r\n".encode()
+        )
         announced.append(c)
     conns, answers = [], []
     try:
         assert served.classify_raw(_good_png()).status_code == 200  # announcing holds nothing
         for _ in range(6):
             c = socket.create_connection((host, int(port)), timeout=30)
-            c.sendall(f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
-                      f"Content-Length: {size}\r\n\r\n".encode() + b"\0" * (size - 10))
+            c.sendall(
+                f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {size}\r\n\r\n".encode()
+                + b"\0" * (size - 10)
+            )
             conns.append(c)
         # Wait for the refusals (an answer to read) rather than for a fixed time.
         deadline = time.monotonic() + 30
@@ -611,6 +806,7 @@ def test_uploads_over_the_budget_get_503_with_retry_after(served):
 
 # --- the page at /, in a real browser ----------------------------------------------------------
 
+
 @pytest.mark.e2e
 def test_the_page_classifies_a_dropped_image_in_chromium(served, tmp_path):
     """Headless Chromium (Debian's chromium + chromedriver, driven by Selenium) opens /, picks a
@@ -624,38 +820,59 @@ def test_the_page_classifies_a_dropped_image_in_chromium(served, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     image = tmp_path / "test-image-7.png"
-    image.write_bytes(_png(np.asarray(Image.fromarray(
-        served.images[7].permute(1, 2, 0).numpy()).resize((128, 128), Image.Resampling.NEAREST))))
+    image.write_bytes(
+        _png(
+            np.asarray(
+                Image.fromarray(served.images[7].permute(1, 2, 0).numpy()).resize(
+                    (128, 128), Image.Resampling.NEAREST
+                )
+            )
+        )
+    )
     expected = served.classify(image.read_bytes()).json()["label"]
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1100,800", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,800",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
         driver.get(served.url + "/")
         assert driver.title == "CIFAR-10 classifier"
         driver.find_element(By.ID, "files").send_keys(str(image))
-        card = WebDriverWait(driver, 30).until(lambda d: d.find_element(
-            By.CSS_SELECTOR, "#results .card[data-state='done'], #results .card[data-state='error']"))
+        card = WebDriverWait(driver, 30).until(
+            lambda d: d.find_element(
+                By.CSS_SELECTOR,
+                "#results .card[data-state='done'], #results .card[data-state='error']",
+            )
+        )
         assert card.get_attribute("data-state") == "done", card.text
         assert card.find_element(By.CSS_SELECTOR, ".label").text == expected
         assert len(card.find_elements(By.CSS_SELECTOR, ".bar")) == 3
         assert card.get_attribute("data-version") == "1"
         assert "model version 1" in card.text and " ms" in card.text
         WebDriverWait(driver, 10).until(
-            lambda d: "version 1" in d.find_element(By.ID, "model").text)
+            lambda d: "version 1" in d.find_element(By.ID, "model").text
+        )
         shot = Path(os.environ.get("CIFAR_SCREENSHOTS") or tmp_path)
         shot.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(shot / "page-classified.png"))
         # The API docs: Swagger UI renders this service's own OpenAPI document.
         driver.get(served.url + "/docs")
-        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(
-            By.CSS_SELECTOR, ".opblock-summary-path")) >= 3)
-        paths = {e.text.strip().replace("\u200b", "") for e in driver.find_elements(
-            By.CSS_SELECTOR, ".opblock-summary-path")}
+        WebDriverWait(driver, 30).until(
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")) >= 3
+        )
+        paths = {
+            e.text.strip().replace("\u200b", "")
+            for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+        }
         assert {"/classify", "/classify_batch", "/model"} <= paths, paths
         assert driver.save_screenshot(str(shot / "docs.png"))
         print(f"screenshots in {shot}")
@@ -669,14 +886,17 @@ def test_docs_page_and_openapi(served):
     assert page.status_code == 200 and "swagger-ui" in page.text
     spec = requests.get(served.url + "/docs.json", timeout=10).json()
     assert {"multipart/form-data", "image/*", "application/octet-stream"} <= set(
-        spec["paths"]["/classify"]["post"]["requestBody"]["content"])
+        spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    )
 
 
 # --- a new champion swapped in while clients keep asking -----------------------------------
 
+
 @pytest.mark.e2e
-def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served, tmp_path,
-                                                                          monkeypatch):
+def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(
+    served, tmp_path, monkeypatch
+):
     """A server of its own (a copy of the store, following it every second) answers four
     clients without pause while the registry's champion alias moves to a new version and
     `cifar-import-champion` puts it in the store: no request fails, every answer names its
@@ -699,10 +919,16 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
         with requests.Session() as s:
             while not stop.is_set():
                 try:
-                    r = s.post(url + "/classify", data=png, timeout=30,
-                               headers={"Content-Type": "image/png"})
-                    if r.status_code != 200 or r.headers["X-Model-Version"] != \
-                            r.json()["model"]["version"]:
+                    r = s.post(
+                        url + "/classify",
+                        data=png,
+                        timeout=30,
+                        headers={"Content-Type": "image/png"},
+                    )
+                    if (
+                        r.status_code != 200
+                        or r.headers["X-Model-Version"] != r.json()["model"]["version"]
+                    ):
                         failures.append((r.status_code, r.text[:200]))
                     seen[i].append(r.headers.get("X-Model-Version"))
                 except Exception as exc:  # noqa: BLE001 - counted
@@ -725,13 +951,22 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
             old = client_.get_model_version_by_alias("cifar10-classifier", "champion")
             monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the registry resolves models:/ URIs
             new = client_.create_model_version(
-                "cifar10-classifier", old.source, run_id=old.run_id, tags=old.tags,
-                description=old.description, model_id=old.model_id)
+                "cifar10-classifier",
+                old.source,
+                run_id=old.run_id,
+                tags=old.tags,
+                description=old.description,
+                model_id=old.model_id,
+            )
             client_.set_registered_model_alias("cifar10-classifier", "champion", new.version)
             imported = subprocess.run(
-                [sys.executable, "-m", "registry.import_champion", "--tracking-uri", uri], cwd=ROOT,
-                env={**os.environ, "BENTOML_HOME": str(home)}, capture_output=True, text=True,
-                timeout=120)
+                [sys.executable, "-m", "registry.import_champion", "--tracking-uri", uri],
+                cwd=ROOT,
+                env={**os.environ, "BENTOML_HOME": str(home)},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert imported.returncode == 0, imported.stderr
             # Each client sees the switch, then keeps being answered by version 2.
             until(lambda versions: versions.count("2") >= 5, "had answers from version 2")
@@ -751,6 +986,7 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(served
 
 # --- int8 ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.e2e
 def test_int8_is_served_when_asked_and_agrees_with_fp32(served, tmp_path):
     """CIFAR_PRECISION=int8: the answers come from the imported int8 twin (precision int8) and
@@ -760,8 +996,12 @@ def test_int8_is_served_when_asked_and_agrees_with_fp32(served, tmp_path):
     assert {a["model"]["precision"] for a in fp32} == {"fp32"}
     with BentoServer(served.home, tmp_path / "int8.log", {"CIFAR_PRECISION": "int8"}) as url:
         with requests.Session() as s:
-            int8 = [s.post(url + "/classify", data=p, headers={"Content-Type": "image/png"},
-                           timeout=30).json() for p in pngs]
+            int8 = [
+                s.post(
+                    url + "/classify", data=p, headers={"Content-Type": "image/png"}, timeout=30
+                ).json()
+                for p in pngs
+            ]
         card = requests.get(url + "/model", timeout=10).json()
     from tests.conftest import bento_model_store as model_store
 

@@ -23,8 +23,9 @@ def test_other_seed_or_sizes_change_the_hash():
     assert stratified_split(LABELS, 42_000, 8_000, seed=1).digest != base.digest
 
 
-@pytest.mark.parametrize("train,val", [(40_000, 10_000), (36_000, 10_000), (42_000, 8_000),
-                                       (45_000, 5_000), (997, 103)])
+@pytest.mark.parametrize(
+    "train,val", [(40_000, 10_000), (36_000, 10_000), (42_000, 8_000), (45_000, 5_000), (997, 103)]
+)
 def test_disjoint_exact_sizes_and_stratified(train, val):
     split = stratified_split(LABELS, train, val, seed=0)
     assert len(split.train_idx) == train and len(split.val_idx) == val
@@ -42,8 +43,9 @@ def test_unbalanced_labels_keep_their_proportions():
     assert np.bincount(labels[split.train_idx]).tolist() == [450, 50]
 
 
-@pytest.mark.parametrize("train,val,match", [(0, 10, "train_size"), (10, 0, "val_size"),
-                                             (45_000, 6_000, "exceeds")])
+@pytest.mark.parametrize(
+    "train,val,match", [(0, 10, "train_size"), (10, 0, "val_size"), (45_000, 6_000, "exceeds")]
+)
 def test_bad_sizes_are_named(train, val, match):
     with pytest.raises(ValueError, match=match):
         stratified_split(LABELS, train, val, seed=0)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from stacks.processes import free_port
-from stacks.local import ZOMBIE_AUTOMATION, LocalStack
 from registry.tracking import REGISTERED_MODEL
+from stacks.local import ZOMBIE_AUTOMATION, LocalStack
+from stacks.processes import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -38,8 +38,10 @@ def _processes_with(marker: str) -> list[int]:
 
 # Longer than the 80 columns a CLI without a terminal wraps its output at (a second start once
 # failed on such a description, split by a raw newline in what `prefect automation inspect` printed).
-LONG_DESCRIPTION = ("Crash flow runs whose host stopped sending heartbeats: a description much "
-                    "longer than eighty columns, on purpose, {n}")
+LONG_DESCRIPTION = (
+    "Crash flow runs whose host stopped sending heartbeats: a description much "
+    "longer than eighty columns, on purpose, {n}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +53,16 @@ def stack(tmp_path_factory):
     port = free_port()
 
     def make(n: int) -> LocalStack:
-        return LocalStack(root=root, port=port, prefect_home=home, extra_env={
-            "PREFECT_UI_ENABLED": "false", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-            "CIFAR_ZOMBIE_DESCRIPTION": LONG_DESCRIPTION.format(n=n)})
+        return LocalStack(
+            root=root,
+            port=port,
+            prefect_home=home,
+            extra_env={
+                "PREFECT_UI_ENABLED": "false",
+                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+                "CIFAR_ZOMBIE_DESCRIPTION": LONG_DESCRIPTION.format(n=n),
+            },
+        )
 
     with make(1).running():
         pass
@@ -80,8 +89,13 @@ def _client(root: Path) -> MlflowClient:
 
 def _progress(stack: LocalStack, flow_run_id: str) -> list[float]:
     """The progress artifacts of a flow run, as the Prefect UI shows them (percent)."""
-    return [a["data"] for a in stack.api("/artifacts/filter", {"artifacts": {
-        "flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["progress"]}}})]
+    return [
+        a["data"]
+        for a in stack.api(
+            "/artifacts/filter",
+            {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["progress"]}}},
+        )
+    ]
 
 
 def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
@@ -114,7 +128,12 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert _progress(stack, run.data.tags["prefect.flow_run_id"]) == [100.0]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"learning_curves.png", "confusion_matrix.png", "model_card.md", "weights.pt"} <= artifacts
+    assert {
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "model_card.md",
+        "weights.pt",
+    } <= artifacts
 
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
     assert champion.run_id == run.info.run_id
@@ -170,22 +189,26 @@ def test_killed_training_is_resumed_by_the_next_run(stack, params):
 
     client = _client(stack.root)
     exp = client.get_experiment_by_name("train-cifar")
-    runs = [r for r in client.search_runs([exp.experiment_id])
-            if r.data.params.get("train.seed") == "7"]
+    runs = [
+        r for r in client.search_runs([exp.experiment_id]) if r.data.params.get("train.seed") == "7"
+    ]
     (killed,) = runs
     assert killed.info.status == "RUNNING" and killed.data.tags["registered"] == "false"
 
     # The worker reports the crash: wait for that state, not a fixed time.
     flow_run_id = killed.data.tags["prefect.flow_run_id"]
     deadline = time.monotonic() + 60
-    while _flow_run_state(stack, flow_run_id) not in ("CRASHED", "FAILED") \
-            and time.monotonic() < deadline:
+    while (
+        _flow_run_state(stack, flow_run_id) not in ("CRASHED", "FAILED")
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.5)
     assert _flow_run_state(stack, flow_run_id) in ("CRASHED", "FAILED")
     result = stack.run_deployment("seed-baseline", run_params, timeout=600)
     assert result.ok, result.log_text()
-    runs = [r for r in client.search_runs([exp.experiment_id])
-            if r.data.params.get("train.seed") == "7"]
+    runs = [
+        r for r in client.search_runs([exp.experiment_id]) if r.data.params.get("train.seed") == "7"
+    ]
     (resumed,) = runs  # resumed, not duplicated
     assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_loss")]
@@ -208,9 +231,14 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     except Exception:
         old_val = None
     params = [
-        "preset=seed-baseline", 'grid={"data.train_size": [240, 1000]}', "seeds=2",
+        "preset=seed-baseline",
+        'grid={"data.train_size": [240, 1000]}',
+        "seeds=2",
         f"data={json.dumps({'source': str(folder), 'checksums': sums, 'val_size': 60})}",
-        'train={"epochs": 1}', "retries=1", "retry_delay_s=1", "min_shared_images=50",
+        'train={"epochs": 1}',
+        "retries=1",
+        "retry_delay_s=1",
+        "min_shared_images=50",
         "max_parallel=2",
     ]
     result = stack.run_deployment("sweep-cifar/default", params, timeout=900)
@@ -219,8 +247,9 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     exp = client.get_experiment_by_name("train-cifar")
     (parent,) = client.search_runs([exp.experiment_id], "tags.sweep_role = 'parent'")
     sid = parent.data.tags["sweep_id"]
-    children = client.search_runs([exp.experiment_id], f"tags.sweep_role = 'child' and "
-                                  f"tags.sweep_id = '{sid}'")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.sweep_role = 'child' and tags.sweep_id = '{sid}'"
+    )
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len(finished) == 2  # train_size=240, seeds 0 and 1
     assert {c.data.params["train.seed"] for c in finished} == {"0", "1"}
@@ -234,8 +263,12 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
     # The summary: a CSV/markdown table and the plot on the parent run.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"sweep_summary.csv", "sweep_summary.md", "sweep_runs.json",
-            "sweep_accuracy.png"} <= artifacts
+    assert {
+        "sweep_summary.csv",
+        "sweep_summary.md",
+        "sweep_runs.json",
+        "sweep_accuracy.png",
+    } <= artifacts
     local = client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(stack.root))
     rows = {r["data.train_size"]: r for r in csv.DictReader(open(local))}
     good, bad = rows["240"], rows["1000"]
@@ -246,23 +279,34 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     assert bad["seeds_ok"] == "0" and bad["seeds_failed"] == "2"
     assert "exceeds the 300 training images" in bad["errors"]
     # The failed point was retried: two attempts of each of its two seeds.
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
-                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     with stack.client() as prefect:
         flow_runs = prefect.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["train-cifar"])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                type=FlowRunFilterStateType(any_=[StateType.FAILED]))), limit=50)
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED]))
+            ),
+            limit=50,
+        )
     assert sum('"train_size": 1000' in json.dumps(f.parameters) for f in flow_runs) == 4
     # The best point went through the champion rule.
     assert parent.data.tags["best_point"] == "data.train_size=240"
     candidate = parent.data.tags["candidate_run_id"]
     assert candidate in {c.info.run_id for c in finished}
     assert client.get_run(candidate).data.metrics["final_val_accuracy"] == max(vals)
-    new = [v for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
-           if v.version not in before]
+    new = [
+        v
+        for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+        if v.version not in before
+    ]
     (version,) = new
     assert version.run_id == candidate
     alias = parent.data.tags["registry.alias"]
@@ -271,8 +315,9 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     else:  # judged against the champion on the 60 validation images both runs share
         shared = float(version.tags["shared_accuracy"])
         assert version.tags["shared_images"] == "60"
-        assert alias == ("champion" if shared > float(version.tags["champion_shared_accuracy"])
-                         else "challenger"), version.tags["promotion_reason"]
+        assert alias == (
+            "champion" if shared > float(version.tags["champion_shared_accuracy"]) else "challenger"
+        ), version.tags["promotion_reason"]
     # The sweep's runs build no int8 twin; the version it promotes gets one (on its run).
     others = [c for c in finished if c.info.run_id != candidate]
     assert all("int8_val_accuracy" not in c.data.metrics for c in others)
@@ -280,7 +325,9 @@ def test_sweep_runs_points_through_the_deployment(stack, synthetic_cifar):
     assert has_twin == (alias == "champion") == ("int8_servable" in version.tags)
     # The registry version carries the point's statistics, not just its best seed's.
     assert float(version.tags["sweep_point_val_mean"]) == pytest.approx(np.mean(vals), abs=1e-6)
-    assert float(version.tags["sweep_point_val_sd"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
+    assert float(version.tags["sweep_point_val_sd"]) == pytest.approx(
+        np.std(vals, ddof=1), abs=1e-6
+    )
     assert "mean ± sd over 2 seeds" in version.description
 
 
@@ -294,11 +341,27 @@ def test_sigterm_to_a_stack_run_leaves_nothing_behind(tmp_path, synthetic_cifar)
     root = tmp_path / "root"
     data = {"source": str(folder), "checksums": sums, "train_size": 240, "val_size": 60}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stacks", "run", "--root", str(root), "--port",
-         str(free_port()), "--deployment", "seed-baseline", "-p", f"data={json.dumps(data)}",
-         "-p", 'train={"epochs": 500}'],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PREFECT_UI_ENABLED": "false"})
+        [
+            sys.executable,
+            "-m",
+            "stacks",
+            "run",
+            "--root",
+            str(root),
+            "--port",
+            str(free_port()),
+            "--deployment",
+            "seed-baseline",
+            "-p",
+            f"data={json.dumps(data)}",
+            "-p",
+            'train={"epochs": 500}',
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PREFECT_UI_ENABLED": "false"},
+    )
     seen = []
     try:
         for line in proc.stdout:  # training has started once an epoch is reported
@@ -327,13 +390,31 @@ def test_a_start_that_fails_half_way_stops_what_it_started(tmp_path):
 
     project = Path(__file__).resolve().parents[1]
     bad = tmp_path / "prefect.yaml"
-    bad.write_text((project / "prefect.yaml").read_text().replace(
-        "flows/train_flow.py:train_cifar", "flows/no_such_flow.py:train_cifar", 1))
+    bad.write_text(
+        (project / "prefect.yaml")
+        .read_text()
+        .replace("flows/train_flow.py:train_cifar", "flows/no_such_flow.py:train_cifar", 1)
+    )
     root, port = tmp_path / "root", free_port()
     done = subprocess.run(
-        [sys.executable, "-m", "stacks", "up", "--root", str(root), "--port", str(port),
-         "--prefect-file", str(bad)], capture_output=True, text=True, timeout=300,
-        cwd=project, env={**os.environ, "PREFECT_UI_ENABLED": "false"})
+        [
+            sys.executable,
+            "-m",
+            "stacks",
+            "up",
+            "--root",
+            str(root),
+            "--port",
+            str(port),
+            "--prefect-file",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=project,
+        env={**os.environ, "PREFECT_UI_ENABLED": "false"},
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, done.stderr

@@ -11,16 +11,20 @@ import statistics
 import pytest
 from PIL import Image
 
-from cifarlab.config import preset
 from cifarlab import studies
 from cifarlab import sweep as sw
+from cifarlab.config import preset
+from cifarlab.plots import plot_sweep
 
 
 def test_grid_is_the_cartesian_product_with_labels():
     points = sw.expand("seed-baseline", {"train.lr": [0.001, 0.0004], "train.batch_size": [16, 32]})
     assert [p.label for p in points] == [
-        "train.lr=0.001, train.batch_size=16", "train.lr=0.001, train.batch_size=32",
-        "train.lr=0.0004, train.batch_size=16", "train.lr=0.0004, train.batch_size=32"]
+        "train.lr=0.001, train.batch_size=16",
+        "train.lr=0.001, train.batch_size=32",
+        "train.lr=0.0004, train.batch_size=16",
+        "train.lr=0.0004, train.batch_size=32",
+    ]
     assert points[1].overrides == {"train": {"lr": 0.001, "batch_size": 32}}
     assert len({p.key for p in points}) == 4
 
@@ -34,22 +38,28 @@ def test_section_values_set_several_fields_and_options_keep_the_presets():
     assert set(preset("fast-cpu").model.options) <= set(config.model.options)  # others kept
 
 
-@pytest.mark.parametrize("grid,message", [
-    ({}, "empty"),
-    ({"optimizer.lr": [1]}, "must start with"),
-    ({"train.lr": 0.1}, "non-empty list"),
-    ({"train.lr": [0.1, -1.0]}, "train.lr=-1.0"),
-    ({"model.name": ["vgg"]}, "model.name=vgg"),
-    ({"data": [5]}, "mappings of fields"),
-])
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        ({}, "empty"),
+        ({"optimizer.lr": [1]}, "must start with"),
+        ({"train.lr": 0.1}, "non-empty list"),
+        ({"train.lr": [0.1, -1.0]}, "train.lr=-1.0"),
+        ({"model.name": ["vgg"]}, "model.name=vgg"),
+        ({"data": [5]}, "mappings of fields"),
+    ],
+)
 def test_bad_grids_are_refused_before_anything_runs(grid, message):
     with pytest.raises(studies.SweepError, match=message):
         sw.expand("seed-baseline", grid)
 
 
 def test_bad_model_option_in_a_grid_is_refused_naming_point_and_field():
-    with pytest.raises(studies.SweepError, match=r"(?s)point model\.options\.kernel_size=4: .*"
-                       r"model\.options\.kernel_size: must be odd, got 4"):
+    with pytest.raises(
+        studies.SweepError,
+        match=r"(?s)point model\.options\.kernel_size=4: .*"
+        r"model\.options\.kernel_size: must be odd, got 4",
+    ):
         sw.expand("seed-baseline", {"model.options.kernel_size": [3, 4]})
 
 
@@ -68,20 +78,24 @@ def test_every_ready_made_study_expands_and_reproduces_the_report_values():
 def test_scale_shrinks_epochs_and_data():
     config = preset("seed-baseline")
     out = sw.scaled({"train": {"lr": 0.001}}, config, epoch_scale=0.25, data_scale=0.1)
-    assert out == {"train": {"lr": 0.001, "epochs": 3},
-                   "data": {"train_size": 4000, "val_size": 1000}}
+    assert out == {
+        "train": {"lr": 0.001, "epochs": 3},
+        "data": {"train_size": 4000, "val_size": 1000},
+    }
     with pytest.raises(studies.SweepError, match="epoch_scale"):
         sw.scaled({}, config, epoch_scale=0, data_scale=1)
 
 
 def _outcomes():
     points = sw.expand("seed-baseline", {"train.lr": [0.001, 0.0004, 0.1]})
-    o = [sw.Outcome(points[0], 0, "ok", "a", 0.60, 0.59, 10.0),
-         sw.Outcome(points[0], 1, "ok", "b", 0.64, 0.70, 12.0),
-         sw.Outcome(points[1], 0, "ok", "c", 0.63, 0.50, 11.0),
-         sw.Outcome(points[1], 1, "ok", "d", 0.63, 0.52, 11.0),
-         sw.Outcome(points[2], 0, "failed", error="diverged"),
-         sw.Outcome(points[2], 1, "failed", error="diverged")]
+    o = [
+        sw.Outcome(points[0], 0, "ok", "a", 0.60, 0.59, 10.0),
+        sw.Outcome(points[0], 1, "ok", "b", 0.64, 0.70, 12.0),
+        sw.Outcome(points[1], 0, "ok", "c", 0.63, 0.50, 11.0),
+        sw.Outcome(points[1], 1, "ok", "d", 0.63, 0.52, 11.0),
+        sw.Outcome(points[2], 0, "failed", error="diverged"),
+        sw.Outcome(points[2], 1, "failed", error="diverged"),
+    ]
     return o
 
 
@@ -92,7 +106,9 @@ def test_summary_means_sds_and_the_best_point_by_validation_only():
     assert first["val_acc_std"] == pytest.approx(statistics.stdev([0.60, 0.64]))
     assert first["test_acc_mean"] == pytest.approx(0.645)
     assert second["report_test_acc"] == 66.42 and first["report_test_acc"] is None
-    assert failed["seeds_ok"] == 0 and failed["seeds_failed"] == 2 and failed["errors"] == "diverged"
+    assert (
+        failed["seeds_ok"] == 0 and failed["seeds_failed"] == 2 and failed["errors"] == "diverged"
+    )
     # Point 2 has the higher mean validation accuracy (0.63 vs 0.62) although its test accuracy
     # is far lower: the choice ignores the test set.
     assert sw.best_point(rows)["point"] == "train.lr=0.0004"
@@ -104,7 +120,7 @@ def test_tables_and_plot(tmp_path):
     assert [r["train.lr"] for r in parsed] == ["0.001", "0.0004", "0.1"]
     md = sw.to_markdown("t", rows, sw.best_point(rows))
     assert "62.00 ± 2.83" in md and "(best by val)" in md and "66.42" in md and "diverged" in md
-    png = sw.plot(rows, ["train.lr"], tmp_path / "p.png")
+    png = plot_sweep(rows, ["train.lr"], tmp_path / "p.png")
     with Image.open(png) as img:
         assert img.size[0] > 300
 
@@ -132,17 +148,24 @@ def test_a_scaled_epochs_study_shows_the_epochs_run_and_merges_identical_points(
     assert [p.label for p in points] == ["train.epochs=1", "train.epochs=2", "train.epochs=3"]
     assert points[2].stands_for() == ("train.epochs=7", "train.epochs=8", "train.epochs=10")
     assert all(p.overrides["data"] == {"train_size": 4000, "val_size": 1000} for p in points)
-    assert any("train.epochs=7, train.epochs=8, train.epochs=10 became the same run" in n
-               for n in notes)
-    outcomes = [sw.Outcome(p, s, "ok", f"{p.index}{s}", 0.5 + p.index / 10, 0.5, 1.0)
-                for p in points for s in (0, 1)]
+    assert any(
+        "train.epochs=7, train.epochs=8, train.epochs=10 became the same run" in n for n in notes
+    )
+    outcomes = [
+        sw.Outcome(p, s, "ok", f"{p.index}{s}", 0.5 + p.index / 10, 0.5, 1.0)
+        for p in points
+        for s in (0, 1)
+    ]
     rows = sw.summarise(outcomes, study.report)
     assert [r["train.epochs"] for r in rows] == ["1", "2", "3"]
     # A point that runs one grid point shows that point's (full-scale) report figure; a merged
     # point shows none.
     assert [r["report_test_acc"] for r in rows] == [61.29, 65.07, None]
     md = sw.to_markdown("t", rows, sw.best_point(rows), notes)
-    assert "| train.epochs=3 **(best by val)** | train.epochs=7; train.epochs=8; train.epochs=10 |" in md
+    assert (
+        "| train.epochs=3 **(best by val)** | train.epochs=7; train.epochs=8; train.epochs=10 |"
+        in md
+    )
     # A scaled point that stands for one grid point keeps that point's report figure.
     split = studies.STUDIES["report-split"]
     scaled, _ = sw.scale_points(sw.expand(split.preset, split.grid), split.preset, 0.2, 0.25)

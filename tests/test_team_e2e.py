@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from registry.tracking import REGISTERED_MODEL
 from stacks import postgres
 from stacks.processes import free_port
 from stacks.team import TeamStack, read_env_file
-from registry.tracking import REGISTERED_MODEL
 from tests.conftest import missing, write_synthetic_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,12 @@ def _postgres_programs():
 
 def _copy_project(dest: Path) -> Path:
     """The project's files (tracked and new, not ignored) as a separate checkout."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     for name in filter(None, files):
         src = ROOT / name.decode()
         if src.is_file():
@@ -68,8 +72,13 @@ class Host:
         self.data = base / "data" / "cifar-10-batches-py"
         write_synthetic_cifar(self.data)  # the same bytes as every host's: same checksums
         self.join_file = join_file
-        self.env = {**env, "HOME": str(self.home), "CIFAR10_SOURCE": str(self.data),
-                    "BENTOML_HOME": str(self.home / "bentoml"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+        self.env = {
+            **env,
+            "HOME": str(self.home),
+            "CIFAR10_SOURCE": str(self.data),
+            "BENTOML_HOME": str(self.home / "bentoml"),
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+        }
         self.proc: subprocess.Popen | None = None
         self.log = base / "worker.out"
 
@@ -77,10 +86,26 @@ class Host:
         worker_log = self.root / ".prefect-worker" / "logs" / "worker.log"
         seen = worker_log.stat().st_size if worker_log.is_file() else 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stacks", "worker", "--join", str(self.join_file),
-             "--name", self.name, "--root", str(self.root), "--gpus", "1"],
-            cwd=self.project, env=self.env, stdout=open(self.log, "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "stacks",
+                "worker",
+                "--join",
+                str(self.join_file),
+                "--name",
+                self.name,
+                "--root",
+                str(self.root),
+                "--gpus",
+                "1",
+            ],
+            cwd=self.project,
+            env=self.env,
+            stdout=open(self.log, "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if worker_log.is_file() and b"started" in worker_log.read_bytes()[seen:]:
@@ -142,10 +167,16 @@ def team(tmp_path_factory):
     ports = {"prefect_port": free_port(), "mlflow_port": free_port(), "pg_port": free_port()}
 
     def make() -> TeamStack:
-        return TeamStack(base / "server", **ports, extra_env={
-            "PREFECT_UI_ENABLED": "false", "CIFAR10_SOURCE": str(server_data),
-            # 3 heartbeats (30 s) missed, not 10
-            "CIFAR_ZOMBIE_AFTER_S": "90"})
+        return TeamStack(
+            base / "server",
+            **ports,
+            extra_env={
+                "PREFECT_UI_ENABLED": "false",
+                "CIFAR10_SOURCE": str(server_data),
+                # 3 heartbeats (30 s) missed, not 10
+                "CIFAR_ZOMBIE_AFTER_S": "90",
+            },
+        )
 
     # Started, stopped and started again in the same folder (its database, secrets and
     # automation already there), as a team's second `make team-stack` does: every test of this
@@ -162,8 +193,13 @@ def team(tmp_path_factory):
         hosts = [Host(base / name, name, stack.join_file, env) for name in ("host-a", "host-b")]
         for host in hosts:
             host.start()
-        yield {"stack": stack, "hosts": hosts, "sums": sums, "base": base,
-               "join": read_env_file(stack.join_file)}
+        yield {
+            "stack": stack,
+            "hosts": hosts,
+            "sums": sums,
+            "base": base,
+            "join": read_env_file(stack.join_file),
+        }
     finally:
         for host in hosts:
             host.stop()
@@ -188,19 +224,31 @@ def _runs(client, filter_string=""):
 def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team, tmp_path):
     stack, sums = team["stack"], team["sums"]
     data = {"checksums": sums, "train_size": 240, "val_size": 60}
-    result = stack.run_deployment("sweep-cifar/default", [
-        "preset=seed-baseline", 'grid={"train.lr": [0.0004, 0.0008, 0.0016, 0.0032]}', "seeds=1",
-        f"data={json.dumps(data)}", 'train={"epochs": 1}', "max_parallel=2",
-        "min_shared_images=50", "retries=0"], timeout=900)
+    result = stack.run_deployment(
+        "sweep-cifar/default",
+        [
+            "preset=seed-baseline",
+            'grid={"train.lr": [0.0004, 0.0008, 0.0016, 0.0032]}',
+            "seeds=1",
+            f"data={json.dumps(data)}",
+            'train={"epochs": 1}',
+            "max_parallel=2",
+            "min_shared_images=50",
+            "retries=0",
+        ],
+        timeout=900,
+    )
     assert result.ok, result.log_text()
 
     client = _client(team)
     (parent,) = _runs(client, "tags.sweep_role = 'parent'")
-    children = _runs(client, f"tags.sweep_id = '{parent.data.tags['sweep_id']}' and "
-                             "tags.sweep_role = 'child'")
+    children = _runs(
+        client, f"tags.sweep_id = '{parent.data.tags['sweep_id']}' and tags.sweep_role = 'child'"
+    )
     assert len(children) == 4, [c.info.run_id for c in children]
     assert all(c.info.status == "FINISHED" for c in children), [
-        (c.info.run_id, c.info.status, c.data.tags.get("failure")) for c in children]
+        (c.info.run_id, c.info.status, c.data.tags.get("failure")) for c in children
+    ]
     # Both hosts trained; each ran its own checkout, root and data, one run at a time.
     by_host = {}
     for c in children:
@@ -229,14 +277,19 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
         assert not (host.home / "bentoml").exists() and not (host.root / "bentoml").exists()
 
     # Credentials never land in what is recorded.
-    secrets = [team["join"]["MLFLOW_TRACKING_PASSWORD"],
-               team["join"]["PREFECT_API_AUTH_STRING"].split(":", 1)[1],
-               stack.secrets["DB_PASSWORD"]]
+    secrets = [
+        team["join"]["MLFLOW_TRACKING_PASSWORD"],
+        team["join"]["PREFECT_API_AUTH_STRING"].split(":", 1)[1],
+        stack.secrets["DB_PASSWORD"],
+    ]
     for run in [parent, *children]:
         recorded = json.dumps([run.data.params, run.data.tags])
         assert not any(s in recorded for s in secrets)
-    logs = [*stack.logs.glob("*.log"), *(h.log for h in team["hosts"]),
-            *(p for h in team["hosts"] for p in (h.root / ".prefect-worker/logs").glob("*.log"))]
+    logs = [
+        *stack.logs.glob("*.log"),
+        *(h.log for h in team["hosts"]),
+        *(p for h in team["hosts"] for p in (h.root / ".prefect-worker/logs").glob("*.log")),
+    ]
     for log in logs:
         text = log.read_text(errors="replace")
         assert not any(s in text for s in secrets), log
@@ -244,22 +297,36 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
     # The serving host: its own folder and store, the champion over HTTP, a real curl.
     serving = tmp_path / "serving-host"
     serving.mkdir()
-    env = {**os.environ, **team["join"], "BENTOML_HOME": str(serving / "bentoml"),
-           "HOME": str(serving)}
-    imported = subprocess.run([sys.executable, "-m", "registry.import_champion", "--root", str(serving)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    env = {
+        **os.environ,
+        **team["join"],
+        "BENTOML_HOME": str(serving / "bentoml"),
+        "HOME": str(serving),
+    }
+    imported = subprocess.run(
+        [sys.executable, "-m", "registry.import_champion", "--root", str(serving)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert f"v{champion.version}" in imported.stdout and champion.run_id in imported.stdout
-    from stacks.processes import BentoServer
-
     from cifarlab.arrays import load_cifar10
+    from stacks.processes import BentoServer
 
     cat = load_cifar10(team["hosts"][0].data).test_images[3].permute(1, 2, 0).numpy()
     Image.fromarray(cat).save(serving / "cat.png")
-    with BentoServer(serving / "bentoml", serving / "serve.log",
-                     {"BENTOML_HOME": str(serving / "bentoml")}) as url:
-        answer = subprocess.run(["curl", "-s", "-F", f"image=@{serving / 'cat.png'}",
-                                 f"{url}/classify"], capture_output=True, text=True, timeout=60)
+    with BentoServer(
+        serving / "bentoml", serving / "serve.log", {"BENTOML_HOME": str(serving / "bentoml")}
+    ) as url:
+        answer = subprocess.run(
+            ["curl", "-s", "-F", f"image=@{serving / 'cat.png'}", f"{url}/classify"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     body = json.loads(answer.stdout)
     assert body["label"] in {c["label"] for c in body["top_k"]}
     assert body["model"]["version"] == str(champion.version)
@@ -269,19 +336,21 @@ def test_hosts_writing_the_same_new_rows_at_once_on_the_team_server(team, monkey
     """PostgreSQL refuses the second of two inserts of one key (a sweep's children logging
     their shared split, two hosts creating an experiment): the loser retries and finds it.
     Without the retry, this is the child run a sweep once lost to `duplicate key value`."""
-    from registry import tracking
+    from registry import run_logging, tracking
     from tests.test_tracking import WRITERS, _all_at_once, trained_on_one_split
 
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(key, team["join"][key])
     ids: list[str] = []
-    errors = _all_at_once(lambda _: ids.append(
-        tracking.open_store(tmp_path, experiment="race-study").experiment_id), range(WRITERS))
+    errors = _all_at_once(
+        lambda _: ids.append(tracking.open_store(tmp_path, experiment="race-study").experiment_id),
+        range(WRITERS),
+    )
     assert not errors and len(set(ids)) == 1, errors
     store = tracking.open_store(tmp_path, experiment="race-study")
     runs = [store.client.create_run(store.experiment_id).info.run_id for _ in range(WRITERS)]
     trained = trained_on_one_split(tmp_path)
-    errors = _all_at_once(lambda run_id: tracking.log_datasets(store, run_id, trained), runs)
+    errors = _all_at_once(lambda run_id: run_logging.log_datasets(store, run_id, trained), runs)
     assert not errors, errors
     assert all(len(store.client.get_run(r).inputs.dataset_inputs) == 2 for r in runs)
 
@@ -296,9 +365,14 @@ LONG_TRAIN = 30  # epochs: long enough to stop a server in the middle
 def _start_run(team, seed: int) -> str:
     """Start train-cifar/seed-baseline (no waiting); returns the flow run id."""
     data = {"checksums": team["sums"], "train_size": 240, "val_size": 60}
-    return team["stack"].start_deployment("seed-baseline", [
-        f"data={json.dumps(data)}", "min_shared_images=50",
-        f"train={json.dumps({'epochs': LONG_TRAIN, 'seed': seed})}"])
+    return team["stack"].start_deployment(
+        "seed-baseline",
+        [
+            f"data={json.dumps(data)}",
+            "min_shared_images=50",
+            f"train={json.dumps({'epochs': LONG_TRAIN, 'seed': seed})}",
+        ],
+    )
 
 
 def _flow_state(team, flow_run_id: str) -> str:
@@ -306,8 +380,10 @@ def _flow_state(team, flow_run_id: str) -> str:
     import urllib.request
 
     req = urllib.request.Request(f"{team['join']['PREFECT_API_URL']}/flow_runs/{flow_run_id}")
-    req.add_header("Authorization", "Basic " + base64.b64encode(
-        team["join"]["PREFECT_API_AUTH_STRING"].encode()).decode())
+    req.add_header(
+        "Authorization",
+        "Basic " + base64.b64encode(team["join"]["PREFECT_API_AUTH_STRING"].encode()).decode(),
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())["state"]["type"]
 
@@ -329,7 +405,9 @@ def _wait_epochs(client, seed: int, epochs: int, timeout: float = 300):
     """The MLflow run of this seed once it has logged `epochs` epochs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for run in _runs(client, f"params.`train.seed` = '{seed}' and attributes.status = 'RUNNING'"):
+        for run in _runs(
+            client, f"params.`train.seed` = '{seed}' and attributes.status = 'RUNNING'"
+        ):
             if len(client.get_metric_history(run.info.run_id, "val_loss")) >= epochs:
                 return run
         time.sleep(0.5)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from registry import tracking
+from registry import run_logging, tracking
 
 WRITERS = 6
 
@@ -40,11 +40,12 @@ def _all_at_once(fn, args) -> list[BaseException]:
 
 
 def trained_on_one_split(root):
-    """What `tracking.log_datasets` reads of a TrainedRun: every run of one split."""
+    """What `run_logging.log_datasets` reads of a TrainedRun: every run of one split."""
     return SimpleNamespace(
         config=SimpleNamespace(data=SimpleNamespace(source=str(root))),
         data=SimpleNamespace(folder=root),
-        split=SimpleNamespace(digest="same-split", train_idx=np.arange(40), val_idx=np.arange(10)))
+        split=SimpleNamespace(digest="same-split", train_idx=np.arange(40), val_idx=np.arange(10)),
+    )
 
 
 @pytest.fixture()
@@ -59,20 +60,23 @@ def test_runs_logging_the_same_split_at_once_all_record_it(store_root):
     runs = [store.client.create_run(store.experiment_id).info.run_id for _ in range(WRITERS)]
     trained = trained_on_one_split(store_root)
 
-    errors = _all_at_once(lambda run_id: tracking.log_datasets(store, run_id, trained), runs)
+    errors = _all_at_once(lambda run_id: run_logging.log_datasets(store, run_id, trained), runs)
 
     assert not errors, errors
     for run_id in runs:
         inputs = store.client.get_run(run_id).inputs.dataset_inputs
-        assert sorted(i.dataset.name for i in inputs) == ["cifar10-training-40",
-                                                          "cifar10-validation-10"]
+        assert sorted(i.dataset.name for i in inputs) == [
+            "cifar10-training-40",
+            "cifar10-validation-10",
+        ]
 
 
 def test_hosts_opening_a_new_experiment_at_once_share_one(store_root):
     ids: list[str] = []
     errors = _all_at_once(
         lambda _: ids.append(tracking.open_store(store_root, experiment="new-study").experiment_id),
-        range(WRITERS))
+        range(WRITERS),
+    )
 
     assert not errors, errors
     assert len(ids) == WRITERS and len(set(ids)) == 1
@@ -86,8 +90,11 @@ def test_a_lost_race_is_retried_and_other_errors_are_not():
     def lose_once():
         calls.append(1)
         if len(calls) == 1:
-            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates '
-                                  'unique constraint "dataset_pk"', error_code="BAD_REQUEST")
+            raise MlflowException(
+                "(psycopg.errors.UniqueViolation) duplicate key value violates "
+                'unique constraint "dataset_pk"',
+                error_code="BAD_REQUEST",
+            )
         return "logged"
 
     assert tracking._retry_lost_race(lose_once) == "logged" and len(calls) == 2

@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from cifarlab.checkpoints import CheckpointError
 from cifarlab.config import RunConfig, preset
 from cifarlab.evaluate import evaluate, score
 from cifarlab.experiment import config_hash, run_experiment
-from cifarlab.tensors import translate
 from cifarlab.optim import lr_factor
-from cifarlab.train import CHECKPOINT_NAME, CheckpointError, train
+from cifarlab.tensors import translate
+from cifarlab.train import CHECKPOINT_NAME, train
 from models import model_names
 from tests.conftest import _pattern_images
-
-import numpy as np
 
 
 def _task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,16 +33,28 @@ QUICK = {
     "seed-baseline": dict(optimizer="adam", lr=1e-3, batch_size=32, epochs=3),
     "seed-deep": dict(optimizer="adam", lr=1e-3, batch_size=32, epochs=4),
     "seed-wide": dict(optimizer="adam", lr=1e-3, batch_size=32, epochs=3),
-    "fast": dict(optimizer="sgd", lr=0.4, momentum=0.85, batch_size=50, epochs=5,
-                 schedule="warmup_linear", label_smoothing=0.1, translate=1, flip="alternating",
-                 averaging="lookahead", whiten_bias_epochs=1),
+    "fast": dict(
+        optimizer="sgd",
+        lr=0.4,
+        momentum=0.85,
+        batch_size=50,
+        epochs=5,
+        schedule="warmup_linear",
+        label_smoothing=0.1,
+        translate=1,
+        flip="alternating",
+        averaging="lookahead",
+        whiten_bias_epochs=1,
+    ),
 }
 
 
 def _config(name: str, **train_over) -> RunConfig:
     options = {"widths": (16, 32, 32)} if name == "fast" else {}
-    return RunConfig(model={"name": name, "options": options},
-                     train={**QUICK[name], "device": "cpu", **train_over})
+    return RunConfig(
+        model={"name": name, "options": options},
+        train={**QUICK[name], "device": "cpu", **train_over},
+    )
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -186,8 +198,12 @@ def test_epochs_validate_on_a_subset_and_the_last_on_every_image(tmp_path):
     assert full.history[-1].val_loss == pytest.approx(result.history[-1].val_loss)
     assert full.history[0].val_loss != pytest.approx(result.history[0].val_loss)
     # Early stopping compares epochs on the same images: all of them.
-    patient = train(_config("seed-baseline", epochs=2, val_images_per_epoch=50,
-                            early_stopping_patience=5), *TRAIN, *VAL, tmp_path / "patient")
+    patient = train(
+        _config("seed-baseline", epochs=2, val_images_per_epoch=50, early_stopping_patience=5),
+        *TRAIN,
+        *VAL,
+        tmp_path / "patient",
+    )
     assert [h.val_images for h in patient.history] == [len(VAL[0])] * 2
 
 
@@ -223,7 +239,12 @@ def test_score_confusion_and_per_class():
 
 def test_presets_and_validation():
     cfg = preset("seed-baseline")
-    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size, cfg.train.epochs) == ("adam", 4e-4, 32, 10)
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size, cfg.train.epochs) == (
+        "adam",
+        4e-4,
+        32,
+        10,
+    )
     assert preset("fast").preset in ("fast-cpu", "fast-gpu")
     with pytest.raises(ValueError, match="unknown preset 'nope'.*seed-baseline"):
         preset("nope")
@@ -253,10 +274,12 @@ def test_the_lean_cpu_preset_trains_on_at_most_90_tflop():
 
 def test_run_experiment_writes_results_and_plots(synthetic_cifar, tmp_path):
     folder, sums = synthetic_cifar
-    cfg = RunConfig(preset="test", data={"source": str(folder), "checksums": sums,
-                                         "train_size": 240, "val_size": 60},
-                    model={"name": "seed-baseline"},
-                    train={**QUICK["seed-baseline"], "device": "cpu", "tta": "flip"})
+    cfg = RunConfig(
+        preset="test",
+        data={"source": str(folder), "checksums": sums, "train_size": 240, "val_size": 60},
+        model={"name": "seed-baseline"},
+        train={**QUICK["seed-baseline"], "device": "cpu", "tta": "flip"},
+    )
     outcome = run_experiment(cfg, tmp_path)
     results = json.loads((outcome.run_dir / "results.json").read_text())
     assert results["test_accuracy"] > 0.3 and len(results["history"]) == 3
@@ -268,11 +291,14 @@ def test_run_experiment_writes_results_and_plots(synthetic_cifar, tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.e2e  # 20 s of real training: the end-to-end tier
 def test_smoke_on_real_data(real_cifar, tmp_path):
     """A short run of the fast recipe on a real subset learns far above chance (10 %)."""
-    cfg = preset("fast-cpu-quick", data={"source": str(real_cifar), "train_size": 8000,
-                                         "val_size": 2000},
-                 train={"batch_size": 256, "lr": 0.4, "epochs": 2, "tta": "flip"})
+    cfg = preset(
+        "fast-cpu-quick",
+        data={"source": str(real_cifar), "train_size": 8000, "val_size": 2000},
+        train={"batch_size": 256, "lr": 0.4, "epochs": 2, "tta": "flip"},
+    )
     outcome = run_experiment(cfg, tmp_path)
     assert outcome.val.accuracy > 0.35 and outcome.test.accuracy > 0.35, outcome.summary()
     assert outcome.data.folder == real_cifar  # the mirror is read in place, not copied

@@ -1,0 +1,96 @@
+"""The tables of docs/benchmarks.md, generated from benchmarks/results/*.json.
+
+    python benchmarks/make_tables.py          # rewrite the generated part of docs/benchmarks.md
+    python benchmarks/make_tables.py --check  # exit 1 if the committed file differs
+
+One section per result file, in file-name order: the command that wrote it, the machine and
+date it records, and a table of its figures (numbers and short strings, nested keys dotted;
+lists of per-run records are left to the JSON). Nothing is typed in by hand, so a figure in the
+docs is always the one its JSON holds; tests/test_docs.py fails when the committed file is not
+what this script writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN = "<!-- generated tables below: python benchmarks/make_tables.py -->"
+END = "<!-- end of generated tables -->"
+MAX_ROWS = 40  # a file with more figures than this shows its first ones and says so
+CONTEXT_KEYS = ("command", "cpu", "cpu_model", "machine", "date", "code_version")
+
+
+def _figures(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) for every number, bool or short string under `value`."""
+    out: list[tuple[str, str]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out += _figures(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, bool) or value is None:
+        out.append((prefix, str(value).lower() if value is not None else "-"))
+    elif isinstance(value, (int, float)):
+        out.append((prefix, f"{value:g}" if isinstance(value, float) else str(value)))
+    elif isinstance(value, str) and len(value) <= 80:
+        out.append((prefix, value.replace("|", "\\|")))
+    elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        out.append((prefix, ", ".join(f"{v:g}" for v in value[:12])))
+    return out
+
+
+def section(path: Path) -> str:
+    """The Markdown of one result file."""
+    data = json.loads(path.read_text())
+    lines = [f"### `{path.relative_to(ROOT)}`", ""]
+    if not isinstance(data, dict):
+        return "\n".join([*lines, f"(a JSON {type(data).__name__}: see the file)", ""])
+    for key in CONTEXT_KEYS:
+        if isinstance(data.get(key), str):
+            lines.append(f"- {key}: `{data[key]}`")
+    rows = [(k, v) for k, v in _figures({k: v for k, v in data.items() if k not in CONTEXT_KEYS})]
+    if rows:
+        lines += ["", "| figure | value |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in rows[:MAX_ROWS]]
+        if len(rows) > MAX_ROWS:
+            lines.append(f"| ({len(rows) - MAX_ROWS} more in the file) | |")
+    return "\n".join([*lines, ""])
+
+
+def generated() -> str:
+    """Every result file's section, in file-name order."""
+    return "\n".join(section(p) for p in sorted(RESULTS.glob("*.json")))
+
+
+def render(doc: str) -> str:
+    """`doc` with the part between the markers replaced by the generated tables."""
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{DOC}: the markers {BEGIN!r} and {END!r} are missing")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n\n{generated()}\n{END}{tail}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the file is not current")
+    args = parser.parse_args()
+    doc = DOC.read_text()
+    new = render(doc)
+    if args.check:
+        if new != doc:
+            print(f"{DOC} differs from what benchmarks/make_tables.py writes", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(new)
+    print(f"wrote {DOC} ({len(sorted(RESULTS.glob('*.json')))} result files)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
