@@ -17,7 +17,7 @@ EPOCH_SCALE ?= 1
 DATA_SCALE ?= 1
 STUDY ?= report-lr
 
-.PHONY: setup run sweep stack team-stack worker train test test-e2e test-all docs-tables bench bench-flow bench-serve bench-team mlflow-ui import-champion serve bento clean
+.PHONY: setup run sweep stack team-stack worker train test checks unit-tests test-e2e test-all docs-tables bench bench-flow bench-serve bench-team mlflow-ui import-champion serve bento clean
 
 setup: $(VENV)/.installed
 
@@ -62,10 +62,15 @@ train: setup  ## train PRESET (default: fast) on the real data, print the result
 	$(VENV)/bin/cifar-train --preset $(PRESET)
 
 test: setup  ## the fast tier (minutes): lint, format, types, import contracts, unit and in-process tests
+	@$(MAKE) --no-print-directory -j2 --output-sync=target checks unit-tests
+
+checks:  # the static checks (one core) beside the tests (the other)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
+unit-tests:
 	$(PY) -m pytest -q -m "not e2e"
 
 test-e2e: setup  ## the real servers (Prefect, MLflow, bentoml serve), PostgreSQL, Chromium, the fault tests
