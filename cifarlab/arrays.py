@@ -31,6 +31,7 @@ from cifarlab.data import (
     UnsafePickleError,
     _file_keys,
     _folder_lock,
+    _recent,
 )
 
 log = logging.getLogger(__name__)
@@ -155,16 +156,33 @@ def load_cifar10(folder: Path, cache: Path | None = None) -> Cifar10:
     return data
 
 
+def _source_digest() -> str:
+    """SHA-256 of the code that turns the files into arrays (this module and the class names
+    it checks labels against): arrays written by other code are not taken."""
+    here = Path(__file__)
+    digest = hashlib.sha256()
+    for path in (here, here.with_name("constants.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+_LOADER = _source_digest()  # fixed at import: the code this process runs
+
+
 def _cache_dir(cache: Path, key: tuple[str, str]) -> Path:
-    return cache / hashlib.sha256(key[0].encode()).hexdigest()[:16]
+    """One folder per data folder, files' state and loader: other versions never collide."""
+    folder = hashlib.sha256(key[0].encode()).hexdigest()[:16]
+    state = hashlib.sha256(f"{key[1]}\n{_LOADER}".encode()).hexdigest()[:16]
+    return cache / f"{folder}-{state}"
 
 
 def _mapped(cache: Path, key: tuple[str, str]) -> Cifar10 | None:
-    """The arrays cached for exactly these files (same key), memory-mapped; None otherwise."""
+    """The arrays cached for exactly these files by this very loader, memory-mapped; None
+    otherwise."""
     where = _cache_dir(cache, key)
     try:
         meta = json.loads((where / "key.json").read_text())
-        if meta["key"] != list(key):
+        if meta["key"] != list(key) or meta["loader"] != _LOADER:
             return None
         # Copy-on-write pages: shared with every process that maps them until one writes
         # (nobody does), and writable as torch.from_numpy wants.
@@ -176,25 +194,43 @@ def _mapped(cache: Path, key: tuple[str, str]) -> Cifar10 | None:
 
 def _write_mapped(folder: Path, cache: Path, key: tuple[str, str]) -> Cifar10 | None:
     """Read the files, write the arrays into the cache (a new folder renamed into place, so a
-    reader sees all of it or nothing) and map them; None when the cache cannot be written
-    (the caller reads the files instead)."""
+    reader sees all of it or nothing) and map them; the arrays read, uncached, when the cache
+    cannot be written or the files changed within the last second (a write may still be under
+    way in the same clock tick: their times would not vouch for their bytes)."""
     data = _read_cifar10(folder)
+    if _recent({"files": json.loads(key[1])}) or _cache_key(folder) != key:
+        return data
     where = _cache_dir(cache, key)
+    tmp = None
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with _folder_lock(cache / ".lock"):
+            if (done := _mapped(cache, key)) is not None:  # another process wrote it meanwhile
+                return done
             tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".writing-"))
             for name in _ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(data, name).numpy())
-            (tmp / "key.json").write_text(
-                json.dumps({"key": list(key), "class_names": list(data.class_names)})
-            )
-            shutil.rmtree(where, ignore_errors=True)  # an older copy (mapped ones stay valid)
+            meta = {"key": list(key), "loader": _LOADER, "class_names": list(data.class_names)}
+            (tmp / "key.json").write_text(json.dumps(meta))
             os.replace(tmp, where)
+            tmp = None
+            _drop_older(cache, where)
     except OSError as exc:
         log.warning("could not cache the CIFAR-10 arrays in %s (%s)", cache, exc)
         return data
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return _mapped(cache, key) or data
+
+
+def _drop_older(cache: Path, kept: Path) -> None:
+    """Other copies of the same data folder (older file states or loaders); a process that has
+    them mapped keeps its pages until it exits."""
+    prefix = kept.name.split("-")[0] + "-"
+    for other in cache.glob(prefix + "*"):
+        if other != kept:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _read_cifar10(folder: Path) -> Cifar10:

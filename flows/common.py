@@ -25,6 +25,9 @@ def serves_here(store: tracking.Store) -> bool:
     (true/false) when set; else yes with a local tracking store (one machine does everything)
     and no with a tracking server (serving hosts import the champion from it themselves)."""
     setting = os.environ.get("CIFAR_IMPORT_CHAMPION", "").strip().lower()
+    if not setting and os.environ.get("CIFAR_PUBLISH_BENTOML"):  # its name before
+        get_run_logger().warning("CIFAR_PUBLISH_BENTOML is now CIFAR_IMPORT_CHAMPION: read it")
+        setting = os.environ["CIFAR_PUBLISH_BENTOML"].strip().lower()
     if setting in ("1", "true", "yes"):
         return True
     if setting in ("0", "false", "no"):

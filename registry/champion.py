@@ -21,7 +21,6 @@ confusion-difference heat map, gallery of disagreements) in the challenger's MLf
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from collections.abc import Callable
@@ -249,7 +248,7 @@ def register(
     name: str = tracking.REGISTERED_MODEL,
     known: tuple[np.ndarray, np.ndarray] | None = None,
     champion_tags: Callable[[], dict[str, str]] | None = None,
-    lock: AbstractContextManager[Any] | None = None,
+    lock: AbstractContextManager[Any],
 ) -> Registered:
     """Judge the run's exported model against the champion, add it to the registry as
     `champion` or `challenger` with the verdict on its tags, log the comparison report and the
@@ -264,14 +263,14 @@ def register(
     not that work's), and under it only if a verdict given again there promotes where the
     first did not.
 
-    `lock`: held while the version is created and the alias moved, so that registrations of
-    this model name happen one at a time (the flows pass a Prefect concurrency lease shared by
-    every host, flows/locks.py; a single process may pass a threading.Lock)."""
+    `lock` (required): held while the version is created and the alias moved, so that
+    registrations of this model name happen one at a time (the flows pass a Prefect lease
+    shared by every host, flows/locks.py; one process may pass a threading.Lock)."""
     first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name, known)
     prepared = champion_tags() if champion_tags is not None and first.promote else None
     # One registration at a time for this model name, across every host: two runs finishing
     # together are registered one after the other, the second against the first's verdict.
-    with lock if lock is not None else contextlib.nullcontext():
+    with lock:
         versions.drop_unfinished_versions(store, run_id, name)
         current = versions.champion_version(store, name)
         judged_against = None if first.champion_version is None else str(first.champion_version)

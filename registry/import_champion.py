@@ -1,19 +1,14 @@
 """Copy the MLflow registry's `champion` ONNX model into the BentoML model store.
 
-    python -m registry.import_champion [--root DIR] [--tracking-uri URI] [--alias champion] [--follow S]
+    cifar-import-champion [--root DIR] [--tracking-uri URI] [--alias champion] [--follow S]
 
-(also `cifar-import-champion`, `make import-champion`, and the last task of `train-cifar`).
-The BentoML model `cifar10-classifier:<version>` holds `model.onnx`, the MLmodel file and the
-version's model card (`model_card.md`, served at GET /model), with metadata: registered model name and version, MLflow run id, validation and test accuracy, class
-names, the preprocessing constants. Importing the same registry version again is a no-op that
-returns the existing tag; the service serves the newest import (`cifar10-classifier:latest`).
-
-Which stores: MLflow as in training (`MLFLOW_TRACKING_URI`, else `sqlite:///<root>/mlflow.db`);
-BentoML at `$BENTOML_HOME`, else `<root>/bentoml` (the Makefile sets it to that).
-
-This is the training side's step (train-cifar's last task on one machine; a serving host runs
-`cifar-import-champion --follow 60`): the service never talks to MLflow, it follows its store
-(serving/live.py).
+(also `make import-champion` and the last task of `train-cifar`). The BentoML model
+`cifar10-classifier:<version>` holds `model.onnx`, the MLmodel file and the version's model card
+(served at GET /model), with the registry version, run id, accuracies, class names and the
+preprocessing constants as metadata. Importing the same version again is a no-op. MLflow as in
+training (`MLFLOW_TRACKING_URI`, else `sqlite:///<root>/mlflow.db`); BentoML at `$BENTOML_HOME`,
+else `<root>/bentoml`. The service never talks to MLflow: it follows its store (serving/live.py);
+a serving host runs `cifar-import-champion --follow 60`.
 """
 
 from __future__ import annotations
@@ -179,6 +174,12 @@ def _store_model(
             shutil.copyfile(mlmodel_file, bm.path_of("MLmodel"))
         if mv.description:  # the version's model card (registry/modelcard.py)
             Path(bm.path_of("model_card.md")).write_text(mv.description)
+    home = Path(os.environ["BENTOML_HOME"]).resolve()  # set by use_bentoml_home
+    if not Path(bm.path).resolve().is_relative_to(home):
+        raise ImportFailed(
+            f"BentoML put {bm.tag} in {bm.path}, outside {home}: this process's "
+            "BentoML had its store set before; run cifar-import-champion alone"
+        )
     return str(bm.tag), metadata
 
 

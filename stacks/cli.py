@@ -266,5 +266,4 @@ def _foreground(stack: LocalStack, args: argparse.Namespace) -> int:
         return 0
     # No time limit: a full-scale study runs for hours (Ctrl-C stops it and the stack). Its
     # log lines (epochs, time left, the closing summary) are printed as they come.
-    state = stack.follow_deployment(args.deployment, args.params)
-    return 0 if state == "Completed" else 1
+    return 0 if stack.follow_deployment(args.deployment, args.params).ok else 1

@@ -178,8 +178,8 @@ class LocalStack(PrefectApi):
         self.wait_healthy()
 
     def setup_pools(self) -> None:
-        """The two work pools, every deployment of prefect.yaml and the automation that ends
-        flow runs whose host went silent; each left as it is when it is already right."""
+        """The two work pools (`gpu` or this stack's pool, and `control`), created unless they
+        exist."""
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.exceptions import ObjectNotFound
         from prefect.workers.process import ProcessWorker

@@ -18,6 +18,7 @@ from stacks.processes import StackError
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import State
 
 
 class PrefectApi:
@@ -78,11 +79,10 @@ class PrefectApi:
                 raise StackError(f"{name}: {_http_detail(exc)}") from None
         return str(flow_run.id)
 
-    def flow_run_state(self, flow_run_id: str) -> str:
-        """The state's name of a flow run (Completed, Failed, Running, ...)."""
+    def flow_run_state(self, flow_run_id: str) -> State | None:
+        """A flow run's state (None before it has one)."""
         with self.client() as client:
-            state = client.read_flow_run(UUID(flow_run_id)).state
-        return str(state.name) if state is not None else "Pending"
+            return client.read_flow_run(UUID(flow_run_id)).state
 
     def flow_run_logs(self, flow_run_id: str, offset: int = 0, limit: int = 200) -> list[Any]:
         """A flow run's log records (its tasks' included), oldest first, from `offset`."""
@@ -99,9 +99,9 @@ class PrefectApi:
 
     def follow_deployment(
         self, deployment: str, params: Sequence[str] = (), out=sys.stdout, poll_s: float = 1.0
-    ) -> str:
+    ) -> DeploymentRun:
         """Start a deployment run and print its log lines (epochs, time left, the closing
-        summary) as they arrive, until it ends; returns its final state's name."""
+        summary) as they arrive, until it ends; returns the ended run."""
         name = deployment if "/" in deployment else f"train-cifar/{deployment}"
         flow_run_id = self.start_deployment(deployment, params)
         print(
@@ -117,10 +117,10 @@ class PrefectApi:
             for log in logs:
                 print(f"{log.timestamp:%H:%M:%S} {log.message}", file=out, flush=True)
             seen += len(logs)
-            if state in FINAL_STATES and not logs:
+            if state is not None and state.is_final() and not logs:
                 if quiet_polls >= 2:  # the last lines are shipped a moment after the end
-                    print(f"flow run {flow_run_id}: {state}", file=out, flush=True)
-                    return state
+                    print(f"flow run {flow_run_id}: {state.name}", file=out, flush=True)
+                    return DeploymentRun.of(flow_run_id, state, self)
                 quiet_polls += 1
             else:
                 quiet_polls = 0
@@ -134,55 +134,67 @@ class PrefectApi:
         deployment name means a `train-cifar` one. Raises TimeoutError after `timeout` s."""
         flow_run_id = self.start_deployment(deployment, params)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while (state := self.flow_run_state(flow_run_id)) not in FINAL_STATES:
+        while (state := self.flow_run_state(flow_run_id)) is None or not state.is_final():
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"flow run {flow_run_id} of {deployment} still {state} after {timeout:.0f} s"
+                    f"flow run {flow_run_id} of {deployment} still "
+                    f"{state.name if state else 'without a state'} after {timeout:.0f} s"
                 )
             time.sleep(0.5)
-        return DeploymentRun(flow_run_id, state, self)
-
-
-# The names of the states a flow run ends in (StateType's final ones, as their names say them).
-FINAL_STATES = frozenset({"Completed", "Failed", "Crashed", "Cancelled"})
+        return DeploymentRun.of(flow_run_id, state, self)
 
 
 @dataclass(frozen=True)
 class DeploymentRun:
-    """A flow run of a deployment that has ended: its id and final state's name."""
+    """A flow run of a deployment that has ended: its id, its final state's name (Completed,
+    Failed, TimedOut, Crashed, ...) and whether that state is a completed one."""
 
     flow_run_id: str
     state: str
+    ok: bool
     stack: PrefectApi
 
-    @property
-    def ok(self) -> bool:
-        return self.state == "Completed"
+    @classmethod
+    def of(cls, flow_run_id: str, state: State, stack: PrefectApi) -> DeploymentRun:
+        return cls(flow_run_id, str(state.name), state.is_completed(), stack)
 
     def log_text(self, last: int = 60) -> str:
-        """Its last `last` log lines, for a failure's message."""
-        lines = [
-            f"{r.timestamp:%H:%M:%S} {r.level} {r.message}"
-            for r in self.stack.flow_run_logs(self.flow_run_id, limit=10_000)
-        ]
-        return f"flow run {self.flow_run_id}: {self.state}\n" + "\n".join(lines[-last:])
+        """Its last `last` log lines (at most 200: the server's page), for a failure's message."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+
+        with self.stack.client() as client:
+            newest = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(self.flow_run_id)])),
+                sort=LogSort.TIMESTAMP_DESC,
+                limit=min(last, 200),
+            )
+        lines = [f"{r.timestamp:%H:%M:%S} {r.level} {r.message}" for r in reversed(newest)]
+        return f"flow run {self.flow_run_id}: {self.state}\n" + "\n".join(lines)
 
 
 def parse_params(params: Sequence[str]) -> dict[str, Any]:
-    """KEY=VALUE strings as `prefect deployment run --param` reads them: the value as JSON,
-    else as a plain string when it holds no quote; otherwise an error naming it."""
+    """KEY=VALUE strings with the values read as `prefect deployment run --param` reads them
+    (as JSON; a value that is not JSON and holds no quote as a JSON string of itself, escapes
+    decoded); a spec without `=` or a key, or a value that is broken JSON, is an error naming
+    it."""
     out: dict[str, Any] = {}
     for spec in params:
         key, sep, value = spec.partition("=")
         if not sep or not key:
             raise StackError(f"parameter {spec!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            if '"' in value:
-                raise StackError(f"parameter {key}: {value!r} is not valid JSON") from None
-            out[key] = value
+        out[key] = _json_value(key, value)
     return out
+
+
+def _json_value(key: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        plain = "Extra data" in str(exc) or "Expecting value" in str(exc)
+        if plain and '"' not in value:
+            return _json_value(key, f'"{value}"')
+        raise StackError(f"parameter {key}: {value!r} is not valid JSON ({exc})") from None
 
 
 def _http_detail(exc: Exception) -> str:

@@ -12,6 +12,7 @@ whole width, so a left-right flip never changes the class. That lets us build:
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,10 @@ from cifarlab.export import export_onnx
 from cifarlab.split import stratified_split
 from cifarlab.tensors import normalize
 from registry import champion, predictions, run_logging, tracking, versions
+
+# One process registers here: a threading lock stands for the flows' Prefect lease (which the
+# race test also runs with).
+REGISTRY_LOCK = threading.Lock()
 
 
 class BarReader(nn.Module):
@@ -74,7 +79,7 @@ def _register(
         world["data"],
         tags={"served_tta": tta},
         model_id=logged.model_id,
-        **rule,
+        **{"lock": REGISTRY_LOCK, **rule},
     )
     tracking.end_run(world["store"], run_id, "FINISHED")
     return done
@@ -202,6 +207,7 @@ def _register_recorded_champion(world, record) -> str:
         tags={},
         model_id=logged.model_id,
         min_shared_images=50,
+        lock=REGISTRY_LOCK,
     )
     tracking.end_run(world["store"], run_id, "FINISHED")
     assert done.registration.alias == "champion"
@@ -385,14 +391,26 @@ def test_a_run_without_a_recorded_split_is_not_compared(world):
     assert "recorded no split hash" in done.registration.reason
 
 
-def test_racing_registrations_always_leave_the_better_model_champion(world):
-    """Two runs finishing at the same moment, 20 times (a fresh model name each time): the
-    registry lock (a threading.Lock here; a Prefect lease in the flows) makes them register one
-    after the other, so the better one is champion whichever comes first, and creating the
-    model name twice is no error."""
-    import threading
+@pytest.mark.parametrize(
+    "lock_kind,reps",
+    # The Prefect lease waits out its retry interval when contended (about 5 s a race): the
+    # end-to-end tier runs it.
+    [("threading", 10), pytest.param("prefect", 6, marks=pytest.mark.e2e)],
+)
+def test_racing_registrations_always_leave_the_better_model_champion(world, lock_kind, reps,
+                                                                     request):  # fmt: skip
+    """Two runs finishing at the same moment, again and again (a fresh model name each time):
+    the registry lock makes them register one after the other, so the better one is champion
+    whichever comes first, and creating the model name twice is no error. With the lock the
+    flows pass (a Prefect concurrency lease, flows/locks.py) and with a threading.Lock."""
+    if lock_kind == "prefect":
+        from flows import locks
 
-    lock = threading.Lock()
+        request.getfixturevalue("prefect_api")
+        make_lock = lambda name: locks.exclusive("registry", name)  # noqa: E731 - one use
+    else:
+        shared = threading.Lock()
+        make_lock = lambda name: shared  # noqa: E731 - one use
     better_onnx = export_onnx(BarReader(), world["tmp"] / "better.onnx")
     worse_onnx = export_onnx(BarReader(confuse_truck=True), world["tmp"] / "worse.onnx")
     store, outcomes = world["store"], []
@@ -401,8 +419,8 @@ def test_racing_registrations_always_leave_the_better_model_champion(world):
         kind: _logged_run(world, None, onnx_path=path)
         for kind, path in (("better", better_onnx), ("worse", worse_onnx))
     }
-    for rep in range(20):
-        name = f"race-{rep}"
+    for rep in range(reps):
+        name = f"race-{lock_kind}-{rep}"
         start, errors = threading.Barrier(2), []
 
         def go(kind, runs=runs, name=name, start=start, errors=errors):
@@ -419,7 +437,7 @@ def test_racing_registrations_always_leave_the_better_model_champion(world):
                     model_id=logged.model_id,
                     min_shared_images=50,
                     name=name,
-                    lock=lock,
+                    lock=make_lock(name),
                 )
             except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(f"{kind}: {exc!r}")
@@ -434,7 +452,7 @@ def test_racing_registrations_always_leave_the_better_model_champion(world):
         versions = store.client.search_model_versions(f"name = '{name}'")
         assert len(versions) == 2
         outcomes.append(champ.run_id == runs["better"][0])
-    assert all(outcomes), f"worse model left champion in {outcomes.count(False)} of 20"
+    assert all(outcomes), f"worse model left champion in {outcomes.count(False)} of {reps}"
 
 
 def test_a_registration_that_failed_half_way_is_not_registered_twice(world, monkeypatch):
@@ -458,6 +476,7 @@ def test_a_registration_that_failed_half_way_is_not_registered_twice(world, monk
                 tags={},
                 model_id=logged.model_id,
                 min_shared_images=50,
+                lock=REGISTRY_LOCK,
             )
     (left,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     assert left.tags["registration"] == "unfinished" and not left.aliases
@@ -470,6 +489,7 @@ def test_a_registration_that_failed_half_way_is_not_registered_twice(world, monk
         tags={},
         model_id=logged.model_id,
         min_shared_images=50,
+        lock=REGISTRY_LOCK,
     )
     (version,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     assert str(version.version) == done.registration.version != str(left.version)
@@ -508,6 +528,7 @@ def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone
                 tags={},
                 model_id=logged.model_id,
                 min_shared_images=5,
+                lock=REGISTRY_LOCK,
             )
     (half,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     half = store.client.get_model_version(half.name, half.version)
@@ -523,6 +544,7 @@ def test_a_registration_cut_off_after_taking_the_alias_is_rolled_back_and_redone
         tags={},
         model_id=logged.model_id,
         min_shared_images=5,
+        lock=REGISTRY_LOCK,
     )
     (version,) = store.client.search_model_versions(f"run_id = '{run_id}'")
     version = store.client.get_model_version(version.name, version.version)

@@ -336,7 +336,7 @@ def test_real_files_need_only_numpy_array_globals(real_cifar):
 
 
 def test_arrays_are_cached_once_and_mapped_by_later_processes_while_the_files_are_unchanged(
-    synthetic_cifar, tmp_path, monkeypatch
+    synthetic_cifar, tmp_path, monkeypatch, data_clock
 ):
     """load_cifar10 with a cache writes the arrays as .npy once; a later process maps them
     instead of unpickling, until a file changes (size, inode or times)."""
@@ -347,6 +347,10 @@ def test_arrays_are_cached_once_and_mapped_by_later_processes_while_the_files_ar
     folder = tmp_path / "cifar-10-batches-py"
     shutil.copytree(synthetic_cifar[0], folder)
     cache = tmp_path / "arrays"
+    monkeypatch.setattr(data, "_LOADED", {})
+    data.load_cifar10(folder, cache)  # files written a moment ago: read, not cached yet
+    assert not list(cache.glob("*/*.npy"))
+    data_clock.advance(1.1)
     monkeypatch.setattr(data, "_LOADED", {})
     first = data.load_cifar10(folder, cache)
     assert len(list(cache.glob("*/*.npy"))) == 4
@@ -370,6 +374,16 @@ def test_arrays_are_cached_once_and_mapped_by_later_processes_while_the_files_ar
     again = data.load_cifar10(folder, cache)
     assert torch.equal(again.train_images, first.train_images)
     assert len(list(cache.glob("*/key.json"))) == 1  # the old copy replaced, not kept beside
+
+    # Arrays another version of the loader wrote are not taken: read again, and replaced.
+    monkeypatch.setattr(data, "_LOADED", {})
+    monkeypatch.setattr(data, "_LOADER", "another version of cifarlab/arrays.py")
+    monkeypatch.setattr(data, "_read_cifar10", unpickling)
+    with pytest.raises(AssertionError, match="read the pickles"):
+        data.load_cifar10(folder, cache)
+    monkeypatch.setattr(data, "_read_cifar10", read)
+    assert torch.equal(data.load_cifar10(folder, cache).train_labels, first.train_labels)
+    assert len(list(cache.glob("*/key.json"))) == 1
 
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")

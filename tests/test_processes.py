@@ -144,9 +144,19 @@ def test_a_start_that_fails_at_a_step_stops_what_the_earlier_steps_started(tmp_p
 def test_deployment_parameters_are_read_as_prefect_reads_them():
     """KEY=VALUE with JSON values, else plain strings, as `prefect deployment run --param`."""
     import pytest
+    from prefect.cli._utilities import load_json_key_values
 
     from stacks.prefect_api import parse_params
     from stacks.processes import StackError
+
+    # The values Prefect's CLI accepts come out as it reads them (its own function, compared).
+    accepted = ["preset=seed-baseline", 'train={"epochs": 2}', "seeds=3", "x=a b", "flag=true",
+                "t=a\\tb", "n=12abc", "e=", "lr=0.0004"]  # fmt: skip
+    assert parse_params(accepted) == load_json_key_values(accepted, "parameter")
+    # What it refuses is refused here too, naming the parameter.
+    for broken in ("x={a:1}", "x=[1,2", 'x="open'):
+        with pytest.raises(StackError, match="parameter x: .* is not valid JSON"):
+            parse_params([broken])
 
     assert parse_params(
         ["preset=seed-baseline", 'train={"epochs": 2}', "seeds=3", "x=a b", "flag=true"]

@@ -9,6 +9,7 @@ in its own process group; requests are real multipart uploads.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -206,6 +207,7 @@ def served(tmp_path_factory, synthetic_cifar):
             "int8_judged_with_dot_product": tracking.bool_tag(int8.judged_with_dot_product),
         },
         model_id=logged.model_id,
+        lock=contextlib.nullcontext(),
     )
     tracking.end_run(store, run_id, "FINISHED")
 

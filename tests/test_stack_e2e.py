@@ -1,5 +1,6 @@
-"""End to end through the real path: `prefect server` on 127.0.0.1, the work pool, a worker,
-`prefect deploy` from prefect.yaml and `prefect deployment run ... --watch`, then the MLflow store.
+"""End to end through the real path: `prefect server` on 127.0.0.1, the work pools, workers,
+`prefect deploy` from prefect.yaml and deployment runs started through Prefect's client, then
+the MLflow store.
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     # As `make run` shows it: the run's log lines as they come, epochs with the time left, and
     # a closing summary saying how well, where to look and how to serve it.
     out = io.StringIO()
-    state = stack.follow_deployment("seed-baseline", [*params, 'train={"epochs": 2}'], out=out)
+    ended = stack.follow_deployment("seed-baseline", [*params, 'train={"epochs": 2}'], out=out)
     text = out.getvalue()
-    assert state == "Completed", text
+    assert ended.ok and ended.state == "Completed", text
     assert "epoch 1/2:" in text and "epoch 2/2:" in text and "of training left" in text, text
     assert "validation" in text and "MLflow run: http://127.0.0.1:5000/#/experiments/" in text
     assert "is champion" in text and "serve it: make serve" in text, text
@@ -382,7 +383,7 @@ def test_sigterm_to_a_stack_run_leaves_nothing_behind(tmp_path, synthetic_cifar)
 
 def test_a_start_that_fails_half_way_stops_what_it_started(tmp_path):
     """`python -m stacks up` whose deploy step fails (an entrypoint that does not exist)
-    exits non-zero naming the step, after the Prefect server and the fork server had started:
+    exits non-zero naming the step, after the Prefect server had started and its pools were made:
     no process of its root is left and its port is free again."""
     import socket
     import subprocess
