@@ -175,9 +175,10 @@ def _store_model(
         if mv.description:  # the version's model card (registry/modelcard.py)
             Path(bm.path_of("model_card.md")).write_text(mv.description)
     home = Path(os.environ["BENTOML_HOME"]).resolve()  # set by use_bentoml_home
-    if not Path(bm.path).resolve().is_relative_to(home):
+    stored = Path(bentoml.models.get(bm.tag).path).resolve()  # (bm.path: where it was built)
+    if not stored.is_relative_to(home):
         raise ImportFailed(
-            f"BentoML put {bm.tag} in {bm.path}, outside {home}: this process's "
+            f"BentoML put {bm.tag} in {stored}, outside {home}: this process's "
             "BentoML had its store set before; run cifar-import-champion alone"
         )
     return str(bm.tag), metadata
