@@ -12,10 +12,9 @@ from prefect import get_run_logger
 
 from cifarlab.config import RunConfig
 from flows import locks
+from flows.common import PROJECT_ROOT
 from flows.runs import crash_flow_run, flow_run_alive
 from registry import hosts, tracking
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _user() -> str:

@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from stacks.prefect_api import PrefectApi
-from stacks.processes import Services, StackError, _exe, wait_http
+from stacks.processes import PROJECT_ROOT, Services, StackError, _exe, wait_http
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 POOL = "gpu"  # train-cifar runs; one worker per GPU host
 CONTROL_POOL = "control"  # sweep-cifar runs: orchestration only
 TELEMETRY_OFF = {

@@ -86,16 +86,8 @@ class PrefectApi:
 
     def flow_run_logs(self, flow_run_id: str, offset: int = 0, limit: int = 200) -> list[Any]:
         """A flow run's log records (its tasks' included), oldest first, from `offset`."""
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-        from prefect.client.schemas.sorting import LogSort
-
         with self.client() as client:
-            return client.read_logs(
-                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])),
-                sort=LogSort.TIMESTAMP_ASC,
-                offset=offset,
-                limit=limit,
-            )
+            return _read_logs(client, flow_run_id, offset=offset, limit=limit)
 
     def follow_deployment(
         self, deployment: str, params: Sequence[str] = (), out=sys.stdout, poll_s: float = 1.0
@@ -111,21 +103,22 @@ class PrefectApi:
             flush=True,
         )
         seen, quiet_polls = 0, 0
-        while True:
-            state = self.flow_run_state(flow_run_id)
-            logs = self.flow_run_logs(flow_run_id, offset=seen)
-            for log in logs:
-                print(f"{log.timestamp:%H:%M:%S} {log.message}", file=out, flush=True)
-            seen += len(logs)
-            if state is not None and state.is_final() and not logs:
-                if quiet_polls >= 2:  # the last lines are shipped a moment after the end
-                    print(f"flow run {flow_run_id}: {state.name}", file=out, flush=True)
-                    return DeploymentRun.of(flow_run_id, state, self)
-                quiet_polls += 1
-            else:
-                quiet_polls = 0
-            if not logs:
-                time.sleep(poll_s)
+        with self.client() as client:  # one client for the whole wait: two requests a poll
+            while True:
+                state = client.read_flow_run(UUID(flow_run_id)).state
+                logs = _read_logs(client, flow_run_id, offset=seen)
+                for log in logs:
+                    print(f"{log.timestamp:%H:%M:%S} {log.message}", file=out, flush=True)
+                seen += len(logs)
+                if state is not None and state.is_final() and not logs:
+                    if quiet_polls >= 2:  # the last lines are shipped a moment after the end
+                        print(f"flow run {flow_run_id}: {state.name}", file=out, flush=True)
+                        return DeploymentRun.of(flow_run_id, state, self)
+                    quiet_polls += 1
+                else:
+                    quiet_polls = 0
+                if not logs:
+                    time.sleep(poll_s)
 
     def run_deployment(
         self, deployment: str, params: Sequence[str] = (), timeout: float | None = 3600
@@ -134,13 +127,16 @@ class PrefectApi:
         deployment name means a `train-cifar` one. Raises TimeoutError after `timeout` s."""
         flow_run_id = self.start_deployment(deployment, params)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while (state := self.flow_run_state(flow_run_id)) is None or not state.is_final():
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"flow run {flow_run_id} of {deployment} still "
-                    f"{state.name if state else 'without a state'} after {timeout:.0f} s"
-                )
-            time.sleep(0.5)
+        with self.client() as client:  # one client for the whole wait
+            while (state := client.read_flow_run(UUID(flow_run_id)).state) is None or (
+                not state.is_final()
+            ):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"flow run {flow_run_id} of {deployment} still "
+                        f"{state.name if state else 'without a state'} after {timeout:.0f} s"
+                    )
+                time.sleep(0.5)
         return DeploymentRun.of(flow_run_id, state, self)
 
 
@@ -160,17 +156,23 @@ class DeploymentRun:
 
     def log_text(self, last: int = 60) -> str:
         """Its last `last` log lines (at most 200: the server's page), for a failure's message."""
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-        from prefect.client.schemas.sorting import LogSort
-
         with self.stack.client() as client:
-            newest = client.read_logs(
-                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(self.flow_run_id)])),
-                sort=LogSort.TIMESTAMP_DESC,
-                limit=min(last, 200),
-            )
+            newest = _read_logs(client, self.flow_run_id, limit=min(last, 200), newest_first=True)
         lines = [f"{r.timestamp:%H:%M:%S} {r.level} {r.message}" for r in reversed(newest)]
         return f"flow run {self.flow_run_id}: {self.state}\n" + "\n".join(lines)
+
+
+def _read_logs(client: SyncPrefectClient, flow_run_id: str, offset: int = 0, limit: int = 200,
+               newest_first: bool = False) -> list[Any]:  # fmt: skip
+    """A flow run's log records (its tasks' included), oldest first unless asked otherwise."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    return client.read_logs(
+        LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])),
+        sort=LogSort.TIMESTAMP_DESC if newest_first else LogSort.TIMESTAMP_ASC,
+        offset=offset, limit=limit,
+    )  # fmt: skip
 
 
 def parse_params(params: Sequence[str]) -> dict[str, Any]:
