@@ -2,6 +2,7 @@
 
     POST /classify          one image: multipart field `image`, or the raw image as the body
     POST /classify_batch    several images: multipart fields `images`
+    POST /feedback          a client's label for an earlier answer: {"request_id", "label"}
     GET  /model             what is served, with its model card
     GET  /                  a page to drop images on (serving/page/)
     GET  /docs, /docs.json  Swagger UI and the OpenAPI document (serving/schemas.py)
@@ -11,15 +12,19 @@ body straight into memory (no temporary files), field rules that refuse what Ben
 silently drop or answer with 500, a budget of bytes in flight, and the served version on every
 answer. BentoML still runs the processes, /readyz, /livez, /metrics and the traffic limits.
 
-Answers: 200 with the classification (and header `X-Model-Version`); bad input 4xx with
-`{"error": message, "reason": code}`; over the upload budget 503 with Retry-After.
+Answers: 200 with the classification and its `request_id` (headers `X-Model-Version`,
+`X-Request-Id`); bad input 4xx with `{"error": message, "reason": code}`; over the upload budget
+503 with Retry-After. Every answer is recorded in the prediction log (serving/records.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,7 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
 from serving import schemas
+from serving.feedback import parse_feedback
 from serving.live import LiveModel, Loaded
 from serving.preprocess import (
     Decoded,
@@ -42,9 +48,20 @@ from serving.preprocess import (
     open_image,
     to_model_input,
 )
+from serving.records import Answer, PredictionLog, give_feedback
 from serving.uploads import BadRequest, Budget, read_upload
 
 INLINE_BYTES = 16 * 1024  # CIFAR-sized PNGs are 2-3 KB
+FEEDBACK_BYTES = 4096  # a feedback body is a few dozen bytes
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a client's X-Request-Id we adopt
+
+
+def request_id(request: Request) -> str:
+    """The client's `X-Request-Id` when it is a short safe token, else a fresh one."""
+    given = request.headers.get("x-request-id")
+    if given and CLIENT_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
 
 
 @dataclass
@@ -53,14 +70,22 @@ class Settings:
     max_inflight_bytes: int
     max_batch_images: int
     max_pixels: int
+    feedback_wait_s: float = 2.0  # how long an id not (yet) on record is looked for
 
 
 class Front:
     """Per worker: the live model, the upload budget, the decoding thread and the counters."""
 
-    def __init__(self, live: LiveModel, settings: Settings, rejected: Any = None):
+    def __init__(
+        self,
+        live: LiveModel,
+        settings: Settings,
+        rejected: Any = None,
+        records: PredictionLog | None = None,
+    ):
         self.live = live
         self.settings = settings
+        self.records = records  # None: the prediction log is off
         self.budget = Budget(settings.max_inflight_bytes)
         self.rejected = rejected  # prometheus Counter by reason, or None
         # Costly decodes, one at a time per worker: the event loop stays free for everyone
@@ -83,13 +108,19 @@ class Front:
         return await loop.run_in_executor(self.decoder, finish_decode, img)
 
     def refuse(
-        self, exc: BadRequest | ImageRejected, prefix: str = "", served: Loaded | None = None
+        self,
+        exc: BadRequest | ImageRejected,
+        prefix: str = "",
+        served: Loaded | None = None,
+        rid: str | None = None,
     ) -> JSONResponse:
         if self.rejected is not None:
             self.rejected.labels(exc.reason).inc()
         headers = dict(getattr(exc, "headers", {}))
         if served is not None:
             headers["X-Model-Version"] = served.version
+        if rid is not None:
+            headers["X-Request-Id"] = rid
         return JSONResponse(
             {"error": prefix + str(exc), "reason": exc.reason},
             status_code=exc.status,
@@ -124,6 +155,7 @@ class Front:
 
     async def _classify(self, request: Request, served: Loaded, many: bool) -> JSONResponse:
         started = time.perf_counter()
+        rid = request_id(request)
         try:
             upload = await read_upload(
                 dict(request.headers),
@@ -136,7 +168,8 @@ class Front:
                 budget=self.budget,
             )
         except BadRequest as exc:
-            return self.refuse(exc, served=served)
+            return self.refuse(exc, served=served, rid=rid)
+        kept = None
         try:
             decoded = []
             for i, data in enumerate(upload.images):
@@ -146,25 +179,48 @@ class Front:
                     prefix = (
                         f"image {i} (of {len(upload.images)}, counted from 0): " if many else ""
                     )
-                    return self.refuse(exc, prefix, served)
+                    return self.refuse(exc, prefix, served, rid)
+            if self.records and random.random() < self.records.settings.keep_images_rate:
+                kept = [bytes(data) for data in upload.images]
         finally:
             self.budget.give(upload.held)
             upload.images.clear()
-        probs = await served.batcher.submit(to_model_input(np.stack([d.pixels for d in decoded])))
-        results = [self.result(served, p, d, upload.top_k) for p, d in zip(probs, decoded)]
-        body = {"results": results, "model": served.info} if many else results[0]
+        pixels = np.stack([d.pixels for d in decoded])
+        probs = await served.batcher.submit(to_model_input(pixels))
+        ood: list[tuple[float | None, bool | None]] = [(None, None)] * len(decoded)
+        results = [
+            self.result(served, p, d, upload.top_k, o) for p, d, o in zip(probs, decoded, ood)
+        ]
+        if many:
+            for i, r in enumerate(results):
+                r["request_id"] = f"{rid}.{i}"
+            body = {"request_id": rid, "results": results, "model": served.info}
+        else:
+            body = {"request_id": rid, **results[0]}
+        seconds = time.perf_counter() - started
+        if self.records is not None:
+            self.records.add(
+                Answer(
+                    time.time(), rid, many, served.info, probs, pixels, decoded, ood, seconds, kept
+                )
+            )
         return JSONResponse(
             body,
             headers={
                 "X-Model-Version": served.version,
-                "Server-Timing": f"total;dur={1000 * (time.perf_counter() - started):.1f}",
+                "X-Request-Id": rid,
+                "Server-Timing": f"total;dur={1000 * seconds:.1f}",
             },
         )
 
     @staticmethod
-    def result(served: Loaded, probs: np.ndarray, d: Decoded, top_k: int) -> dict[str, Any]:
+    def result(
+        served: Loaded, probs: np.ndarray, d: Decoded, top_k: int, ood: tuple[Any, Any]
+    ) -> dict[str, Any]:
         return {
             **served.engine.answer(probs, top_k),
+            "ood_score": ood[0],
+            "in_distribution": ood[1],
             "image": {
                 "format": d.format,
                 "width": d.width,
@@ -174,6 +230,58 @@ class Front:
             },
             "model": served.info,
         }
+
+    async def feedback(self, request: Request) -> JSONResponse:
+        """POST /feedback {"request_id": ..., "label": ...}: 200 stored, 404 unknown or expired
+        id, 400 bad body or label, 409 a label was given before (the first is kept)."""
+        try:
+            request_id, label = await self._feedback_body(request)
+        except BadRequest as exc:
+            return self.refuse(exc)
+        if self.records is None:
+            return self.refuse(
+                BadRequest(
+                    "this service keeps no prediction log (CIFAR_PREDICTION_LOG=false), so it "
+                    "has no answers to attach labels to",
+                    404,
+                    "not_recorded",
+                )
+            )
+        given = await asyncio.to_thread(
+            give_feedback, self.records, request_id, label, self.settings.feedback_wait_s
+        )
+        if given.status == "unknown":
+            days = self.records.settings.retention_seconds / 86400
+            return self.refuse(
+                BadRequest(
+                    f"no answer with request id {request_id!r} is on record: unknown, or older "
+                    f"than the prediction log keeps ({days:g} days)",
+                    404,
+                    "unknown_request_id",
+                )
+            )
+        body = {
+            "request_id": request_id,
+            "label": given.label,
+            "predicted": given.predicted,
+            "model_version": given.model_version,
+        }
+        if given.status == "duplicate":
+            error = f"request {request_id!r} already has the label {given.label!r}; kept"
+            return JSONResponse(
+                {"error": error, "reason": "feedback_exists", **body}, status_code=409
+            )
+        return JSONResponse({"stored": True, **body})
+
+    async def _feedback_body(self, request: Request) -> tuple[str, str]:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > FEEDBACK_BYTES:
+                raise BadRequest(
+                    f"a feedback body is at most {FEEDBACK_BYTES} bytes", 413, "too_large"
+                )
+        return parse_feedback(bytes(data), self.live.current.engine.class_names)
 
     async def model_card(self, _request: Request) -> JSONResponse:
         served = self.live.current
@@ -226,6 +334,7 @@ class Routes:
             routes=[
                 Route("/classify", self._classify, methods=["POST"]),
                 Route("/classify_batch", self._classify_batch, methods=["POST"]),
+                Route("/feedback", self._feedback, methods=["POST"]),
                 Route("/model", self._model, methods=["GET"]),
                 Route("/", self._page, methods=["GET"]),
                 Route("/page/{name}", self._page_file, methods=["GET"]),
@@ -263,6 +372,11 @@ class Routes:
         if self.front is None:
             return not_ready(request)
         return await self.front.classify(request, many=True)
+
+    async def _feedback(self, request: Request) -> JSONResponse:
+        if self.front is None:
+            return not_ready(request)
+        return await self.front.feedback(request)
 
     async def _model(self, request: Request) -> JSONResponse:
         if self.front is None:

@@ -9,7 +9,7 @@ and swaps in a newer one when the store gets it (serving/live.py). Imports numpy
 onnxruntime and BentoML only: no torch, no Prefect, no MLflow.
 
 The routes (serving/http.py): POST /classify (multipart field `image`, or the raw image as the
-body), POST /classify_batch (fields `images`, up to `CIFAR_MAX_BATCH_IMAGES`), GET /model, the
+body), POST /classify_batch (fields `images`, up to `CIFAR_MAX_BATCH_IMAGES`), POST /feedback, GET /model, the
 page at /, /docs and /docs.json; BentoML adds /readyz (200 once the model is loaded and warmed
 up) and /metrics (Prometheus: BentoML's request figures plus `cifar_inference_batch_size`,
 `cifar_inference_seconds` and `cifar_rejected_uploads_total{reason}`).
@@ -30,6 +30,7 @@ import bentoml
 from serving.http import Front, Routes, Settings
 from serving.live import PRECISIONS, LiveModel, Loaded, load
 from serving.preprocess import DEFAULT_MAX_PIXELS
+from serving.records import LogSettings, PredictionLog
 from serving.uploads import max_inflight_bytes, max_upload_bytes
 
 
@@ -72,6 +73,8 @@ MODEL_POLL_SECONDS = _env_number("CIFAR_MODEL_POLL_SECONDS", 10, 0, float)
 
 
 MAX_UPLOAD_BYTES, MAX_INFLIGHT_BYTES = max_upload_bytes(), max_inflight_bytes()  # checked now
+# The prediction log (serving/records.py): on unless CIFAR_PREDICTION_LOG=false.
+PREDICTION_LOG = LogSettings.from_env()
 
 ROUTES = Routes()
 
@@ -119,6 +122,10 @@ class CifarClassifier:
             "cifar_rejected_uploads", "Uploads refused, by reason", ["reason"]
         )
         self.live = LiveModel(self._load(stored), self._newest, self._load)
+        self.records = None
+        if PREDICTION_LOG is not None:
+            names = self.live.current.engine.class_names
+            self.records = PredictionLog(PREDICTION_LOG, names).start()
         ROUTES.front = Front(
             self.live,
             Settings(
@@ -128,6 +135,7 @@ class CifarClassifier:
                 max_pixels=MAX_PIXELS,
             ),
             rejected,
+            self.records,
         )
         self._follower: asyncio.Task | None = None
         self.ready = True
@@ -155,6 +163,8 @@ class CifarClassifier:
     async def _stop_following(self) -> None:
         if self._follower is not None:
             self._follower.cancel()
+        if self.records is not None:
+            await asyncio.to_thread(self.records.close)
 
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)

@@ -113,6 +113,38 @@ def real_cifar() -> Path:
     return candidate
 
 
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory):
+    """An untrained seed-baseline net exported to ONNX, put into the session's BentoML store as
+    the importer does and loaded as the service loads it (serving.live.Loaded): for the tests
+    of request handling, which need a real model but not a good one."""
+    import bentoml
+    import torch
+
+    from cifarlab.constants import MEAN, STD
+    from cifarlab.export import export_onnx
+    from models import build_model
+    from serving.live import load
+
+    torch.manual_seed(0)
+    onnx_path = export_onnx(
+        build_model("seed-baseline").eval(), tmp_path_factory.mktemp("untrained") / "model.onnx"
+    )
+    with bentoml.models.create(
+        "cifar10-classifier-inprocess",
+        labels={"source": "test"},
+        metadata={
+            "class_names": list(CLASS_NAMES),
+            "mean": list(MEAN),
+            "std": list(STD),
+            "onnx_file": "model.onnx",
+            "mlflow_version": "1",
+        },
+    ) as bm:
+        Path(bm.path_of("model.onnx")).write_bytes(onnx_path.read_bytes())
+    return load(bentoml.models.get(bm.tag), threads=1, batch_size=64, wait_ms=0, on_batch=None)
+
+
 def missing(what: str, why: str) -> None:
     """A tool or server a test needs is not on this machine: skipped on a developer's machine,
     a failure under CI (CI=true), where .ci/run installs it, so that nothing passes unchecked."""

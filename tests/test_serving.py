@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from cifarlab.constants import CLASS_NAMES
 from cifarlab.experiment import run_experiment
 from cifarlab.tensors import normalize
 from stacks.processes import BentoServer
-from tests.conftest import missing
+from tests.conftest import bento_model_store, missing
 
 ROOT = Path(__file__).resolve().parents[1]
 UPLOAD_LIMIT = 2 * 1024 * 1024  # the server under test runs with a 2 MiB body limit
@@ -95,40 +96,18 @@ class InProcess:
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    """An untrained seed-baseline net exported to ONNX (what is checked here is the request
-    handling, not the answers), put into the session's BentoML store as the importer does, and
-    served by the routes of serving/http.py with the limits the real server gets below."""
-    import bentoml
+def local(untrained_model):
+    """The routes of serving/http.py on an untrained net (what is checked here is the request
+    handling, not the answers), with the limits the real server gets below."""
     from starlette.testclient import TestClient
 
-    from cifarlab.constants import MEAN, STD
-    from cifarlab.export import export_onnx
-    from models import build_model
     from serving.http import Front, Routes, Settings
-    from serving.live import LiveModel, load
+    from serving.live import LiveModel
     from serving.preprocess import DEFAULT_MAX_PIXELS
 
-    torch.manual_seed(0)
-    onnx_path = export_onnx(
-        build_model("seed-baseline").eval(), tmp_path_factory.mktemp("local") / "model.onnx"
-    )
-    with bentoml.models.create(
-        "cifar10-classifier-inprocess",
-        labels={"source": "test"},
-        metadata={
-            "class_names": list(CLASS_NAMES),
-            "mean": list(MEAN),
-            "std": list(STD),
-            "onnx_file": "model.onnx",
-            "mlflow_version": "1",
-        },
-    ) as bm:
-        Path(bm.path_of("model.onnx")).write_bytes(onnx_path.read_bytes())
-    loaded = load(bentoml.models.get(bm.tag), threads=1, batch_size=64, wait_ms=0, on_batch=None)
     routes = Routes()
     routes.front = Front(
-        LiveModel(loaded, lambda: None, lambda _stored: loaded),
+        LiveModel(untrained_model, lambda: None, lambda _stored: untrained_model),
         Settings(
             max_upload_bytes=UPLOAD_LIMIT,
             max_inflight_bytes=INFLIGHT_BUDGET,
@@ -1039,3 +1018,85 @@ def test_int8_further_than_half_a_point_is_not_served():
     meta.update(int8_judged_with_dot_product=False)  # judged without: fine with or without
     for here in (True, False, None):
         assert choose_file(meta, "int8", dot_product=here) == ("model_int8.onnx", "int8", None)
+
+
+# --- the prediction log and feedback, through the real server ----------------------------------
+
+
+@pytest.mark.e2e
+def test_feedback_over_the_records_gives_the_served_versions_offline_accuracy(served):
+    """200 CIFAR-10 test images sent to the server (two workers), singly and in batches, then
+    their true labels posted as feedback from 8 clients at once, so labels land on both workers
+    whatever worker answered: joined over the prediction log, the accuracy is exactly what the
+    served ONNX file gives on those images offline."""
+    from serving.engine import Engine
+    from serving.preprocess import to_model_input
+    from serving.records import read_records
+
+    n = 200
+    pixels = served.images[:n].permute(0, 2, 3, 1).numpy()
+    labels = [CLASS_NAMES[int(y)] for y in served.labels[:n]]
+    pngs = [_png(p) for p in pixels]
+    ids = [served.classify(p).json()["request_id"] for p in pngs[:100]]
+    for start in range(100, n, 25):
+        files = [("images", (f"{i}.png", pngs[i], "image/png")) for i in range(start, start + 25)]
+        ids += [
+            r["request_id"] for r in served.post("/classify_batch", files=files).json()["results"]
+        ]
+
+    def give(i: int) -> int:
+        body = {"request_id": ids[i], "label": labels[i]}
+        return requests.post(served.url + "/feedback", json=body, timeout=60).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(give, range(n))) == {200}
+    assert give(0) == 409
+
+    folder = served.home / "prediction-log"
+    answered: dict[str, str] = {}
+    truth: dict[str, str] = {}
+    deadline = time.monotonic() + 10  # the workers write their queues every 0.5 s
+    while len(truth) < n and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = list(read_records(folder))
+        answered = {r["request_id"]: r["label"] for r in records if r["kind"] == "prediction"}
+        truth = {r["request_id"]: r["label"] for r in records if r["kind"] == "feedback"}
+    assert set(truth) == set(ids) and set(ids) <= set(answered)
+    live = np.mean([answered[i] == truth[i] for i in ids])
+    card = requests.get(served.url + "/model", timeout=30).json()
+    stored = bento_model_store(served.home).get(card["bento_tag"])
+    engine = Engine(Path(stored.path_of("model.onnx")), dict(stored.info.metadata), threads=1)
+    offline = np.mean(
+        [
+            CLASS_NAMES[c] == y
+            for c, y in zip(engine.logits(to_model_input(pixels)).argmax(1), labels)
+        ]
+    )
+    assert live == offline, (live, offline)
+    writers = {p.name.split("-")[-2] for p in folder.glob("predictions-*")}
+    assert len(writers) == 2, writers  # both workers answered and recorded
+
+
+@pytest.mark.e2e
+def test_feedback_survives_a_restart_of_the_service(served, tmp_path):
+    env = {"CIFAR_PREDICTION_LOG_DIR": str(tmp_path / "log"), "CIFAR_SERVE_WORKERS": "1"}
+    png = _png(served.images[0].permute(1, 2, 0).numpy())
+    with BentoServer(served.home, tmp_path / "first.log", env) as url:
+        first, second = (
+            requests.post(
+                url + "/classify", files={"image": ("a.png", png, "image/png")}, timeout=60
+            ).json()["request_id"]
+            for _ in range(2)
+        )
+        r = requests.post(url + "/feedback", json={"request_id": first, "label": "cat"}, timeout=60)
+        assert r.status_code == 200, r.text
+    assert not list((tmp_path / "log").glob("*.part")), "a stopped service closes its file"
+    with BentoServer(served.home, tmp_path / "second.log", env) as url:
+        again = requests.post(
+            url + "/feedback", json={"request_id": first, "label": "dog"}, timeout=60
+        )
+        assert again.status_code == 409 and again.json()["label"] == "cat"
+        later = requests.post(
+            url + "/feedback", json={"request_id": second, "label": "dog"}, timeout=60
+        )
+        assert later.status_code == 200, later.text

@@ -1,0 +1,411 @@
+"""The prediction log: every answer the service gives, one JSON line per image, in files.
+
+Each worker appends to its own file `<folder>/predictions-<opened>-<host>-<pid>-<n>.jsonl.part`;
+the file is closed (renamed to `.jsonl`) when it reaches `CIFAR_PREDICTION_LOG_FILE_MB` or is
+`CIFAR_PREDICTION_LOG_FILE_MINUTES` old, so a closed file never changes again and can be shipped
+or read by the monitor. Closed files older than `CIFAR_PREDICTION_LOG_RETENTION_DAYS` are deleted,
+and the oldest go first when the folder passes `CIFAR_PREDICTION_LOG_MAX_MB`.
+
+Lines are `{"kind": "prediction", ...}` (an answer: time, request id, model version and precision,
+class probabilities, out-of-distribution score, image statistics, latency) or
+`{"kind": "feedback", ...}` (a client's label for an earlier answer). No image bytes are kept
+unless `CIFAR_KEEP_IMAGES_RATE` (a fraction of uploads, kept as sent under `images/`) or
+`CIFAR_KEEP_FEEDBACK_IMAGES` (the 32x32 input of answers that get a label, under
+`feedback-images/<label>/`) asks for them.
+
+The request handler only appends to a queue; a thread per worker turns the queue into lines
+every `FLUSH_SECONDS`, off the event loop. `serving.feedback.Ledger` indexes the request ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.feedback import Ledger, Row
+
+log = logging.getLogger("cifar10.serving")
+
+FLUSH_SECONDS = 0.5
+OPEN_SUFFIX = ".part"
+_MB = 1024 * 1024
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def _number(name: str, default: float, minimum: float, maximum: float | None = None) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        top = f" and at most {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}{top}")
+    return value
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = _env(name, "true" if default else "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ValueError(f"{name}={raw!r}: expected true or false")
+    return raw in ("true", "1")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    folder: Path
+    file_bytes: int = 16 * _MB  # a file is closed at this size ...
+    file_seconds: float = 600.0  # ... or this age
+    max_bytes: int = 1024 * _MB  # closed files and kept images, all workers together
+    retention_seconds: float = 30 * 86400.0
+    keep_images_rate: float = 0.0  # fraction of uploads kept as sent
+    keep_feedback_images: bool = False  # the 32x32 input of answers that get a label
+
+    @classmethod
+    def from_env(cls) -> LogSettings | None:
+        """The settings `CIFAR_PREDICTION_LOG*` and `CIFAR_KEEP_*` state; None when the log is
+        off (`CIFAR_PREDICTION_LOG=false`). A bad value stops the service naming it."""
+        if not _flag("CIFAR_PREDICTION_LOG", True):
+            return None
+        home = Path(_env("BENTOML_HOME", str(Path.home() / "bentoml"))).expanduser()
+        return cls(
+            folder=Path(_env("CIFAR_PREDICTION_LOG_DIR", str(home / "prediction-log"))),
+            file_bytes=int(_number("CIFAR_PREDICTION_LOG_FILE_MB", 16, 0.001) * _MB),
+            file_seconds=_number("CIFAR_PREDICTION_LOG_FILE_MINUTES", 10, 0.01) * 60,
+            max_bytes=int(_number("CIFAR_PREDICTION_LOG_MAX_MB", 1024, 1) * _MB),
+            retention_seconds=_number("CIFAR_PREDICTION_LOG_RETENTION_DAYS", 30, 0.001) * 86400,
+            keep_images_rate=_number("CIFAR_KEEP_IMAGES_RATE", 0, 0, 1),
+            keep_feedback_images=_flag("CIFAR_KEEP_FEEDBACK_IMAGES", False),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.folder),
+            "file_mb": self.file_bytes / _MB,
+            "file_minutes": self.file_seconds / 60,
+            "max_mb": self.max_bytes / _MB,
+            "retention_days": self.retention_seconds / 86400,
+            "keep_images_rate": self.keep_images_rate,
+            "keep_feedback_images": self.keep_feedback_images,
+        }
+
+
+@dataclass(slots=True)
+class Answer:
+    """One answered request, as the handler hands it over (no work done on the event loop)."""
+
+    time: float
+    request_id: str
+    batch: bool  # /classify_batch: the images' ids are `<request_id>.<index>`
+    model: dict[str, Any]  # the served model's `info`
+    probs: np.ndarray  # (n, classes)
+    pixels: np.ndarray  # (n, 32, 32, 3) uint8: the model's input
+    images: list[Any]  # serving.preprocess.Decoded per image (format, size, mode)
+    ood: list[tuple[float | None, bool | None]]  # (ood_score, in_distribution) per image
+    latency_s: float
+    uploads: list[bytes] | None = None  # kept as sent (CIFAR_KEEP_IMAGES_RATE)
+
+    def item_id(self, i: int) -> str:
+        return f"{self.request_id}.{i}" if self.batch else self.request_id
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class PredictionLog:
+    """One worker's writer. `add` is all the request handler calls."""
+
+    def __init__(self, settings: LogSettings, class_names: tuple[str, ...]) -> None:
+        self.settings = settings
+        self.folder = settings.folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.class_names = class_names
+        self.ledger = Ledger(self.folder / "requests.sqlite")
+        self._host = _UNSAFE.sub("_", socket.gethostname())[:40] or "host"
+        self._pending: deque[Answer | dict[str, Any]] = deque()
+        self._lock = threading.Lock()  # one flush at a time (the thread, or a feedback call)
+        self._stop = threading.Event()
+        self._file: Any = None
+        self._path: Path | None = None
+        self._opened = 0.0
+        self._count = 0
+        self.written = 0  # lines, for tests and benchmarks
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+
+    def start(self) -> PredictionLog:
+        recover_orphans(self.folder, self._host)
+        self.prune()
+        self._thread.start()
+        return self
+
+    def add(self, answer: Answer | dict[str, Any]) -> None:
+        self._pending.append(answer)  # deque.append is atomic: no lock on the event loop
+
+    def _run(self) -> None:
+        while not self._stop.wait(FLUSH_SECONDS):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a full disk must not stop the answers
+                log.exception("could not write the prediction log in %s", self.folder)
+
+    def flush(self) -> None:
+        """Write what is queued; close the file when it is big or old enough."""
+        with self._lock:
+            items = []
+            while self._pending:
+                items.append(self._pending.popleft())
+            if items:
+                lines, rows = self._lines(items)
+                self.ledger.add(rows)  # first the index, so feedback never misses a line
+                self._write(lines)
+            if self._file is not None and (
+                self._file.tell() >= self.settings.file_bytes
+                or time.time() - self._opened >= self.settings.file_seconds
+            ):
+                self._close_file()
+                self.prune()
+
+    def close(self) -> None:
+        """Stop the thread, write the rest and close the file (the service's shutdown)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.flush()
+        with self._lock:
+            self._close_file()
+        self.ledger.close()
+
+    def _lines(self, items: list[Answer | dict[str, Any]]) -> tuple[list[str], list[Row]]:
+        answers = [a for a in items if isinstance(a, Answer)]
+        stats = _image_stats(answers)
+        keep_pixels = self.settings.keep_feedback_images
+        lines, rows, k = [], [], 0
+        for item in items:
+            if not isinstance(item, Answer):
+                lines.append(json.dumps(item, separators=(",", ":")))
+                continue
+            when = iso(item.time)
+            probs = np.round(item.probs, 6)
+            best = probs.argmax(axis=1)
+            for i, img in enumerate(item.images):
+                rid = item.item_id(i)
+                label = self.class_names[int(best[i])]
+                mean, std = stats[k]
+                k += 1
+                lines.append(
+                    json.dumps(
+                        {
+                            "kind": "prediction",
+                            "time": when,
+                            "request_id": rid,
+                            "request": item.request_id,
+                            "index": i,
+                            "model_version": item.model.get("version"),
+                            "bento_tag": item.model.get("bento_tag"),
+                            "precision": item.model.get("precision"),
+                            "label": label,
+                            "confidence": float(probs[i, best[i]]),
+                            "probabilities": probs[i].tolist(),
+                            "ood_score": item.ood[i][0],
+                            "in_distribution": item.ood[i][1],
+                            "image": {
+                                "format": img.format,
+                                "width": img.width,
+                                "height": img.height,
+                                "mode": img.mode,
+                                "mean": mean,
+                                "std": std,
+                            },
+                            "latency_ms": round(1000 * item.latency_s, 3),
+                        },
+                        separators=(",", ":"),
+                    )
+                )
+                pixels = item.pixels[i].tobytes() if keep_pixels else None
+                rows.append(Row(rid, item.time, str(item.model.get("version")), label, pixels))
+            if item.uploads:
+                self._keep_uploads(item)
+        return lines, rows
+
+    def _keep_uploads(self, item: Answer) -> None:
+        day = self.folder / "images" / iso(item.time)[:10]
+        day.mkdir(parents=True, exist_ok=True)
+        for i, (data, img) in enumerate(zip(item.uploads or [], item.images)):
+            ext = (img.format or "bin").lower()
+            (day / f"{item.item_id(i)}.{ext}").write_bytes(data)
+
+    def _write(self, lines: list[str]) -> None:
+        if self._file is None:
+            self._opened = time.time()
+            self._count += 1
+            stamp = datetime.fromtimestamp(self._opened, UTC).strftime("%Y%m%dT%H%M%S")
+            name = f"predictions-{stamp}-{self._host}-{os.getpid()}-{self._count}.jsonl"
+            self._path = self.folder / (name + OPEN_SUFFIX)
+            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        self._file.write("\n".join(lines) + "\n")
+        self._file.flush()
+        self.written += len(lines)
+
+    def _close_file(self) -> None:
+        if self._file is None or self._path is None:
+            return
+        self._file.close()
+        self._path.rename(self._path.with_name(self._path.name[: -len(OPEN_SUFFIX)]))
+        self._file = self._path = None
+
+    def prune(self, now: float | None = None) -> list[Path]:
+        """Delete closed files past the retention period, then the oldest over the size cap
+        (all workers' files: whichever worker prunes first does it)."""
+        now = time.time() if now is None else now
+        return prune(self.folder, self.settings, now, self.ledger)
+
+
+def _image_stats(answers: list[Answer]) -> list[tuple[list[float], list[float]]]:
+    """Per-channel mean and spread (0-255) of every image's 32x32 input, in one numpy pass."""
+    if not answers:
+        return []
+    px = np.concatenate([a.pixels for a in answers]).reshape(-1, 1024, 3).astype(np.float32)
+    mean = np.round(px.mean(axis=1), 2).tolist()
+    std = np.round(px.std(axis=1), 2).tolist()
+    return list(zip(mean, std))
+
+
+def closed_files(folder: Path) -> list[Path]:
+    """The closed log files, oldest first (their names start with the time they were opened)."""
+    return sorted(Path(folder).glob("predictions-*.jsonl"), key=lambda p: p.name)
+
+
+def _kept_images(folder: Path) -> list[Path]:
+    return [p for sub in ("images", "feedback-images") for p in (folder / sub).rglob("*.*")]
+
+
+def prune(folder: Path, settings: LogSettings, now: float, ledger: Ledger | None) -> list[Path]:
+    files = [
+        (st.st_mtime, st.st_size, p)
+        for p in closed_files(folder) + _kept_images(folder)
+        if (st := _stat(p)) is not None
+    ]
+    files.sort(key=lambda f: f[0])
+    gone = []
+    total = sum(size for _, size, _ in files)
+    for mtime, size, path in files:
+        if mtime >= now - settings.retention_seconds and total <= settings.max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        gone.append(path)
+    if ledger is not None:
+        ledger.expire(now - settings.retention_seconds)
+    if gone:
+        log.info("prediction log: deleted %d old files in %s", len(gone), folder)
+    return gone
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:  # another worker pruned it meanwhile
+        return None
+
+
+def recover_orphans(folder: Path, host: str) -> list[Path]:
+    """Close the open files of this host's processes that are gone (a crash or a kill)."""
+    closed = []
+    for part in Path(folder).glob(f"predictions-*-{host}-*.jsonl{OPEN_SUFFIX}"):
+        pid = part.name.split("-")[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            part.rename(part.with_name(part.name[: -len(OPEN_SUFFIX)]))
+            closed.append(part)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_records(
+    folder: Path, include_open: bool = True, kind: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every line of the log (closed files, and the open ones unless told not to), in the order
+    the files were opened. A line cut short by a crash is skipped."""
+    paths = closed_files(folder)
+    if include_open:
+        paths += sorted(Path(folder).glob(f"predictions-*.jsonl{OPEN_SUFFIX}"))
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if kind is None or record.get("kind") == kind:
+                yield record
+
+
+def give_feedback(plog: PredictionLog, request_id: str, label: str, wait_s: float) -> Any:
+    """Store a client's label for an answer (serving.feedback.Given says what became of it).
+    An answer given a moment ago by another worker may not be indexed yet: its queue is written
+    every FLUSH_SECONDS, so an id not found is looked up again for `wait_s` before it is
+    called unknown."""
+    plog.flush()  # this worker's own answers, now
+    deadline = time.monotonic() + wait_s
+    while True:
+        given = plog.ledger.give(request_id, label)
+        if given.status != "unknown" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if given.status == "stored":
+        now = time.time()
+        plog.add(
+            {
+                "kind": "feedback",
+                "time": iso(now),
+                "request_id": request_id,
+                "label": label,
+                "predicted": given.predicted,
+                "correct": given.predicted == label,
+                "model_version": given.model_version,
+                "answered": iso(given.answered) if given.answered else None,
+            }
+        )
+        if given.pixels is not None:
+            _keep_feedback_image(plog.folder, request_id, label, given.pixels)
+    return given
+
+
+def _keep_feedback_image(folder: Path, request_id: str, label: str, pixels: bytes) -> None:
+    from PIL import Image
+
+    dest = folder / "feedback-images" / label
+    dest.mkdir(parents=True, exist_ok=True)
+    image = Image.frombytes("RGB", (32, 32), pixels)
+    image.save(dest / f"{request_id}.png")
