@@ -1,6 +1,7 @@
 """Speed of the BentoML service: real PNG uploads over HTTP vs the same work in-process.
 
     python benchmarks/serve_bench.py [--seconds 5] [--repeats 3] [--concurrency 1 8 32] [--store]
+    python benchmarks/serve_bench.py --recording [--repeats 7] [--seconds 5]
 
 The model: by default the architecture of the default preset on this machine (`fast`: fast-cpu
 without CUDA) with freshly initialised weights, exported to ONNX and put in a temporary BentoML
@@ -16,6 +17,13 @@ Measured in one run, on one machine (server, load generator and in-process loop 
     connection per request as curl does (one asyncio loop drives them all);
   - HTTP /classify_batch with 64 images per request at concurrency 2: images/s.
 Saves JSON under benchmarks/results/.
+
+`--recording` measures instead what the prediction log costs (serving/records.py): two servers
+of the same model, one recording and one with CIFAR_PREDICTION_LOG=false, loaded in turn
+(/classify, multipart, keep-alive, concurrency 8; --repeats times each, interleaved), medians
+and their ratio; and in-process, the CPU time per record of the handler's part (an `Answer`
+appended to the queue) and of the writer's (lines, index rows, file), measured on 20,000 records.
+Saved to benchmarks/results/recording-cost.json.
 """
 
 from __future__ import annotations
@@ -361,8 +369,93 @@ def batch_sizes(port: int) -> dict:
     return {"images": total, "calls": calls}
 
 
+def record_cost(engine: Engine, pngs: list[bytes], n: int = 20_000) -> dict:
+    """CPU microseconds per record: the request handler's part and the writer thread's part."""
+    from serving.preprocess import Decoded
+    from serving.records import Answer, LogSettings, PredictionLog
+
+    decoded: list[Decoded] = [decode_image(b) for b in pngs[:200]]
+    probs = engine.probabilities(to_model_input(np.stack([d.pixels for d in decoded])))
+    info = {"version": "1", "bento_tag": "cifar10-classifier:bench", "precision": "fp32"}
+    with tempfile.TemporaryDirectory(prefix="record-cost-") as tmp:
+        plog = PredictionLog(LogSettings(Path(tmp)), engine.class_names)  # not started: no thread
+        t0 = time.process_time()
+        for i in range(n):
+            k = i % len(decoded)
+            plog.add(
+                Answer(
+                    time.time(),
+                    uuid.uuid4().hex,
+                    False,
+                    info,
+                    probs[k : k + 1],
+                    decoded[k].pixels[None],
+                    [decoded[k]],
+                    [(1.0, True)],
+                    0.0015,
+                )
+            )
+        handler = time.process_time() - t0
+        t0 = time.process_time()
+        plog.flush()
+        writer = time.process_time() - t0
+        size = sum(p.stat().st_size for p in Path(tmp).glob("predictions-*"))
+        plog.close()
+    return {
+        "records": n,
+        "handler_us_per_record": 1e6 * handler / n,
+        "writer_us_per_record": 1e6 * writer / n,
+        "bytes_per_record": size / n,
+        "note": "request id generation and the Answer built as in serving/http.py; the writer "
+        "part is one flush of all records (the service flushes every 0.5 s)",
+    }
+
+
+def recording_ab(args: argparse.Namespace, pngs: list[bytes], home: Path, tmp: Path) -> dict:
+    """Recording on and off, two servers loaded in turn; medians of `args.repeats` each."""
+    single = [multipart([p], "image") for p in pngs]
+    on_env = {"CIFAR_PREDICTION_LOG_DIR": str(tmp / "prediction-log")}
+    off_env = {"CIFAR_PREDICTION_LOG": "false"}
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    with (
+        BentoServer(home, tmp / "on.log", on_env) as on_url,
+        BentoServer(home, tmp / "off.log", off_env) as off_url,
+    ):
+        ports = {"on": int(on_url.rsplit(":", 1)[1]), "off": int(off_url.rsplit(":", 1)[1])}
+        for port in ports.values():
+            load(port, "/classify", single, 8, 2.0)  # warm-up
+        for i in range(args.repeats):
+            for name in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                r = load(ports[name], "/classify", single, 8, args.seconds)
+                runs[name].append(r)
+                print(name, json.dumps({k: r[k] for k in ("requests_per_s", "p99_ms")}), flush=True)
+    from serving.records import read_records
+
+    recorded = sum(1 for _ in read_records(tmp / "prediction-log"))
+    med = {k: statistics.median(r["requests_per_s"] for r in v) for k, v in runs.items()}
+    p99 = {k: statistics.median(r["p99_ms"] for r in v) for k, v in runs.items()}
+    return {
+        "load": "POST /classify multipart, keep-alive, concurrency 8, "
+        f"{args.seconds:g} s per measurement, on/off interleaved",
+        "repeats": args.repeats,
+        "requests_per_s_on": [r["requests_per_s"] for r in runs["on"]],
+        "requests_per_s_off": [r["requests_per_s"] for r in runs["off"]],
+        "median_requests_per_s_on": med["on"],
+        "median_requests_per_s_off": med["off"],
+        "median_p99_ms_on": p99["on"],
+        "median_p99_ms_off": p99["off"],
+        "throughput_cost_pct": 100 * (1 - med["on"] / med["off"]),
+        "records_written": recorded,
+        "answers_given_on": sum(r["requests"] for r in runs["on"]),
+        "errors": sum(r["errors"] for v in runs.values() for r in v),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--recording", action="store_true", help="the prediction log's cost (see above)"
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument(
         "--repeats",
@@ -410,6 +503,28 @@ def main() -> None:
         engine = Engine(Path(stored.path_of("model.onnx")), stored.info.metadata)
         del os.environ["CIFAR_ORT_SPIN"]
         engine.warm_up()
+        machine = {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "cpu_model": cpu_model(),
+        }
+        if args.recording:
+            out = ROOT / "benchmarks" / "results" / "recording-cost.json"
+            result = {
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": machine,
+                "model": model_desc,
+                "command": "python benchmarks/serve_bench.py --recording "
+                f"--repeats {args.repeats} --seconds {args.seconds:g}",
+                "in_process": record_cost(engine, pngs),
+            }
+            print(json.dumps(result["in_process"]), flush=True)
+            del engine
+            result["http"] = recording_ab(args, pngs, home, Path(tmp))
+            print(json.dumps(result, indent=1))
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"saved {out}")
+            return
         results: dict = {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {

@@ -13,12 +13,11 @@ a serving host runs `cifar-import-champion --follow 60`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -303,98 +302,7 @@ def _int8_file(client: Any, mv: Any, dest: Path, class_names: list[str]) -> Path
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    parser = argparse.ArgumentParser(
-        prog="cifar-import-champion", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=PROJECT_ROOT,
-        help="project folder holding mlflow.db (and bentoml/ unless $BENTOML_HOME)",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db)",
-    )
-    parser.add_argument("--alias", default="champion", help="registry alias to import")
-    parser.add_argument(
-        "--follow",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="keep going: check the registry every SECONDS and import each new "
-        "champion (a serving host's running service swaps it in)",
-    )
-    args = parser.parse_args(argv)
-    if args.follow < 0:
-        parser.error(f"--follow {args.follow}: must be a number of seconds >= 0")
-    from registry.tracking import tracking_uri
+if __name__ == "__main__":  # python -m registry.import_champion: the command's old spelling
+    from registry.serving_host import main
 
-    uri = args.tracking_uri or tracking_uri(args.root)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        print(
-            f"error: no MLflow store at {uri.removeprefix('sqlite:///')}: train a model first "
-            "(make run)",
-            file=sys.stderr,
-        )
-        return 2
-    if args.follow:
-        return _follow(uri, bentoml_home(args.root), args.alias, args.follow)
-    try:
-        result = import_champion(uri, bentoml_home(args.root), alias=args.alias)
-    except ImportFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    state = "imported" if result.created else "already in the store"
-    print(
-        f"{result.tag}: {result.registered_model} v{result.version} (run {result.run_id}, "
-        f"validation accuracy {result.val_accuracy}) {state}"
-    )
-    for key, value in asdict(result).items():
-        print(f"  {key}: {value}")
-    return 0
-
-
-def _follow(uri: str, home: Path, alias: str, every: float) -> int:
-    """Import the champion now and whenever it changes, until stopped (Ctrl-C or SIGTERM).
-    A registry that does not answer, or a champion that cannot be imported, is reported and
-    tried again at the next check; the store keeps what it has."""
-    import signal
-    import time
-
-    from registry.tracking import display_uri
-
-    def stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"following {alias} of {display_uri(uri)} every {every:g} s into {home}", flush=True)
-    last = None
-    try:
-        while True:
-            try:
-                result = import_champion(uri, home, alias=alias)
-                if result.created or result.tag != last:
-                    print(
-                        f"{result.tag}: {result.registered_model} v{result.version} "
-                        f"({'imported' if result.created else 'already in the store'})",
-                        flush=True,
-                    )
-                last = result.tag
-            except Exception as exc:  # noqa: BLE001 - keep following
-                print(
-                    f"error (trying again in {every:g} s): {type(exc).__name__}: {exc}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            time.sleep(every)
-    except KeyboardInterrupt:
-        return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

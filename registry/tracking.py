@@ -83,13 +83,14 @@ class Store:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
-def open_store(root: Path, experiment: str = EXPERIMENT) -> Store:
-    """Connect, create the experiment if needed and write a tag: fail early and say why."""
+def open_store(root: Path, experiment: str = EXPERIMENT, uri: str | None = None) -> Store:
+    """Connect, create the experiment if needed and write a tag: fail early and say why.
+    `uri`: the store (default: `tracking_uri(root)`)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs
     from mlflow import MlflowClient
 
-    uri = tracking_uri(root)
+    uri = uri or tracking_uri(root)
     shown = display_uri(uri)  # never a password in an error message
     if uri.startswith(("http://", "https://")):
         # MLflow's client retries for minutes against a dead server; ask once, quickly.

@@ -312,3 +312,68 @@ def test_feedback_over_http(service):
     log.flush()
     fb = list(read_records(log.folder, kind="feedback"))
     assert [(f["request_id"], f["label"]) for f in fb] == [(rid, "cat")]
+
+
+# ---- shipping closed files through the tracking server ----------------------------------------
+
+
+def test_closed_files_are_shipped_to_the_tracking_store_once(tmp_path):
+    from registry.serving_host import main as serving_host
+    from registry.ship_records import download_records, ship_records
+    from registry.tracking import TrackingUnavailable
+    from stacks.processes import free_port
+
+    folder = tmp_path / "log"
+    log = PredictionLog(LogSettings(folder, file_bytes=1000), CLASS_NAMES).start()
+    for i in range(7):
+        log.add(_answer(f"s{i}"))
+        log.flush()
+    closed = closed_files(folder)
+    assert len(closed) >= 2 and list(folder.glob("*.part"))
+    contents = {p.name: p.read_bytes() for p in closed}
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingUnavailable, match="unreachable"):
+        ship_records(tmp_path, folder, uri=dead)
+    assert closed_files(folder) == closed  # nothing lost, nothing moved
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shipped = ship_records(tmp_path, folder, uri=uri, host="serving-a")
+    assert shipped is not None and [p.name for p in shipped.files] == sorted(contents)
+    assert closed_files(folder) == [] and ship_records(tmp_path, folder, uri=uri) is None
+    assert len(list(read_records(folder))) == 7  # shipped files are still read here
+
+    got = download_records(tmp_path, tmp_path / "monitor", uri=uri)
+    assert {p.name: p.read_bytes() for p in got} == contents
+    assert all(p.parent.parent.parent.name == "serving-a" for p in got)
+
+    log.close()  # closes the open file: the command ships it
+    assert (
+        serving_host(
+            [
+                "--root",
+                str(tmp_path),
+                "--tracking-uri",
+                uri,
+                "--records-dir",
+                str(folder),
+                "--ship-records",
+            ]
+        )
+        == 0
+    )
+    assert closed_files(folder) == [] and len(list(folder.glob("shipped/*.jsonl"))) == len(got) + 1
+    assert (
+        serving_host(
+            [
+                "--root",
+                str(tmp_path),
+                "--tracking-uri",
+                dead,
+                "--records-dir",
+                str(folder),
+                "--ship-records",
+            ]
+        )
+        == 0
+    )  # nothing to ship: the server is not asked

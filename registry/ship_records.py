@@ -1,0 +1,85 @@
+"""A serving host's closed prediction-log files -> artifacts of a run on the tracking server.
+
+    cifar-import-champion --ship-records        once
+    cifar-import-champion --follow 60           every check, after importing the champion
+
+The service writes its records on its own disk (serving/records.py); the monitor runs on other
+hosts. The files travel through the MLflow tracking server the serving host already reaches, with
+the credentials it imports the champion with: no shared disk, nothing else to open. They land in
+the experiment `cifar10-monitoring`, in one run per serving host (`prediction-log <host>`, tag
+`cifar.records_host`), as `prediction-log/<day>/<file>`. A shipped file moves to the log's
+`shipped/` folder (still read locally, and pruned by the log's retention and size cap); one the
+server did not take stays where it is and goes with the next call.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.tracking import Store, open_store
+from serving.records import SHIPPED, closed_files
+
+MONITORING_EXPERIMENT = "cifar10-monitoring"
+HOST_TAG = "cifar.records_host"
+ARTIFACT_DIR = "prediction-log"
+
+
+@dataclass(frozen=True)
+class Shipped:
+    run_id: str
+    files: list[Path]  # where they are now (the shipped/ folder)
+
+
+def host_run(store: Store, host: str) -> str:
+    """The monitoring run of this serving host, created the first time."""
+    found = store.client.search_runs(
+        [store.experiment_id], filter_string=f"tags.`{HOST_TAG}` = '{host}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    run = store.client.create_run(
+        store.experiment_id,
+        run_name=f"prediction-log {host}",
+        tags={HOST_TAG: host, "cifar.kind": "prediction-log"},
+    )
+    store.client.set_terminated(run.info.run_id, "FINISHED")  # artifacts may still be added
+    return run.info.run_id
+
+
+def ship_records(
+    root: Path, folder: Path, uri: str | None = None, host: str | None = None
+) -> Shipped | None:
+    """Upload the closed files of `folder` not shipped yet; None when there are none.
+    `uri`: the tracking server (default: registry.tracking.tracking_uri(root))."""
+    files = closed_files(folder)
+    if not files:
+        return None
+    host = host or socket.gethostname()
+    store = open_store(root, MONITORING_EXPERIMENT, uri)
+    run_id = host_run(store, host)
+    (Path(folder) / SHIPPED).mkdir(exist_ok=True)
+    moved = []
+    for path in files:
+        day = path.name.split("-")[1][:8]  # predictions-<YYYYmmddTHHMMSS>-...
+        store.client.log_artifact(run_id, str(path), f"{ARTIFACT_DIR}/{day}")
+        dest = Path(folder) / SHIPPED / path.name
+        path.rename(dest)
+        moved.append(dest)
+    return Shipped(run_id, moved)
+
+
+def download_records(root: Path, dest: Path, uri: str | None = None) -> list[Path]:
+    """Every host's shipped files, downloaded into `dest` (what a monitor host reads)."""
+    store = open_store(root, MONITORING_EXPERIMENT, uri)
+    runs = store.client.search_runs([store.experiment_id], filter_string=f"tags.`{HOST_TAG}` != ''")
+    got: list[Path] = []
+    for run in runs:
+        host_dir = Path(dest) / run.data.tags[HOST_TAG]
+        host_dir.mkdir(parents=True, exist_ok=True)
+        if not store.client.list_artifacts(run.info.run_id, ARTIFACT_DIR):
+            continue
+        store.client.download_artifacts(run.info.run_id, ARTIFACT_DIR, str(host_dir))
+        got += sorted((host_dir / ARTIFACT_DIR).rglob("predictions-*.jsonl"))
+    return got
