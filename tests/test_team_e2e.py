@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from PIL import Image
 
 from registry.tracking import REGISTERED_MODEL
@@ -221,7 +222,9 @@ def _runs(client, filter_string=""):
     return client.search_runs([exp.experiment_id], filter_string, max_results=500) if exp else []
 
 
-def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team, tmp_path):
+def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(
+    team, tmp_path, monkeypatch
+):
     stack, sums = team["stack"], team["sums"]
     data = {"checksums": sums, "train_size": 240, "val_size": 60}
     result = stack.run_deployment(
@@ -327,9 +330,35 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(team
             text=True,
             timeout=60,
         )
-    body = json.loads(answer.stdout)
+        body = json.loads(answer.stdout)
+        feedback = requests.post(
+            f"{url}/feedback", json={"request_id": body["request_id"], "label": "cat"}, timeout=30
+        )
+        assert feedback.status_code == 200, feedback.text
     assert body["label"] in {c["label"] for c in body["top_k"]}
     assert body["model"]["version"] == str(champion.version)
+
+    # Its records reach the monitor's hosts through the tracking server, with the credentials
+    # the serving host already has (the join file): no shared disk.
+    shipped = subprocess.run(
+        [sys.executable, "-m", "registry.serving_host", "--root", str(serving), "--ship-records"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert shipped.returncode == 0, shipped.stderr[-3000:]
+    local = {p.name: p.read_bytes() for p in (serving / "bentoml/prediction-log/shipped").iterdir()}
+    assert local and "shipped" in shipped.stdout
+    from registry.ship_records import download_records
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, team["join"][key])
+    got = download_records(tmp_path, tmp_path / "monitor")
+    assert {p.name: p.read_bytes() for p in got} == local
+    kinds = [json.loads(line)["kind"] for p in got for line in p.read_text().splitlines()]
+    assert sorted(kinds) == ["feedback", "prediction"]
 
 
 def test_hosts_writing_the_same_new_rows_at_once_on_the_team_server(team, monkeypatch, tmp_path):
