@@ -69,6 +69,7 @@ class EvalResult:
     per_class_accuracy: list[float]
     confusion: np.ndarray  # int64 (classes, classes): rows true class, columns predicted
     predictions: np.ndarray = field(repr=False)  # int64 (N,)
+    logits: np.ndarray | None = field(default=None, repr=False)  # float32 (N, C), ONNX files'
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> EvalResult:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cifarlab import ood
 from cifarlab.arrays import Cifar10, load_cifar10
 from cifarlab.config import DataConfig, RunConfig, identity_exclude
 from cifarlab.data import OFFICIAL_FILE_MD5, data_fingerprint, prepare_cifar10
@@ -34,9 +35,11 @@ from cifarlab.export import (
     evaluate_onnx,
     export_onnx,
     model_input,
+    onnx_logits,
     require_parity,
 )
 from cifarlab.history import EpochHook, TrainResult
+from cifarlab.ood import OodReference
 from cifarlab.plots import plot_confusion, plot_learning_curves
 from cifarlab.split import Split, save_split, stratified_split
 from cifarlab.tensors import resolve_device, resolve_precision
@@ -95,6 +98,7 @@ class Evaluation:
     tta: str  # the TTA measured apart on the PyTorch model ("none": not measured)
     tta_val: EvalResult | None = None
     tta_test: EvalResult | None = None
+    ood: OodReference | None = None  # the served file's out-of-distribution reference
 
 
 @dataclass
@@ -295,7 +299,9 @@ def evaluate_run(
     inputs = inputs or eval_inputs(run)
     val = evaluate_onnx(exported.path, inputs.val, run.val_labels)
     test = evaluate_onnx(exported.path, inputs.test, d.test_labels)
-    ev = Evaluation(val, test, tta="none")
+    ev = Evaluation(
+        val, test, tta="none", ood=fit_ood(exported.path, d, run.split, val, inputs.val)
+    )
     cfg = run.config.train
     if cfg.tta != "none" and not cfg.serve_tta:
         device = resolve_device(cfg.device)
@@ -315,6 +321,22 @@ def evaluate_run(
         title="Confusion matrix (test, served ONNX model)",
     )
     return ev
+
+
+OOD_FIT_IMAGES = 2000
+
+
+def fit_ood(
+    onnx_path: Path, data: Cifar10, split: Split, val: EvalResult, val_x: np.ndarray
+) -> OodReference:
+    """The served file's out-of-distribution reference (cifarlab/ood.py): its Gaussian and
+    scales from OOD_FIT_IMAGES training-split images (a fixed draw), its threshold from the
+    validation split it was just evaluated on (`val`, with its logits, and its input `val_x`)."""
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.permutation(split.train_idx)[:OOD_FIT_IMAGES])
+    fit_x = model_input(data.train_images[pick])
+    assert val.logits is not None  # evaluate_onnx keeps them
+    return ood.fit(onnx_logits(onnx_path, fit_x), fit_x, val.logits, val_x)
 
 
 def write_results(run: TrainedRun, exported: Exported, ev: Evaluation) -> Path:

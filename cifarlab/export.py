@@ -248,8 +248,11 @@ def evaluate_onnx(
     onnx_path: Path, images: torch.Tensor | np.ndarray, labels: torch.Tensor
 ) -> EvalResult:
     """Loss, accuracy, per-class accuracy and confusion of the exported file itself (images
-    uint8, or already its input: `model_input`)."""
-    return score(torch.from_numpy(onnx_logits(onnx_path, images)), labels)
+    uint8, or already its input: `model_input`); the logits are kept on the result."""
+    logits = onnx_logits(onnx_path, images)
+    result = score(torch.from_numpy(logits), labels)
+    result.logits = logits
+    return result
 
 
 def evaluate_onnx_per_core(

@@ -16,7 +16,7 @@ from cifarlab import sweep as sw
 from cifarlab.export import PARITY_ATOL
 from flows import locks
 from flows.common import import_champion, serves_here
-from registry import tracking, versions
+from registry import run_logging, tracking, versions
 
 
 class PointFailed(RuntimeError):
@@ -51,7 +51,8 @@ def register_candidate(
 
         done = champion.register(
             store, cand.run_id, model_uri, onnx_path, bundle.data,
-            tags={**_candidate_tags(run, cand, best_row, sid), **built},
+            tags={**_candidate_tags(run, cand, best_row, sid), **built,
+                  **run_logging.ood_tags(run.data.tags)},
             min_shared_images=min_shared_images, min_significance=min_significance,
             model_id=model_id, card_extra=(("sweep", _card_note(cand, best_row, sid)),),
             champion_tags=None if built else champion_twin,

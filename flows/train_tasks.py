@@ -212,6 +212,8 @@ def evaluate_model(
     # model reads them instead of running it again.
     predictions.record_predictions(store, run_id, ex.path, run.split.val_idx, ev.val.predictions)
     logged = _log_served_model(run, ex, ev, inputs, store, run_id, metrics)
+    if ev.ood is not None:
+        run_logging.log_ood_reference(store, run_id, ev.ood)
     store.client.set_tag(run_id, "served_tta", ex.tta)
     store.client.set_tag(run_id, "onnx_model_id", logged.model_id)
     store.client.set_tag(run_id, "onnx_model_uri", logged.model_uri)
@@ -329,6 +331,7 @@ def register_model(
             "onnx_max_abs_diff": f"{ex.parity.max_abs_diff:.3e}",
             "parity_passed": str(ex.parity.passed).lower(),
             **int8_version_tags(ev.int8),
+            **run_logging.ood_tags(store.client.get_run(run_id).data.tags),
         },
         min_shared_images=min_shared_images,
         min_significance=min_significance,

@@ -148,6 +148,7 @@ def _store_model(
     engine = Engine(onnx_file, {"class_names": class_names}, threads=1)  # loads + checks shapes
     engine.warm_up((1, 2))
     int8_file = _int8_file(client, mv, onnx_file.parent / "int8-twin", class_names)
+    ood_file, ood_meta = _ood_reference(client, mv, onnx_file.parent / "ood", engine)
     metadata = _metadata(
         mv,
         registered_model,
@@ -158,6 +159,7 @@ def _store_model(
         engine.input_name,
         int8_file is not None,
     )
+    metadata.update(ood_meta)
     metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
     labels = {
         "registered_model": registered_model,
@@ -169,6 +171,8 @@ def _store_model(
         shutil.copyfile(onnx_file, bm.path_of("model.onnx"))
         if int8_file:
             shutil.copyfile(int8_file, bm.path_of("model_int8.onnx"))
+        if ood_file:
+            shutil.copyfile(ood_file, bm.path_of("ood_reference.json"))
         if mlmodel_file.is_file():
             shutil.copyfile(mlmodel_file, bm.path_of("MLmodel"))
         if mv.description:  # the version's model card (registry/modelcard.py)
@@ -278,6 +282,48 @@ def _metadata(
             if has_int8
             else {}
         ),
+    }
+
+
+def _ood_reference(
+    client: Any, mv: Any, dest: Path, engine: Any
+) -> tuple[Path | None, dict[str, Any]]:
+    """The version's out-of-distribution reference (run artifact `ood/ood_reference.json`),
+    checked by scoring images with it; or, for a version registered without one, the note the
+    service gives at GET /model (its answers then say `in_distribution: null`)."""
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+
+    from cifarlab.ood import OodReference
+    from registry.run_logging import OOD_ARTIFACT
+
+    if "ood_threshold" not in mv.tags:
+        return None, {
+            "ood_note": f"{mv.name} v{mv.version} was registered without an out-of-distribution "
+            "reference (before this service scored images for it): answers carry "
+            "in_distribution: null"
+        }
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        path = Path(client.download_artifacts(mv.run_id, OOD_ARTIFACT, str(dest)))
+        ref = OodReference.from_json(path.read_text())
+    except (MlflowException, OSError, ValueError, TypeError) as exc:
+        raise ImportFailed(
+            f"{mv.name} v{mv.version} has an out-of-distribution threshold, but {OOD_ARTIFACT} "
+            f"of run {mv.run_id} cannot be used: {exc}"
+        ) from None
+    engine.ood = ref
+    scores = engine.infer(
+        np.random.default_rng(0).standard_normal((4, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    )[:, -1]
+    if not np.isfinite(scores).all():
+        raise ImportFailed(
+            f"{mv.name} v{mv.version}: its out-of-distribution reference gives {scores}"
+        )
+    return path, {
+        "ood_file": "ood_reference.json",
+        "ood_threshold": ref.threshold,
+        "ood_method": ref.method,
     }
 
 

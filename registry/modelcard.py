@@ -101,6 +101,13 @@ def _facts(run: Any, config: Mapping[str, Any]) -> list[tuple[str, str]]:
         *([tta_row] if tta_row else []),
         ("test-time augmentation in the served graph", served_tta),
         (
+            "out-of-distribution threshold",
+            f'`ood_score` > {float(t["ood_threshold"]):.3f}: "not a CIFAR-10 image" (keeps 95 % '
+            f"of the validation images in; {t.get('ood_method')})"
+            if "ood_threshold" in t
+            else "none recorded: answers say `in_distribution: null`",
+        ),
+        (
             "ONNX parity with PyTorch",
             f"max abs logit diff {m.get('onnx_max_abs_diff', float('nan')):.2e}, "
             f"same class on {_pct(m.get('onnx_argmax_agreement'))} of the parity images",
@@ -154,7 +161,8 @@ A CIFAR-10 image classifier exported to ONNX: normalised float32 input (N, 3, {I
   The endpoint shrinks larger uploads (central square, bicubic) to 32x32; fine detail is lost.
 - Anything else is out of domain and still gets one of the ten labels, often with a high
   probability: the model has no "none of these" answer. Do not read the probability as a
-  measure of whether the image belongs to CIFAR-10.
+  measure of whether the image belongs to CIFAR-10; the answer's `in_distribution` (from
+  `ood_score` and the threshold above) is the service's guess at that, and it misses some.
 - Accuracies were measured on CIFAR-10's own validation and test images; photos from other
   cameras, crops or lighting will do worse. Per-class accuracy differs (table above).
 - Not for decisions about people, safety or anything with consequences: a teaching and

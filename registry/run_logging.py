@@ -128,3 +128,22 @@ def log_datasets(store: Store, run_id: str, run: Any) -> None:
     # Every run of a split logs the same datasets: runs finishing together race to create them.
     client = store.client
     _retry_lost_race(lambda: client.log_inputs(run_id, datasets=inputs))
+
+
+OOD_ARTIFACT = "ood/ood_reference.json"  # a run's out-of-distribution reference (cifarlab/ood.py)
+
+
+def log_ood_reference(store: Store, run_id: str, ref: Any) -> None:
+    """The served file's out-of-distribution reference as a run artifact, its threshold and
+    method as run tags (a registered version carries them: `ood_tags`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(OOD_ARTIFACT).name
+        path.write_text(ref.to_json() + "\n")
+        store.client.log_artifact(run_id, str(path), str(Path(OOD_ARTIFACT).parent))
+    store.client.set_tag(run_id, "ood_threshold", f"{ref.threshold:.6f}")
+    store.client.set_tag(run_id, "ood_method", ref.method)
+
+
+def ood_tags(run_tags: Mapping[str, str]) -> dict[str, str]:
+    """The run's out-of-distribution threshold and method as registry version tags."""
+    return {k: run_tags[k] for k in ("ood_threshold", "ood_method") if k in run_tags}

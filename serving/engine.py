@@ -20,6 +20,7 @@ import numpy as np
 
 from cifarlab.constants import CLASS_NAMES, IMAGE_SIZE
 from cifarlab.cpu import usable_cores
+from cifarlab.ood import OodReference
 
 
 def default_threads() -> int:
@@ -34,6 +35,7 @@ class Engine:
     path: Path
     metadata: Mapping[str, Any] = field(default_factory=dict)
     threads: int = field(default_factory=default_threads)
+    ood: OodReference | None = None  # the version's out-of-distribution reference, if it has one
 
     def __post_init__(self) -> None:
         import onnxruntime as ort
@@ -74,6 +76,18 @@ class Engine:
         z -= z.max(axis=1, keepdims=True)
         np.exp(z, out=z)
         return z / z.sum(axis=1, keepdims=True)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """(N, classes + 1): each image's class probabilities, then its out-of-distribution
+        score (NaN without a reference). One array, so that the batcher splits it by rows."""
+        logits = self.logits(x)
+        out = np.empty((len(x), logits.shape[1] + 1))
+        z = out[:, :-1]
+        np.subtract(logits, logits.max(axis=1, keepdims=True), out=z)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        out[:, -1] = self.ood.scores(logits, x) if self.ood is not None else np.nan
+        return out
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 8, 64)) -> None:
         """First calls allocate and pick kernels: do them before the first request."""

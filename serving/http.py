@@ -186,8 +186,8 @@ class Front:
             self.budget.give(upload.held)
             upload.images.clear()
         pixels = np.stack([d.pixels for d in decoded])
-        probs = await served.batcher.submit(to_model_input(pixels))
-        ood: list[tuple[float | None, bool | None]] = [(None, None)] * len(decoded)
+        out = await served.batcher.submit(to_model_input(pixels))
+        probs, ood = out[:, :-1], served.verdicts(out[:, -1])
         results = [
             self.result(served, p, d, upload.top_k, o) for p, d, o in zip(probs, decoded, ood)
         ]
@@ -306,6 +306,9 @@ class Front:
                 **{k: served.metadata.get(k) for k in keys},
                 "precision": served.precision,
                 "precision_note": served.precision_note,
+                "ood_threshold": served.metadata.get("ood_threshold"),
+                "ood_method": served.metadata.get("ood_method"),
+                "ood_note": served.ood_note,
                 "model_card_markdown": served.card,
             },
             headers={"X-Model-Version": served.version},

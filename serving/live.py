@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cifarlab.cpu import has_int8_dot_product
+from cifarlab.ood import OodReference
 from serving.engine import Engine, MicroBatcher
 
 log = logging.getLogger("cifar10.serving")
@@ -39,6 +42,7 @@ class Loaded:
     card: str | None
     precision: str = "fp32"
     precision_note: str | None = None  # why int8 was asked for and not served
+    ood_note: str | None = None  # why answers carry no out-of-distribution verdict
     in_flight: int = 0
     info: dict[str, Any] = field(init=False)
 
@@ -60,6 +64,13 @@ class Loaded:
     def version(self) -> str:
         """The registry version (the Bento tag when it came from elsewhere)."""
         return str(self.metadata.get("mlflow_version") or self.tag)
+
+    def verdicts(self, scores: np.ndarray) -> list[tuple[float | None, bool | None]]:
+        """(ood_score, in_distribution) per image; (None, None) without a reference."""
+        ood = self.engine.ood
+        if ood is None:
+            return [(None, None)] * len(scores)
+        return [(round(float(s), 4), bool(s <= ood.threshold)) for s in scores]
 
     async def retire(self) -> None:
         """Close once the requests that took this model have their answers."""
@@ -133,20 +144,39 @@ def load(
     onnx_file, served, note = choose_file(meta, precision)
     if note:
         log.warning("%s: %s", stored.tag, note)
-    engine = Engine(Path(stored.path_of(onnx_file)), meta, threads=threads)
+    ood, ood_note = ood_reference(stored, meta)
+    if ood_note:
+        log.warning("%s: %s", stored.tag, ood_note)
+    engine = Engine(Path(stored.path_of(onnx_file)), meta, threads=threads, ood=ood)
     engine.warm_up()
     card = Path(stored.path_of("model_card.md"))
     return Loaded(
         str(stored.tag),
         engine,
         MicroBatcher(
-            engine.probabilities, max_batch_size=batch_size, max_wait_ms=wait_ms, on_batch=on_batch
+            engine.infer, max_batch_size=batch_size, max_wait_ms=wait_ms, on_batch=on_batch
         ),
         meta,
         card.read_text() if card.is_file() else None,
         served,
         note,
+        ood_note,
     )
+
+
+def ood_reference(stored: Any, meta: dict[str, Any]) -> tuple[OodReference | None, str | None]:
+    """The version's out-of-distribution reference from its store entry, or why there is none
+    (answers then say `in_distribution: null`)."""
+    name = meta.get("ood_file")
+    if not name:
+        return None, meta.get("ood_note") or (
+            "this model came into the store without an out-of-distribution reference "
+            "(re-import it with cifar-import-champion): answers carry in_distribution: null"
+        )
+    try:
+        return OodReference.from_json(Path(stored.path_of(name)).read_text()), None
+    except (OSError, ValueError, TypeError) as exc:
+        return None, f"its out-of-distribution reference {name} cannot be used ({exc})"
 
 
 class LiveModel:

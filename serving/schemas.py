@@ -55,16 +55,48 @@ class ImageInfo(BaseModel):
     frames: int = Field(description="frames in the file; the first one is classified", examples=[1])
 
 
+_OOD = (
+    "how unlike the model's training images this image is (higher: less like CIFAR-10; "
+    "cifarlab/ood.py); null when the served version has no reference (see GET /model)"
+)
+
+
 class Classification(BaseModel):
+    request_id: str | None = Field(
+        None,
+        description="this answer's id, for POST /feedback (also the X-Request-Id header); "
+        "in a batch, `<request id>.<index>`",
+        examples=["5f0c2b6a9d8e4f1a8b7c6d5e4f3a2b1c"],
+    )
     label: str = Field(examples=["cat"])
     class_id: int = Field(examples=[3])
     confidence: float = Field(description="probability of `label`", examples=[0.87])
     top_k: list[ClassProbability]
+    ood_score: float | None = Field(None, description=_OOD, examples=[-0.8])
+    in_distribution: bool | None = Field(
+        None,
+        description="false: this does not look like a CIFAR-10 image (ood_score above the "
+        "version's threshold, which keeps 95 % of its validation images in); null: unknown",
+    )
     image: ImageInfo
     model: ModelInfo
 
 
+class Feedback(BaseModel):
+    request_id: str = Field(description="the `request_id` of an answer", examples=["5f0c2b6a"])
+    label: str = Field(description="the true CIFAR-10 class", examples=["cat"])
+
+
+class FeedbackStored(BaseModel):
+    stored: bool = True
+    request_id: str
+    label: str
+    predicted: str | None = Field(None, description="what the service answered")
+    model_version: str | None = None
+
+
 class BatchClassification(BaseModel):
+    request_id: str | None = Field(None, description="the request's id (X-Request-Id)")
     results: list[Classification] = Field(description="one per uploaded image, in upload order")
     model: ModelInfo
 
@@ -88,6 +120,11 @@ class ModelCard(BaseModel):
     )
     precision: str = "fp32"
     precision_note: str | None = Field(None, description="why int8 was asked for and not served")
+    ood_threshold: float | None = Field(
+        None, description="ood_score above it: in_distribution false"
+    )
+    ood_method: str | None = None
+    ood_note: str | None = Field(None, description="why answers say in_distribution: null")
     served_tta: str | None = None
     preset: str | None = None
     promotion_reason: str | None = None
@@ -110,6 +147,8 @@ def _ref(model: type[BaseModel]) -> dict[str, Any]:
 def _problems(*codes: int) -> dict[str, Any]:
     words = {
         400: "bad input",
+        404: "no such answer on record",
+        409: "a label was given before; the first is kept (its `label` is in the body)",
         413: "too large",
         415: "not an accepted type",
         503: "busy or not ready: retry after the Retry-After header's seconds",
@@ -152,7 +191,14 @@ _BINARY = {"type": "string", "format": "binary"}
 def openapi(max_upload_bytes: int, max_batch_images: int, max_pixels: int) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the classification endpoints (served at /docs.json)."""
     schemas: dict[str, Any] = {}
-    for model in (Classification, BatchClassification, ModelCard, Problem):
+    for model in (
+        Classification,
+        BatchClassification,
+        ModelCard,
+        Problem,
+        Feedback,
+        FeedbackStored,
+    ):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -173,6 +219,25 @@ def openapi(max_upload_bytes: int, max_batch_images: int, max_pixels: int) -> di
         "paths": {
             "/classify": _classify_path(image_rules),
             "/classify_batch": _batch_path(image_rules, max_batch_images),
+            "/feedback": {
+                "post": {
+                    "summary": "Tell the service the true class of an earlier answer",
+                    "description": "curl -H 'Content-Type: application/json' -d "
+                    '\'{"request_id": "...", "label": "cat"}\' http://127.0.0.1:3000/feedback. '
+                    "Recorded in the prediction log beside the answer.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref(Feedback)}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "stored",
+                            "content": {"application/json": {"schema": _ref(FeedbackStored)}},
+                        },
+                        **_problems(400, 404, 409, 413),
+                    },
+                }
+            },
             "/model": {
                 "get": {
                     "summary": "What is served, with its model card",

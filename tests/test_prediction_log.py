@@ -377,3 +377,11 @@ def test_closed_files_are_shipped_to_the_tracking_store_once(tmp_path):
         )
         == 0
     )  # nothing to ship: the server is not asked
+
+
+def test_a_version_without_a_reference_answers_null_and_says_why(service):
+    client, _ = service
+    body = client.post("/classify", files={"image": ("a.png", _png(0), "image/png")}).json()
+    assert body["ood_score"] is None and body["in_distribution"] is None
+    card = client.get("/model").json()
+    assert card["ood_threshold"] is None and "in_distribution: null" in card["ood_note"]

@@ -156,6 +156,7 @@ def served(tmp_path_factory, synthetic_cifar):
         },
     )
     tracking.log_metrics(store, run_id, {"final_val_accuracy": outcome.val.accuracy})
+    run_logging.log_ood_reference(store, run_id, outcome.evaluation.ood)
     # The int8 twin, as train-cifar builds and logs it.
     from cifarlab.quantize import build_int8, calibration_set
 
@@ -184,6 +185,7 @@ def served(tmp_path_factory, synthetic_cifar):
             "int8_test_accuracy": f"{int8.test.accuracy:.6f}",
             "int8_servable": str(int8.servable).lower(),
             "int8_judged_with_dot_product": tracking.bool_tag(int8.judged_with_dot_product),
+            **run_logging.ood_tags(store.client.get_run(run_id).data.tags),
         },
         model_id=logged.model_id,
         lock=contextlib.nullcontext(),
@@ -1100,3 +1102,36 @@ def test_feedback_survives_a_restart_of_the_service(served, tmp_path):
             url + "/feedback", json={"request_id": second, "label": "dog"}, timeout=60
         )
         assert later.status_code == 200, later.text
+
+
+@pytest.mark.e2e
+def test_answers_say_whether_an_image_looks_like_cifar10(served):
+    """The version's out-of-distribution threshold came with it from the registry (fitted at
+    registration, keeping 95 % of its validation images in): CIFAR-10 test images are mostly in,
+    solid colours, noise and a page of text are out; the score is in the answer, the prediction
+    log and GET /model."""
+    from PIL import ImageDraw
+
+    card = requests.get(served.url + "/model", timeout=30).json()
+    assert card["ood_threshold"] is not None and card["ood_note"] is None
+    assert f"{card['ood_threshold']:.3f}" in card["model_card_markdown"]
+    cifar = [_png(img.permute(1, 2, 0).numpy()) for img in served.images[:100]]
+    files = [("images", (f"{i}.png", p, "image/png")) for i, p in enumerate(cifar)]
+    answers = served.post("/classify_batch", files=files).json()["results"]
+    kept = np.mean([a["in_distribution"] for a in answers])
+    assert kept >= 0.85, kept  # 95 % of the validation images; the test set is alike
+    rng = np.random.default_rng(0)
+    text = Image.new("RGB", (96, 96), "white")
+    ImageDraw.Draw(text).text((4, 30), "not a photo", fill="black")
+    buf = io.BytesIO()
+    text.save(buf, format="PNG")
+    strange = [
+        _png(np.full((32, 32, 3), (200, 30, 30), np.uint8)),
+        _png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+        buf.getvalue(),
+    ]
+    for png in strange:
+        body = served.classify(png).json()
+        assert body["in_distribution"] is False, body
+        assert body["ood_score"] > card["ood_threshold"]
+    assert all(a["ood_score"] <= card["ood_threshold"] for a in answers if a["in_distribution"])
