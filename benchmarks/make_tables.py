@@ -44,10 +44,47 @@ def _figures(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
+def ood_tables(data: dict[str, Any]) -> list[str]:
+    """ood.json: per net, AUROC and FPR at 95 % TPR per set for ood_score and for MSP."""
+    lines = []
+    for name, net in data.get("nets", {}).items():
+        lines += [
+            "",
+            f"**{name}** ({net['epochs']} epochs, test accuracy {net['test_accuracy']:.4f}; "
+            f"threshold {net['threshold']:.3f} keeps {net['test_kept']:.3f} of the test set)",
+            "",
+            "| set | images | ood_score AUROC | FPR@95TPR | MSP AUROC | FPR@95TPR |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for set_name, row in {"**union**": net["union"], **net["sets"]}.items():
+            o, m = row["ood_score"], row["msp"]
+            lines.append(
+                f"| {set_name} | {row['images']} | {o['auroc']:.3f} | {o['fpr_at_95tpr']:.3f} "
+                f"| {m['auroc']:.3f} | {m['fpr_at_95tpr']:.3f} |"
+            )
+        lines += ["", "| mild change of CIFAR-10 images | flagged by ood_score | by MSP |",
+                  "|---|---:|---:|"]  # fmt: skip
+        for set_name, row in net["benign_flagged"].items():
+            lines.append(f"| {set_name} | {row['ood_score']:.3f} | {row['msp']:.3f} |")
+    return lines
+
+
+TABLES = {"ood.json": ood_tables}  # files whose figures read better as their own tables
+
+
 def section(path: Path) -> str:
     """The Markdown of one result file."""
     data = json.loads(path.read_text())
     lines = [f"### `{path.relative_to(ROOT)}`", ""]
+    if isinstance(data, dict) and path.name in TABLES:
+        for key in CONTEXT_KEYS:
+            if isinstance(data.get(key), str):
+                lines.append(f"- {key}: `{data[key]}`")
+        machine = data.get("machine") or {}
+        if isinstance(machine, dict) and machine.get("cpu_model"):
+            lines.append(f"- machine: `{machine['cpu_model']}`, {machine.get('cpus')} CPUs")
+        lines.append(f"- created: `{data.get('created', '-')}`")
+        return "\n".join([*lines, *TABLES[path.name](data), ""])
     if not isinstance(data, dict):
         return "\n".join([*lines, f"(a JSON {type(data).__name__}: see the file)", ""])
     for key in CONTEXT_KEYS:

@@ -844,6 +844,15 @@ def test_the_page_classifies_a_dropped_image_in_chromium(served, tmp_path):
         WebDriverWait(driver, 10).until(
             lambda d: "version 1" in d.find_element(By.ID, "model").text
         )
+        # Something that is no photo at all: the page says so.
+        flat = tmp_path / "flat-red.png"
+        flat.write_bytes(_png(np.full((64, 64, 3), (210, 40, 40), np.uint8)))
+        driver.find_element(By.ID, "files").send_keys(str(flat))
+        odd = WebDriverWait(driver, 30).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, "#results .card[data-ood='true']")
+        )
+        assert "this does not look like a CIFAR-10 image" in odd.text
+        assert "flat-red.png" in odd.text and "request " in odd.text
         shot = Path(os.environ.get("CIFAR_SCREENSHOTS") or tmp_path)
         shot.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(shot / "page-classified.png"))
@@ -856,7 +865,7 @@ def test_the_page_classifies_a_dropped_image_in_chromium(served, tmp_path):
             e.text.strip().replace("\u200b", "")
             for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
         }
-        assert {"/classify", "/classify_batch", "/model"} <= paths, paths
+        assert {"/classify", "/classify_batch", "/feedback", "/model"} <= paths, paths
         assert driver.save_screenshot(str(shot / "docs.png"))
         print(f"screenshots in {shot}")
     finally:

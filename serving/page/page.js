@@ -54,6 +54,11 @@ async function classify(file) {
       return;
     }
     body.append(el("div", "label", answer.label));
+    if (answer.in_distribution === false) {
+      // ood_score over the served version's threshold (GET /model): say so before the classes.
+      body.append(el("div", "ood", "this does not look like a CIFAR-10 image"));
+      card.dataset.ood = "true";
+    }
     for (const [i, c] of answer.top_k.entries()) {
       const bar = el("div", i === 0 ? "bar best" : "bar");
       const track = el("div", "track");
@@ -65,7 +70,8 @@ async function classify(file) {
       body.append(bar);
     }
     const version = r.headers.get("X-Model-Version") || answer.model.version;
-    body.append(el("div", "meta", `model version ${version} · ${ms.toFixed(0)} ms`));
+    body.append(el("div", "meta", `model version ${version} · ${ms.toFixed(0)} ms · ` +
+                                  `request ${answer.request_id}`));
     card.dataset.state = "done";
     card.dataset.label = answer.label;
     card.dataset.version = version;
