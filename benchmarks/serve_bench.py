@@ -447,7 +447,7 @@ def recording_ab(args: argparse.Namespace, pngs: list[bytes], home: Path, tmp: P
                 r = load(ports[name], "/classify", single, c, args.seconds)
                 runs[name].append(r)
                 print(name, json.dumps({k: r[k] for k in ("requests_per_s", "p99_ms")}), flush=True)
-    from serving.records import read_records
+    from serving.logfiles import read_records
 
     recorded = sum(1 for _ in read_records(tmp / "prediction-log"))
     med = {k: statistics.median(r["requests_per_s"] for r in v) for k, v in runs.items()}

@@ -149,18 +149,9 @@ def _store_model(
     engine.warm_up((1, 2))
     int8_file = _int8_file(client, mv, onnx_file.parent / "int8-twin", class_names)
     ood_file, ood_meta = _ood_reference(client, mv, onnx_file.parent / "ood", engine)
-    metadata = _metadata(
-        mv,
-        registered_model,
-        alias,
-        tracking_uri,
-        logged,
-        class_names,
-        engine.input_name,
-        int8_file is not None,
-    )
-    metadata.update(ood_meta)
-    metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None
+    metadata = _metadata(mv, registered_model, alias, tracking_uri, logged, class_names,
+                         engine.input_name, int8_file is not None)  # fmt: skip
+    metadata = {k: v for k, v in {**metadata, **ood_meta}.items() if v is not None}  # no None
     labels = {
         "registered_model": registered_model,
         "mlflow_version": str(mv.version),

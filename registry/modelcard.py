@@ -100,13 +100,7 @@ def _facts(run: Any, config: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("test accuracy (served ONNX model, reported only)", _pct(m.get("test_accuracy"))),
         *([tta_row] if tta_row else []),
         ("test-time augmentation in the served graph", served_tta),
-        (
-            "out-of-distribution threshold",
-            f'`ood_score` > {float(t["ood_threshold"]):.3f}: "not a CIFAR-10 image" (keeps 95 % '
-            f"of the validation images in; {t.get('ood_method')})"
-            if "ood_threshold" in t
-            else "none recorded: answers say `in_distribution: null`",
-        ),
+        ("out-of-distribution threshold", _ood_fact(t)),
         (
             "ONNX parity with PyTorch",
             f"max abs logit diff {m.get('onnx_max_abs_diff', float('nan')):.2e}, "
@@ -137,6 +131,15 @@ def _facts(run: Any, config: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("code", f"git `{t.get('code_version', 'unknown')}`"),
         ("MLflow run", f"`{run.info.run_id}`"),
     ]
+
+
+def _ood_fact(tags: Mapping[str, str]) -> str:
+    if "ood_threshold" not in tags:
+        return "none recorded: answers say `in_distribution: null`"
+    return (
+        f'`ood_score` > {float(tags["ood_threshold"]):.3f}: "not a CIFAR-10 image" (keeps '
+        f"95 % of the validation images in; {tags.get('ood_method')})"
+    )
 
 
 _CARD = f"""# {{name}} v{{version}}

@@ -19,10 +19,7 @@ from typing import Any
 from registry.import_champion import PROJECT_ROOT, ImportFailed, bentoml_home, import_champion
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cifar-import-champion", description=__doc__.split("\n")[0]
     )
@@ -58,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the service's prediction log (default: $CIFAR_PREDICTION_LOG_DIR, else "
         "$BENTOML_HOME/prediction-log)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.follow < 0:
         parser.error(f"--follow {args.follow}: must be a number of seconds >= 0")
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _records_dir(home: Path) -> Path:
     os.environ.setdefault("BENTOML_HOME", str(home))  # the service's default: beside its store
-    from serving.records import default_folder
+    from serving.logfiles import default_folder
 
     return default_folder()
 

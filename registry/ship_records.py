@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.tracking import Store, open_store
-from serving.records import SHIPPED, closed_files
+from serving.logfiles import SHIPPED, closed_files
 
 MONITORING_EXPERIMENT = "cifar10-monitoring"
 HOST_TAG = "cifar.records_host"

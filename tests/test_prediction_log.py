@@ -14,15 +14,8 @@ from PIL import Image
 
 from cifarlab.constants import CLASS_NAMES
 from serving.feedback import Ledger, Row
-from serving.records import (
-    Answer,
-    LogSettings,
-    PredictionLog,
-    closed_files,
-    give_feedback,
-    read_records,
-    recover_orphans,
-)
+from serving.logfiles import closed_files, read_records, recover_orphans
+from serving.records import Answer, LogSettings, PredictionLog, give_feedback
 
 
 def _png(seed: int) -> bytes:
@@ -123,7 +116,7 @@ def test_retention_and_size_cap_delete_the_oldest_closed_files(tmp_path):
         capped = LogSettings(
             tmp_path, retention_seconds=100 * 86400, max_bytes=files[3].stat().st_size
         )
-        from serving.records import prune
+        from serving.logfiles import prune
 
         assert prune(tmp_path, capped, now, None) == [files[2]]
         assert closed_files(tmp_path) == [files[3]]

@@ -1041,8 +1041,8 @@ def test_feedback_over_the_records_gives_the_served_versions_offline_accuracy(se
     whatever worker answered: joined over the prediction log, the accuracy is exactly what the
     served ONNX file gives on those images offline."""
     from serving.engine import Engine
+    from serving.logfiles import read_records
     from serving.preprocess import to_model_input
-    from serving.records import read_records
 
     n = 200
     pixels = served.images[:n].permute(0, 2, 3, 1).numpy()
