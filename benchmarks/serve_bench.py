@@ -20,7 +20,7 @@ Saves JSON under benchmarks/results/.
 
 `--recording` measures instead what the prediction log costs (serving/records.py): two servers
 of the same model, one recording and one with CIFAR_PREDICTION_LOG=false, loaded in turn
-(/classify, multipart, keep-alive, concurrency 8; --repeats times each, interleaved), medians
+(/classify, multipart, keep-alive, the highest --concurrency; --repeats times each, interleaved), medians
 and their ratio; and in-process, the CPU time per record of the handler's part (an `Answer`
 appended to the queue) and of the writer's (lines, index rows, file), measured on 20,000 records.
 Saved to benchmarks/results/recording-cost.json.

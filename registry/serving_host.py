@@ -109,29 +109,36 @@ class Shipper:
     root: Path
     folder: Path
     uri: str
+    warned: bool = False
 
     def __call__(self) -> None:
         from registry.ship_records import ship_records
 
-        if self.folder.is_dir():
-            shipped = ship_records(self.root, self.folder, self.uri)
-            if shipped is not None:
-                print(
-                    f"shipped {len(shipped.files)} prediction-log files to run {shipped.run_id}",
-                    flush=True,
-                )
+        if not self.folder.is_dir():
+            if not self.warned:
+                print(f"no prediction log at {self.folder} yet: nothing to ship", flush=True)
+                self.warned = True
+            return
+        shipped = ship_records(self.root, self.folder, self.uri)
+        if shipped is not None:
+            print(
+                f"shipped {len(shipped.files)} prediction-log files to run {shipped.run_id}",
+                flush=True,
+            )
 
 
 def _ship(root: Path, folder: Path, uri: str) -> int:
-    from registry.tracking import TrackingUnavailable
+    from mlflow.exceptions import MlflowException
+
+    from registry.tracking import TrackingUnavailable, display_uri
 
     if not folder.is_dir():
         print(f"error: no prediction log at {folder}", file=sys.stderr)
         return 2
     try:
         Shipper(root, folder, uri)()
-    except TrackingUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TrackingUnavailable, MlflowException, OSError) as exc:
+        print(f"error: shipping {folder} to {display_uri(uri)}: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -23,6 +23,7 @@ from serving.uploads import BadRequest
 ANSWER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}(\.[0-9]{1,6})?")  # a request's, or a batch image's
 
 _SCHEMA = """
+PRAGMA auto_vacuum = INCREMENTAL;
 CREATE TABLE IF NOT EXISTS answers (
     request_id TEXT PRIMARY KEY,
     time REAL NOT NULL,
@@ -95,14 +96,30 @@ class Ledger:
                 [(r.request_id, r.time, r.model_version, r.label, r.pixels) for r in rows],
             )
 
-    def give(self, request_id: str, label: str, now: float | None = None) -> Given:
-        """Store `label` for the answer `request_id` unless it has one already."""
+    def knows(self, request_id: str, since: float = 0.0) -> bool:
+        """Whether an answer `request_id` given at or after `since` is on record (a read: no
+        write lock, so unknown ids cost the writers nothing)."""
+        found = (
+            self._db()
+            .execute(
+                "SELECT 1 FROM answers WHERE request_id = ? AND time >= ?", (request_id, since)
+            )
+            .fetchone()
+        )
+        return found is not None
+
+    def give(
+        self, request_id: str, label: str, now: float | None = None, since: float = 0.0
+    ) -> Given:
+        """Store `label` for the answer `request_id` (given at or after `since`: older ones
+        are expired) unless it has one already."""
         now = time.time() if now is None else now
         # The check and the insert as one, across workers.
         with self._transaction() as db:
             answer = db.execute(
-                "SELECT label, model_version, time, pixels FROM answers WHERE request_id = ?",
-                (request_id,),
+                "SELECT label, model_version, time, pixels FROM answers "
+                "WHERE request_id = ? AND time >= ?",
+                (request_id, since),
             ).fetchone()
             if answer is None:
                 return Given("unknown")
@@ -126,7 +143,9 @@ class Ledger:
             raise
         db.execute("COMMIT")
 
-    def expire(self, before: float) -> None:
+    def expire(self, before: float, pixels_before: float | None = None) -> None:
+        """Forget answers given before `before` (and their labels); drop the kept inputs of
+        answers given before `pixels_before`; give the freed pages back to the disk."""
         with self._transaction() as db:
             db.execute(
                 "DELETE FROM feedback WHERE request_id IN "
@@ -134,6 +153,12 @@ class Ledger:
                 (before,),
             )
             db.execute("DELETE FROM answers WHERE time < ?", (before,))
+            if pixels_before is not None:
+                db.execute(
+                    "UPDATE answers SET pixels = NULL WHERE time < ? AND pixels IS NOT NULL",
+                    (pixels_before,),
+                )
+        self._db().execute("PRAGMA incremental_vacuum")
 
     def counts(self) -> dict[str, int]:
         db = self._db()

@@ -91,6 +91,9 @@ class Front:
         # Costly decodes, one at a time per worker: the event loop stays free for everyone
         # else, and at most one big image is expanded in memory at once.
         self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        # Feedback waits on SQLite and on the other workers' queues: its own two threads, so
+        # that a flood of unknown ids cannot hold up the default pool (model swaps use it).
+        self.feedback_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="feedback")
 
     async def decode(self, data: bytes | bytearray) -> Decoded:
         """Small uploads whose header promises a small single-frame image are decoded on the
@@ -247,9 +250,17 @@ class Front:
                     "not_recorded",
                 )
             )
-        given = await asyncio.to_thread(
-            give_feedback, self.records, request_id, label, self.settings.feedback_wait_s
-        )
+        try:
+            given = await asyncio.get_running_loop().run_in_executor(
+                self.feedback_pool,
+                give_feedback, self.records, request_id, label, self.settings.feedback_wait_s,
+            )  # fmt: skip
+        except Exception:  # a bug or a broken disk, never the client's fault: say so in JSON
+            log.exception("storing feedback failed")
+            return JSONResponse(
+                {"error": "internal error while storing the label; the server log has the "
+                 "details", "reason": "internal_error"}, status_code=500,
+            )  # fmt: skip
         if given.status == "unknown":
             days = self.records.settings.retention_seconds / 86400
             return self.refuse(

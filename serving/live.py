@@ -170,8 +170,9 @@ def ood_reference(stored: Any, meta: dict[str, Any]) -> tuple[OodReference | Non
     name = meta.get("ood_file")
     if not name:
         return None, meta.get("ood_note") or (
-            "this model came into the store without an out-of-distribution reference "
-            "(re-import it with cifar-import-champion): answers carry in_distribution: null"
+            "this model came into the store without an out-of-distribution reference (a "
+            "version registered and imported before the service scored images for it): "
+            "answers carry in_distribution: null"
         )
     try:
         return OodReference.from_json(Path(stored.path_of(name)).read_text()), None

@@ -3,10 +3,12 @@ and pruning by age and size (serving/records.py writes them)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,25 +50,58 @@ def _kept_images(folder: Path) -> list[Path]:
 
 
 def prune(folder: Path, settings: LogSettings, now: float, ledger: Ledger | None) -> list[Path]:
+    """Delete closed files and kept images past the retention period, then, oldest first and
+    files already shipped before the others, what passes the size cap; then forget the request
+    ids whose records are gone."""
+    shipped = {p: True for p in shipped_files(folder)}
     files = [
         (st.st_mtime, st.st_size, p)
-        for p in shipped_files(folder) + closed_files(folder) + _kept_images(folder)
+        for p in [*shipped, *closed_files(folder), *_kept_images(folder)]
         if (st := _stat(p)) is not None
     ]
-    files.sort(key=lambda f: f[0])
-    gone = []
+    cutoff = now - settings.retention_seconds
     total = sum(size for _, size, _ in files)
-    for mtime, size, path in files:
-        if mtime >= now - settings.retention_seconds and total <= settings.max_bytes:
+    gone = []
+    for mtime, size, path in sorted(
+        files, key=lambda f: (f[0] >= cutoff, path_rank(f[2], shipped), f[0])
+    ):
+        if mtime >= cutoff and total <= settings.max_bytes:
             break
         path.unlink(missing_ok=True)
         total -= size
         gone.append(path)
     if ledger is not None:
-        ledger.expire(now - settings.retention_seconds)
+        ledger.expire(
+            max(cutoff, oldest_record(folder, default=cutoff)),
+            pixels_before=now - settings.feedback_image_seconds,
+        )
     if gone:
         log.info("prediction log: deleted %d old files in %s", len(gone), folder)
     return gone
+
+
+def path_rank(path: Path, shipped: dict[Path, bool]) -> int:
+    """Under the size cap: shipped files go first, then kept images, then unshipped files."""
+    if path in shipped:
+        return 0
+    return 2 if path.name.startswith("predictions-") else 1
+
+
+def oldest_record(folder: Path, default: float) -> float:
+    """When the oldest log file still here was opened (its name says): ids answered before it
+    have no record left."""
+    names = [p.name for p in Path(folder).glob("predictions-*")]
+    names += [p.name for p in (Path(folder) / SHIPPED).glob("predictions-*")]
+    stamps = []
+    for name in names:
+        try:
+            stamps.append(
+                datetime.strptime(name.split("-")[1], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+            )
+        except (IndexError, ValueError):
+            continue
+    # (less a minute: a file opened at a flush holds the answers queued just before it)
+    return min(stamps).timestamp() - 60 if stamps else default
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -76,25 +111,28 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def recover_orphans(folder: Path, host: str) -> list[Path]:
-    """Close the open files of this host's processes that are gone (a crash or a kill)."""
+def lock_open_file(f: Any) -> None:
+    """A writer holds an exclusive lock on its open file for as long as it writes it."""
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def recover_orphans(folder: Path) -> list[Path]:
+    """Close the open files nobody writes any more (a crashed or killed worker): a file whose
+    lock can be taken has no writer. (A lock, not the process id: a restarted container's
+    workers get the same ids back.)"""
     closed = []
-    for part in Path(folder).glob(f"predictions-*-{host}-*.jsonl{OPEN_SUFFIX}"):
-        pid = part.name.split("-")[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            part.rename(part.with_name(part.name[: -len(OPEN_SUFFIX)]))
-            closed.append(part)
+    for part in sorted(Path(folder).glob(f"predictions-*.jsonl{OPEN_SUFFIX}")):
+        try:
+            with open(part, "rb") as f:  # (never "a": that would make a new empty file)
+                try:
+                    lock_open_file(f)
+                except BlockingIOError:
+                    continue  # a live writer has it
+                part.rename(part.with_name(part.name[: -len(OPEN_SUFFIX)]))
+                closed.append(part)
+        except FileNotFoundError:  # another worker starting beside this one closed it first
+            continue
     return closed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_records(

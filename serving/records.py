@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from serving.feedback import Ledger, Row
-from serving.logfiles import OPEN_SUFFIX, default_folder, prune, recover_orphans
+from serving.logfiles import OPEN_SUFFIX, default_folder, lock_open_file, prune, recover_orphans
 
 log = logging.getLogger("cifar10.serving")
 
 FLUSH_SECONDS = 0.5
+MAX_PENDING = 100_000  # answers queued at most (~20 s at full speed): past it, not recorded
 _MB = 1024 * 1024
 
 
@@ -75,6 +76,7 @@ class LogSettings:
     retention_seconds: float = 30 * 86400.0
     keep_images_rate: float = 0.0  # fraction of uploads kept as sent
     keep_feedback_images: bool = False  # the 32x32 input of answers that get a label
+    feedback_image_seconds: float = 86400.0  # how long an answer's input waits for its label
 
     @classmethod
     def from_env(cls) -> LogSettings | None:
@@ -90,6 +92,7 @@ class LogSettings:
             retention_seconds=_number("CIFAR_PREDICTION_LOG_RETENTION_DAYS", 30, 0.001) * 86400,
             keep_images_rate=_number("CIFAR_KEEP_IMAGES_RATE", 0, 0, 1),
             keep_feedback_images=_flag("CIFAR_KEEP_FEEDBACK_IMAGES", False),
+            feedback_image_seconds=_number("CIFAR_FEEDBACK_IMAGE_HOURS", 24, 0.001) * 3600,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -101,6 +104,7 @@ class LogSettings:
             "retention_days": self.retention_seconds / 86400,
             "keep_images_rate": self.keep_images_rate,
             "keep_feedback_images": self.keep_feedback_images,
+            "feedback_image_hours": self.feedback_image_seconds / 3600,
         }
 
 
@@ -148,15 +152,19 @@ class PredictionLog:
         self._opened = 0.0
         self._count = 0
         self.written = 0  # lines, for tests and benchmarks
+        self.dropped = 0  # answers not recorded because the queue was full
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
 
     def start(self) -> PredictionLog:
-        recover_orphans(self.folder, self._host)
+        recover_orphans(self.folder)
         self.prune()
         self._thread.start()
         return self
 
     def add(self, answer: Answer | dict[str, Any]) -> None:
+        if len(self._pending) >= MAX_PENDING:  # the writer is stuck (a locked or full disk)
+            self.dropped += 1
+            return
         self._pending.append(answer)  # deque.append is atomic: no lock on the event loop
 
     def _run(self) -> None:
@@ -172,6 +180,9 @@ class PredictionLog:
             items = []
             while self._pending:
                 items.append(self._pending.popleft())
+            if self.dropped:
+                log.error("prediction log: %d answers not recorded (writer behind)", self.dropped)
+                self.dropped = 0
             if items:
                 lines, rows = self._lines(items)
                 self.ledger.add(rows)  # first the index, so feedback never misses a line
@@ -203,8 +214,8 @@ class PredictionLog:
                 lines.append(json.dumps(item, separators=(",", ":")))
                 continue
             when = iso(item.time)
+            best = item.probs.argmax(axis=1)  # what the answer said, before any rounding
             probs = np.round(item.probs, 6)
-            best = probs.argmax(axis=1)
             for i, img in enumerate(item.images):
                 rid = item.item_id(i)
                 label = self.class_names[int(best[i])]
@@ -259,7 +270,12 @@ class PredictionLog:
             stamp = datetime.fromtimestamp(self._opened, UTC).strftime("%Y%m%dT%H%M%S")
             name = f"predictions-{stamp}-{self._host}-{os.getpid()}-{self._count}.jsonl"
             self._path = self.folder / (name + OPEN_SUFFIX)
-            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            # Locked before it gets its open name: recover_orphans never takes a new file
+            # for a dead writer's.
+            fresh = self._path.with_name(name + ".new")
+            self._file = open(fresh, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            lock_open_file(self._file)
+            fresh.rename(self._path)
         self._file.write("\n".join(lines) + "\n")
         self._file.flush()
         self.written += len(lines)
@@ -267,8 +283,9 @@ class PredictionLog:
     def _close_file(self) -> None:
         if self._file is None or self._path is None:
             return
-        self._file.close()
+        # Renamed while still locked: nobody can take it for an orphan in between.
         self._path.rename(self._path.with_name(self._path.name[: -len(OPEN_SUFFIX)]))
+        self._file.close()
         self._file = self._path = None
 
     def prune(self, now: float | None = None) -> list[Path]:
@@ -296,13 +313,15 @@ def give_feedback(plog: PredictionLog, request_id: str, label: str, wait_s: floa
     An answer given a moment ago by another worker may not be indexed yet: its queue is written
     every FLUSH_SECONDS, so an id not found is looked up again for `wait_s` before it is
     called unknown."""
-    plog.flush()  # this worker's own answers, now
+    try:
+        plog.flush()  # this worker's own answers, now
+    except Exception:  # noqa: BLE001 - the other workers' answers may still be found
+        log.exception("could not write the prediction log in %s", plog.folder)
+    since = time.time() - plog.settings.retention_seconds  # older answers have expired
     deadline = time.monotonic() + wait_s
-    while True:
-        given = plog.ledger.give(request_id, label)
-        if given.status != "unknown" or time.monotonic() >= deadline:
-            break
+    while not plog.ledger.knows(request_id, since) and time.monotonic() < deadline:
         time.sleep(0.1)
+    given = plog.ledger.give(request_id, label, since=since)
     if given.status == "stored":
         now = time.time()
         plog.add(
@@ -318,7 +337,10 @@ def give_feedback(plog: PredictionLog, request_id: str, label: str, wait_s: floa
             }
         )
         if given.pixels is not None:
-            _keep_feedback_image(plog.folder, request_id, label, given.pixels)
+            try:
+                _keep_feedback_image(plog.folder, request_id, label, given.pixels)
+            except OSError:  # the label is stored; the image was a bonus
+                log.exception("could not keep the image of %s", request_id)
     return given
 
 

@@ -143,6 +143,17 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
     assert meta.get("int8_judged_with_dot_product") is here  # (absent where it cannot tell)
     assert run.data.tags["int8_weight_bits"] == ("8" if here else "7")  # 7: no saturation
     assert Path(bento_model.path_of("model_int8.onnx")).stat().st_size > 0
+    # The out-of-distribution reference: fitted on this run, carried by the version and its
+    # model card, and in the store beside the model it scores for.
+    from cifarlab.ood import OodReference
+
+    assert "ood/ood_reference.json" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "ood")
+    }
+    ref = OodReference.from_json(Path(bento_model.path_of("ood_reference.json")).read_text())
+    assert mv.tags["ood_threshold"] == run.data.tags["ood_threshold"] == f"{ref.threshold:.6f}"
+    assert meta["ood_threshold"] == ref.threshold and 0.93 <= ref.kept <= 0.97
+    assert f"{ref.threshold:.3f}" in mv.description
 
 
 def _assert_val_accuracy_is_the_served_files(client, run, uri):

@@ -7,6 +7,7 @@ import io
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,15 +126,51 @@ def test_retention_and_size_cap_delete_the_oldest_closed_files(tmp_path):
 
 
 def test_a_dead_workers_open_file_is_closed_by_the_next_start(tmp_path):
-    host = "testhost"
-    dead = tmp_path / f"predictions-20260101T000000-{host}-999999999-1.jsonl.part"
-    alive = tmp_path / f"predictions-20260101T000000-{host}-{os.getpid()}-1.jsonl.part"
+    """An open file nobody holds the lock of is a dead writer's (whatever its process id, which
+    a restarted container hands out again); a locked one is a live writer's and stays open."""
+    from serving.logfiles import lock_open_file
+
+    dead = tmp_path / f"predictions-20260101T000000-host-{os.getpid()}-1.jsonl.part"
+    alive = tmp_path / "predictions-20260101T000001-host-1-1.jsonl.part"
     dead.write_text('{"kind": "prediction", "request_id": "a"}\n{"kind": "predic')
-    alive.write_text("")
-    assert recover_orphans(tmp_path, host) == [dead]
+    with open(alive, "a") as writer:
+        lock_open_file(writer)
+        assert recover_orphans(tmp_path) == [dead]
+        assert alive.exists()
     assert [p.name for p in closed_files(tmp_path)] == [dead.name.removesuffix(".part")]
-    assert alive.exists()
     assert [r["request_id"] for r in read_records(tmp_path)] == ["a"]  # the cut line skipped
+
+
+def test_workers_starting_together_close_each_orphan_once(tmp_path):
+    for i in range(40):
+        (tmp_path / f"predictions-20260101T0000{i:02d}-h-1-1.jsonl.part").write_text("{}\n")
+    closed: list[list[Path]] = [[], []]
+    errors: list[BaseException] = []
+
+    def start(k: int) -> None:
+        try:
+            closed[k] = recover_orphans(tmp_path)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(closed[0]) + len(closed[1]) == 40
+    assert len(closed_files(tmp_path)) == 40 and not list(tmp_path.glob("*.part"))
+
+
+def test_the_recorded_label_is_the_answered_one_even_in_a_near_tie(plog):
+    a = _answer("tie")
+    a.probs = np.full((1, 10), 0.09999993)
+    a.probs[0, 0], a.probs[0, 3] = 0.1000002, 0.1000004  # equal after rounding to 6 digits
+    plog.add(a)
+    plog.flush()
+    (record,) = read_records(plog.folder)
+    assert record["label"] == CLASS_NAMES[3]
+    assert plog.ledger.give("tie", "cat").predicted == CLASS_NAMES[3]
 
 
 def test_ledger_keeps_the_first_label_and_knows_no_unknown_ids(tmp_path):
@@ -149,6 +186,12 @@ def test_ledger_keeps_the_first_label_and_knows_no_unknown_ids(tmp_path):
     )
     again = ledger.give("a", "cat")
     assert (again.status, again.label) == ("duplicate", "dog")
+    # an answer older than `since` has expired: unknown, even with its row still there
+    ledger.add([Row("old", time.time() - 100, "2", "cat", b"x" * 3072)])
+    assert not ledger.knows("old", since=time.time() - 50) and ledger.knows("old")
+    assert ledger.give("old", "dog", since=time.time() - 50).status == "unknown"
+    ledger.expire(before=0, pixels_before=time.time() - 50)  # its kept input is dropped
+    assert ledger.give("old", "dog").pixels is None
     # a second connection (another worker) sees the same
     other = Ledger(tmp_path / "requests.sqlite")
     assert other.give("a", "bird").label == "dog"
@@ -267,6 +310,13 @@ def test_answers_carry_a_request_id_and_adopt_a_safe_client_id(service):
 
 def test_refusals_keep_their_bodies_and_carry_the_id(service):
     client, log = service
+    bad = client.post(
+        "/classify",
+        files={"image": ("a.png", b"not an image", "image/png")},
+        headers={"X-Request-Id": "bad0"},
+    )
+    assert bad.status_code == 415 and set(bad.json()) == {"error", "reason"}
+    assert bad.headers["X-Request-Id"] == "bad0"
     r = client.post(
         "/classify",
         content=b"not an image",
@@ -378,3 +428,35 @@ def test_a_version_without_a_reference_answers_null_and_says_why(service):
     assert body["ood_score"] is None and body["in_distribution"] is None
     card = client.get("/model").json()
     assert card["ood_threshold"] is None and "in_distribution: null" in card["ood_note"]
+
+
+def test_uploads_are_kept_as_sent_only_when_asked(untrained_model, tmp_path):
+    from starlette.testclient import TestClient
+
+    from serving.http import Front, Routes, Settings
+    from serving.live import LiveModel
+
+    log = PredictionLog(
+        LogSettings(tmp_path, keep_images_rate=1.0, retention_seconds=1.0),
+        untrained_model.engine.class_names,
+    ).start()
+    routes = Routes()
+    routes.front = Front(
+        LiveModel(untrained_model, lambda: None, lambda _s: untrained_model),
+        Settings(2**21, 2**22, 16, 10**6, feedback_wait_s=0.2),
+        records=log,
+    )
+    try:
+        with TestClient(routes.app) as client:
+            png = _png(5)
+            rid = client.post("/classify", files={"image": ("a.png", png, "image/png")}).json()[
+                "request_id"
+            ]
+            log.flush()
+            (kept,) = (tmp_path / "images").rglob("*.png")
+            assert kept.name == f"{rid}.png" and kept.read_bytes() == png
+            time.sleep(1.1)  # past the (1 s) retention: the id has expired
+            late = client.post("/feedback", json={"request_id": rid, "label": "cat"})
+            assert late.status_code == 404 and late.json()["reason"] == "unknown_request_id"
+    finally:
+        log.close()
