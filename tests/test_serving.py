@@ -775,7 +775,9 @@ def test_uploads_over_the_budget_get_503_with_retry_after(served):
                 held.append(c)  # still being read: held in the budget
                 continue
             refused.append(head)
-        assert len(held) == 2 and len(refused) == 4, [r[:60] for r in refused]
+        # Two when the kernel gave both workers some of the six connections; one (and five
+        # refusals) in the ~3 % of runs where it gave all six to one worker.
+        assert len(held) in (1, 2) and len(refused) == 6 - len(held), [r[:60] for r in refused]
         for head in refused:
             assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), head
             assert b'"reason":"busy"' in head.replace(b" ", b""), head
