@@ -17,7 +17,7 @@ EPOCH_SCALE ?= 1
 DATA_SCALE ?= 1
 STUDY ?= report-lr
 
-.PHONY: setup run sweep stack team-stack worker train test checks unit-tests test-e2e test-all docs-tables bench bench-flow bench-serve bench-team mlflow-ui import-champion serve bento clean
+.PHONY: setup run sweep stack team-stack worker train test checks unit-tests test-e2e test-all docs-tables bench bench-flow bench-serve bench-team mlflow-ui import-champion rollback serve bento clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ mlflow-ui: setup  ## the MLflow UI on the default store, http://127.0.0.1:5000
 
 import-champion: setup  ## copy the MLflow champion into the BentoML store (no-op if it is there)
 	$(VENV)/bin/cifar-import-champion
+
+REASON ?=
+TO ?=
+rollback: setup  ## champion back to the one it replaced: make rollback REASON="why" [TO=5]
+	$(VENV)/bin/cifar-rollback --reason "$(REASON)" $(if $(TO),--to $(TO),)
 
 serve: import-champion  ## serve the champion: curl -F image=@cat.png http://127.0.0.1:3000/classify
 	$(VENV)/bin/bentoml serve serving.service:CifarClassifier --host 127.0.0.1 --port 3000

@@ -892,14 +892,14 @@ def test_docs_page_and_openapi(served):
 
 
 @pytest.mark.e2e
-def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(
+def test_a_new_champion_and_a_rollback_are_swapped_in_under_load_without_a_failed_request(
     served, tmp_path, monkeypatch
 ):
     """A server of its own (a copy of the store, following it every second) answers four
     clients without pause while the registry's champion alias moves to a new version and
-    `cifar-import-champion` puts it in the store: no request fails, every answer names its
-    version in the header and the body, and each client (one keep-alive connection, so one
-    worker) sees version 1 until its switch and version 2 from then on."""
+    `cifar-import-champion` puts it in the store, then while `cifar-rollback` moves it back:
+    no request fails, every answer names its version in the header and the body, and each
+    client (one keep-alive connection, so one worker) sees version 1, then 2, then 1 again."""
     import threading
     import time
 
@@ -968,17 +968,34 @@ def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(
             assert imported.returncode == 0, imported.stderr
             # Each client sees the switch, then keeps being answered by version 2.
             until(lambda versions: versions.count("2") >= 5, "had answers from version 2")
+            # Rolled back with the command a user runs: the registry moves back to version 1,
+            # the command imports it here, and every client is answered by it again.
+            rolled = subprocess.run(
+                [sys.executable, "-m", "flows.rollback", "--tracking-uri", uri, "--reason",
+                 "test: back to v1", "--who", "tester", "--to", "1"],  # (v2: a copy of v1)
+                cwd=ROOT,
+                env={**os.environ, "BENTOML_HOME": str(home), "PREFECT_API_URL": ""},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )  # fmt: skip
+            assert rolled.returncode == 0, rolled.stderr
+            assert "champion v2 -> v1" in rolled.stdout, rolled.stdout
+            until(lambda versions: versions[-5:] == ["1"] * 5, "went back to version 1")
         finally:  # a failed step above must not leave the clients asking for ever
             stop.set()
             for t in threads:
                 t.join(timeout=60)
         card = requests.get(url + "/model", timeout=10).json()
     assert failures == [], failures[:5]
-    for versions in seen:
-        assert versions and versions[0] == "1" and versions[-1] == "2", versions[-5:]
-        switch = versions.index("2")
-        assert set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}
-    assert card["mlflow_version"] == "2"
+    for versions in seen:  # 1 ... 1, 2 ... 2, 1 ... 1: one switch each way, no flapping
+        assert versions and versions[0] == "1" and versions[-1] == "1", versions[-5:]
+        switch, back = versions.index("2"), len(versions) - versions[::-1].index("2")
+        assert set(versions[:switch]) == {"1"} and set(versions[switch:back]) == {"2"}
+        assert set(versions[back:]) == {"1"}
+    assert card["mlflow_version"] == "1"
+    rolled_back = MlflowClient(uri, uri).get_model_version("cifar10-classifier", "2")
+    assert rolled_back.tags["rollback.from.by"] == "tester"
     assert sum(len(v) for v in seen) > 100  # the clients really kept asking
 
 
@@ -1100,7 +1117,7 @@ def test_feedback_over_the_records_gives_the_served_versions_offline_accuracy(se
 
 @pytest.mark.e2e
 def test_feedback_survives_a_restart_of_the_service(served, tmp_path):
-    env = {"CIFAR_PREDICTION_LOG_DIR": str(tmp_path / "log"), "CIFAR_SERVE_WORKERS": "1"}
+    env = {"CIFAR_PREDICTION_LOG_DIR": str(tmp_path / "log"), "CIFAR_SERVE_WORKERS": "2"}
     png = _png(served.images[0].permute(1, 2, 0).numpy())
     with BentoServer(served.home, tmp_path / "first.log", env) as url:
         first, second = (

@@ -340,17 +340,31 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(
 
     # Its records reach the monitor's hosts through the tracking server, with the credentials
     # the serving host already has (the join file): no shared disk.
-    shipped = subprocess.run(
-        [sys.executable, "-m", "registry.serving_host", "--root", str(serving), "--ship-records"],
+    # As a serving host runs it: `cifar-import-champion --follow`, which ships at every check.
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "registry.serving_host", "--root", str(serving), "--follow", "2"],
         cwd=ROOT,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=180,
+        start_new_session=True,
     )
-    assert shipped.returncode == 0, shipped.stderr[-3000:]
-    local = {p.name: p.read_bytes() for p in (serving / "bentoml/prediction-log/shipped").iterdir()}
-    assert local and "shipped" in shipped.stdout
+    try:
+        shipped_dir = serving / "bentoml/prediction-log/shipped"
+        deadline = time.monotonic() + 120
+        while (  # every closed file shipped (the server stopped above closed its files)
+            list(shipped_dir.parent.glob("predictions-*.jsonl"))
+            or not list(shipped_dir.glob("*.jsonl"))
+        ) and time.monotonic() < deadline:
+            assert follower.poll() is None, follower.stdout.read() if follower.stdout else ""
+            time.sleep(0.5)
+    finally:
+        os.killpg(follower.pid, signal.SIGTERM)
+        output = follower.communicate(timeout=60)[0]
+    assert follower.returncode == 0 and "prediction-log files to run" in output, output
+    local = {p.name: p.read_bytes() for p in shipped_dir.iterdir()}
+    assert local
     from registry.ship_records import download_records
 
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
