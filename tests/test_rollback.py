@@ -92,14 +92,30 @@ def test_the_lock_is_held_while_the_alias_moves(registry):
     assert held == ["in", ("out", "2")]  # moved before the lock was let go
 
 
-def test_the_command_names_the_problem_in_one_line(registry, tmp_path, capsys, monkeypatch):
-    from flows.rollback import main
+def test_the_command_names_the_problem_in_one_line(registry, tmp_path):
+    """`cifar-rollback` as a user runs it (a process of its own)."""
+    import os
+    import subprocess
+    import sys
 
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    env = {**os.environ, "CIFAR_IMPORT_CHAMPION": "false", "PREFECT_API_URL": ""}
+    args = [sys.executable, "-m", "flows.rollback", "--root", str(tmp_path),
+            "--tracking-uri", registry.uri, "--reason"]  # fmt: skip
+    bad = subprocess.run([*args, "x", "--to", "7"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "PREFECT_API_URL" in bad.stderr
+    assert bad.stderr.splitlines()[-1] == "error: cifar10-classifier has no version '7'"
+    ok = subprocess.run([*args, "bad night"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "champion v3 -> v2" in ok.stdout and _champion(registry) == "2"
+
+
+def test_the_flow_rolls_back_under_the_prefect_lock(registry, prefect_api, monkeypatch):
+    """rollback-cifar as its deployment runs it: the registry lock is the Prefect lease the
+    registrations take (flows/locks.py)."""
+    from flows.rollback import rollback_cifar
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
     monkeypatch.setenv("CIFAR_IMPORT_CHAMPION", "false")
-    uri = registry.uri
-    assert main(["--reason", "x", "--to", "7", "--root", str(tmp_path), "--tracking-uri", uri]) == 2
-    err = capsys.readouterr().err
-    assert "error: cifar10-classifier has no version '7'" in err and "PREFECT_API_URL" in err
-    assert main(["--reason", "bad night", "--root", str(tmp_path), "--tracking-uri", uri]) == 0
-    assert "champion v3 -> v2" in capsys.readouterr().out and _champion(registry) == "2"
+    out = rollback_cifar(reason="flow test", who="flow")
+    assert (out["from_version"], out["to_version"]) == ("3", "2") and _champion(registry) == "2"
+    assert "imported" not in out
