@@ -213,7 +213,11 @@ def evaluate_model(
     predictions.record_predictions(store, run_id, ex.path, run.split.val_idx, ev.val.predictions)
     logged = _log_served_model(run, ex, ev, inputs, store, run_id, metrics)
     if ev.ood is not None:
+        from cifarlab.drift import reference
+
         run_logging.log_ood_reference(store, run_id, ev.ood)
+        assert ev.val.logits is not None  # (evaluate_onnx keeps them)
+        run_logging.log_reference(store, run_id, reference(ev.val.logits, inputs.val, ev.ood))
     store.client.set_tag(run_id, "served_tta", ex.tta)
     store.client.set_tag(run_id, "onnx_model_id", logged.model_id)
     store.client.set_tag(run_id, "onnx_model_uri", logged.model_uri)

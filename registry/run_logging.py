@@ -147,3 +147,15 @@ def log_ood_reference(store: Store, run_id: str, ref: Any) -> None:
 def ood_tags(run_tags: Mapping[str, str]) -> dict[str, str]:
     """The run's out-of-distribution threshold and method as registry version tags."""
     return {k: run_tags[k] for k in ("ood_threshold", "ood_method") if k in run_tags}
+
+
+REFERENCE_ARTIFACT = "monitoring/reference.npz"  # what a version's answers are compared with
+
+
+def log_reference(store: Store, run_id: str, arrays: Mapping[str, Any]) -> None:
+    """The served file's answers on its validation images (cifarlab/drift.py) as a run
+    artifact, for the drift monitor."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(REFERENCE_ARTIFACT).name
+        np.savez_compressed(path, **arrays)
+        store.client.log_artifact(run_id, str(path), str(Path(REFERENCE_ARTIFACT).parent))

@@ -154,6 +154,14 @@ def test_run_tracks_exports_and_registers_champion(data, tmp_path, monkeypatch):
     assert mv.tags["ood_threshold"] == run.data.tags["ood_threshold"] == f"{ref.threshold:.6f}"
     assert meta["ood_threshold"] == ref.threshold and 0.93 <= ref.kept <= 0.97
     assert f"{ref.threshold:.3f}" in mv.description
+    # What its answers will be compared with: its validation answers (cifarlab/drift.py).
+    with np.load(
+        client.download_artifacts(run.info.run_id, "monitoring/reference.npz", str(tmp_path))
+    ) as z:
+        assert z["probabilities"].shape == (int(run.data.params["data.val_size"]), 10)
+        assert z["image_mean"].shape[1] == 3 and float(z["ood_threshold"]) == pytest.approx(
+            ref.threshold
+        )
 
 
 def _assert_val_accuracy_is_the_served_files(client, run, uri):
