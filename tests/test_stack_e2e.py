@@ -424,4 +424,9 @@ def test_a_start_that_fails_half_way_stops_what_it_started(tmp_path):
     left = _processes_with(str(root))
     assert left == [], f"the failed start left processes behind: {left}; {done.stderr}"
     with socket.socket() as free:
-        free.bind(("127.0.0.1", port))  # nobody listens there any more
+        # SO_REUSEADDR as servers set it: connections the stopped server closed may still be in
+        # TIME_WAIT on the port (a plain bind then fails, as it did once here), but a bind and
+        # listen succeed only where no process listens any more.
+        free.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        free.bind(("127.0.0.1", port))
+        free.listen()
