@@ -28,6 +28,14 @@ def default_threads() -> int:
     return usable_cores()
 
 
+def _softmax(logits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Rows of `logits` -> probabilities (float64), written into `out`."""
+    np.subtract(logits, logits.max(axis=1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
 @dataclass
 class Engine:
     """An ONNX classifier: normalised float32 (N, 3, 32, 32) in, class probabilities out."""
@@ -72,20 +80,15 @@ class Engine:
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Softmax of the logits, float64 rows summing to 1."""
-        z = self.logits(x).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        return z / z.sum(axis=1, keepdims=True)
+        logits = self.logits(x)
+        return _softmax(logits, np.empty(logits.shape))
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """(N, classes + 1): each image's class probabilities, then its out-of-distribution
         score (NaN without a reference). One array, so that the batcher splits it by rows."""
         logits = self.logits(x)
         out = np.empty((len(x), logits.shape[1] + 1))
-        z = out[:, :-1]
-        np.subtract(logits, logits.max(axis=1, keepdims=True), out=z)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
+        _softmax(logits, out[:, :-1])
         out[:, -1] = self.ood.scores(logits, x) if self.ood is not None else np.nan
         return out
 

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving import env
+
 if TYPE_CHECKING:
     from serving.feedback import Ledger
     from serving.records import LogSettings
@@ -22,15 +24,11 @@ OPEN_SUFFIX = ".part"
 SHIPPED = "shipped"  # the subfolder closed files move to once they reached the tracking server
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
-
-
 def default_folder() -> Path:
     """Where the service writes its log: $CIFAR_PREDICTION_LOG_DIR, else beside the BentoML
     store ($BENTOML_HOME/prediction-log)."""
-    home = Path(_env("BENTOML_HOME", str(Path.home() / "bentoml"))).expanduser()
-    return Path(_env("CIFAR_PREDICTION_LOG_DIR", str(home / "prediction-log")))
+    home = Path(env.text("BENTOML_HOME", str(Path.home() / "bentoml"))).expanduser()
+    return Path(env.text("CIFAR_PREDICTION_LOG_DIR", str(home / "prediction-log")))
 
 
 def closed_files(folder: Path) -> list[Path]:
@@ -53,7 +51,7 @@ def prune(folder: Path, settings: LogSettings, now: float, ledger: Ledger | None
     """Delete closed files and kept images past the retention period, then, oldest first and
     files already shipped before the others, what passes the size cap; then forget the request
     ids whose records are gone."""
-    shipped = {p: True for p in shipped_files(folder)}
+    shipped = set(shipped_files(folder))
     files = [
         (st.st_mtime, st.st_size, p)
         for p in [*shipped, *closed_files(folder), *_kept_images(folder)]
@@ -80,7 +78,7 @@ def prune(folder: Path, settings: LogSettings, now: float, ledger: Ledger | None
     return gone
 
 
-def path_rank(path: Path, shipped: dict[Path, bool]) -> int:
+def path_rank(path: Path, shipped: set[Path]) -> int:
     """Under the size cap: shipped files go first, then kept images, then unshipped files."""
     if path in shipped:
         return 0

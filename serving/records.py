@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from serving import env
 from serving.feedback import Ledger, Row
 from serving.logfiles import OPEN_SUFFIX, default_folder, lock_open_file, prune, recover_orphans
 
@@ -42,29 +43,6 @@ log = logging.getLogger("cifar10.serving")
 FLUSH_SECONDS = 0.5
 MAX_PENDING = 100_000  # answers queued at most (~20 s at full speed): past it, not recorded
 _MB = 1024 * 1024
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
-
-
-def _number(name: str, default: float, minimum: float, maximum: float | None = None) -> float:
-    raw = _env(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        top = f" and at most {maximum}" if maximum is not None else ""
-        raise ValueError(f"{name}={raw!r} must be at least {minimum}{top}")
-    return value
-
-
-def _flag(name: str, default: bool) -> bool:
-    raw = _env(name, "true" if default else "false").lower()
-    if raw not in ("true", "false", "1", "0"):
-        raise ValueError(f"{name}={raw!r}: expected true or false")
-    return raw in ("true", "1")
 
 
 @dataclass(frozen=True)
@@ -82,17 +60,17 @@ class LogSettings:
     def from_env(cls) -> LogSettings | None:
         """The settings `CIFAR_PREDICTION_LOG*` and `CIFAR_KEEP_*` state; None when the log is
         off (`CIFAR_PREDICTION_LOG=false`). A bad value stops the service naming it."""
-        if not _flag("CIFAR_PREDICTION_LOG", True):
+        if not env.flag("CIFAR_PREDICTION_LOG", True):
             return None
         return cls(
             folder=default_folder(),
-            file_bytes=int(_number("CIFAR_PREDICTION_LOG_FILE_MB", 16, 0.001) * _MB),
-            file_seconds=_number("CIFAR_PREDICTION_LOG_FILE_MINUTES", 10, 0.01) * 60,
-            max_bytes=int(_number("CIFAR_PREDICTION_LOG_MAX_MB", 1024, 1) * _MB),
-            retention_seconds=_number("CIFAR_PREDICTION_LOG_RETENTION_DAYS", 30, 0.001) * 86400,
-            keep_images_rate=_number("CIFAR_KEEP_IMAGES_RATE", 0, 0, 1),
-            keep_feedback_images=_flag("CIFAR_KEEP_FEEDBACK_IMAGES", False),
-            feedback_image_seconds=_number("CIFAR_FEEDBACK_IMAGE_HOURS", 24, 0.001) * 3600,
+            file_bytes=int(env.number("CIFAR_PREDICTION_LOG_FILE_MB", 16, 0.001) * _MB),
+            file_seconds=env.number("CIFAR_PREDICTION_LOG_FILE_MINUTES", 10, 0.01) * 60,
+            max_bytes=int(env.number("CIFAR_PREDICTION_LOG_MAX_MB", 1024, 1) * _MB),
+            retention_seconds=env.number("CIFAR_PREDICTION_LOG_RETENTION_DAYS", 30, 0.001) * 86400,
+            keep_images_rate=env.number("CIFAR_KEEP_IMAGES_RATE", 0, 0, 1),
+            keep_feedback_images=env.flag("CIFAR_KEEP_FEEDBACK_IMAGES", False),
+            feedback_image_seconds=env.number("CIFAR_FEEDBACK_IMAGE_HOURS", 24, 0.001) * 3600,
         )
 
     def describe(self) -> dict[str, Any]:

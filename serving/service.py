@@ -27,41 +27,25 @@ from typing import Any
 
 import bentoml
 
+from serving import env
 from serving.http import Front, Routes, Settings
 from serving.live import PRECISIONS, LiveModel, Loaded, load
 from serving.preprocess import DEFAULT_MAX_PIXELS
 from serving.records import LogSettings, PredictionLog
 from serving.uploads import max_inflight_bytes, max_upload_bytes
 
-
-def _env_number(name: str, default: float, minimum: float, kind: type = int) -> Any:
-    """A numeric setting from the environment; a bad value stops the service naming it."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return kind(default)
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(
-            f"{name}={raw!r} is not a {'whole number' if kind is int else 'number'}"
-        ) from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
-    return value
-
-
 MODEL_TAG = os.environ.get("CIFAR_BENTO_MODEL", "cifar10-classifier:latest")
-MAX_BATCH_IMAGES = _env_number("CIFAR_MAX_BATCH_IMAGES", 256, 1)
-MAX_PIXELS = _env_number("CIFAR_MAX_PIXELS", DEFAULT_MAX_PIXELS, 1)
+MAX_BATCH_IMAGES = env.number("CIFAR_MAX_BATCH_IMAGES", 256, 1, kind=int)
+MAX_PIXELS = env.number("CIFAR_MAX_PIXELS", DEFAULT_MAX_PIXELS, 1, kind=int)
 # Adaptive batching, tuned on the 2-core CPU box (benchmarks/serve_bench.py): batches of up to 64
 # images, formed from whatever queued while the previous batch ran, no added wait.
-BATCH_MAX_SIZE = _env_number("CIFAR_BATCH_MAX_SIZE", 64, 1)
-BATCH_MAX_WAIT_MS = _env_number("CIFAR_BATCH_MAX_WAIT_MS", 0, 0, float)
+BATCH_MAX_SIZE = env.number("CIFAR_BATCH_MAX_SIZE", 64, 1, kind=int)
+BATCH_MAX_WAIT_MS = env.number("CIFAR_BATCH_MAX_WAIT_MS", 0, 0)
 # Worker processes, each with its own model and batcher. BentoML's per-request work (HTTP, form
 # parsing, middleware) is Python on one event loop per worker, so two workers with one
 # onnxruntime thread each serve ~1.5x more than one worker with two (benchmarks/serve_bench.py).
-WORKERS = _env_number("CIFAR_SERVE_WORKERS", 2, 1)
-ORT_THREADS = _env_number("CIFAR_ORT_THREADS", max(1, (os.cpu_count() or 1) // WORKERS), 1)
+WORKERS = env.number("CIFAR_SERVE_WORKERS", 2, 1, kind=int)
+ORT_THREADS = env.number("CIFAR_ORT_THREADS", max(1, (os.cpu_count() or 1) // WORKERS), 1, kind=int)
 # fp32 (default) or int8: the model's statically quantised twin, served only if it is within
 # 0.5 points of fp32 on validation (else fp32, said in the log and at GET /model).
 PRECISION = os.environ.get("CIFAR_PRECISION", "fp32").strip().lower()
@@ -69,7 +53,7 @@ if PRECISION not in PRECISIONS:
     raise ValueError(f"CIFAR_PRECISION={PRECISION!r}: expected one of {', '.join(PRECISIONS)}")
 TRACING = os.environ.get("CIFAR_TRACING", "false").strip().lower() == "true"
 # How often each worker looks for a newer model in its BentoML store (0: never; serving/live.py).
-MODEL_POLL_SECONDS = _env_number("CIFAR_MODEL_POLL_SECONDS", 10, 0, float)
+MODEL_POLL_SECONDS = env.number("CIFAR_MODEL_POLL_SECONDS", 10, 0)
 
 
 MAX_UPLOAD_BYTES, MAX_INFLIGHT_BYTES = max_upload_bytes(), max_inflight_bytes()  # checked now
