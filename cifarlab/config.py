@@ -31,6 +31,11 @@ class DataConfig(_Strict):
     checksums: dict[str, str] | None = Field(
         None, description="per-file md5s; None: the official CIFAR-10 files"
     )
+    extra_train: str | None = Field(
+        None,
+        description="an .npz of labelled images added to the training split (cifarlab/labelled.py: "
+        "the images clients labelled through the service's /feedback)",
+    )
     download_retries: int = Field(4, ge=0, le=20, description="retries of a failed download")
     download_backoff_s: float = Field(1.0, ge=0, description="first retry delay, doubling after")
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarlab import ood
+from cifarlab import labelled, ood
 from cifarlab.arrays import Cifar10, load_cifar10
 from cifarlab.config import DataConfig, RunConfig, identity_exclude
 from cifarlab.data import OFFICIAL_FILE_MD5, data_fingerprint, prepare_cifar10
@@ -39,6 +39,7 @@ from cifarlab.export import (
     require_parity,
 )
 from cifarlab.history import EpochHook, TrainResult
+from cifarlab.labelled import Labelled
 from cifarlab.ood import OodReference
 from cifarlab.plots import plot_confusion, plot_learning_curves
 from cifarlab.split import Split, save_split, stratified_split
@@ -68,6 +69,7 @@ class TrainedRun:
     split_dir: Path
     trained: TrainResult
     files: dict[str, Path] = field(default_factory=dict)
+    extra: Labelled | None = None  # labelled images trained on beside the split (feedback)
 
     @property
     def val_images(self) -> torch.Tensor:
@@ -150,7 +152,9 @@ def summarise(run: TrainedRun, exported: Exported, ev: Evaluation) -> dict[str, 
         "tta_val_accuracy": ev.tta_val.accuracy if ev.tta_val else None,
         "tta_test_accuracy": ev.tta_test.accuracy if ev.tta_test else None,
         "parity": exported.parity.as_dict(),
-        "trained_on": f"train split ({len(run.split.train_idx)} images)",
+        "trained_on": f"train split ({len(run.split.train_idx)} images)"
+        + (f" + {len(run.extra)} labelled through feedback" if run.extra is not None else ""),
+        "feedback_images": len(run.extra) if run.extra is not None else None,
         "val_images": len(run.split.val_idx),
         "data_fingerprint": run.data.fingerprint,
         "split_sha256": run.split.digest,
@@ -234,10 +238,17 @@ def train_run(
     bundle = load_data(config.data, root, retries=download_retries)
     split, split_dir = make_split(config.data, bundle, root)
     d = bundle.data
+    x, y = d.train_images[split.train_idx], d.train_labels[split.train_idx]
+    extra = None
+    if config.data.extra_train:
+        held_out = (d.train_images[split.val_idx].numpy(), d.test_images.numpy())
+        extra = labelled.load(Path(config.data.extra_train), held_out)
+        x = torch.cat([x, torch.from_numpy(extra.images)])
+        y = torch.cat([y, torch.from_numpy(extra.labels)])
     trained = train(
         config,
-        d.train_images[split.train_idx],
-        d.train_labels[split.train_idx],
+        x,
+        y,
         d.train_images[split.val_idx],
         d.train_labels[split.val_idx],
         run_dir,
@@ -249,7 +260,7 @@ def train_run(
         "learning_curves": plot_learning_curves(trained.history, run_dir / "learning_curves.png"),
         "split": split_dir,
     }
-    return TrainedRun(config, run_dir, bundle, split, split_dir, trained, files)
+    return TrainedRun(config, run_dir, bundle, split, split_dir, trained, files, extra)
 
 
 def export_run(run: TrainedRun, *, require: bool = True) -> Exported:

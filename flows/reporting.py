@@ -91,6 +91,7 @@ def summary_markdown(
         else "| BentoML store | not updated |",
         f"| MLflow | run `{run_id}` in `{tracking.display_uri(store.uri)}` |",
         f"| split | `{s['split_sha256'][:16]}` ({s['trained_on']}) |",
+        *([f"| feedback | {s['learns_from']} |"] if s.get("learns_from") else []),
         "",
         "## Per-class accuracy",
         "",

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from cifarlab.config import DEFAULT_PRESET, RunConfig
 from cifarlab.data import resolve_source
+from flows import feedback_data
 from flows.common import import_champion, project_root, serves_here
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides, resolve_config
 from flows.reporting import closing_line, summary_markdown
@@ -58,13 +59,16 @@ def train_cifar(
     min_shared_images: Annotated[int, Field(ge=1)] = MIN_SHARED_IMAGES,
     min_significance: Annotated[float, Field(gt=0, lt=1)] | None = None,
     int8: Int8Twin = "champion",
+    feedback_images: str | None = None,
 ) -> dict[str, Any]:
     """Train a preset (with overrides), export it to ONNX, evaluate the exported file, register
     it (champion only if it beats the champion on their shared validation images, with McNemar's
     p below `min_significance` when set) and put the champion in the BentoML store. A sweep
     passes its MLflow run as `mlflow_parent_run_id` (the run is nested under it) and its tags.
     `int8`: which runs get an int8 twin (the service's int8 precision serves it): "champion"
-    (the version promoted to champion, before the alias moves), "always" or "never"."""
+    (the version promoted to champion, before the alias moves), "always" or "never".
+    `feedback_images`: "auto" (the drift trigger's) or a folder adds the images clients
+    labelled through /feedback to the training split."""
     config = resolve_config(preset, data, model, train)
     # Pin the data source now, so the cache key and the MLflow params name the real source.
     config.data.source = resolve_source(config.data.source)
@@ -72,6 +76,7 @@ def train_cifar(
     root_dir.mkdir(parents=True, exist_ok=True)
     store = tracking.open_store(root_dir)  # an unusable store fails here, before any training
     import_here = not (skip_registry or skip_bentoml) and serves_here(store)
+    learns_from = _feedback(config, feedback_images, root_dir)
 
     fetch = fetch_data.with_options(
         retries=config.data.download_retries,
@@ -99,7 +104,17 @@ def train_cifar(
     )
     # After the run is closed: a BentoML failure fails the flow but not the registered model.
     bento = import_champion(store, str(root_dir)) if import_here else None
-    return _report(config, evaluated.summary, done, store, run_id, bento)
+    return _report(config, {**evaluated.summary, "learns_from": learns_from}, done, store,
+                   run_id, bento)  # fmt: skip
+
+
+def _feedback(config: RunConfig, spec: str | None, root_dir: Path) -> str | None:
+    """Add the images clients labelled to the config's training data; what it learns from."""
+    if spec is None:
+        return None
+    config.data.extra_train, learns_from = feedback_data.gather(spec, root_dir)
+    get_run_logger().info("feedback: %s", learns_from)
+    return learns_from
 
 
 def _train_to_registry(
@@ -169,6 +184,7 @@ def _report(
         "tta_val_accuracy": s["tta_val_accuracy"],
         "train_seconds": s["train_seconds"],
         "parity": s["parity"],
+        "feedback_images": s.get("feedback_images"),
         "registered_version": reg.version if reg else None,
         "alias": reg.alias if reg else None,
         "promotion_reason": reg.reason if reg else None,

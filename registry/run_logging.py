@@ -125,6 +125,20 @@ def log_datasets(store: Store, run_id: str, run: Any) -> None:
         inputs.append(
             DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         )
+    if run.extra is not None:  # images clients labelled through /feedback (cifarlab/labelled.py)
+        packed = Path(run.config.data.extra_train)
+        ds = MetaDataset(  # type: ignore[abstract]
+            source=LocalArtifactDatasetSource(str(packed.resolve())),
+            name=f"feedback-{len(run.extra)}",
+            digest=packed.stem.rsplit("-", 1)[-1][:16],
+        )
+        inputs.append(
+            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+        )
+        client_tags = {"feedback_images": str(len(run.extra)),
+                       "feedback_images_dropped": str(run.extra.dropped)}  # fmt: skip
+        for k, v in client_tags.items():
+            store.client.set_tag(run_id, k, v)
     # Every run of a split logs the same datasets: runs finishing together race to create them.
     client = store.client
     _retry_lost_race(lambda: client.log_inputs(run_id, datasets=inputs))

@@ -7,7 +7,8 @@ The service writes its records on its own disk (serving/records.py); the monitor
 hosts. The files travel through the MLflow tracking server the serving host already reaches, with
 the credentials it imports the champion with: no shared disk, nothing else to open. They land in
 the experiment `cifar10-monitoring`, in one run per serving host (`prediction-log <host>`, tag
-`cifar.records_host`), as `prediction-log/<day>/<file>`. A shipped file moves to the log's
+`cifar.records_host`), as `prediction-log/<day>/<file>`; kept feedback images go beside them as
+`feedback-images/<label>/<id>.png` (a retraining run learns from them: flows/feedback_data.py). A shipped file moves to the log's
 `shipped/` folder (still read locally, and pruned by the log's retention and size cap); one the
 server did not take stays where it is and goes with the next call.
 """
@@ -24,6 +25,8 @@ from serving.logfiles import SHIPPED, closed_files
 MONITORING_EXPERIMENT = "cifar10-monitoring"
 HOST_TAG = "cifar.records_host"
 ARTIFACT_DIR = "prediction-log"
+IMAGES_DIR = "feedback-images"  # the inputs clients labelled (CIFAR_KEEP_FEEDBACK_IMAGES=true)
+IMAGES_SHIPPED = "feedback-images.txt"  # in shipped/: the ones already sent
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,14 @@ def ship_records(
     """Upload the closed files of `folder` not shipped yet; None when there are none.
     `uri`: the tracking server (default: registry.tracking.tracking_uri(root))."""
     files = closed_files(folder)
-    if not files:
+    images = _unshipped_images(Path(folder))
+    if not files and not images:
         return None
     host = host or socket.gethostname()
     store = open_store(root, MONITORING_EXPERIMENT, uri)
     run_id = host_run(store, host)
     (Path(folder) / SHIPPED).mkdir(exist_ok=True)
+    _ship_images(store, run_id, Path(folder), images)
     moved = []
     for path in files:
         day = path.name.split("-")[1][:8]  # predictions-<YYYYmmddTHHMMSS>-...
@@ -82,4 +87,34 @@ def download_records(root: Path, dest: Path, uri: str | None = None) -> list[Pat
             continue
         store.client.download_artifacts(run.info.run_id, ARTIFACT_DIR, str(host_dir))
         got += sorted((host_dir / ARTIFACT_DIR).rglob("predictions-*.jsonl"))
+    return got
+
+
+def _unshipped_images(folder: Path) -> list[Path]:
+    done_list = folder / SHIPPED / IMAGES_SHIPPED
+    done = set(done_list.read_text().split()) if done_list.exists() else set()
+    return [p for p in sorted((folder / IMAGES_DIR).glob("*/*.png"))
+            if f"{p.parent.name}/{p.name}" not in done]  # fmt: skip
+
+
+def _ship_images(store: Store, run_id: str, folder: Path, images: list[Path]) -> None:
+    with (folder / SHIPPED / IMAGES_SHIPPED).open("a") as done:
+        for path in images:
+            store.client.log_artifact(run_id, str(path), f"{IMAGES_DIR}/{path.parent.name}")
+            done.write(f"{path.parent.name}/{path.name}\n")
+            done.flush()
+
+
+def download_feedback_images(root: Path, dest: Path, uri: str | None = None) -> list[Path]:
+    """Every host's shipped feedback images, downloaded into `dest`: a folder per host."""
+    store = open_store(root, MONITORING_EXPERIMENT, uri)
+    runs = store.client.search_runs([store.experiment_id], filter_string=f"tags.`{HOST_TAG}` != ''")
+    got = []
+    for run in runs:
+        if not store.client.list_artifacts(run.info.run_id, IMAGES_DIR):
+            continue
+        host_dir = Path(dest) / run.data.tags[HOST_TAG]
+        host_dir.mkdir(parents=True, exist_ok=True)
+        store.client.download_artifacts(run.info.run_id, IMAGES_DIR, str(host_dir))
+        got.append(host_dir / IMAGES_DIR)
     return got

@@ -137,10 +137,13 @@ def read_records(
     folder: Path, include_open: bool = True, kind: str | None = None
 ) -> Iterator[dict[str, Any]]:
     """Every line of the log (shipped and closed files, and the open ones unless told not to),
-    in the order the files were opened. A line cut short by a crash is skipped."""
+    in the order the files were opened. A line cut short by a crash is skipped. A folder that
+    is not a log folder (records downloaded from several hosts) is read at every depth."""
     paths = shipped_files(folder) + closed_files(folder)
     if include_open:
         paths += list(Path(folder).glob(f"predictions-*.jsonl{OPEN_SUFFIX}"))
+    if not paths:
+        paths = [p for p in Path(folder).rglob("predictions-*.jsonl*") if p.is_file()]
     for path in sorted(paths, key=lambda p: p.name):
         try:
             text = path.read_text(encoding="utf-8")

@@ -122,6 +122,8 @@ class LocalStack(PrefectApi):
             "CIFAR_PROJECT_DIR": str(PROJECT_ROOT),
             "CIFAR_WORK_POOL": pool,
             "CIFAR_CONTROL_POOL": CONTROL_POOL,
+            # The retraining trigger's cool-down (prefect.yaml), per registered model.
+            "CIFAR_RETRAIN_COOLDOWN_S": os.environ.get("CIFAR_RETRAIN_COOLDOWN_S", "21600"),
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT_SECONDS,
             **(extra_env or {}),
         }

@@ -1,0 +1,174 @@
+"""The `monitor-cifar` flow: is the served model seeing what it was registered on?
+
+    prefect deployment run monitor-cifar/hourly            (the stack runs it every hour)
+    python -c "from flows.monitor import monitor_cifar; print(monitor_cifar(records='DIR', hours=None))"
+
+It reads a window of answer records (the last `hours`; None: every record), keeps the watched
+version's answers (default: the champion's) and tests them against that version's reference,
+its validation answers (cifarlab/drift.py: class mix, each class probability, confidence, the
+out-of-distribution rate, the image statistics; Benjamini-Hochberg adjusted). The result:
+  - an MLflow run in `cifar10-monitoring` (registry/monitoring.py): metrics, report.html, plots;
+  - a Prefect artifact `drift-monitor` with the verdict and the window's time series (class mix,
+    confidence, out-of-distribution rate, live accuracy from feedback with its 95 % interval);
+  - on drift, the Prefect event `cifar.drift.detected` on resource `cifar.model.<registered
+    model>` naming the version and the tests that fired (prefect.yaml retrains on it);
+  - its return value: {"drift": bool, "fired": [...], ...}.
+Records come from `records` (a folder), else this host's prediction log when it has one (one
+machine: `make serve` writes it), else the files serving hosts shipped to the tracking server.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from pydantic import Field
+
+from cifarlab.constants import CLASS_NAMES
+from cifarlab.drift import ALPHA, compare, window_arrays
+from cifarlab.drift_report import html_report, plot_series, series, verdict_rows
+from flows.common import project_root
+from registry import monitoring, tracking
+
+DRIFT_EVENT = "cifar.drift.detected"
+
+
+def model_resource(name: str = tracking.REGISTERED_MODEL) -> dict[str, str]:
+    """The Prefect event resource of a registered model: one retraining cool-down each."""
+    return {"prefect.resource.id": f"cifar.model.{name}", "prefect.resource.name": name}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def local_log(root: Path) -> Path | None:
+    """This host's prediction log folder, if it has one."""
+    from registry.import_champion import bentoml_home
+
+    folder = Path(
+        os.environ.get("CIFAR_PREDICTION_LOG_DIR") or bentoml_home(root) / "prediction-log"
+    )
+    return folder if folder.is_dir() else None
+
+
+def _records(root: Path, records: str | None, tmp: Path) -> tuple[list[dict[str, Any]], str]:
+    from registry.ship_records import download_records
+    from serving.logfiles import read_records
+
+    if records is not None:
+        if not Path(records).is_dir():
+            raise ValueError(f"records={records!r}: no such folder")
+        return list(read_records(Path(records))), str(records)
+    here = local_log(root)
+    if here is not None:
+        return list(read_records(here)), str(here)
+    store = tracking.open_store(root)
+    download_records(root, tmp, store.uri)
+    return list(read_records(tmp)), f"shipped to {tracking.display_uri(store.uri)}"
+
+
+@flow(name="monitor-cifar", log_prints=True)
+def monitor_cifar(
+    records: str | None = None,
+    hours: Annotated[float, Field(gt=0)] | None = 1.0,
+    model_version: str | None = None,
+    min_images: Annotated[int, Field(ge=1)] = 200,
+    alpha: Annotated[float, Field(gt=0, lt=1)] = ALPHA,
+    root: str | None = None,
+) -> dict[str, Any]:
+    """Test the last `hours` of answers of the champion (or `model_version`) against its
+    reference; report to MLflow and Prefect, and emit `cifar.drift.detected` on drift."""
+    logger = get_run_logger()
+    root_dir = project_root(root)
+    store = tracking.open_store(root_dir)
+    version = monitoring.watched_version(store, model_version)
+    ref = monitoring.load_reference(store, version)
+    vid = str(version.version)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, source = _records(root_dir, records, Path(tmp))
+    end = time.time()
+    start = end - hours * 3600 if hours else _first_time(rows, end)
+    preds, feedback = monitoring.window(rows, vid, start, end)
+    context = {"model_version": vid, "window_start": _iso(start),
+               "window_end": _iso(end), "records": source, "answers": len(preds),
+               "feedback": len(feedback), "alpha": alpha}  # fmt: skip
+    if len(preds) < min_images:
+        note = f"{len(preds)} answers of v{vid} in the window (< {min_images}): not tested"
+        logger.info(note)
+        create_markdown_artifact(key="drift-monitor", markdown=f"# Drift monitor\n\n{note}\n",
+                                 description="not enough answers")  # fmt: skip
+        return {**context, "drift": False, "fired": [], "tested": False, "mlflow_run_id": None}
+    verdict = compare(ref, window_arrays(preds), CLASS_NAMES, alpha)
+    s = series(preds, feedback, CLASS_NAMES, start, end)
+    with tempfile.TemporaryDirectory() as tmp:
+        title = f"v{vid}, {context['window_start']} to {context['window_end']}"
+        png = plot_series(s, CLASS_NAMES, Path(tmp) / "series.png", title)
+        page = Path(tmp) / "report.html"
+        page.write_text(html_report(verdict, context, png))
+        run_id = monitoring.log_check(root_dir, store.uri, verdict, s, context,
+                                      {"report": page, "plot": png})  # fmt: skip
+        _artifact(verdict, context, png, run_id)
+    out = {**context, "drift": verdict.drift, "fired": verdict.fired, "tested": True,
+           "summary": verdict.summary, "mlflow_run_id": run_id}  # fmt: skip
+    logger.info("v%s, %d answers: %s", vid, len(preds),
+                f"DRIFT ({', '.join(verdict.fired)})" if verdict.drift else "no drift")  # fmt: skip
+    if verdict.drift:
+        _emit(out)
+    return out
+
+
+def _first_time(rows: list[dict[str, Any]], default: float) -> float:
+    from cifarlab.drift_report import parse_time
+
+    times = [parse_time(r["time"]) for r in rows if r.get("kind", "prediction") == "prediction"]
+    return min(times, default=default)
+
+
+def _emit(out: dict[str, Any]) -> None:
+    from prefect.events import emit_event
+
+    emit_event(
+        event=DRIFT_EVENT,
+        resource={**model_resource(), "cifar.model.version": str(out["model_version"])},
+        payload={
+            k: out[k]
+            for k in (
+                "model_version",
+                "fired",
+                "answers",
+                "window_start",
+                "window_end",
+                "mlflow_run_id",
+            )
+        },  # fmt: skip
+    )
+
+
+def _artifact(verdict: Any, context: dict[str, Any], png: Path, run_id: str) -> None:
+    rows = verdict_rows(verdict)
+    state = f"**DRIFT**: {', '.join(verdict.fired)}" if verdict.drift else "**no drift**"
+    table = "\n".join(
+        f"| {r['test']} | {r['statistic']} | {r['p_adjusted']:.3g} | {'yes' if r['fired'] else ''} |"
+        for r in rows[:8]
+    )
+    data = base64.b64encode(png.read_bytes()).decode()
+    facts = "\n".join(f"- {k}: {v}" for k, v in context.items())
+    markdown = (
+        f"# Drift monitor: {state}\n\n{facts}\n- MLflow run: `{run_id}` (report.html)\n\n"
+        f"| test | statistic | p adjusted | fired |\n|---|---|---|---|\n{table}\n\n"
+        f"![class mix, confidence, out-of-distribution rate, live accuracy]"
+        f"(data:image/png;base64,{data})\n"
+    )
+    create_markdown_artifact(
+        key="drift-monitor",
+        markdown=markdown,
+        description=f"v{context['model_version']}: {'drift' if verdict.drift else 'no drift'}",
+    )
