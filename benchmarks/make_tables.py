@@ -69,7 +69,35 @@ def ood_tables(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-TABLES = {"ood.json": ood_tables}  # files whose figures read better as their own tables
+def drift_tables(data: dict[str, Any]) -> list[str]:
+    """drift.json: per condition, windows flagged against the target and what fired."""
+    model = data.get("model", {})
+    lines = [
+        "",
+        f"{model.get('preset')} ({model.get('epochs')} epochs, validation accuracy "
+        f"{model.get('val_accuracy', float('nan')):.4f}); {data.get('windows')} windows of "
+        f"{data.get('window')} images per condition, alpha {data.get('alpha')}; "
+        f"{data.get('method', '')}",
+        "",
+        "| condition | windows flagged | target | met | by model outputs | by image statistics "
+        "| tests fired per window | median min adjusted p | most significant test "
+        "| mean OOD rate | images/s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, c in data.get("conditions", {}).items():
+        top, times = max(c["most_significant_test"].items(), key=lambda kv: kv[1])
+        lines.append(
+            f"| {name} | {c['flagged']}/{data.get('windows')} | {c['target']} "
+            f"| {'yes' if c['meets_target'] else '**no**'} | {c['flagged_by']['model_outputs']} "
+            f"| {c['flagged_by']['image_statistics']} | {c['mean_tests_fired']:.1f} of "
+            f"{c['tests']} | {c['median_min_p_corrected']:.2g} | {top} ({times}) "
+            f"| {c['mean_ood_rate']:.3f} | {c['images_per_s']:.0f} |"
+        )
+    return lines
+
+
+# files whose figures read better as their own tables
+TABLES = {"ood.json": ood_tables, "drift.json": drift_tables}
 
 
 def section(path: Path) -> str:

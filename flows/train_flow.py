@@ -91,17 +91,8 @@ def train_cifar(
     if mlflow_parent_run_id:
         extra_tags["mlflow.parentRunId"] = mlflow_parent_run_id
     run_id, run_dir = begin_run(store, config, root_dir, split, data_folder, extra_tags)
-    evaluated, done = _train_to_registry(
-        config,
-        root_dir,
-        run_dir,
-        store,
-        run_id,
-        skip_registry,
-        min_shared_images,
-        min_significance,
-        int8,
-    )
+    evaluated, done = _train_to_registry(config, root_dir, run_dir, store, run_id, skip_registry,
+                                         min_shared_images, min_significance, int8)  # fmt: skip
     # After the run is closed: a BentoML failure fails the flow but not the registered model.
     bento = import_champion(store, str(root_dir)) if import_here else None
     return _report(config, {**evaluated.summary, "learns_from": learns_from}, done, store,
