@@ -17,7 +17,7 @@ EPOCH_SCALE ?= 1
 DATA_SCALE ?= 1
 STUDY ?= report-lr
 
-.PHONY: setup run sweep stack team-stack worker train test checks unit-tests test-e2e test-all docs-tables bench bench-flow bench-serve bench-team mlflow-ui import-champion rollback serve bento clean
+.PHONY: setup run sweep stack team-stack worker train test checks unit-tests test-e2e test-all docs-tables bench bench-flow bench-serve bench-team mlflow-ui import-champion monitor rollback serve bento clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ mlflow-ui: setup  ## the MLflow UI on the default store, http://127.0.0.1:5000
 
 import-champion: setup  ## copy the MLflow champion into the BentoML store (no-op if it is there)
 	$(VENV)/bin/cifar-import-champion
+
+HOURS ?= 1
+monitor: setup  ## test the champion's answers of the last HOURS for drift (docs/monitoring.md)
+	$(PY) -m flows.monitor --hours $(HOURS)
 
 REASON ?=
 TO ?=

@@ -90,6 +90,9 @@ def monitor_cifar(
     root_dir = project_root(root)
     store = tracking.open_store(root_dir)
     version = monitoring.watched_version(store, model_version)
+    if version is None:
+        logger.info("%s has no champion yet: nothing to watch", tracking.REGISTERED_MODEL)
+        return {"drift": False, "fired": [], "tested": False, "model_version": None}
     ref = monitoring.load_reference(store, version)
     vid = str(version.version)
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,3 +175,31 @@ def _artifact(verdict: Any, context: dict[str, Any], png: Path, run_id: str) -> 
         markdown=markdown,
         description=f"v{context['model_version']}: {'drift' if verdict.drift else 'no drift'}",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.monitor` (`make monitor`): one check, its verdict as JSON."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.monitor", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--records", help="a folder of records (default: as the flow finds them)")
+    parser.add_argument("--hours", type=float, default=1.0, help="window; 0: every record")
+    parser.add_argument("--version", help="the registry version (default: the champion)")
+    parser.add_argument("--min-images", type=int, default=200)
+    args = parser.parse_args(argv)
+    try:
+        out = monitor_cifar(records=args.records, hours=args.hours or None,
+                            model_version=args.version, min_images=args.min_images)  # fmt: skip
+    except (ValueError, monitoring.NoReference, tracking.TrackingUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

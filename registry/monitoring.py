@@ -33,14 +33,11 @@ class NoReference(RuntimeError):
     """The model version to watch has no reference to compare with."""
 
 
-def watched_version(store: Store, version: str | None = None) -> Any:
-    """The registry version to watch: `version`, else the champion."""
+def watched_version(store: Store, version: str | None = None) -> Any | None:
+    """The registry version to watch: `version`, else the champion (None: none yet)."""
     if version is not None:
         return store.client.get_model_version(REGISTERED_MODEL, str(version))
-    found = champion_version(store)
-    if found is None:
-        raise NoReference(f"{REGISTERED_MODEL} has no champion yet: train one first")
-    return found
+    return champion_version(store)  # None before the first champion
 
 
 def load_reference(store: Store, version: Any) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from cifarlab.arrays import load_cifar10
 from cifarlab.constants import CLASS_NAMES
 from cifarlab.ood import OodReference
 from cifarlab.split import stratified_split
-from flows.monitor import DRIFT_EVENT, monitor_cifar
+from flows.monitor import DRIFT_EVENT, main, monitor_cifar
 from flows.train_flow import train_cifar
 from registry.ship_records import MONITORING_EXPERIMENT
 from registry.tracking import REGISTERED_MODEL
@@ -37,16 +37,28 @@ def champion(prefect_api, synthetic_cifar, tmp_path_factory):
     data = {"source": str(folder), "checksums": sums, "train_size": 240, "val_size": 60}
     result = train_cifar(preset="seed-baseline", data=data, train={"epochs": 1, "device": "cpu"},
                          root=str(root), skip_bentoml=True)  # fmt: skip
+    assert result["alias"] == "champion"
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return root, *champion_engine(client, root / "dl", folder), client
+
+
+def champion_engine(client: MlflowClient, tmp: Path, synthetic: Path) -> tuple:
+    """The champion's version, its ONNX file run by the service's engine with its
+    out-of-distribution reference, and its validation images (uint8 NHWC, split 240/60)."""
     version = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
-    files = Path(client.download_artifacts(version.run_id, "", str(root / "dl")))
+    files = Path(client.download_artifacts(version.run_id, "", str(tmp)))
     ood = OodReference.from_json((files / "ood" / "ood_reference.json").read_text())
     engine = Engine(next(files.rglob("*.onnx")), threads=1, ood=ood)
-    arrays = load_cifar10(folder)
+    arrays = load_cifar10(synthetic)
     split = stratified_split(arrays.train_labels.numpy(), 240, 60, 0)
     val = arrays.train_images[split.val_idx].permute(0, 2, 3, 1).numpy()
-    assert result["alias"] == "champion"
-    return root, str(version.version), engine, val, client
+    return str(version.version), engine, val
+
+
+def serve_brighter(folder: Path, engine: Engine, version: str, val: np.ndarray) -> list[str]:
+    """Answers to the validation images made 40 % brighter, logged as the service logs them."""
+    bright = np.clip(val.astype(np.float32) * 1.4, 0, 255).astype(np.uint8)
+    return _serve(folder, engine, version, bright, repeats=4)
 
 
 def _serve(folder: Path, engine: Engine, version: str, px: np.ndarray, repeats: int) -> list[str]:
@@ -94,8 +106,7 @@ def test_what_it_was_registered_on_is_no_drift_and_is_recorded(champion, tmp_pat
 
 def test_brighter_images_are_drift_with_an_event_naming_the_version(champion, tmp_path):
     root, version, engine, val, client = champion
-    bright = np.clip(val.astype(np.float32) * 1.4, 0, 255).astype(np.uint8)
-    _serve(tmp_path, engine, version, bright, repeats=4)
+    serve_brighter(tmp_path, engine, version, val)
     since = time.time()
     out = monitor_cifar(records=str(tmp_path), hours=None, min_images=100, root=str(root))
     assert out["drift"] is True and out["tested"]
@@ -114,9 +125,17 @@ def test_too_few_answers_are_not_tested_and_other_versions_are_left_out(champion
     assert out == {**out, "tested": False, "drift": False, "answers": 30, "mlflow_run_id": None}
 
 
-def test_a_missing_folder_is_named(champion):
+def test_a_missing_folder_is_named(champion, capsys, monkeypatch):
     with pytest.raises(ValueError, match="records='/nope': no such folder"):
         monitor_cifar(records="/nope", root=str(champion[0]))
+    monkeypatch.setenv("CIFAR_ROOT", str(champion[0]))
+    assert main(["--records", "/nope"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: records='/nope': no such folder"
+
+
+def test_before_any_champion_there_is_nothing_to_watch(prefect_api, tmp_path):
+    out = monitor_cifar(root=str(tmp_path))
+    assert out == {"drift": False, "fired": [], "tested": False, "model_version": None}
 
 
 async def _events_since(since: float, timeout: float = 20.0) -> list:

@@ -153,6 +153,45 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
     assert logits.shape == (7, 10)
 
 
+def test_drift_found_by_the_monitor_deployment_starts_a_retraining(
+    stack, synthetic_cifar, tmp_path
+):
+    """monitor-cifar/hourly run through the stack on brighter answers of the champion: drift,
+    its event, and the trigger of prefect.yaml creating one train-cifar/default run (the gpu pool
+    is paused meanwhile, so that the run is looked at and deleted, not trained)."""
+    from uuid import UUID
+
+    from prefect.client.schemas.objects import WorkPoolUpdate
+
+    from tests.test_monitor import champion_engine, serve_brighter
+
+    version, engine, val = champion_engine(_client(stack.root), tmp_path / "dl", synthetic_cifar[0])
+    serve_brighter(tmp_path / "log", engine, version, val)
+    with stack.client() as prefect:
+        prefect.update_work_pool("gpu", WorkPoolUpdate(is_paused=True))
+    try:
+        ended = stack.follow_deployment(
+            "monitor-cifar/hourly",
+            [f"records={json.dumps(str(tmp_path / 'log'))}", "hours=null", "min_images=100"],
+        )
+        assert ended.ok and ended.state == "Completed"
+        deadline, runs = time.monotonic() + 30, []
+        while not runs and time.monotonic() < deadline:
+            time.sleep(1)
+            runs = [r for r in stack.api("/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["train"]}}})
+                    if r["created_by"] and r["created_by"]["type"] == "AUTOMATION"]  # fmt: skip
+        assert len(runs) == 1 and runs[0]["parameters"]["feedback_images"] == "auto"
+        assert runs[0]["parameters"]["mlflow_tags"]["cifar.drift_model_version"] == version
+        with stack.client() as prefect:
+            prefect.delete_flow_run(UUID(runs[0]["id"]))
+    finally:
+        with stack.client() as prefect:
+            prefect.update_work_pool("gpu", WorkPoolUpdate(is_paused=False))
+    monitoring = _client(stack.root).get_experiment_by_name("cifar10-monitoring")
+    (check,) = _client(stack.root).search_runs([monitoring.experiment_id], "tags.drift = 'true'")
+    assert check.data.tags["model_version"] == version
+
+
 def _flow_run_processes(marker: str) -> list[int]:
     pids = []
     for pid in _processes_with(marker):
