@@ -161,7 +161,7 @@ def test_drift_found_by_the_monitor_deployment_starts_a_retraining(
     is paused meanwhile, so that the run is looked at and deleted, not trained)."""
     from uuid import UUID
 
-    from prefect.client.schemas.objects import WorkPoolUpdate
+    from prefect.client.schemas.actions import WorkPoolUpdate
 
     from tests.test_monitor import champion_engine, serve_brighter
 
