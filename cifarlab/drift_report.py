@@ -44,7 +44,14 @@ class Series:
     accuracy: list[tuple[float, float, float]] = field(default_factory=list)  # value, low, high
 
     def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        """JSON-ready: an empty bin's values are null."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return None if isinstance(v, float) and np.isnan(v) else v
+
+        return {k: clean(v) for k, v in self.__dict__.items()}
 
 
 def accuracy_interval(correct: int, labelled: int) -> tuple[float, float, float]:
@@ -98,19 +105,22 @@ def series(
 def plot_series(s: Series, class_names: Sequence[str], path: Path, title: str = "") -> Path:
     """Four panels over the window: class mix (stacked), confidence, OOD rate, live accuracy."""
     plt = pyplot()
-    t = [datetime.fromtimestamp(x) for x in s.start]
+    seen = [i for i, n in enumerate(s.answers) if n]  # bins without answers are left out
+    t = [datetime.fromtimestamp(s.start[i]) for i in seen]
     fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
-    shares = np.array(s.class_share).T if s.class_share else np.zeros((len(class_names), 0))
-    axes[0].stackplot(t, shares, labels=class_names)
+    shares = np.array([s.class_share[i] for i in seen]).reshape(len(seen), -1).T
+    axes[0].stackplot(t, shares, labels=class_names, step="post")
     axes[0].set_ylabel("class mix")
     axes[0].legend(fontsize=6, ncol=5, loc="upper center", bbox_to_anchor=(0.5, 1.35))
-    axes[1].plot(t, s.confidence, marker="o")
+    axes[1].plot(t, [s.confidence[i] for i in seen], marker="o")
     axes[1].set_ylabel("mean confidence")
-    axes[2].plot(t, s.ood_rate, marker="o", color="tab:red")
+    axes[2].plot(t, [s.ood_rate[i] for i in seen], marker="o", color="tab:red")
     axes[2].set_ylabel("not CIFAR-10 (share)")
-    acc = np.array(s.accuracy, dtype=float).reshape(-1, 3)
-    axes[3].plot(t, acc[:, 0], marker="o", color="tab:green")
-    axes[3].fill_between(t, acc[:, 1], acc[:, 2], alpha=0.25, color="tab:green")
+    labelled = [i for i, n in enumerate(s.labelled) if n]
+    acc = np.array([s.accuracy[i] for i in labelled], dtype=float).reshape(-1, 3)
+    t_acc = [datetime.fromtimestamp(s.start[i]) for i in labelled]
+    axes[3].errorbar(t_acc, acc[:, 0], yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]],
+                     marker="o", color="tab:green", capsize=3)  # fmt: skip
     axes[3].set_ylabel("live accuracy\n(feedback, 95 % CI)")
     axes[3].set_ylim(0, 1)
     for ax in axes[:3]:

@@ -157,7 +157,9 @@ def _emit(out: dict[str, Any]) -> None:
 
 def _artifact(verdict: Any, context: dict[str, Any], png: Path, run_id: str) -> None:
     rows = verdict_rows(verdict)
-    state = f"**DRIFT**: {', '.join(verdict.fired)}" if verdict.drift else "**no drift**"
+    n = len(verdict.fired)
+    state = f"DRIFT ({n} test{'s' if n > 1 else ''} fired)" if verdict.drift else "no drift"
+    fired = f"Fired: {', '.join(verdict.fired)}\n\n" if verdict.drift else ""
     table = "\n".join(
         f"| {r['test']} | {r['statistic']} | {r['p_adjusted']:.3g} | {'yes' if r['fired'] else ''} |"
         for r in rows[:8]
@@ -165,7 +167,7 @@ def _artifact(verdict: Any, context: dict[str, Any], png: Path, run_id: str) -> 
     data = base64.b64encode(png.read_bytes()).decode()
     facts = "\n".join(f"- {k}: {v}" for k, v in context.items())
     markdown = (
-        f"# Drift monitor: {state}\n\n{facts}\n- MLflow run: `{run_id}` (report.html)\n\n"
+        f"# Drift monitor: {state}\n\n{fired}{facts}\n- MLflow run: `{run_id}` (report.html)\n\n"
         f"| test | statistic | p adjusted | fired |\n|---|---|---|---|\n{table}\n\n"
         f"![class mix, confidence, out-of-distribution rate, live accuracy]"
         f"(data:image/png;base64,{data})\n"

@@ -897,9 +897,11 @@ def test_a_new_champion_and_a_rollback_are_swapped_in_under_load_without_a_faile
 ):
     """A server of its own (a copy of the store, following it every second) answers four
     clients without pause while the registry's champion alias moves to a new version and
-    `cifar-import-champion` puts it in the store, then while `cifar-rollback` moves it back:
-    no request fails, every answer names its version in the header and the body, and each
-    client (one keep-alive connection, so one worker) sees version 1, then 2, then 1 again."""
+    `cifar-import-champion` puts it in the store, then while `cifar-rollback` moves it back
+    (importing it, as on one machine), then while a rollback that imports nothing (as on a
+    team's control host) is followed by `cifar-import-champion --follow`: no request fails,
+    every answer names its version in the header and the body, and each client (one keep-alive
+    connection, so one worker) sees version 1, 2, 1, then 2 again."""
     import threading
     import time
 
@@ -982,20 +984,40 @@ def test_a_new_champion_and_a_rollback_are_swapped_in_under_load_without_a_faile
             assert rolled.returncode == 0, rolled.stderr
             assert "champion v2 -> v1" in rolled.stdout, rolled.stdout
             until(lambda versions: versions[-5:] == ["1"] * 5, "went back to version 1")
+            # As on a team: the rollback runs where nothing is served (it imports nothing) and
+            # the serving host's `cifar-import-champion --follow` brings the new champion.
+            follower = subprocess.Popen(
+                [sys.executable, "-m", "registry.serving_host", "--tracking-uri", uri,
+                 "--follow", "1"], cwd=ROOT, env={**os.environ, "BENTOML_HOME": str(home)},
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+            try:
+                rolled = subprocess.run(
+                    [sys.executable, "-m", "flows.rollback", "--tracking-uri", uri, "--reason",
+                     "test: the follower brings it", "--who", "team", "--to", "2"], cwd=ROOT,
+                    env={**os.environ, "PREFECT_API_URL": "", "CIFAR_IMPORT_CHAMPION": "false",
+                         "BENTOML_HOME": str(tmp_path / "not-a-serving-host")},
+                    capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                assert rolled.returncode == 0 and "BentoML store" not in rolled.stdout, rolled
+                until(lambda versions: versions[-5:] == ["2"] * 5, "followed to version 2")
+            finally:
+                follower.terminate()
+                follower.communicate(timeout=60)
         finally:  # a failed step above must not leave the clients asking for ever
             stop.set()
             for t in threads:
                 t.join(timeout=60)
         card = requests.get(url + "/model", timeout=10).json()
     assert failures == [], failures[:5]
-    for versions in seen:  # 1 ... 1, 2 ... 2, 1 ... 1: one switch each way, no flapping
-        assert versions and versions[0] == "1" and versions[-1] == "1", versions[-5:]
-        switch, back = versions.index("2"), len(versions) - versions[::-1].index("2")
-        assert set(versions[:switch]) == {"1"} and set(versions[switch:back]) == {"2"}
-        assert set(versions[back:]) == {"1"}
-    assert card["mlflow_version"] == "1"
-    rolled_back = MlflowClient(uri, uri).get_model_version("cifar10-classifier", "2")
-    assert rolled_back.tags["rollback.from.by"] == "tester"
+    for versions in seen:  # 1 ... 2 ... 1 ... 2: each switch once, no flapping
+        runs = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
+        assert runs == ["1", "2", "1", "2"], runs
+    assert card["mlflow_version"] == "2"
+    client_ = MlflowClient(uri, uri)
+    assert client_.get_model_version("cifar10-classifier", "2").tags["rollback.from.by"] == "tester"
+    back = client_.get_model_version("cifar10-classifier", "1").tags
+    assert back["rollback.from.reason"] == "test: the follower brings it"
     assert sum(len(v) for v in seen) > 100  # the clients really kept asking
 
 
