@@ -33,8 +33,9 @@ class DataConfig(_Strict):
     )
     extra_train: str | None = Field(
         None,
-        description="an .npz of labelled images added to the training split (cifarlab/labelled.py: "
-        "the images clients labelled through the service's /feedback)",
+        description="labelled images added to the training split: a packed file's name in "
+        "<root>/data/labelled/, or a path (cifarlab/labelled.py: the images clients labelled "
+        "through the service's /feedback)",
     )
     download_retries: int = Field(4, ge=0, le=20, description="retries of a failed download")
     download_backoff_s: float = Field(1.0, ge=0, description="first retry delay, doubling after")
@@ -163,7 +164,10 @@ def identity_exclude(config: RunConfig) -> dict[str, Any]:
     train = set(MEASUREMENT_ONLY["train"])
     if config.train.optimizer != "muon":
         train |= _MUON_ONLY
-    return {"train": train}
+    # Without extra images a config is what it was before the field existed: same hash, so
+    # its runs and checkpoints are still resumed.
+    data = {"extra_train"} if config.data.extra_train is None else set()
+    return {"train": train, "data": data}
 
 
 class RunConfig(_Strict):

@@ -14,7 +14,7 @@ import base64
 import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,8 @@ def series(
     ood_threshold: float | None = None,
 ) -> Series:
     """The window [start, end) in `bins` equal bins. Feedback counts in the bin of the answer it
-    labels (its `answered` time), so accuracy lines up with what the model saw then."""
+    labels (its `answered` time, or the first bin for an answer older than the window), so
+    accuracy lines up with what the model saw then."""
     edges = np.linspace(start, end, bins + 1)
     out = Series(start=[float(e) for e in edges[:-1]])
     p_time = np.array([parse_time(r["time"]) for r in predictions], dtype=float)
@@ -86,7 +87,7 @@ def series(
         rows = [r for r, k in zip(predictions, p_bin) if k == b]
         mix = np.bincount([label_ids[r["label"]] for r in rows], minlength=len(class_names))
         out.answers.append(len(rows))
-        out.class_share.append((mix / max(len(rows), 1)).tolist())
+        out.class_share.append((mix / len(rows)).tolist() if rows else [float("nan")] * len(mix))
         out.confidence.append(
             float(np.mean([r["confidence"] for r in rows])) if rows else float("nan")
         )
@@ -106,7 +107,7 @@ def plot_series(s: Series, class_names: Sequence[str], path: Path, title: str = 
     """Four panels over the window: class mix (stacked), confidence, OOD rate, live accuracy."""
     plt = pyplot()
     seen = [i for i, n in enumerate(s.answers) if n]  # bins without answers are left out
-    t = [datetime.fromtimestamp(s.start[i]) for i in seen]
+    t = [datetime.fromtimestamp(s.start[i], UTC) for i in seen]
     fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
     shares = np.array([s.class_share[i] for i in seen]).reshape(len(seen), -1).T
     axes[0].stackplot(t, shares, labels=class_names, step="post")
@@ -118,11 +119,12 @@ def plot_series(s: Series, class_names: Sequence[str], path: Path, title: str = 
     axes[2].set_ylabel("not CIFAR-10 (share)")
     labelled = [i for i, n in enumerate(s.labelled) if n]
     acc = np.array([s.accuracy[i] for i in labelled], dtype=float).reshape(-1, 3)
-    t_acc = [datetime.fromtimestamp(s.start[i]) for i in labelled]
+    t_acc = [datetime.fromtimestamp(s.start[i], UTC) for i in labelled]
     axes[3].errorbar(t_acc, acc[:, 0], yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]],
                      marker="o", color="tab:green", capsize=3)  # fmt: skip
     axes[3].set_ylabel("live accuracy\n(feedback, 95 % CI)")
     axes[3].set_ylim(0, 1)
+    axes[3].set_xlabel("UTC")
     for ax in axes[:3]:
         ax.set_ylim(bottom=0)
     fig.suptitle(title, fontsize=10, y=0.995)

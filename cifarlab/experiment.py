@@ -155,6 +155,7 @@ def summarise(run: TrainedRun, exported: Exported, ev: Evaluation) -> dict[str, 
         "trained_on": f"train split ({len(run.split.train_idx)} images)"
         + (f" + {len(run.extra)} labelled through feedback" if run.extra is not None else ""),
         "feedback_images": len(run.extra) if run.extra is not None else None,
+        "feedback_images_dropped": run.extra.dropped if run.extra is not None else None,
         "val_images": len(run.split.val_idx),
         "data_fingerprint": run.data.fingerprint,
         "split_sha256": run.split.digest,
@@ -242,7 +243,7 @@ def train_run(
     extra = None
     if config.data.extra_train:
         held_out = (d.train_images[split.val_idx].numpy(), d.test_images.numpy())
-        extra = labelled.load(Path(config.data.extra_train), held_out)
+        extra = labelled.load(labelled.resolve(config.data.extra_train, root), held_out)
         x = torch.cat([x, torch.from_numpy(extra.images)])
         y = torch.cat([y, torch.from_numpy(extra.labels)])
     trained = train(

@@ -11,6 +11,8 @@ unseen).
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ class Labelled:
     labels: np.ndarray  # int64 (N,)
     skipped: int = 0  # files that were not a 32x32 image of a known class
     dropped: int = 0  # images also found among the validation or test images
+    path: Path | None = None  # the packed file they were loaded from
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,10 +66,17 @@ def pack(data: Labelled, folder: Path) -> Path:
     path = Path(folder) / f"labelled-{len(data)}-{digest}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, images=data.images, labels=data.labels)
-        tmp.replace(path)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            np.savez(f, images=data.images, labels=data.labels)  # two runs may pack at once
+        os.replace(f.name, path)
     return path
+
+
+def resolve(name: str, root: Path) -> Path:
+    """A config's `extra_train`: a packed file's name in `<root>/data/labelled/` (what the flow
+    writes, the same on every host), or a path."""
+    p = Path(name).expanduser()
+    return p if p.is_absolute() or p.parent != Path(".") else Path(root) / "data" / "labelled" / p
 
 
 def load(path: Path, held_out: Sequence[np.ndarray] = ()) -> Labelled:
@@ -86,4 +96,5 @@ def load(path: Path, held_out: Sequence[np.ndarray] = ()) -> Labelled:
         bytes(im) for arr in held_out for im in np.ascontiguousarray(arr).reshape(len(arr), -1)
     }
     keep = np.array([bytes(im) not in forbidden for im in images.reshape(len(images), -1)], bool)
-    return Labelled(images[keep], labels[keep].astype(np.int64), dropped=int((~keep).sum()))
+    return Labelled(images[keep], labels[keep].astype(np.int64), dropped=int((~keep).sum()),
+                    path=Path(path))  # fmt: skip

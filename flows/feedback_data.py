@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cifarlab import labelled
 from registry import tracking
 
 FEEDBACK_DIR = "feedback-images"
-PLAIN = "no feedback images were kept: a plain retrain (CIFAR_KEEP_FEEDBACK_IMAGES=true on the service keeps them)"
+PLAIN = (
+    "no feedback images were kept: a plain retrain "
+    "(CIFAR_KEEP_FEEDBACK_IMAGES=true on the service keeps them)"
+)
 
 
 def _sources(spec: str, root: Path, tmp: Path) -> list[Path]:
@@ -31,7 +35,7 @@ def _sources(spec: str, root: Path, tmp: Path) -> list[Path]:
             raise ValueError(f"feedback_images={spec!r}: expected 'auto' or a folder")
         return [Path(spec)]
     found = []
-    log = local_log(root)
+    log = local_log()
     if log is not None and (log / FEEDBACK_DIR).is_dir():
         found.append(log / FEEDBACK_DIR)
     store = tracking.open_store(root)
@@ -40,15 +44,23 @@ def _sources(spec: str, root: Path, tmp: Path) -> list[Path]:
 
 
 def gather(spec: str, root: Path) -> tuple[str | None, str]:
-    """(the packed file or None, a line saying what the run learns from)."""
+    """(the packed file's name in <root>/data/labelled/ or None, what was found)."""
     with tempfile.TemporaryDirectory() as tmp:
         data = labelled.read_folder(_sources(spec, root, Path(tmp)))
     if not len(data):
         return None, PLAIN
     path = labelled.pack(data, root / "data" / "labelled")
     skipped = (
-        f"; {data.skipped} files skipped (not a 32x32 image of a class)" if data.skipped else ""
+        f", {data.skipped} files skipped (not a 32x32 image of a class)" if data.skipped else ""
     )
-    return str(
-        path
-    ), f"{len(data)} images labelled through /feedback added to the training split{skipped}"
+    return path.name, f"{len(data)} labelled images found{skipped}"
+
+
+def summary_line(s: dict[str, Any]) -> str | None:
+    """The run summary's feedback row: what the run learned from (None: not asked)."""
+    found = s.get("learns_from")
+    if found is None or s.get("feedback_images") is None:
+        return found  # not asked, or the plain retrain's note
+    return (f"{s['feedback_images']} images labelled through /feedback added to the training "
+            f"split ({found}; {s['feedback_images_dropped']} left out: also a validation or "
+            "test image)")  # fmt: skip

@@ -20,10 +20,9 @@ machine: `make serve` writes it), else the files serving hosts shipped to the tr
 from __future__ import annotations
 
 import base64
-import os
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,6 +37,10 @@ from flows.common import project_root
 from registry import monitoring, tracking
 
 DRIFT_EVENT = "cifar.drift.detected"
+# Serving hosts ship closed files: a file closes after CIFAR_PREDICTION_LOG_FILE_MINUTES (10) and
+# `cifar-import-champion --follow 60` ships it within a minute. A window of shipped records
+# ends this long ago, so that its answers have all arrived.
+SHIPPED_LAG_MINUTES = 15.0
 
 
 def model_resource(name: str = tracking.REGISTERED_MODEL) -> dict[str, str]:
@@ -49,43 +52,57 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
-def local_log(root: Path) -> Path | None:
-    """This host's prediction log folder, if it has one."""
-    from registry.import_champion import bentoml_home
+def local_log() -> Path | None:
+    """This host's prediction log folder (where its service writes: serving/logfiles.py), if
+    it has one."""
+    from serving.logfiles import default_folder
 
-    folder = Path(
-        os.environ.get("CIFAR_PREDICTION_LOG_DIR") or bentoml_home(root) / "prediction-log"
-    )
+    folder = default_folder()
     return folder if folder.is_dir() else None
 
 
-def _records(root: Path, records: str | None, tmp: Path) -> tuple[list[dict[str, Any]], str]:
+def _days(start: float | None, end: float) -> set[str] | None:
+    """The log's day folders (a file's opening day, UTC) that can hold answers of the window."""
+    if start is None:
+        return None
+    first = datetime.fromtimestamp(start, UTC).date() - timedelta(days=1)  # opened the day before
+    last = datetime.fromtimestamp(end, UTC).date()
+    return {(first + timedelta(days=d)).strftime("%Y%m%d") for d in range((last - first).days + 1)}
+
+
+def _records(
+    root: Path, records: str | None, tmp: Path, days: set[str] | None
+) -> tuple[list[dict[str, Any]], str, bool]:
+    """(the records, where they came from, whether they were shipped from serving hosts)."""
     from registry.ship_records import download_records
     from serving.logfiles import read_records
 
     if records is not None:
         if not Path(records).is_dir():
             raise ValueError(f"records={records!r}: no such folder")
-        return list(read_records(Path(records))), str(records)
-    here = local_log(root)
+        return list(read_records(Path(records))), str(records), False
+    here = local_log()
     if here is not None:
-        return list(read_records(here)), str(here)
+        return list(read_records(here)), str(here), False
     store = tracking.open_store(root)
-    download_records(root, tmp, store.uri)
-    return list(read_records(tmp)), f"shipped to {tracking.display_uri(store.uri)}"
+    download_records(root, tmp, store.uri, days)
+    return list(read_records(tmp)), f"shipped to {tracking.display_uri(store.uri)}", True
 
 
 @flow(name="monitor-cifar", log_prints=True)
 def monitor_cifar(
     records: str | None = None,
     hours: Annotated[float, Field(gt=0)] | None = 1.0,
+    lag_minutes: Annotated[float, Field(ge=0)] | None = None,
     model_version: str | None = None,
     min_images: Annotated[int, Field(ge=1)] = 200,
     alpha: Annotated[float, Field(gt=0, lt=1)] = ALPHA,
     root: str | None = None,
 ) -> dict[str, Any]:
-    """Test the last `hours` of answers of the champion (or `model_version`) against its
-    reference; report to MLflow and Prefect, and emit `cifar.drift.detected` on drift."""
+    """Test `hours` of answers of the champion (or `model_version`) against its reference,
+    ending `lag_minutes` ago (default: 0, or SHIPPED_LAG_MINUTES for records shipped by
+    serving hosts, which arrive in closed files); report to MLflow and Prefect, and emit
+    `cifar.drift.detected` on drift of the champion."""
     logger = get_run_logger()
     root_dir = project_root(root)
     store = tracking.open_store(root_dir)
@@ -95,22 +112,42 @@ def monitor_cifar(
         return {"drift": False, "fired": [], "tested": False, "model_version": None}
     ref = monitoring.load_reference(store, version)
     vid = str(version.version)
+    now = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        rows, source = _records(root_dir, records, Path(tmp))
-    end = time.time()
+        guess = now - (SHIPPED_LAG_MINUTES * 60 if lag_minutes is None else 0)
+        days = _days(guess - hours * 3600 if hours else None, now)
+        rows, source, shipped = _records(root_dir, records, Path(tmp), days)
+    lag = SHIPPED_LAG_MINUTES if lag_minutes is None and shipped else (lag_minutes or 0.0)
+    end = now - lag * 60
     start = end - hours * 3600 if hours else _first_time(rows, end)
     preds, feedback = monitoring.window(rows, vid, start, end)
-    context = {"model_version": vid, "window_start": _iso(start),
-               "window_end": _iso(end), "records": source, "answers": len(preds),
-               "feedback": len(feedback), "alpha": alpha}  # fmt: skip
+    champion = monitoring.watched_version(store)
+    context = {"model_version": vid, "champion": champion is not None and
+               str(champion.version) == vid, "window_start": _iso(start), "window_end": _iso(end),
+               "records": source, "answers": len(preds), "feedback": len(feedback),
+               "alpha": alpha}  # fmt: skip
     if len(preds) < min_images:
         note = f"{len(preds)} answers of v{vid} in the window (< {min_images}): not tested"
         logger.info(note)
         create_markdown_artifact(key="drift-monitor", markdown=f"# Drift monitor\n\n{note}\n",
                                  description="not enough answers")  # fmt: skip
         return {**context, "drift": False, "fired": [], "tested": False, "mlflow_run_id": None}
-    verdict = compare(ref, window_arrays(preds), CLASS_NAMES, alpha)
-    s = series(preds, feedback, CLASS_NAMES, start, end)
+    return _check(root_dir, store, ref, preds, feedback, context, (start, end))
+
+
+def _check(
+    root_dir: Path,
+    store: tracking.Store,
+    ref: dict[str, Any],
+    preds: list[dict[str, Any]],
+    feedback: list[dict[str, Any]],
+    context: dict[str, Any],
+    window: tuple[float, float],
+) -> dict[str, Any]:
+    """Test, report (MLflow run, Prefect artifact), emit the event on the champion's drift."""
+    vid = context["model_version"]
+    verdict = compare(ref, window_arrays(preds), CLASS_NAMES, context["alpha"])
+    s = series(preds, feedback, CLASS_NAMES, *window)
     with tempfile.TemporaryDirectory() as tmp:
         title = f"v{vid}, {context['window_start']} to {context['window_end']}"
         png = plot_series(s, CLASS_NAMES, Path(tmp) / "series.png", title)
@@ -121,9 +158,9 @@ def monitor_cifar(
         _artifact(verdict, context, png, run_id)
     out = {**context, "drift": verdict.drift, "fired": verdict.fired, "tested": True,
            "summary": verdict.summary, "mlflow_run_id": run_id}  # fmt: skip
-    logger.info("v%s, %d answers: %s", vid, len(preds),
+    get_run_logger().info("v%s, %d answers: %s", vid, len(preds),
                 f"DRIFT ({', '.join(verdict.fired)})" if verdict.drift else "no drift")  # fmt: skip
-    if verdict.drift:
+    if verdict.drift and context["champion"]:  # an old version's drift retrains nothing
         _emit(out)
     return out
 
@@ -190,12 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--records", help="a folder of records (default: as the flow finds them)")
     parser.add_argument("--hours", type=float, default=1.0, help="window; 0: every record")
+    parser.add_argument("--lag-minutes", type=float, help="the window ends this long ago")
     parser.add_argument("--version", help="the registry version (default: the champion)")
     parser.add_argument("--min-images", type=int, default=200)
     args = parser.parse_args(argv)
+    if args.hours < 0 or (args.lag_minutes or 0) < 0 or args.min_images < 1:
+        parser.error("--hours and --lag-minutes must be >= 0, --min-images >= 1")
     try:
         out = monitor_cifar(records=args.records, hours=args.hours or None,
-                            model_version=args.version, min_images=args.min_images)  # fmt: skip
+                            lag_minutes=args.lag_minutes, model_version=args.version,
+                            min_images=args.min_images)  # fmt: skip
     except (ValueError, monitoring.NoReference, tracking.TrackingUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifarlab.config import RunConfig
+from flows import feedback_data
 from registry import tracking
 
 
@@ -91,7 +92,7 @@ def summary_markdown(
         else "| BentoML store | not updated |",
         f"| MLflow | run `{run_id}` in `{tracking.display_uri(store.uri)}` |",
         f"| split | `{s['split_sha256'][:16]}` ({s['trained_on']}) |",
-        *([f"| feedback | {s['learns_from']} |"] if s.get("learns_from") else []),
+        *([f"| feedback | {feedback_data.summary_line(s)} |"] if s.get("learns_from") else []),
         "",
         "## Per-class accuracy",
         "",

@@ -36,7 +36,14 @@ class NoReference(RuntimeError):
 def watched_version(store: Store, version: str | None = None) -> Any | None:
     """The registry version to watch: `version`, else the champion (None: none yet)."""
     if version is not None:
-        return store.client.get_model_version(REGISTERED_MODEL, str(version))
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return store.client.get_model_version(REGISTERED_MODEL, str(version))
+        except MlflowException:
+            raise ValueError(
+                f"model_version={version!r}: no such version of {REGISTERED_MODEL}"
+            ) from None
     return champion_version(store)  # None before the first champion
 
 
@@ -58,17 +65,17 @@ def load_reference(store: Store, version: Any) -> dict[str, np.ndarray]:
 def window(
     records: Iterable[Mapping[str, Any]], version: str, start: float, end: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The answers of `version` given in [start, end), and the feedback on them."""
-    preds, feedback = [], []
+    """The answers of `version` given in [start, end), and the labels for its answers that
+    arrived in [start, end) (a label comes after its answer, maybe in a later window: it
+    counts in the window it arrived in, so none is lost)."""
+    preds: list[dict[str, Any]] = []
+    feedback: list[dict[str, Any]] = []
     for r in records:
-        if str(r.get("model_version")) != str(version):
+        if str(r.get("model_version")) != str(version) or not start <= parse_time(r["time"]) < end:
             continue
         kind = r.get("kind", "prediction")
-        when = parse_time(r.get("answered") or r["time"]) if kind == "feedback" else None
-        if kind == "prediction" and start <= parse_time(r["time"]) < end:
-            preds.append(dict(r))
-        elif kind == "feedback" and when is not None and start <= when < end:
-            feedback.append(dict(r))
+        if kind in ("prediction", "feedback"):
+            (preds if kind == "prediction" else feedback).append(dict(r))
     return preds, feedback
 
 
@@ -98,8 +105,6 @@ def log_check(
     files: Mapping[str, Path],
 ) -> str:
     """One monitoring run for one check; its id."""
-    from mlflow.entities import Metric
-
     store = open_store(root, MONITORING_EXPERIMENT, uri)
     client = store.client
     version = str(context["model_version"])
@@ -116,6 +121,25 @@ def log_check(
         },
     )
     rid = run.info.run_id
+    try:
+        _log_results(client, rid, verdict, s, context, files)
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def _log_results(
+    client: Any,
+    rid: str,
+    verdict: Verdict,
+    s: Series,
+    context: Mapping[str, Any],
+    files: Mapping[str, Path],
+) -> None:
+    from mlflow.entities import Metric
+
     now = int(parse_time(str(context["window_end"])) * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in verdict_metrics(verdict, live_counts(s)).items()]
     for step, t0 in enumerate(s.start):  # the window's bins, as steps at their own time
@@ -132,8 +156,6 @@ def log_check(
         client.log_artifacts(rid, tmp)
     for path in files.values():
         client.log_artifact(rid, str(path))
-    client.set_terminated(rid, "FINISHED")
-    return rid
 
 
 def live_counts(s: Series) -> tuple[int, int]:

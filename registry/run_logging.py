@@ -126,7 +126,8 @@ def log_datasets(store: Store, run_id: str, run: Any) -> None:
             DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         )
     if run.extra is not None:  # images clients labelled through /feedback (cifarlab/labelled.py)
-        packed = Path(run.config.data.extra_train)
+        packed = run.extra.path
+        store.client.log_artifact(run_id, str(packed), "feedback")  # small: 3 KB an image
         ds = MetaDataset(  # type: ignore[abstract]
             source=LocalArtifactDatasetSource(str(packed.resolve())),
             name=f"feedback-{len(run.extra)}",

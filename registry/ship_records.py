@@ -75,17 +75,22 @@ def ship_records(
     return Shipped(run_id, moved)
 
 
-def download_records(root: Path, dest: Path, uri: str | None = None) -> list[Path]:
-    """Every host's shipped files, downloaded into `dest` (what a monitor host reads)."""
+def download_records(
+    root: Path, dest: Path, uri: str | None = None, days: set[str] | None = None
+) -> list[Path]:
+    """Every host's shipped files, downloaded into `dest` (what a monitor host reads); with
+    `days` (YYYYmmdd), only the files opened on those days."""
     store = open_store(root, MONITORING_EXPERIMENT, uri)
     runs = store.client.search_runs([store.experiment_id], filter_string=f"tags.`{HOST_TAG}` != ''")
     got: list[Path] = []
     for run in runs:
         host_dir = Path(dest) / run.data.tags[HOST_TAG]
-        host_dir.mkdir(parents=True, exist_ok=True)
-        if not store.client.list_artifacts(run.info.run_id, ARTIFACT_DIR):
-            continue
-        store.client.download_artifacts(run.info.run_id, ARTIFACT_DIR, str(host_dir))
+        (host_dir / ARTIFACT_DIR).mkdir(parents=True, exist_ok=True)
+        for day in store.client.list_artifacts(run.info.run_id, ARTIFACT_DIR):
+            if days is None or Path(day.path).name in days:
+                store.client.download_artifacts(
+                    run.info.run_id, day.path, str(host_dir / ARTIFACT_DIR)
+                )
         got += sorted((host_dir / ARTIFACT_DIR).rglob("predictions-*.jsonl"))
     return got
 

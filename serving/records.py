@@ -19,6 +19,7 @@ every `FLUSH_SECONDS`, off the event loop. `serving.feedback.Ledger` indexes the
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -109,6 +110,7 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
+_FILE_NUMBERS = itertools.count(1)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -244,7 +246,7 @@ class PredictionLog:
     def _write(self, lines: list[str]) -> None:
         if self._file is None:
             self._opened = time.time()
-            self._count += 1
+            self._count = next(_FILE_NUMBERS)  # unique in the process, whichever writer asks
             stamp = datetime.fromtimestamp(self._opened, UTC).strftime("%Y%m%dT%H%M%S")
             name = f"predictions-{stamp}-{self._host}-{os.getpid()}-{self._count}.jsonl"
             self._path = self.folder / (name + OPEN_SUFFIX)

@@ -125,6 +125,46 @@ def test_too_few_answers_are_not_tested_and_other_versions_are_left_out(champion
     assert out == {**out, "tested": False, "drift": False, "answers": 30, "mlflow_run_id": None}
 
 
+def _at(folder: Path, engine: Engine, version: str, px: np.ndarray, ago_s: float) -> None:
+    """Answers given `ago_s` seconds ago, logged."""
+    log = PredictionLog(LogSettings(folder), CLASS_NAMES).start()
+    out = engine.infer(to_model_input(px))
+    for i in range(len(px)):
+        log.add(Answer(time.time() - ago_s, f"t{ago_s}-{i}", False, {"version": version},
+                       out[i : i + 1, :-1], px[i : i + 1], [_Img()], [(float(out[i, -1]), True)],
+                       0.001))  # fmt: skip
+    log.close()
+
+
+def test_the_window_is_the_last_hours_ending_lag_minutes_ago(champion, tmp_path):
+    root, version, engine, val, _ = champion
+    _at(tmp_path, engine, version, val, ago_s=3 * 3600)  # too old
+    _at(tmp_path, engine, version, val[:40], ago_s=1800)
+    _at(tmp_path, engine, version, val[:20], ago_s=5)
+    out = monitor_cifar(records=str(tmp_path), hours=1, min_images=1000, root=str(root))
+    assert out["answers"] == 60 and not out["tested"]
+    out = monitor_cifar(records=str(tmp_path), hours=1, lag_minutes=10, min_images=1000,
+                        root=str(root))  # fmt: skip
+    assert out["answers"] == 40
+
+
+def test_shipped_records_are_read_when_this_host_serves_nothing(champion, tmp_path, monkeypatch):
+    from registry.ship_records import ship_records
+
+    root, version, engine, val, _ = champion
+    serve_brighter(tmp_path / "log", engine, version, val)
+    assert ship_records(root, tmp_path / "log", host="web-1").files
+    monkeypatch.setenv("CIFAR_PREDICTION_LOG_DIR", str(tmp_path / "not-here"))
+    out = monitor_cifar(hours=1, lag_minutes=0, min_images=100, root=str(root))
+    assert out["records"].startswith("shipped to sqlite:") and out["answers"] == 240
+    assert out["drift"] and out["champion"]
+
+
+def test_an_unknown_version_is_named(champion):
+    with pytest.raises(ValueError, match="model_version='99': no such version of cifar10"):
+        monitor_cifar(model_version="99", root=str(champion[0]))
+
+
 def test_a_missing_folder_is_named(champion, capsys, monkeypatch):
     with pytest.raises(ValueError, match="records='/nope': no such folder"):
         monitor_cifar(records="/nope", root=str(champion[0]))

@@ -121,17 +121,51 @@ def test_a_retraining_learns_from_feedback_images(prefect_api, data, synthetic_c
     out = train_cifar(preset="seed-baseline", data=data, train={"epochs": 1, "device": "cpu"},
                       root=str(tmp_path), skip_bentoml=True, feedback_images=str(kept))  # fmt: skip
     assert out["feedback_images"] == 5  # 6 images read, the validation one dropped
-    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(out["mlflow_run_id"])
-    assert (
-        run.data.tags["feedback_images"] == "5" and run.data.tags["feedback_images_dropped"] == "1"
-    )
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(out["mlflow_run_id"])
+    tags = run.data.tags
+    assert tags["feedback_images"] == "5" and tags["feedback_images_dropped"] == "1"
     inputs = {d.dataset.name: [t.value for t in d.tags] for d in run.inputs.dataset_inputs}
     assert inputs["feedback-5"] == ["training"] and inputs["cifar10-training-240"] == ["training"]
     assert (
-        "6 images labelled through /feedback added to the training split; 1 files skipped"
-        in (run.data.tags["mlflow.note.content"])
-    )
-    assert run.data.params["data.extra_train"].endswith(".npz")
+        "5 images labelled through /feedback added to the training split (6 labelled images "
+        "found, 1 files skipped (not a 32x32 image of a class); 1 left out: also a validation "
+        "or test image)"
+    ) in tags["mlflow.note.content"]
+    # The config names the packed file, not a path of this host; the file is on the run.
+    packed = run.data.params["data.extra_train"]
+    assert packed.startswith("labelled-6-") and "/" not in packed
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "feedback")]
+    assert artifacts == [f"feedback/{packed}"]
+
+
+def test_auto_finds_the_images_serving_hosts_shipped(
+    prefect_api, data, synthetic_cifar, tmp_path, monkeypatch
+):
+    """A training host that serves nothing: the images come through the tracking server, as
+    `cifar-import-champion --follow` ships them with the records (registry/ship_records.py)."""
+    from registry.ship_records import ship_records
+
+    log = tmp_path / "serving-host-log"
+    _kept_images(log / "feedback-images", synthetic_cifar[0])
+    shipped = ship_records(tmp_path, log, host="web-1")
+    assert shipped is not None and shipped.files == []  # images only: no closed record file
+    assert ship_records(tmp_path, log, host="web-1") is None  # each image goes once
+    monkeypatch.setenv("CIFAR_PREDICTION_LOG_DIR", str(tmp_path / "not-here"))
+    out = train_cifar(preset="seed-baseline", data=data, train={"epochs": 1, "device": "cpu"},
+                      root=str(tmp_path), skip_bentoml=True, feedback_images="auto")  # fmt: skip
+    assert out["feedback_images"] == 5
+
+
+def test_a_config_without_extra_images_keeps_its_hash():
+    """Runs and checkpoints from before the field existed are still resumed."""
+    from cifarlab.config import preset
+    from cifarlab.experiment import config_hash
+
+    assert config_hash(preset("fast")) == "92b81e3dc8"
+    with_images = preset("fast")
+    with_images.data.extra_train = "labelled-5-0123456789abcdef.npz"
+    assert config_hash(with_images) != "92b81e3dc8"
 
 
 def test_without_kept_images_it_is_a_plain_retrain(prefect_api, data, tmp_path, monkeypatch):

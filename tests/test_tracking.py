@@ -45,6 +45,7 @@ def trained_on_one_split(root):
         config=SimpleNamespace(data=SimpleNamespace(source=str(root))),
         data=SimpleNamespace(folder=root),
         split=SimpleNamespace(digest="same-split", train_idx=np.arange(40), val_idx=np.arange(10)),
+        extra=None,
     )
 
 
