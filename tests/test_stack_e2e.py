@@ -62,6 +62,8 @@ def stack(tmp_path_factory):
                 "PREFECT_UI_ENABLED": "false",
                 "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
                 "CIFAR_ZOMBIE_DESCRIPTION": LONG_DESCRIPTION.format(n=n),
+                # Where this machine's service would write its records (the monitor reads it).
+                "CIFAR_PREDICTION_LOG_DIR": str(root / "prediction-log"),
             },
         )
 
@@ -156,7 +158,8 @@ def test_deployment_run_trains_tracks_and_registers(stack, params, tmp_path):
 def test_drift_found_by_the_monitor_deployment_starts_a_retraining(
     stack, synthetic_cifar, tmp_path
 ):
-    """monitor-cifar/hourly run through the stack on brighter answers of the champion: drift,
+    """monitor-cifar/hourly run through the stack on brighter answers of the champion, found
+    in this host's prediction log as the hourly runs find them: drift,
     its event, and the trigger of prefect.yaml creating one train-cifar/default run (the gpu pool
     is paused meanwhile, so that the run is looked at and deleted, not trained)."""
     from uuid import UUID
@@ -166,13 +169,13 @@ def test_drift_found_by_the_monitor_deployment_starts_a_retraining(
     from tests.test_monitor import champion_engine, serve_brighter
 
     version, engine, val = champion_engine(_client(stack.root), tmp_path / "dl", synthetic_cifar[0])
-    serve_brighter(tmp_path / "log", engine, version, val)
+    serve_brighter(stack.root / "prediction-log", engine, version, val)  # as `make serve` would
     with stack.client() as prefect:
         prefect.update_work_pool("gpu", WorkPoolUpdate(is_paused=True))
     try:
         ended = stack.follow_deployment(
             "monitor-cifar/hourly",
-            [f"records={json.dumps(str(tmp_path / 'log'))}", "hours=null", "min_images=100"],
+            ["min_images=100"],  # the last hour of this host's log, as every hour
         )
         assert ended.ok and ended.state == "Completed"
         deadline, runs = time.monotonic() + 30, []
