@@ -243,7 +243,13 @@ def train_run(
     extra = None
     if config.data.extra_train:
         held_out = (d.train_images[split.val_idx].numpy(), d.test_images.numpy())
-        extra = labelled.load(labelled.resolve(config.data.extra_train, root), held_out)
+        packed = labelled.resolve(config.data.extra_train, root)
+        if not packed.is_file():
+            raise FileNotFoundError(
+                f"data.extra_train={config.data.extra_train!r}: no {packed} on this host (a "
+                "retraining run logs it as its artifact feedback/<name>: put it there)"
+            )
+        extra = labelled.load(packed, held_out)
         x = torch.cat([x, torch.from_numpy(extra.images)])
         y = torch.cat([y, torch.from_numpy(extra.labels)])
     trained = train(

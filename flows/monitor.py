@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,6 +42,7 @@ DRIFT_EVENT = "cifar.drift.detected"
 # `cifar-import-champion --follow 60` ships it within a minute. A window of shipped records
 # ends this long ago, so that its answers have all arrived.
 SHIPPED_LAG_MINUTES = 15.0
+FILE_SLACK_S = 3600.0
 
 
 def model_resource(name: str = tracking.REGISTERED_MODEL) -> dict[str, str]:
@@ -65,28 +67,33 @@ def _days(start: float | None, end: float) -> set[str] | None:
     """The log's day folders (a file's opening day, UTC) that can hold answers of the window."""
     if start is None:
         return None
-    first = datetime.fromtimestamp(start, UTC).date() - timedelta(days=1)  # opened the day before
+    # A file holds at most CIFAR_PREDICTION_LOG_FILE_MINUTES of answers: one opened an hour
+    # before the window cannot hold any of them.
+    first = datetime.fromtimestamp(start - FILE_SLACK_S, UTC).date()
     last = datetime.fromtimestamp(end, UTC).date()
     return {(first + timedelta(days=d)).strftime("%Y%m%d") for d in range((last - first).days + 1)}
 
 
 def _records(
-    root: Path, records: str | None, tmp: Path, days: set[str] | None
-) -> tuple[list[dict[str, Any]], str, bool]:
-    """(the records, where they came from, whether they were shipped from serving hosts)."""
+    root: Path, records: str | None, tmp: Path, since: float | None
+) -> tuple[Iterator[dict[str, Any]], str, bool]:
+    """(the records of files opened after `since` less an hour, where they came from, whether
+    serving hosts shipped them)."""
     from registry.ship_records import download_records
     from serving.logfiles import read_records
 
+    after = since - FILE_SLACK_S if since is not None else None
     if records is not None:
         if not Path(records).is_dir():
             raise ValueError(f"records={records!r}: no such folder")
-        return list(read_records(Path(records))), str(records), False
+        return read_records(Path(records), opened_after=after), str(records), False
     here = local_log()
     if here is not None:
-        return list(read_records(here)), str(here), False
+        return read_records(here, opened_after=after), str(here), False
     store = tracking.open_store(root)
-    download_records(root, tmp, store.uri, days)
-    return list(read_records(tmp)), f"shipped to {tracking.display_uri(store.uri)}", True
+    download_records(root, tmp, store.uri, _days(since, time.time()))
+    shipped = read_records(tmp, opened_after=after)
+    return shipped, f"shipped to {tracking.display_uri(store.uri)}", True
 
 
 @flow(name="monitor-cifar", log_prints=True)
@@ -112,11 +119,13 @@ def monitor_cifar(
         return {"drift": False, "fired": [], "tested": False, "model_version": None}
     ref = monitoring.load_reference(store, version)
     vid = str(version.version)
-    now = time.time()
+    now = _window_end()
     with tempfile.TemporaryDirectory() as tmp:
-        guess = now - (SHIPPED_LAG_MINUTES * 60 if lag_minutes is None else 0)
-        days = _days(guess - hours * 3600 if hours else None, now)
-        rows, source, shipped = _records(root_dir, records, Path(tmp), days)
+        guess = now - 60 * (SHIPPED_LAG_MINUTES if lag_minutes is None else lag_minutes)
+        found, source, shipped = _records(
+            root_dir, records, Path(tmp), guess - hours * 3600 if hours else None
+        )
+        rows = [r for r in found if str(r.get("model_version")) == vid]
     lag = SHIPPED_LAG_MINUTES if lag_minutes is None and shipped else (lag_minutes or 0.0)
     end = now - lag * 60
     start = end - hours * 3600 if hours else _first_time(rows, end)
@@ -153,8 +162,13 @@ def _check(
         png = plot_series(s, CLASS_NAMES, Path(tmp) / "series.png", title)
         page = Path(tmp) / "report.html"
         page.write_text(html_report(verdict, context, png))
-        run_id = monitoring.log_check(root_dir, store.uri, verdict, s, context,
-                                      {"report": page, "plot": png})  # fmt: skip
+        try:
+            run_id = monitoring.log_check(root_dir, store.uri, verdict, s, context,
+                                          {"report": page, "plot": png})  # fmt: skip
+        except Exception:
+            if verdict.drift and context["champion"]:  # the alarm goes out all the same
+                _emit({**context, "fired": verdict.fired, "mlflow_run_id": None})
+            raise
         _artifact(verdict, context, png, run_id)
     out = {**context, "drift": verdict.drift, "fired": verdict.fired, "tested": True,
            "summary": verdict.summary, "mlflow_run_id": run_id}  # fmt: skip
@@ -163,6 +177,14 @@ def _check(
     if verdict.drift and context["champion"]:  # an old version's drift retrains nothing
         _emit(out)
     return out
+
+
+def _window_end() -> float:
+    """Now, or a scheduled run's scheduled time: hourly windows meet even when a run starts late."""
+    from prefect.runtime import deployment, flow_run
+
+    scheduled = flow_run.scheduled_start_time if deployment.id else None
+    return min(time.time(), scheduled.timestamp()) if scheduled else time.time()
 
 
 def _first_time(rows: list[dict[str, Any]], default: float) -> float:

@@ -22,7 +22,7 @@ import numpy as np
 from cifarlab.drift import Verdict
 from cifarlab.drift_report import Series, parse_time
 from registry.run_logging import REFERENCE_ARTIFACT
-from registry.ship_records import MONITORING_EXPERIMENT
+from registry.ship_records import MONITORING_EXPERIMENT, MONITORING_PREFIX
 from registry.tracking import REGISTERED_MODEL, Store, open_store
 from registry.versions import champion_version
 
@@ -40,7 +40,9 @@ def watched_version(store: Store, version: str | None = None) -> Any | None:
 
         try:
             return store.client.get_model_version(REGISTERED_MODEL, str(version))
-        except MlflowException:
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
             raise ValueError(
                 f"model_version={version!r}: no such version of {REGISTERED_MODEL}"
             ) from None
@@ -105,7 +107,7 @@ def log_check(
     files: Mapping[str, Path],
 ) -> str:
     """One monitoring run for one check; its id."""
-    store = open_store(root, MONITORING_EXPERIMENT, uri)
+    store = open_store(root, MONITORING_EXPERIMENT, uri, MONITORING_PREFIX)
     client = store.client
     version = str(context["model_version"])
     run = client.create_run(

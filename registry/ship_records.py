@@ -23,6 +23,7 @@ from registry.tracking import Store, open_store
 from serving.logfiles import SHIPPED, closed_files
 
 MONITORING_EXPERIMENT = "cifar10-monitoring"
+MONITORING_PREFIX = "monitoring"  # its folder in a tracking server's artifact store (bucket)
 HOST_TAG = "cifar.records_host"
 ARTIFACT_DIR = "prediction-log"
 IMAGES_DIR = "feedback-images"  # the inputs clients labelled (CIFAR_KEEP_FEEDBACK_IMAGES=true)
@@ -61,7 +62,7 @@ def ship_records(
     if not files and not images:
         return None
     host = host or socket.gethostname()
-    store = open_store(root, MONITORING_EXPERIMENT, uri)
+    store = open_store(root, MONITORING_EXPERIMENT, uri, MONITORING_PREFIX)
     run_id = host_run(store, host)
     (Path(folder) / SHIPPED).mkdir(exist_ok=True)
     _ship_images(store, run_id, Path(folder), images)
@@ -80,14 +81,14 @@ def download_records(
 ) -> list[Path]:
     """Every host's shipped files, downloaded into `dest` (what a monitor host reads); with
     `days` (YYYYmmdd), only the files opened on those days."""
-    store = open_store(root, MONITORING_EXPERIMENT, uri)
+    store = open_store(root, MONITORING_EXPERIMENT, uri, MONITORING_PREFIX)
     runs = store.client.search_runs([store.experiment_id], filter_string=f"tags.`{HOST_TAG}` != ''")
     got: list[Path] = []
     for run in runs:
         host_dir = Path(dest) / run.data.tags[HOST_TAG]
         (host_dir / ARTIFACT_DIR).mkdir(parents=True, exist_ok=True)
         for day in store.client.list_artifacts(run.info.run_id, ARTIFACT_DIR):
-            if days is None or Path(day.path).name in days:
+            if days is None or Path(day.path).name in days:  # into <host>/prediction-log/<day>
                 store.client.download_artifacts(
                     run.info.run_id, day.path, str(host_dir / ARTIFACT_DIR)
                 )
@@ -103,6 +104,8 @@ def _unshipped_images(folder: Path) -> list[Path]:
 
 
 def _ship_images(store: Store, run_id: str, folder: Path, images: list[Path]) -> None:
+    if not images:
+        return
     with (folder / SHIPPED / IMAGES_SHIPPED).open("a") as done:
         for path in images:
             store.client.log_artifact(run_id, str(path), f"{IMAGES_DIR}/{path.parent.name}")
@@ -112,7 +115,7 @@ def _ship_images(store: Store, run_id: str, folder: Path, images: list[Path]) ->
 
 def download_feedback_images(root: Path, dest: Path, uri: str | None = None) -> list[Path]:
     """Every host's shipped feedback images, downloaded into `dest`: a folder per host."""
-    store = open_store(root, MONITORING_EXPERIMENT, uri)
+    store = open_store(root, MONITORING_EXPERIMENT, uri, MONITORING_PREFIX)
     runs = store.client.search_runs([store.experiment_id], filter_string=f"tags.`{HOST_TAG}` != ''")
     got = []
     for run in runs:

@@ -83,9 +83,12 @@ class Store:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
 
-def open_store(root: Path, experiment: str = EXPERIMENT, uri: str | None = None) -> Store:
+def open_store(
+    root: Path, experiment: str = EXPERIMENT, uri: str | None = None, prefix: str | None = None
+) -> Store:
     """Connect, create the experiment if needed and write a tag: fail early and say why.
-    `uri`: the store (default: `tracking_uri(root)`)."""
+    `uri`: the store (default: `tracking_uri(root)`). `prefix`: on a tracking server, the
+    experiment's own folder of the server's artifact store (else one named by its id)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs
     from mlflow import MlflowClient
@@ -113,7 +116,11 @@ def open_store(root: Path, experiment: str = EXPERIMENT, uri: str | None = None)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         # With a SQLite store, artifacts sit beside the database, not in the current folder.
         artifacts = (
-            (Path(root).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+            (Path(root).resolve() / "mlartifacts").as_uri()
+            if uri.startswith("sqlite:")
+            else f"mlflow-artifacts:/{prefix}"
+            if prefix and uri.startswith(("http://", "https://"))
+            else None
         )
 
         def experiment_id() -> str:  # (another host may create it at the same moment)

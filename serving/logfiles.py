@@ -133,18 +133,34 @@ def recover_orphans(folder: Path) -> list[Path]:
     return closed
 
 
+def opened_at(path: Path) -> float | None:
+    """When a log file was opened, from its name (`predictions-<YYYYmmddTHHMMSS>-...`)."""
+    try:
+        stamp = datetime.strptime(path.name.split("-")[1], "%Y%m%dT%H%M%S")
+    except (IndexError, ValueError):
+        return None
+    return stamp.replace(tzinfo=UTC).timestamp()
+
+
 def read_records(
-    folder: Path, include_open: bool = True, kind: str | None = None
+    folder: Path,
+    include_open: bool = True,
+    kind: str | None = None,
+    opened_after: float | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Every line of the log (shipped and closed files, and the open ones unless told not to),
     in the order the files were opened. A line cut short by a crash is skipped. A folder that
-    is not a log folder (records downloaded from several hosts) is read at every depth."""
+    is not a log folder (records downloaded from several hosts) is read at every depth. With
+    `opened_after`, files opened before that time are skipped."""
     paths = shipped_files(folder) + closed_files(folder)
     if include_open:
         paths += list(Path(folder).glob(f"predictions-*.jsonl{OPEN_SUFFIX}"))
     if not paths:
         paths = [p for p in Path(folder).rglob("predictions-*.jsonl*") if p.is_file()]
     for path in sorted(paths, key=lambda p: p.name):
+        opened = opened_at(path)
+        if opened_after is not None and opened is not None and opened < opened_after:
+            continue  # (a file opened earlier holds only earlier answers)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

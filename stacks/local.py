@@ -119,6 +119,9 @@ class LocalStack(PrefectApi):
             # one small query per worker (the team tests and benchmark still poll every 2 s).
             "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
             "CIFAR_ROOT": str(self.root),
+            # The BentoML store (and the prediction log `make serve` writes beside it) that the
+            # flows import into and the monitor reads: `make`'s, else the root's.
+            "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(self.root / "bentoml")),
             "CIFAR_PROJECT_DIR": str(PROJECT_ROOT),
             "CIFAR_WORK_POOL": pool,
             "CIFAR_CONTROL_POOL": CONTROL_POOL,

@@ -363,7 +363,7 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(
         os.killpg(follower.pid, signal.SIGTERM)
         output = follower.communicate(timeout=60)[0]
     assert follower.returncode == 0 and "prediction-log files to run" in output, output
-    local = {p.name: p.read_bytes() for p in shipped_dir.iterdir()}
+    local = {p.name: p.read_bytes() for p in shipped_dir.glob("predictions-*.jsonl")}
     assert local
     from registry.ship_records import download_records
 
