@@ -244,6 +244,7 @@ def main() -> None:
         prefect_port=free_port(),
         mlflow_port=free_port(),
         pg_port=free_port(),
+        s3_port=free_port(),
         extra_env={"PREFECT_UI_ENABLED": "false", "CIFAR10_SOURCE": args.source},
     )
     lrs = [round(4e-4 * 1.25**i, 6) for i in range(args.runs)]

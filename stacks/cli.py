@@ -111,6 +111,13 @@ def _team_parser(sub: Any) -> argparse.ArgumentParser:
     team.add_argument("--mlflow-port", type=int, default=5000)
     team.add_argument("--pg-port", type=int, default=5433)
     team.add_argument(
+        "--s3-port",
+        type=int,
+        default=8333,
+        help="the S3 port of the stack's SeaweedFS on 127.0.0.1 (not started when "
+        "CIFAR_S3_ENDPOINT names the team's own S3; see docs/team-stack.md)",
+    )
+    team.add_argument(
         "--database-url",
         default=os.environ.get("CIFAR_DATABASE_URL"),
         help="postgresql://USER:PASSWORD@HOST:PORT of your own PostgreSQL "
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 prefect_port=args.port,
                 mlflow_port=args.mlflow_port,
                 pg_port=args.pg_port,
+                s3_port=args.s3_port,
                 database_url=args.database_url,
                 local_gpu_worker=args.with_worker,
                 prefect_file=args.prefect_file,

@@ -1,5 +1,5 @@
 """The team stack: PostgreSQL, the Prefect server and the MLflow tracking server on it (basic
-auth, proxied artifacts), both pools, the deployments, the control worker and the reaper; GPU
+auth, proxied artifacts kept in S3: SeaweedFS on 127.0.0.1, or the team's own), both pools, the deployments, the control worker and the reaper; GPU
 hosts join it with the join file it writes (`python -m stacks worker --join team.env`).
 """
 
@@ -24,6 +24,7 @@ from stacks.local import (
     LocalStack,
     tracking_host,
 )
+from stacks.objectstore import STOP_GRACE_S, LocalSeaweed, S3Store
 from stacks.processes import (
     Services,
     StackError,
@@ -80,6 +81,8 @@ class TeamStack(LocalStack):
         extra_env: dict[str, str] | None = None,
         folder: Path | None = None,
         prefect_file: Path | None = None,
+        s3_port: int = 8333,
+        object_store: S3Store | None = None,
     ):
         self.folder = Path(folder or Path(root).resolve() / ".team")
         self.bind = bind
@@ -87,6 +90,14 @@ class TeamStack(LocalStack):
         self.secrets = self._secrets()
         self.mlflow_url = f"http://{host}:{mlflow_port}"
         self.mlflow_port, self.pg_port = mlflow_port, pg_port
+        # The artifacts' bucket: the team's own S3 when given (CIFAR_S3_ENDPOINT ...), else a
+        # SeaweedFS of this stack on 127.0.0.1 (stacks/objectstore.py).
+        self.object_store = object_store or S3Store.from_env(os.environ)
+        self.seaweed = (
+            None
+            if self.object_store
+            else LocalSeaweed(self.folder / "seaweedfs", s3_port, self.secrets)
+        )
         self.database_url = database_url
         self.local_gpu_worker = local_gpu_worker
         self.join = {
@@ -117,13 +128,13 @@ class TeamStack(LocalStack):
     def _secrets(self) -> dict[str, str]:
         """Generated once per team folder, kept in `<folder>/secrets.env` (mode 600)."""
         path = self.folder / "secrets.env"
-        if path.is_file():
-            return read_env_file(path)
-        values = {
-            k: secrets.token_urlsafe(24)
-            for k in ("DB_PASSWORD", "PREFECT_TOKEN", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY")
-        }
-        write_private(path, values, "# team stack secrets: never commit or share this file\n")
+        values = read_env_file(path) if path.is_file() else {}
+        wanted = ("DB_PASSWORD", "PREFECT_TOKEN", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY",
+                  "S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_FILER_KEY")  # fmt: skip
+        missing = [k for k in wanted if k not in values]  # (a folder from an older version)
+        if missing:
+            values.update({k: secrets.token_urlsafe(24) for k in missing})
+            write_private(path, values, "# team stack secrets: never commit or share this file\n")
         return values
 
     def _database(self):
@@ -165,7 +176,9 @@ class TeamStack(LocalStack):
             "--app-name",
             "basic-auth",
             "--artifacts-destination",
-            str(self.folder / "mlartifacts"),
+            self.object_store.destination
+            if self.object_store
+            else str(self.folder / "mlartifacts"),
             "--host",
             self.bind,
             "--port",
@@ -187,6 +200,7 @@ class TeamStack(LocalStack):
                 "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_SECRET_KEY"],
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                **(self.object_store.server_env() if self.object_store else {}),
             },
         )
         wait_http(
@@ -195,6 +209,15 @@ class TeamStack(LocalStack):
             self.procs["mlflow"],
             self.logs / "mlflow.log",
         )
+
+    def start_object_store(self) -> None:
+        """SeaweedFS on 127.0.0.1 (only the tracking server talks to it), or a check that the
+        team's own bucket answers its credentials: one line naming the store otherwise."""
+        if self.seaweed is not None:
+            self.object_store = self.seaweed.start(self.services, self.logs / "seaweedfs.log")
+        else:
+            assert self.object_store is not None
+            self.object_store.check()
 
     def start_prefect_on_database(self) -> None:
         from stacks.postgres import DATABASES
@@ -245,6 +268,7 @@ class TeamStack(LocalStack):
         steps = [
             ("PostgreSQL", database),
             ("Prefect server", self.start_prefect_on_database),
+            ("object store", self.start_object_store),
             ("MLflow server", lambda: self.start_mlflow_server(self.db)),
             ("work pools", self.setup_pools),
             ("deployments", self.deploy),
@@ -260,7 +284,8 @@ class TeamStack(LocalStack):
         with signals_deferred():
             try:
                 self.services.stop_all(
-                    order=("reaper", "control", "worker", "server", "mlflow"), graces=WORKER_GRACES
+                    order=("reaper", "control", "worker", "server", "mlflow", "seaweedfs"),
+                    graces={**WORKER_GRACES, "seaweedfs": STOP_GRACE_S},
                 )
             finally:
                 if self.postgres is not None:

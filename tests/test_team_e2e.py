@@ -165,7 +165,8 @@ def team(tmp_path_factory):
     server_data = base / "server-data" / "cifar-10-batches-py"
     sums = write_synthetic_cifar(server_data)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    ports = {"prefect_port": free_port(), "mlflow_port": free_port(), "pg_port": free_port()}
+    ports = {"prefect_port": free_port(), "mlflow_port": free_port(), "pg_port": free_port(),
+             "s3_port": free_port()}  # fmt: skip
 
     def make() -> TeamStack:
         return TeamStack(
@@ -275,6 +276,14 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(
     best = max(children, key=lambda c: c.data.metrics["final_val_accuracy"])
     assert champion.run_id == parent.data.tags["candidate_run_id"] == best.info.run_id
     assert champion.tags["registration"] == "complete"
+    # Every artifact went through the tracking server into the stack's bucket (SeaweedFS on
+    # 127.0.0.1), none onto the server's disk; the hosts' join file names no object store.
+    objects = _bucket_keys(team["stack"])
+    assert any(k.endswith(".onnx") for k in objects) and any(
+        k.endswith("weights.pt") for k in objects
+    )
+    assert not (team["stack"].folder / "mlartifacts").exists()
+    assert not any(k.startswith(("AWS_", "MLFLOW_S3", "CIFAR_S3")) for k in team["join"])
     # No worker filled a BentoML store: serving hosts import from the registry themselves.
     for host in team["hosts"]:
         assert not (host.home / "bentoml").exists() and not (host.root / "bentoml").exists()
@@ -373,6 +382,15 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(
     assert {p.name: p.read_bytes() for p in got} == local
     kinds = [json.loads(line)["kind"] for p in got for line in p.read_text().splitlines()]
     assert sorted(kinds) == ["feedback", "prediction"]
+    shipped_keys = [k for k in _bucket_keys(team["stack"]) if "/prediction-log/" in k]
+    assert shipped_keys and all(k.startswith("mlartifacts/monitoring/") for k in shipped_keys)
+
+
+def _bucket_keys(stack) -> list[str]:
+    from stacks.objectstore import BUCKET
+
+    pages = stack.object_store.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def test_hosts_writing_the_same_new_rows_at_once_on_the_team_server(team, monkeypatch, tmp_path):

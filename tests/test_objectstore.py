@@ -1,0 +1,61 @@
+"""The team's object store (stacks/objectstore.py): a real SeaweedFS on 127.0.0.1, its S3
+credentials, and the errors a wrong one or a dead endpoint gives."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import urllib.error
+import urllib.request
+
+import pytest
+
+from stacks.objectstore import BUCKET, LocalSeaweed, S3Store
+from stacks.processes import Services, StackError, free_port
+
+
+def test_a_dead_endpoint_is_one_line_naming_it():
+    store = S3Store(f"http://127.0.0.1:{free_port()}", "b", "k", "s")
+    with pytest.raises(StackError, match=r"^object store http://127\.0\.0\.1:\d+: unreachable"):
+        store.check()
+
+
+def test_a_team_s3_needs_both_keys():
+    assert S3Store.from_env({}) is None
+    with pytest.raises(StackError, match="CIFAR_S3_ENDPOINT=http://s3.example:9000: also set"):
+        S3Store.from_env({"CIFAR_S3_ENDPOINT": "http://s3.example:9000"})
+    store = S3Store.from_env({"CIFAR_S3_ENDPOINT": "http://s3.example:9000",
+                              "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})  # fmt: skip
+    assert store is not None and store.bucket == BUCKET and store.destination.startswith("s3://")
+
+
+@pytest.mark.e2e
+def test_seaweedfs_serves_its_bucket_to_its_keys_only(tmp_path):
+    keys = {
+        k: secrets.token_urlsafe(16) for k in ("S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_FILER_KEY")
+    }
+    seaweed = LocalSeaweed(tmp_path / "sw", free_port(), keys)
+    services = Services(tmp_path / "logs", dict(os.environ))
+    try:
+        store = seaweed.start(services, tmp_path / "logs" / "seaweedfs.log")
+        proc = services.procs["seaweedfs"]
+        s3 = store.client()
+        s3.put_object(Bucket=store.bucket, Key="mlartifacts/x.bin", Body=b"x" * 1000)
+        assert (
+            s3.get_object(Bucket=store.bucket, Key="mlartifacts/x.bin")["Body"].read()
+            == b"x" * 1000
+        )
+        store.check(create=True)  # a second start finds its bucket
+        wrong = S3Store(store.endpoint, store.bucket, store.access_key, "not-the-secret")
+        with pytest.raises(StackError, match=r"bucket cifar10-mlops: refused \(403\)"):
+            wrong.check()
+        # Nobody reads around the S3 keys: the S3 gateway and the filer refuse anonymous reads.
+        filer = f"http://127.0.0.1:{seaweed.ports['filer']}/buckets/{BUCKET}/mlartifacts/x.bin"
+        for url, code in ((f"{store.endpoint}/{BUCKET}/mlartifacts/x.bin", 403), (filer, 401)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url, timeout=10)
+            assert refused.value.code == code, url
+        assert (tmp_path / "sw" / "s3.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        services.stop_all(graces={"seaweedfs": 35})
+    assert proc.poll() is not None
