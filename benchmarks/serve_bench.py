@@ -76,16 +76,37 @@ def load_pngs(source: Path, n: int) -> list[bytes]:
     return out
 
 
+def save_model(home: Path, onnx: Path, meta: dict, ood=None) -> None:
+    """An ONNX file in the BentoML store at `home`, with the metadata (and out-of-distribution
+    reference file) the service reads, as registry/import_champion.py stores them."""
+    import bentoml
+
+    from cifarlab.constants import CLASS_NAMES, MEAN, STD
+
+    meta = {"class_names": list(CLASS_NAMES), "mean": list(MEAN), "std": list(STD),
+            "onnx_file": "model.onnx", **meta}  # fmt: skip
+    if ood is not None:
+        meta.update(ood_file="ood_reference.json", ood_threshold=ood.threshold,
+                    ood_method=ood.method)  # fmt: skip
+    with bentoml.models.create(
+        "cifar10-classifier",
+        labels={"source": "benchmark"},
+        metadata=meta,
+        _model_store=model_store(home),
+    ) as bm:
+        Path(bm.path_of("model.onnx")).write_bytes(Path(onnx).read_bytes())
+        if ood is not None:
+            Path(bm.path_of("ood_reference.json")).write_text(ood.to_json())
+
+
 def default_model(home: Path, pngs: list[bytes] | None = None) -> str:
     """Export the default preset's net to ONNX and put it in the BentoML store at `home`, with
     an out-of-distribution reference fitted on `pngs` (so that answers are scored as a
     registered champion's are; the reference of untrained weights means nothing else)."""
-    import bentoml
     import torch
 
     from cifarlab import ood
     from cifarlab.config import preset
-    from cifarlab.constants import CLASS_NAMES, MEAN, STD
     from cifarlab.export import export_onnx, onnx_logits
     from models import build_model
 
@@ -95,11 +116,7 @@ def default_model(home: Path, pngs: list[bytes] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "model.onnx")
         meta = {
-            "class_names": list(CLASS_NAMES),
-            "mean": list(MEAN),
-            "std": list(STD),
             "preset": config.preset,
-            "onnx_file": "model.onnx",
             "note": "benchmark model: default architecture, untrained weights",
         }
         ref = None
@@ -107,16 +124,7 @@ def default_model(home: Path, pngs: list[bytes] | None = None) -> str:
             x = to_model_input(np.stack([decode_image(b).pixels for b in pngs[:1000]]))
             logits = onnx_logits(path, x)
             ref = ood.fit(logits[:500], x[:500], logits[500:], x[500:])
-            meta.update(ood_file="ood_reference.json", ood_threshold=ref.threshold)
-        with bentoml.models.create(
-            "cifar10-classifier",
-            labels={"source": "benchmark"},
-            metadata=meta,
-            _model_store=model_store(home),
-        ) as bm:
-            Path(bm.path_of("model.onnx")).write_bytes(path.read_bytes())
-            if ref is not None:
-                Path(bm.path_of("ood_reference.json")).write_text(ref.to_json())
+        save_model(home, path, meta, ref)
     return config.preset
 
 

@@ -129,8 +129,8 @@ def monitor_cifar(
     lag = SHIPPED_LAG_MINUTES if lag_minutes is None and shipped else (lag_minutes or 0.0)
     end = now - lag * 60
     start = end - hours * 3600 if hours else _first_time(rows, end)
-    preds, feedback = monitoring.window(rows, vid, start, end)
-    champion = monitoring.watched_version(store)
+    preds, feedback = monitoring.window(rows, start, end)
+    champion = version if model_version is None else monitoring.watched_version(store)
     context = {"model_version": vid, "champion": champion is not None and
                str(champion.version) == vid, "window_start": _iso(start), "window_end": _iso(end),
                "records": source, "answers": len(preds), "feedback": len(feedback),

@@ -65,19 +65,20 @@ def load_reference(store: Store, version: Any) -> dict[str, np.ndarray]:
 
 
 def window(
-    records: Iterable[Mapping[str, Any]], version: str, start: float, end: float
+    records: Iterable[dict[str, Any]], start: float, end: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The answers of `version` given in [start, end), and the labels for its answers that
-    arrived in [start, end) (a label comes after its answer, maybe in a later window: it
-    counts in the window it arrived in, so none is lost)."""
+    """Of one version's records: its answers given in [start, end), and the labels that arrived
+    in [start, end) (a label comes after its answer, maybe in a later window: it counts in the
+    window it arrived in, so none is lost)."""
     preds: list[dict[str, Any]] = []
     feedback: list[dict[str, Any]] = []
     for r in records:
-        if str(r.get("model_version")) != str(version) or not start <= parse_time(r["time"]) < end:
-            continue
-        kind = r.get("kind", "prediction")
-        if kind in ("prediction", "feedback"):
-            (preds if kind == "prediction" else feedback).append(dict(r))
+        if start <= parse_time(r["time"]) < end:
+            kind = r.get("kind", "prediction")
+            if kind == "prediction":
+                preds.append(r)
+            elif kind == "feedback":
+                feedback.append(r)
     return preds, feedback
 
 
