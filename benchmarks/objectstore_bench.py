@@ -7,8 +7,10 @@ the team stack's start time with the object server.
    one with `--artifacts-destination` a local folder, one with `s3://<bucket>/mlartifacts` on a
    SeaweedFS started as the team stack starts it (stacks/objectstore.py). A client logs a file
    of `--mb` MB of random bytes as an artifact (`MlflowClient.log_artifact`, through the server)
-   and downloads it again; the two servers take turns, `--repeats` times; medians in MB/s, and
-   a sha256 check of every download.
+   and downloads it again, both ways through the server as the project's clients do (no
+   presigned URLs of the object store: registry.tracking.files_through_the_server, checked in
+   the server's log); the two servers take turns, `--repeats` times; medians in MB/s, and a
+   sha256 check of every download.
 2. The team stack (`stacks.team.TeamStack`: PostgreSQL, Prefect, SeaweedFS, MLflow, pools,
    deployments, workers) started and stopped in a temporary folder: seconds per step.
 Saves benchmarks/results/objectstore.json with the CPU model.
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from machine_info import cpu_model  # beside this script
 
+from registry.tracking import files_through_the_server
 from stacks.objectstore import LocalSeaweed
 from stacks.processes import Services, _exe, free_port, wait_http
 
@@ -99,9 +102,12 @@ def throughput(mb: int, repeats: int, base: Path) -> dict:
             ),  # fmt: skip
         }
         trips: dict[str, list[tuple[float, float]]] = {k: [] for k in urls}
+        files_through_the_server()
         for _ in range(repeats):
             for name, url in urls.items():
                 trips[name].append(one_trip(url, path, digest, base))
+        log = (base / "logs" / "mlflow-s3.log").read_text()
+        assert "/mlflow-artifacts/presigned/" not in log, "a download bypassed the server"
     finally:
         services.stop_all(graces={"seaweedfs": 35})
     out = {"file_mb": mb, "repeats": repeats, "seaweedfs_start_s": round(seaweed_start, 2)}

@@ -250,9 +250,8 @@ def register(
     champion_tags: Callable[[], dict[str, str]] | None = None,
     lock: AbstractContextManager[Any],
 ) -> Registered:
-    """Judge the run's exported model against the champion, add it to the registry as
-    `champion` or `challenger` with the verdict on its tags, log the comparison report and the
-    model card (also the version's description).
+    """Judge the run's exported model against the champion, register it as `champion` or
+    `challenger` with the verdict on its tags, log the report and model card (also its description).
 
     The model is judged before the registry lock is taken; under it, the verdict stands if
     the champion is still the one it was judged against, else it is judged again.
@@ -266,6 +265,7 @@ def register(
     `lock` (required): held while the version is created and the alias moved, so that
     registrations of this model name happen one at a time (the flows pass a Prefect lease
     shared by every host, flows/locks.py; one process may pass a threading.Lock)."""
+    versions.require_artifact_store(store, run_id)  # a dead one fails now, in seconds
     first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name, known)
     prepared = champion_tags() if champion_tags is not None and first.promote else None
     # One registration at a time for this model name, across every host: two runs finishing

@@ -86,9 +86,16 @@ def import_champion(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from registry.tracking import CHAMPION, REGISTERED_MODEL, Store, display_uri
+    from registry.tracking import (
+        CHAMPION,
+        REGISTERED_MODEL,
+        Store,
+        display_uri,
+        files_through_the_server,
+    )
     from registry.versions import download_onnx, version_uri
 
+    files_through_the_server()
     registered_model = registered_model or REGISTERED_MODEL
     alias = alias or CHAMPION
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -23,7 +23,7 @@ from cifarlab.drift import Verdict
 from cifarlab.drift_report import Series, parse_time
 from registry.run_logging import REFERENCE_ARTIFACT
 from registry.ship_records import MONITORING_EXPERIMENT, MONITORING_PREFIX
-from registry.tracking import REGISTERED_MODEL, Store, open_store
+from registry.tracking import REGISTERED_MODEL, Store, has_artifact, open_store
 from registry.versions import champion_version
 
 MONITOR_KIND = "monitor"
@@ -52,6 +52,8 @@ def watched_version(store: Store, version: str | None = None) -> Any | None:
 def load_reference(store: Store, version: Any) -> dict[str, np.ndarray]:
     """The version's validation answers (cifarlab/drift.py), logged when its run was evaluated."""
     try:
+        if not has_artifact(store, version.run_id, REFERENCE_ARTIFACT):
+            raise FileNotFoundError(REFERENCE_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
             path = store.client.download_artifacts(version.run_id, REFERENCE_ARTIFACT, tmp)
             with np.load(path) as data:

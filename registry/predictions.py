@@ -104,6 +104,8 @@ def recorded_predictions(
     """(indices, classes) that the run recorded for this very model; None when it recorded
     none, recorded them for another model, or the record is not two matching integer arrays."""
     try:
+        if not tracking.has_artifact(store, run_id, PREDICTIONS_FILE):
+            return None
         with tempfile.TemporaryDirectory() as tmp:
             local = store.client.download_artifacts(run_id, PREDICTIONS_FILE, tmp)
             with np.load(local) as z:

@@ -69,12 +69,24 @@ def tracking_uri(root: Path) -> str:
     )
 
 
+def files_through_the_server() -> None:
+    """Artifacts go through the tracking server, both ways (unless this process's environment
+    says otherwise). A server on S3 offers its clients presigned URLs of its object store, which
+    MLflow's client then uses for every download and for uploads over 500 MB: an address other
+    hosts may not reach (docs/team-stack.md, "Object store")."""
+    for direction in ("UPLOAD", "DOWNLOAD"):
+        os.environ.setdefault(f"MLFLOW_ENABLE_PROXY_MULTIPART_{direction}", "false")
+
+
 @dataclass
 class Store:
     """A checked tracking store and the experiment runs go to."""
 
     uri: str
     experiment_id: str
+
+    def __post_init__(self) -> None:
+        files_through_the_server()
 
     @property
     def client(self):
@@ -365,3 +377,12 @@ def log_json(store: Store, run_id: str, name: str, data: Any) -> None:
         path = Path(tmp) / name
         path.write_text(json.dumps(data, indent=2, default=str) + "\n")
         store.client.log_artifact(run_id, str(path))
+
+
+def has_artifact(store: Store, run_id: str, path: str) -> bool:
+    """Whether the run has the file `path`: ask before downloading one that may be missing. A
+    tracking server on S3 answers a missing file with HTTP 500, which MLflow's client retries
+    for minutes; a listing answers at once."""
+    folder = path.rpartition("/")[0] or None
+    listed = store.client.list_artifacts(run_id, folder)
+    return any(f.path == path and not f.is_dir for f in listed)

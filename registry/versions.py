@@ -8,12 +8,13 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.tracking import CHAMPION, REGISTERED_MODEL, Store
+from registry.tracking import CHAMPION, REGISTERED_MODEL, Store, display_uri
 
 
 @dataclass
@@ -186,3 +187,47 @@ def download_onnx(store: Store, artifact_uri: str, dest: Path) -> Path:
             f"{artifact_uri}: expected one .onnx file, found {[p.name for p in found]}"
         )
     return found[0]
+
+
+class ArtifactStoreDown(RuntimeError):
+    """The tracking server's artifact store does not answer: nothing may be registered."""
+
+
+ARTIFACT_STORE_WAIT_S = 30.0
+
+
+def require_artifact_store(
+    store: Store, run_id: str, wait_s: float = ARTIFACT_STORE_WAIT_S
+) -> None:
+    """On a tracking server with proxied artifacts (its object store behind it), the run's
+    artifact folder must list within `wait_s` seconds, asked without MLflow's own retries:
+    those last some 4 minutes per request, and a registration makes several. A registration
+    that fails here has created nothing and moved no alias."""
+    from urllib.parse import urlparse
+
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    artifact_uri = urlparse(store.client.get_run(run_id).info.artifact_uri)
+    if artifact_uri.scheme != "mlflow-artifacts" or not store.uri.startswith("http"):
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            answer = http_request(
+                get_default_host_creds(store.uri), "/api/2.0/mlflow-artifacts/artifacts", "GET",
+                params={"path": artifact_uri.path.lstrip("/")}, max_retries=0,
+                retry_codes=frozenset(), raise_on_status=False, timeout=10,
+            )  # fmt: skip
+            if answer.status_code == 200:
+                return
+            why = f"HTTP {answer.status_code}"
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is the same answer
+            why = type(exc).__name__
+        if time.monotonic() >= deadline:
+            raise ArtifactStoreDown(
+                f"MLflow tracking server {display_uri(store.uri)}: its artifact store does not "
+                f"answer ({why} for run {run_id}'s files, for {wait_s:.0f} s): nothing "
+                "registered, no alias moved; the next run of this config resumes and registers"
+            )
+        time.sleep(3)

@@ -6,9 +6,10 @@ with its S3 gateway on 127.0.0.1, credentials generated into the team's secrets 
 A team with its own S3 (MinIO, Ceph, a cloud bucket) passes its endpoint, bucket and credentials
 instead, and nothing is started. Only the tracking server talks S3 (`--artifacts-destination`,
 proxied artifacts): workers and serving hosts keep talking to the tracking server alone, need no
-S3 credentials and never see the object store's address. MLflow's proxy multipart upload stays
-off (it would hand clients presigned URLs of the object store); the server's own S3 client
-(boto3) splits big files into parts itself.
+S3 credentials and never see the object store's address. Such a server offers its clients
+presigned URLs of the object store; the project's clients decline them (registry/tracking.py,
+the join file), so big files too go through the server, whose own S3 client (boto3) splits
+them into parts.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ class S3Store:
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": self.region,
-            "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
         }
 
     def client(self):

@@ -106,6 +106,9 @@ class TeamStack(LocalStack):
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_TRACKING_USERNAME": "admin",
             "MLFLOW_TRACKING_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
+            # files through the tracking server, not presigned URLs of its object store
+            "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+            "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
         }
         super().__init__(
             root,

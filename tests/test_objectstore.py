@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from stacks import postgres
 from stacks.objectstore import BUCKET, LocalSeaweed, S3Store
 from stacks.processes import Services, StackError, free_port
+from tests.conftest import missing
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_dead_endpoint_is_one_line_naming_it():
@@ -59,3 +66,42 @@ def test_seaweedfs_serves_its_bucket_to_its_keys_only(tmp_path):
     finally:
         services.stop_all(graces={"seaweedfs": 35})
     assert proc.poll() is not None
+
+
+@pytest.mark.e2e
+def test_a_team_s3_with_a_wrong_key_stops_the_team_stack_in_one_line(tmp_path):
+    """`make team-stack` pointed at the team's own S3 (here a real SeaweedFS) with a wrong
+    secret: one line naming the store, exit code 2, nothing left running."""
+    from tests.test_team_e2e import _processes_of
+
+    try:
+        postgres.find_bindir()
+    except postgres.PostgresError as exc:
+        missing("PostgreSQL", str(exc))
+    keys = {
+        k: secrets.token_urlsafe(16) for k in ("S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_FILER_KEY")
+    }
+    services = Services(tmp_path / "logs", dict(os.environ))
+    try:
+        store = LocalSeaweed(tmp_path / "sw", free_port(), keys).start(
+            services, tmp_path / "logs" / "seaweedfs.log"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+        env |= {"CIFAR_S3_ENDPOINT": store.endpoint, "CIFAR_S3_ACCESS_KEY": store.access_key,
+                "CIFAR_S3_SECRET_KEY": "not-the-secret", "PREFECT_UI_ENABLED": "false"}  # fmt: skip
+        ports = [str(free_port()) for _ in range(3)]
+        started = subprocess.run(
+            [sys.executable, "-m", "stacks", "team", "--root", str(tmp_path / "root"),
+             "--port", ports[0], "--mlflow-port", ports[1], "--pg-port", ports[2]],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        services.stop_all(graces={"seaweedfs": 35})
+    assert started.returncode == 2, started.stderr[-3000:]
+    assert "Traceback" not in started.stderr, started.stderr[-3000:]
+    assert started.stderr.strip().splitlines()[-1] == (
+        f"error: stack start failed at step 'object store': object store {store.endpoint}, "
+        f"bucket {BUCKET}: refused (403): check its access key and secret; every process it "
+        "had started is stopped"
+    )
+    assert _processes_of(tmp_path / "root") == []

@@ -212,8 +212,8 @@ def _client(team):
     from mlflow import MlflowClient
 
     join = team["join"]
-    os.environ["MLFLOW_TRACKING_USERNAME"] = join["MLFLOW_TRACKING_USERNAME"]
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = join["MLFLOW_TRACKING_PASSWORD"]
+    # As a user's script that reads the join file: credentials, files through the server.
+    os.environ.update({k: v for k, v in join.items() if k.startswith("MLFLOW_")})
     uri = join["MLFLOW_TRACKING_URI"]
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -384,6 +384,19 @@ def test_sweep_spreads_over_two_hosts_and_serving_host_imports_the_champion(
     assert sorted(kinds) == ["feedback", "prediction"]
     shipped_keys = [k for k in _bucket_keys(team["stack"]) if "/prediction-log/" in k]
     assert shipped_keys and all(k.startswith("mlartifacts/monitoring/") for k in shipped_keys)
+    # Every file went through the tracking server: no host asked it for presigned URLs of the
+    # object store, whose address (127.0.0.1 of the server's host) other hosts cannot reach.
+    assert _object_store_urls_asked(stack) == []
+
+
+def _object_store_urls_asked(stack) -> list[str]:
+    """The tracking server's access-log lines of requests for presigned URLs of its bucket."""
+    log = (stack.services.logs / "mlflow.log").read_text(errors="replace")
+    return [
+        line
+        for line in log.splitlines()
+        if "/mlflow-artifacts/presigned/" in line or "/mlflow-artifacts/mpu/" in line
+    ]
 
 
 def _bucket_keys(stack) -> list[str]:
@@ -490,7 +503,15 @@ def _rerun_until_resumed(team, client, seed: int, run_id: str, state: str, fault
     if state != "COMPLETED":
         run = client.get_run(run_id)
         assert run.info.status == "FAILED", f"{fault}: MLflow run left {run.info.status}"
-        state = _wait_final(team, _start_run(team, seed))
+        # The checkpoint is on the host that trained it: the re-run must land there.
+        others = [h for h in team["hosts"] if h.name != run.data.tags["worker"]]
+        for host in others:
+            host.stop()
+        try:
+            state = _wait_final(team, _start_run(team, seed))
+        finally:
+            for host in others:
+                host.start()
         assert state == "COMPLETED"
         (again,) = _runs(client, f"params.`train.seed` = '{seed}'")
         assert again.info.run_id == run_id  # resumed, not started over
@@ -559,3 +580,177 @@ def test_a_host_that_never_returns_leaves_no_run_running_for_ever(team):
         assert failed.data.tags["failure"] == "its flow run ended without it"
     finally:
         victim.start()
+
+
+# ---------------------------------------------------------------------------------------------
+# The object store: faults, and a file over 500 MB
+# ---------------------------------------------------------------------------------------------
+
+
+def _artifact_requests_failed(stack) -> int:
+    """Artifact requests the tracking server answered with HTTP 500 (its object store down)."""
+    log = (stack.services.logs / "mlflow.log").read_text(errors="replace")
+    return sum(1 for line in log.splitlines() if "/mlflow-artifacts/" in line and '" 500' in line)
+
+
+def _kill_object_store(stack) -> None:
+    stack.services.stop("seaweedfs", grace=0)  # SIGKILL at once: a crash, nothing finished
+
+
+def _champion_version(client) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(REGISTERED_MODEL, "champion").version
+    except MlflowException:
+        return None
+
+
+def _wait_tag(client, seed: int, tag: str, timeout: float = 300):
+    """The running MLflow run of this seed once it carries `tag`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in _runs(
+            client, f"params.`train.seed` = '{seed}' and attributes.status = 'RUNNING'"
+        ):
+            if tag in run.data.tags:
+                return run
+        time.sleep(0.05)
+    raise TimeoutError(f"no run of seed {seed} got tag {tag}")
+
+
+def _assert_every_version_whole(team, tmp_path: Path) -> None:
+    """Every registry version's files download whole: its model folder (the files MLmodel
+    names, the same for every version), an ONNX file that loads and is the very model its run
+    evaluated (the digest in the run's predictions file), its run's weights, its int8 twin
+    where it has one, and, once its registration completed, its model card."""
+    import numpy as np
+    import onnx
+    import torch
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    from registry.modelcard import CARD_FILE
+    from registry.predictions import PREDICTIONS_FILE, model_digest
+
+    client = _client(team)
+    layouts = set()
+    for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'"):
+        dest = tmp_path / f"version-{v.version}"
+        model_dir = Path(
+            download_artifacts(
+                artifact_uri=client.get_model_version_download_uri(v.name, v.version),
+                dst_path=str(dest / "model"),
+                tracking_uri=team["join"]["MLFLOW_TRACKING_URI"],
+            )
+        )
+        layouts.add(tuple(sorted(p.name for p in model_dir.iterdir())))
+        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+        onnx_file = model_dir / mlmodel["flavors"]["onnx"]["data"]
+        onnx.checker.check_model(str(onnx_file))
+        with np.load(client.download_artifacts(v.run_id, PREDICTIONS_FILE, str(dest))) as recorded:
+            assert str(recorded["onnx_digest"]) == model_digest(onnx_file), v.version
+        torch.load(client.download_artifacts(v.run_id, "weights.pt", str(dest)))
+        if "int8_val_accuracy" in v.tags:
+            onnx.checker.check_model(
+                client.download_artifacts(v.run_id, "int8/model_int8.onnx", str(dest))
+            )
+        if v.tags["registration"] == "complete":
+            card = Path(client.download_artifacts(v.run_id, CARD_FILE, str(dest))).read_text()
+            assert f"version {v.version};" in card, v.version
+    assert len(layouts) == 1, layouts
+
+
+def test_object_store_down_while_a_run_uploads_its_model(team, tmp_path):
+    """SeaweedFS killed two epochs before a run's training ends, and started again 3 s later
+    (some 15 s without it): the export's and evaluation's uploads (weights, ONNX model,
+    predictions, plots) meet a dead store. The MLflow client's retries carry them over the gap,
+    or the run fails and the next run of its config resumes it; either way it is registered
+    once and every registry version's files download whole."""
+    stack, client = team["stack"], _client(team)
+    flow_run = _start_run(team, seed=104)
+    run = _wait_epochs(client, 104, LONG_TRAIN - 2)
+    failed_before = _artifact_requests_failed(stack)
+    _kill_object_store(stack)
+    time.sleep(3)
+    stack.start_object_store()
+    state = _wait_final(team, flow_run)
+    assert _artifact_requests_failed(stack) > failed_before  # uploads did meet the dead store
+    _rerun_until_resumed(team, client, 104, run.info.run_id, state, "object store down")
+    _assert_every_version_whole(team, tmp_path)
+
+
+def test_object_store_gone_when_a_version_is_registered_leaves_the_alias(team, tmp_path):
+    """SeaweedFS killed once a run's model is uploaded (the run's `onnx_model_id` tag) and kept
+    down: the registration finds the tracking server's artifact store silent for 30 s and stops
+    before creating anything (not after MLflow's 4 minutes of retries per request), the run
+    fails naming it, and the `champion` alias stays where it was. Back up, the next run of the
+    config resumes and registers once; every version's files download whole."""
+    stack, client = team["stack"], _client(team)
+    before = _champion_version(client)
+    flow_run = _start_run(team, seed=105)
+    run = _wait_tag(client, 105, "onnx_model_id")
+    _kill_object_store(stack)
+    try:
+        state = _wait_final(team, flow_run, timeout=300)
+        assert state == "FAILED"
+        failed = client.get_run(run.info.run_id)
+        assert failed.info.status == "FAILED"
+        assert "its artifact store does not answer" in failed.data.tags["failure"]
+        assert "nothing registered, no alias moved" in failed.data.tags["failure"]
+        assert _champion_version(client) == before
+        assert client.search_model_versions(f"run_id = '{run.info.run_id}'") == []
+    finally:
+        stack.start_object_store()
+    _rerun_until_resumed(team, client, 105, run.info.run_id, state, "object store gone")
+    _assert_every_version_whole(team, tmp_path)
+
+
+def test_a_file_over_500_mb_goes_through_the_tracking_server_in_parts(team, tmp_path):
+    """520 MB logged as a client on any host logs it: through the tracking server (no presigned
+    URL of the object store), into the bucket in parts by the server's own S3 client, and back
+    byte for byte."""
+    import hashlib
+
+    from stacks.objectstore import BUCKET, PREFIX
+
+    stack, client = team["stack"], _client(team)
+    exp = client.get_experiment_by_name("big-files")
+    exp_id = exp.experiment_id if exp else client.create_experiment("big-files")
+    run = client.create_run(exp_id)
+    path, sent = tmp_path / "big.bin", hashlib.sha256()
+    with open(path, "wb") as fh:
+        for _ in range(520):
+            block = os.urandom(1 << 20)
+            sent.update(block)
+            fh.write(block)
+    key = f"{PREFIX}/{run.info.artifact_uri.removeprefix('mlflow-artifacts:/')}/big.bin"
+    s3 = stack.object_store.client()
+    try:
+        client.log_artifact(run.info.run_id, str(path))
+        path.unlink()
+        head = s3.head_object(Bucket=BUCKET, Key=key)
+        assert head["ContentLength"] == 520 << 20
+        assert head["ETag"].strip('"').endswith(("-65", "-66")), head["ETag"]  # 8 MB parts
+        back, got = (
+            Path(client.download_artifacts(run.info.run_id, "big.bin", str(tmp_path))),
+            hashlib.sha256(),
+        )
+        with open(back, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                got.update(block)
+        assert got.hexdigest() == sent.hexdigest()
+        assert _object_store_urls_asked(stack) == []
+        # A file the run lacks is known at once: the server on S3 answers the download of a
+        # missing file with HTTP 500, which MLflow's client would retry for some 4 minutes.
+        from registry.predictions import recorded_predictions
+        from registry.tracking import Store
+
+        t0 = time.monotonic()
+        store = Store(team["join"]["MLFLOW_TRACKING_URI"], exp_id)
+        assert recorded_predictions(store, run.info.run_id, tmp_path / "unused.onnx") is None
+        assert time.monotonic() - t0 < 30
+    finally:
+        for f in tmp_path.glob("*.bin"):
+            f.unlink()
+        s3.delete_object(Bucket=BUCKET, Key=key)

@@ -119,3 +119,30 @@ def test_a_lost_race_is_retried_and_other_errors_are_not():
     with pytest.raises(MlflowException, match="UNIQUE"):
         tracking._retry_lost_race(always_lose, attempts=3)
     assert len(calls) == 3
+
+
+def test_has_artifact_finds_files_at_the_root_and_in_folders_only(store_root):
+    store = tracking.open_store(store_root)
+    run_id = store.client.create_run(store.experiment_id).info.run_id
+    tracking.log_json(store, run_id, "top.json", {})
+    (store_root / "ref.npz").write_bytes(b"x")
+    tracking.log_files(store, run_id, {"ref": store_root / "ref.npz"}, folder="monitoring")
+    assert tracking.has_artifact(store, run_id, "top.json")
+    assert tracking.has_artifact(store, run_id, "monitoring/ref.npz")
+    assert not tracking.has_artifact(store, run_id, "ref.npz")  # not at the root
+    assert not tracking.has_artifact(store, run_id, "monitoring")  # a folder, not a file
+    assert not tracking.has_artifact(store, run_id, "missing/ref.npz")
+
+
+def test_clients_send_files_through_the_tracking_server_unless_told_otherwise(monkeypatch):
+    for direction in ("UPLOAD", "DOWNLOAD"):
+        monkeypatch.delenv(f"MLFLOW_ENABLE_PROXY_MULTIPART_{direction}", raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "true")  # a team's direct access
+    tracking.Store("http://127.0.0.1:1", "0")
+    from mlflow.environment_variables import (
+        MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD,
+        MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD,
+    )
+
+    assert MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD.get() is False
+    assert MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD.get() is True
