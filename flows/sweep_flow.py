@@ -40,7 +40,7 @@ from flows.common import project_root
 from flows.params import DataOverrides, ModelOverrides, PresetName, TrainOverrides
 from flows.sweep_plan import SweepPlan, make_plan, start_parent_run
 from flows.sweep_registration import PointFailed, register_best_point
-from registry import tracking
+from registry import tracking, versions
 from registry.champion import MIN_SHARED_IMAGES
 
 StudyName = Literal[tuple(studies.STUDIES)]  # type: ignore[valid-type]
@@ -198,6 +198,7 @@ def sweep_cifar(
     try:
         done = _run_all(jobs, deployment, max_parallel, retries, retry_delay_s)
         outcomes = _outcomes(store, plan.sid, jobs, done, retries)
+        versions.require_artifact_store(store, parent)  # its files next: a dead store fails now
         rows, best, markdown = _summarise(store, parent, plan, outcomes)
         reg, candidate, bento = register_best_point(
             store, parent, plan.sid, best if register_best else None, plan.points, outcomes,

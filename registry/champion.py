@@ -264,35 +264,33 @@ def register(
 
     `lock` (required): held while the version is created and the alias moved, so that
     registrations of this model name happen one at a time (the flows pass a Prefect lease
-    shared by every host, flows/locks.py; one process may pass a threading.Lock)."""
+    shared by every host, flows/locks.py; one process may pass a threading.Lock).
+
+    The tracking server's artifact store must answer first (and again under the lock), and
+    MLflow's retries are brief meanwhile: a dead store fails it before any version exists."""
     versions.require_artifact_store(store, run_id)  # a dead one fails now, in seconds
-    first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name, known)
-    prepared = champion_tags() if champion_tags is not None and first.promote else None
-    # One registration at a time for this model name, across every host: two runs finishing
-    # together are registered one after the other, the second against the first's verdict.
-    with lock:
-        versions.drop_unfinished_versions(store, run_id, name)
-        current = versions.champion_version(store, name)
-        judged_against = None if first.champion_version is None else str(first.champion_version)
-        if judged_against != (None if current is None else str(current.version)):
-            first = judge(
-                store, run_id, onnx_path, data, min_shared_images, min_significance, name, known
-            )  # the champion moved since: judged against the new one
-        return _register(
-            store,
-            run_id,
-            model_uri,
-            first,
-            tags=tags,
-            min_shared_images=min_shared_images,
-            min_significance=min_significance,
-            model_id=model_id,
-            card_extra=card_extra,
-            name=name,
-            champion_tags=champion_tags,
-            prepared=prepared,
-            data=data,
-        )
+    with versions.brief_retries():
+        first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name,
+                      known)  # fmt: skip
+        prepared = champion_tags() if champion_tags is not None and first.promote else None
+        # One registration at a time for this model name, across every host: two runs
+        # finishing together are registered one after the other, the second against the
+        # first's verdict.
+        with lock:
+            versions.drop_unfinished_versions(store, run_id, name)
+            current = versions.champion_version(store, name)
+            judged_against = (None if first.champion_version is None
+                              else str(first.champion_version))  # fmt: skip
+            if judged_against != (None if current is None else str(current.version)):
+                first = judge(
+                    store, run_id, onnx_path, data, min_shared_images, min_significance, name, known
+                )  # the champion moved: judged again
+            versions.require_artifact_store(store, run_id)  # (the lock may have taken minutes)
+            return _register(
+                store, run_id, model_uri, first, tags=tags, min_shared_images=min_shared_images,
+                min_significance=min_significance, model_id=model_id, card_extra=card_extra,
+                name=name, champion_tags=champion_tags, prepared=prepared, data=data,
+            )  # fmt: skip
 
 
 def _register(

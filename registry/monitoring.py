@@ -50,20 +50,19 @@ def watched_version(store: Store, version: str | None = None) -> Any | None:
 
 
 def load_reference(store: Store, version: Any) -> dict[str, np.ndarray]:
-    """The version's validation answers (cifarlab/drift.py), logged when its run was evaluated."""
-    try:
-        if not has_artifact(store, version.run_id, REFERENCE_ARTIFACT):
-            raise FileNotFoundError(REFERENCE_ARTIFACT)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = store.client.download_artifacts(version.run_id, REFERENCE_ARTIFACT, tmp)
-            with np.load(path) as data:
-                return {k: data[k] for k in data.files}
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing file
+    """The version's validation answers (cifarlab/drift.py), logged when its run was evaluated.
+    Only a missing file is NoReference; a tracking server that fails to answer raises its own
+    error (a dead artifact store is not a reason to retrain)."""
+    if not has_artifact(store, version.run_id, REFERENCE_ARTIFACT):
         raise NoReference(
             f"{REGISTERED_MODEL} v{version.version} (run {version.run_id}) has no "
             f"{REFERENCE_ARTIFACT}: it was evaluated before the monitor existed; retrain it "
-            f"or watch a newer version ({type(exc).__name__})"
-        ) from exc
+            "or watch a newer version"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = store.client.download_artifacts(version.run_id, REFERENCE_ARTIFACT, tmp)
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
 
 
 def window(

@@ -9,7 +9,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,15 +194,15 @@ class ArtifactStoreDown(RuntimeError):
 
 
 ARTIFACT_STORE_WAIT_S = 30.0
+REGISTRATION_RETRIES = "4"  # MLflow's back-off: some 30 s per request, not 4 minutes (7)
 
 
 def require_artifact_store(
     store: Store, run_id: str, wait_s: float = ARTIFACT_STORE_WAIT_S
 ) -> None:
     """On a tracking server with proxied artifacts (its object store behind it), the run's
-    artifact folder must list within `wait_s` seconds, asked without MLflow's own retries:
-    those last some 4 minutes per request, and a registration makes several. A registration
-    that fails here has created nothing and moved no alias."""
+    artifact folder must list within `wait_s` seconds, asked without MLflow's own retries
+    (some 4 minutes per request). A registration that fails here has created nothing."""
     from urllib.parse import urlparse
 
     from mlflow.utils.credentials import get_default_host_creds
@@ -221,13 +221,29 @@ def require_artifact_store(
             )  # fmt: skip
             if answer.status_code == 200:
                 return
-            why = f"HTTP {answer.status_code}"
-        except Exception as exc:  # noqa: BLE001 - any failure to answer is the same answer
-            why = type(exc).__name__
-        if time.monotonic() >= deadline:
+            why = f"HTTP {answer.status_code}: {answer.text[:200]}"
+            retry = answer.status_code >= 500  # a refusal (401, 403, 404) is not an outage
+        except Exception as exc:  # noqa: BLE001 - no answer at all (connection, timeout)
+            why, retry = f"{type(exc).__name__}: {exc}"[:300], True
+        if not retry or time.monotonic() >= deadline:
             raise ArtifactStoreDown(
                 f"MLflow tracking server {display_uri(store.uri)}: its artifact store does not "
-                f"answer ({why} for run {run_id}'s files, for {wait_s:.0f} s): nothing "
-                "registered, no alias moved; the next run of this config resumes and registers"
+                f"answer for run {run_id}'s files ({why}): nothing registered, no alias moved"
             )
         time.sleep(3)
+
+
+@contextlib.contextmanager
+def brief_retries() -> Iterator[None]:
+    """While a registration runs, MLflow's client retries a failed request for some 30 s, not
+    4 minutes (unless MLFLOW_HTTP_REQUEST_MAX_RETRIES is set): an artifact store that dies
+    mid-registration fails it in a minute or two, and the registry lock is released."""
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = REGISTRATION_RETRIES
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)

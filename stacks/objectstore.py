@@ -24,6 +24,8 @@ from stacks.processes import Services, StackError, _exe, free_port, wait_http
 
 BUCKET = "cifar10-mlops"
 PREFIX = "mlartifacts"  # MLflow's artifacts; the monitoring experiment's under <PREFIX>/monitoring
+# What names a team's own S3 and its keys in the environment: for the tracking server only.
+S3_SETTINGS = ("CIFAR_S3_", "AWS_", "MLFLOW_S3_ENDPOINT_URL")
 STOP_GRACE_S = 35.0  # its filer waits 15 s for gRPC streams on SIGTERM
 
 

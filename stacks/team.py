@@ -24,7 +24,7 @@ from stacks.local import (
     LocalStack,
     tracking_host,
 )
-from stacks.objectstore import STOP_GRACE_S, LocalSeaweed, S3Store
+from stacks.objectstore import S3_SETTINGS, STOP_GRACE_S, LocalSeaweed, S3Store
 from stacks.processes import (
     Services,
     StackError,
@@ -93,11 +93,8 @@ class TeamStack(LocalStack):
         # The artifacts' bucket: the team's own S3 when given (CIFAR_S3_ENDPOINT ...), else a
         # SeaweedFS of this stack on 127.0.0.1 (stacks/objectstore.py).
         self.object_store = object_store or S3Store.from_env(os.environ)
-        self.seaweed = (
-            None
-            if self.object_store
-            else LocalSeaweed(self.folder / "seaweedfs", s3_port, self.secrets)
-        )
+        self.seaweed = None if self.object_store else LocalSeaweed(
+            self.folder / "seaweedfs", s3_port, self.secrets)  # fmt: skip
         self.database_url = database_url
         self.local_gpu_worker = local_gpu_worker
         self.join = {
@@ -122,6 +119,9 @@ class TeamStack(LocalStack):
                 **(extra_env or {}),
             },
         )
+        # A team's own S3 keys: for the tracking server alone (server_env).
+        self.env = self.services.env = {
+            k: v for k, v in self.env.items() if not k.startswith(S3_SETTINGS)}  # fmt: skip
         self.api_url = self.join["PREFECT_API_URL"]
         self.join_file = self.folder / "team.env"
         self.postgres: LocalPostgres | None = None

@@ -105,3 +105,18 @@ def test_a_team_s3_with_a_wrong_key_stops_the_team_stack_in_one_line(tmp_path):
         "had started is stopped"
     )
     assert _processes_of(tmp_path / "root") == []
+
+
+def test_a_team_s3_keys_go_to_the_tracking_server_alone(tmp_path, monkeypatch):
+    from stacks.team import TeamStack
+
+    monkeypatch.setenv("CIFAR_S3_ENDPOINT", "http://s3.example:9000")
+    monkeypatch.setenv("CIFAR_S3_ACCESS_KEY", "team-key")
+    monkeypatch.setenv("CIFAR_S3_SECRET_KEY", "team-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token")
+    stack = TeamStack(tmp_path, folder=tmp_path / ".team")
+    assert stack.seaweed is None and stack.object_store is not None
+    assert not [k for k in stack.env if k.startswith(("CIFAR_S3_", "AWS_"))]
+    server = stack.object_store.server_env()
+    assert server["AWS_SECRET_ACCESS_KEY"] == "team-secret"
+    assert server["MLFLOW_S3_ENDPOINT_URL"] == "http://s3.example:9000"

@@ -212,8 +212,11 @@ def _client(team):
     from mlflow import MlflowClient
 
     join = team["join"]
-    # As a user's script that reads the join file: credentials, files through the server.
-    os.environ.update({k: v for k, v in join.items() if k.startswith("MLFLOW_")})
+    # As a user's script that reads the join file: credentials, files through the server (the
+    # tracking URI goes to the client only: later tests' stores must not find it).
+    os.environ.update(
+        {k: v for k, v in join.items() if k.startswith("MLFLOW_") and k != "MLFLOW_TRACKING_URI"}
+    )
     uri = join["MLFLOW_TRACKING_URI"]
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -587,14 +590,36 @@ def test_a_host_that_never_returns_leaves_no_run_running_for_ever(team):
 # ---------------------------------------------------------------------------------------------
 
 
-def _artifact_requests_failed(stack) -> int:
-    """Artifact requests the tracking server answered with HTTP 500 (its object store down)."""
+def _uploads_failed(stack) -> int:
+    """Uploads the tracking server answered with HTTP 500 (its object store down)."""
     log = (stack.services.logs / "mlflow.log").read_text(errors="replace")
-    return sum(1 for line in log.splitlines() if "/mlflow-artifacts/" in line and '" 500' in line)
+    return sum(
+        1 for line in log.splitlines()
+        if '"PUT /api/2.0/mlflow-artifacts/artifacts/' in line and '" 500' in line
+    )  # fmt: skip
 
 
 def _kill_object_store(stack) -> None:
-    stack.services.stop("seaweedfs", grace=0)  # SIGKILL at once: a crash, nothing finished
+    """SIGKILL to SeaweedFS's process group: a crash, nothing finished or flushed."""
+    proc = stack.services.procs.pop("seaweedfs")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+# What every registered train-cifar run has (flows/train_tasks.py), besides its LoggedModel.
+RUN_FILES = {
+    "config.json", "resolved_config.json", "learning_curves.png", "confusion_matrix.png",
+    "results.json", "val_predictions.npz", "weights.pt", "ood/ood_reference.json",
+    "monitoring/reference.npz", "model_card.md",
+}  # fmt: skip
+
+
+def _run_files(client, run_id: str, folder: str | None = None) -> dict[str, int]:
+    """Every file of the run (recursively) and its size as listed by the tracking server."""
+    files: dict[str, int] = {}
+    for f in client.list_artifacts(run_id, folder):
+        files.update(_run_files(client, run_id, f.path) if f.is_dir else {f.path: f.file_size})
+    return files
 
 
 def _champion_version(client) -> str | None:
@@ -670,22 +695,29 @@ def test_object_store_down_while_a_run_uploads_its_model(team, tmp_path):
     stack, client = team["stack"], _client(team)
     flow_run = _start_run(team, seed=104)
     run = _wait_epochs(client, 104, LONG_TRAIN - 2)
-    failed_before = _artifact_requests_failed(stack)
+    failed_before = _uploads_failed(stack)
     _kill_object_store(stack)
     time.sleep(3)
     stack.start_object_store()
     state = _wait_final(team, flow_run)
-    assert _artifact_requests_failed(stack) > failed_before  # uploads did meet the dead store
+    assert _uploads_failed(stack) > failed_before  # uploads did meet the dead store
     _rerun_until_resumed(team, client, 104, run.info.run_id, state, "object store down")
+    # Every file the run logged is there, and downloads at its listed size.
+    files = _run_files(client, run.info.run_id)
+    assert RUN_FILES <= set(files), RUN_FILES - set(files)
+    for name, size in files.items():
+        local = Path(client.download_artifacts(run.info.run_id, name, str(tmp_path / "run")))
+        assert local.stat().st_size == size > 0, name
     _assert_every_version_whole(team, tmp_path)
 
 
 def test_object_store_gone_when_a_version_is_registered_leaves_the_alias(team, tmp_path):
     """SeaweedFS killed once a run's model is uploaded (the run's `onnx_model_id` tag) and kept
-    down: the registration finds the tracking server's artifact store silent for 30 s and stops
-    before creating anything (not after MLflow's 4 minutes of retries per request), the run
-    fails naming it, and the `champion` alias stays where it was. Back up, the next run of the
-    config resumes and registers once; every version's files download whole."""
+    down: the registration finds the tracking server's artifact store silent and stops before
+    creating a version (checked first, and again under the registry lock, had the kill come
+    after the first check: MLflow's retries are brief meanwhile), the run fails naming it, and
+    the `champion` alias stays where it was. Back up, the next run of the config resumes and
+    registers once; every version's files download whole."""
     stack, client = team["stack"], _client(team)
     before = _champion_version(client)
     flow_run = _start_run(team, seed=105)

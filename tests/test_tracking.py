@@ -135,8 +135,9 @@ def test_has_artifact_finds_files_at_the_root_and_in_folders_only(store_root):
 
 
 def test_clients_send_files_through_the_tracking_server_unless_told_otherwise(monkeypatch):
-    for direction in ("UPLOAD", "DOWNLOAD"):
-        monkeypatch.delenv(f"MLFLOW_ENABLE_PROXY_MULTIPART_{direction}", raising=False)
+    for direction in ("UPLOAD", "DOWNLOAD"):  # (set first, so that monkeypatch restores it)
+        monkeypatch.setenv(f"MLFLOW_ENABLE_PROXY_MULTIPART_{direction}", "")
+        monkeypatch.delenv(f"MLFLOW_ENABLE_PROXY_MULTIPART_{direction}")
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "true")  # a team's direct access
     tracking.Store("http://127.0.0.1:1", "0")
     from mlflow.environment_variables import (
@@ -146,3 +147,12 @@ def test_clients_send_files_through_the_tracking_server_unless_told_otherwise(mo
 
     assert MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD.get() is False
     assert MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD.get() is True
+
+
+def test_a_version_without_a_reference_is_told_so(store_root):
+    from registry.monitoring import NoReference, load_reference
+
+    store = tracking.open_store(store_root)
+    run_id = store.client.create_run(store.experiment_id).info.run_id
+    with pytest.raises(NoReference, match="v3 .* has no monitoring/reference.npz"):
+        load_reference(store, SimpleNamespace(run_id=run_id, version="3"))
