@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import sys
 
+    from mlflow.exceptions import MlflowException
+
     parser = argparse.ArgumentParser(
         prog="python -m flows.monitor", description=__doc__.split("\n")[0]
     )
@@ -262,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, monitoring.NoReference, tracking.TrackingUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MlflowException as exc:  # the tracking server failed to answer (e.g. its store)
+        print(f"error: MLflow: {exc.message}"[:2000], file=sys.stderr)
+        return 1
     print(json.dumps(out, indent=2, default=str))
     return 0
 

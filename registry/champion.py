@@ -53,6 +53,7 @@ class Verdict:
     comparison: cmp.Comparison | None = None
     shared_idx: np.ndarray | None = field(default=None, repr=False)
     classes_from: dict[str, str] = field(default_factory=dict)  # per side: record or run here
+    unfetched: bool = False  # the champion's files did not come (an outage, or broken files)
 
     def tags(self) -> dict[str, str]:
         """The verdict as registry version tags."""
@@ -128,8 +129,8 @@ def judge(
             False,
             f"not compared: champion v{champion.version}'s model {why}"[:2000],
             champion.version,
-            shared_idx=shared,
-        )
+            shared_idx=shared, unfetched=True,
+        )  # fmt: skip
     challenger_pred, challenger_from = classes_of(
         store, challenger_run_id, challenger_onnx, images, shared, known
     )
@@ -266,25 +267,27 @@ def register(
     registrations of this model name happen one at a time (the flows pass a Prefect lease
     shared by every host, flows/locks.py; one process may pass a threading.Lock).
 
-    The tracking server's artifact store must answer first (and again under the lock), and
-    MLflow's retries are brief meanwhile: a dead store fails it before any version exists."""
+    The artifact store must answer first and under the lock, with brief MLflow retries
+    meanwhile (versions.brief_retries): a dead store fails it before any version exists."""
     versions.require_artifact_store(store, run_id)  # a dead one fails now, in seconds
     with versions.brief_retries():
         first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance, name,
                       known)  # fmt: skip
+        if first.unfetched:  # a dead store fails here; one back (or never gone) judges again
+            versions.require_artifact_store(store, run_id)
+            first = judge(store, run_id, onnx_path, data, min_shared_images, min_significance,
+                          name, known)  # fmt: skip
         prepared = champion_tags() if champion_tags is not None and first.promote else None
-        # One registration at a time for this model name, across every host: two runs
-        # finishing together are registered one after the other, the second against the
-        # first's verdict.
+        # One registration of this name at a time, across every host: two runs finishing
+        # together are registered one after the other, the second against the first's verdict.
         with lock:
             versions.drop_unfinished_versions(store, run_id, name)
             current = versions.champion_version(store, name)
             judged_against = (None if first.champion_version is None
                               else str(first.champion_version))  # fmt: skip
             if judged_against != (None if current is None else str(current.version)):
-                first = judge(
-                    store, run_id, onnx_path, data, min_shared_images, min_significance, name, known
-                )  # the champion moved: judged again
+                first = judge(store, run_id, onnx_path, data, min_shared_images,
+                              min_significance, name, known)  # the champion moved  # fmt: skip
             versions.require_artifact_store(store, run_id)  # (the lock may have taken minutes)
             return _register(
                 store, run_id, model_uri, first, tags=tags, min_shared_images=min_shared_images,

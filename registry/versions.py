@@ -211,6 +211,8 @@ def require_artifact_store(
     artifact_uri = urlparse(store.client.get_run(run_id).info.artifact_uri)
     if artifact_uri.scheme != "mlflow-artifacts" or not store.uri.startswith("http"):
         return
+    if artifact_uri.netloc:  # a separate artifacts server (not the team stack's layout)
+        return
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -233,17 +235,29 @@ def require_artifact_store(
         time.sleep(3)
 
 
+_RETRIES_LOCK = threading.Lock()
+_brief_holders = 0
+
+
 @contextlib.contextmanager
 def brief_retries() -> Iterator[None]:
-    """While a registration runs, MLflow's client retries a failed request for some 30 s, not
-    4 minutes (unless MLFLOW_HTTP_REQUEST_MAX_RETRIES is set): an artifact store that dies
-    mid-registration fails it in a minute or two, and the registry lock is released."""
+    """While a registration runs, MLflow's client backs off for some 30 s per failed request,
+    not 4 minutes (unless MLFLOW_HTTP_REQUEST_MAX_RETRIES is set): an artifact store that dies
+    mid-registration fails it in minutes, not tens, and the registry lock is released. The
+    setting is the process's: it stays while any thread is inside."""
+    global _brief_holders
     key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    if key in os.environ:
-        yield
-        return
-    os.environ[key] = REGISTRATION_RETRIES
+    with _RETRIES_LOCK:
+        if _brief_holders == 0 and key in os.environ:
+            mine = False  # the user's setting: leave it alone
+        else:
+            mine, _brief_holders = True, _brief_holders + 1
+            os.environ[key] = REGISTRATION_RETRIES
     try:
         yield
     finally:
-        os.environ.pop(key, None)
+        if mine:
+            with _RETRIES_LOCK:
+                _brief_holders -= 1
+                if _brief_holders == 0:
+                    os.environ.pop(key, None)

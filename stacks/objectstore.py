@@ -24,8 +24,10 @@ from stacks.processes import Services, StackError, _exe, free_port, wait_http
 
 BUCKET = "cifar10-mlops"
 PREFIX = "mlartifacts"  # MLflow's artifacts; the monitoring experiment's under <PREFIX>/monitoring
-# What names a team's own S3 and its keys in the environment: for the tracking server only.
-S3_SETTINGS = ("CIFAR_S3_", "AWS_", "MLFLOW_S3_ENDPOINT_URL")
+# A team's own S3 keys in the environment: for the tracking server's process only (its other
+# AWS settings, a CA bundle or a profile, stay where they are).
+S3_SECRETS = ("CIFAR_S3_ACCESS_KEY", "CIFAR_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")  # fmt: skip
 STOP_GRACE_S = 35.0  # its filer waits 15 s for gRPC streams on SIGTERM
 
 

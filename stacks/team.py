@@ -24,7 +24,7 @@ from stacks.local import (
     LocalStack,
     tracking_host,
 )
-from stacks.objectstore import S3_SETTINGS, STOP_GRACE_S, LocalSeaweed, S3Store
+from stacks.objectstore import S3_SECRETS, STOP_GRACE_S, LocalSeaweed, S3Store
 from stacks.processes import (
     Services,
     StackError,
@@ -119,9 +119,9 @@ class TeamStack(LocalStack):
                 **(extra_env or {}),
             },
         )
-        # A team's own S3 keys: for the tracking server alone (server_env).
+        self.s3_secrets = {k: self.env[k] for k in S3_SECRETS if k in self.env}  # mlflow's only
         self.env = self.services.env = {
-            k: v for k, v in self.env.items() if not k.startswith(S3_SETTINGS)}  # fmt: skip
+            k: v for k, v in self.env.items() if k not in S3_SECRETS}  # fmt: skip
         self.api_url = self.join["PREFECT_API_URL"]
         self.join_file = self.folder / "team.env"
         self.postgres: LocalPostgres | None = None
@@ -203,6 +203,7 @@ class TeamStack(LocalStack):
                 "MLFLOW_AUTH_ADMIN_PASSWORD": self.secrets["MLFLOW_ADMIN_PASSWORD"],
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["MLFLOW_SECRET_KEY"],
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                **self.s3_secrets,  # (a session token too, where the team uses one)
                 **(self.object_store.server_env() if self.object_store else {}),
             },
         )

@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -114,9 +115,22 @@ def test_a_team_s3_keys_go_to_the_tracking_server_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR_S3_ACCESS_KEY", "team-key")
     monkeypatch.setenv("CIFAR_S3_SECRET_KEY", "team-secret")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "token")
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/team-ca.pem")
     stack = TeamStack(tmp_path, folder=tmp_path / ".team")
     assert stack.seaweed is None and stack.object_store is not None
-    assert not [k for k in stack.env if k.startswith(("CIFAR_S3_", "AWS_"))]
-    server = stack.object_store.server_env()
-    assert server["AWS_SECRET_ACCESS_KEY"] == "team-secret"
+    for env in (stack.env, stack.services.env):  # what every service and flow run gets
+        assert not {"CIFAR_S3_ACCESS_KEY", "CIFAR_S3_SECRET_KEY", "AWS_SESSION_TOKEN"} & set(env)
+        assert env["AWS_CA_BUNDLE"] == "/etc/team-ca.pem"  # a setting, not a secret: kept
+    started = []
+    stack.services.spawn = lambda name, args, env=None, **kw: started.append(env)  # type: ignore[method-assign]
+    stack.procs["mlflow"] = None
+    import stacks.team
+
+    monkeypatch.setattr(stacks.team, "wait_http", lambda *a, **kw: None)
+    stack.start_mlflow_server(SimpleNamespace(url=lambda name: f"postgresql://db/{name}"))
+    (server,) = started
+    assert (
+        server["AWS_SECRET_ACCESS_KEY"] == "team-secret" and server["AWS_SESSION_TOKEN"] == "token"
+    )
     assert server["MLFLOW_S3_ENDPOINT_URL"] == "http://s3.example:9000"
+    assert server["AWS_CA_BUNDLE"] == "/etc/team-ca.pem"

@@ -687,9 +687,8 @@ def _assert_every_version_whole(team, tmp_path: Path) -> None:
 
 
 def test_object_store_down_while_a_run_uploads_its_model(team, tmp_path):
-    """SeaweedFS killed two epochs before a run's training ends, and started again 3 s later
-    (some 15 s without it): the export's and evaluation's uploads (weights, ONNX model,
-    predictions, plots) meet a dead store. The MLflow client's retries carry them over the gap,
+    """SeaweedFS killed two epochs before a run's training ends, and started again once an
+    upload has met the dead store (the tracking server answered a PUT with HTTP 500). The MLflow client's retries carry them over the gap,
     or the run fails and the next run of its config resumes it; either way it is registered
     once and every registry version's files download whole."""
     stack, client = team["stack"], _client(team)
@@ -697,7 +696,10 @@ def test_object_store_down_while_a_run_uploads_its_model(team, tmp_path):
     run = _wait_epochs(client, 104, LONG_TRAIN - 2)
     failed_before = _uploads_failed(stack)
     _kill_object_store(stack)
+    deadline = time.monotonic() + 120  # down until an upload has met it (and 3 s at least)
     time.sleep(3)
+    while _uploads_failed(stack) == failed_before and time.monotonic() < deadline:
+        time.sleep(0.5)
     stack.start_object_store()
     state = _wait_final(team, flow_run)
     assert _uploads_failed(stack) > failed_before  # uploads did meet the dead store

@@ -156,3 +156,19 @@ def test_a_version_without_a_reference_is_told_so(store_root):
     run_id = store.client.create_run(store.experiment_id).info.run_id
     with pytest.raises(NoReference, match="v3 .* has no monitoring/reference.npz"):
         load_reference(store, SimpleNamespace(run_id=run_id, version="3"))
+
+
+def test_a_tracking_server_error_is_not_read_as_a_missing_reference(store_root, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from registry.monitoring import load_reference
+
+    store = tracking.open_store(store_root)
+    run_id = store.client.create_run(store.experiment_id).info.run_id
+
+    def failing(*_args, **_kwargs):
+        raise MlflowException("API request failed: too many 500 error responses")
+
+    monkeypatch.setattr("mlflow.MlflowClient.list_artifacts", failing)
+    with pytest.raises(MlflowException, match="too many 500"):
+        load_reference(store, SimpleNamespace(run_id=run_id, version="3"))
